@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Run the study on the built-in synthetic-fundus data (the whole DVC pipeline).
+demo: $(STAMP)
+	@git rev-parse --verify HEAD >/dev/null 2>&1 || { echo "error: dvc needs a git repository with a commit; run 'git init && git add -A && git commit -m init' first" >&2; exit 2; }
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc status
+
+## Run the test suite (installs what it needs into .venv first).
+test: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -p no:cacheprovider
+
+## Benchmarks (slow; results go into docs/benchmarks.md by hand).
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf data/prepared data/ldp models metrics reports mlruns .dvc/tmp

@@ -1,0 +1,3 @@
+"""dpcam: differential privacy meets interpretability, as a reproducible MLOps study."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,130 @@
+"""The `dpcam` command line: one command per stage; parse, load config, call the stage.
+
+Every command reads its defaults from params.yaml (``--params`` picks another file) and its flags
+override them. A failure the user can fix prints one ``error:`` line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dpcam import config
+from dpcam.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Differential privacy meets interpretability: data, private training, Grad-CAM scoring.",
+)
+figure_app = typer.Typer(no_args_is_help=True, help="Figures that are not part of a stage's outputs.")
+app.add_typer(figure_app, name="figure")
+
+_state = {"params": config.PARAMS_FILE}
+
+
+def _user_errors(fn):
+    """Turn a UserError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(
+    params: Path = typer.Option(config.PARAMS_FILE, "--params", help="params file to read defaults from"),
+) -> None:
+    _state["params"] = params
+
+
+def _whole(values):
+    """CLI floats that are whole numbers become ints, so `--epsilon 1` names folders `eps1`."""
+    if values is None:
+        return None
+    return [int(v) if float(v).is_integer() else v for v in values]
+
+
+@app.command()
+@_user_errors
+def prepare(
+    dataset: Optional[str] = typer.Option(None, help="name of the prepared dataset (output folder)"),
+    format: Optional[str] = typer.Option(None, "--format", help="synthetic|aptos|catsdogs|petimages|imagefolder"),
+    source: Optional[Path] = typer.Option(None, help="folder of the real dataset in its native layout"),
+    masks: Optional[Path] = typer.Option(None, help="optional folder of lesion masks named like the images"),
+    size: Optional[int] = typer.Option(None, help="square image size in pixels (≥ 16)"),
+    seed: Optional[int] = typer.Option(None, help="split (and generator) seed"),
+    n: Optional[int] = typer.Option(None, "--n", help="synthetic: number of images"),
+    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad/--no-skip-bad", help="skip unreadable images"),
+    workers: Optional[int] = typer.Option(None, help="decode processes (0 = one per core)"),
+) -> None:
+    """Ingest a dataset (or generate synthetic-fundus) into data/prepared/<dataset>/."""
+    from dpcam.data.prepare import prepare as run
+
+    cfg = config.load_section(
+        "prepare",
+        {"dataset": dataset, "format": format, "source": source, "masks": masks, "size": size, "seed": seed,
+         "synthetic.n": n, "skip_bad": skip_bad, "workers": workers},
+        _state["params"],
+    )
+    out = run(cfg)
+    typer.echo(f"prepared {out}")
+
+
+@app.command()
+@_user_errors
+def ldp(
+    dataset: Optional[str] = typer.Option(None, help="prepared dataset to derive from (default: prepare.dataset)"),
+    mechanism: Optional[List[str]] = typer.Option(None, help="mechanism name; repeat for several"),
+    epsilon: Optional[List[float]] = typer.Option(None, help="ε; repeat for several"),
+    delta: Optional[float] = typer.Option(None, help="δ for pixel-gaussian"),
+    seed: Optional[int] = typer.Option(None, help="noise seed"),
+    secure: Optional[bool] = typer.Option(None, "--secure/--seeded", help="draw noise from OS entropy"),
+) -> None:
+    """Write local-DP derivatives to data/ldp/<dataset>/<mechanism>-eps<ε>/ (every mechanism × ε)."""
+    from dpcam.data.ldp import derive
+
+    cfg = config.load_section(
+        "ldp",
+        {"mechanisms": mechanism or None, "epsilons": _whole(epsilon or None), "delta": delta, "seed": seed,
+         "secure": secure},
+        _state["params"],
+    )
+    src = config.prepared_dir(dataset or config.default_dataset(_state["params"]))
+    for mech in cfg.mechanisms:
+        for eps in cfg.epsilons:
+            out = derive(src, mech, eps, cfg)
+            typer.echo(f"derived {out}")
+
+
+@figure_app.command("ldp")
+@_user_errors
+def figure_ldp(
+    dataset: Optional[str] = typer.Option(None, help="dataset name (default: prepare.dataset)"),
+    out: Optional[Path] = typer.Option(None, help="PNG to write (default reports/figures/ldp-<dataset>.png)"),
+) -> None:
+    """Clean-vs-ε sample grid of every local-DP derivative of a dataset."""
+    from dpcam.data.ldp import figure_ldp as run
+
+    name = dataset or config.default_dataset(_state["params"])
+    path = run(name, out or Path("reports/figures") / f"ldp-{name}.png")
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted; outputs of the unfinished stage were not written", err=True)
+        sys.exit(130)

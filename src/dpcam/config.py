@@ -1,0 +1,231 @@
+"""params.yaml sections as validated models, CLI overrides, and one-line errors.
+
+Each pipeline stage reads only its own section (DVC's rule: a stage depends on its own params), so
+changing an explanation setting never retrains a model. Every invalid value becomes a
+``UserError`` naming the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dpcam.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+FORMATS = ("synthetic", "aptos", "catsdogs", "petimages", "imagefolder")
+DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def format_eps(eps: float) -> str:
+    """ε as it appears in folder and run names: ``0.25``, ``1``, ``10`` (no trailing ``.0``)."""
+    return f"{eps:g}"
+
+
+def _eps_literal(v: Any) -> Any:
+    # DVC builds output paths from the literal YAML value (``1.0`` -> "eps1.0") while dpcam
+    # writes ``format_eps`` ("eps1"); refusing whole floats keeps the two names identical.
+    if isinstance(v, float) and v.is_integer():
+        raise ValueError(
+            f"write whole numbers without '.0' ({int(v)}), because DVC names output folders from the literal value"
+        )
+    return v
+
+
+def _eps_positive(v: float) -> float:
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError("ε must be a finite number > 0")
+    return v
+
+
+def _known_mechanism(name: str) -> str:
+    from dpcam.data.ldp import MECHANISMS
+
+    if name not in MECHANISMS:
+        raise ValueError(f"unknown mechanism; known: {', '.join(sorted(MECHANISMS))}")
+    return name
+
+
+Mechanism = Annotated[str, AfterValidator(_known_mechanism)]
+Epsilon = Annotated[float, BeforeValidator(_eps_literal), AfterValidator(_eps_positive)]
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"the split fractions train + val + test must sum to 1 (they sum to {total:g})"
+            )
+        if self.train <= 0:
+            raise ValueError("train must be > 0 (the training split cannot be empty)")
+        return self
+
+
+class SyntheticConfig(_Section):
+    """Generator settings of the built-in synthetic-fundus dataset."""
+
+    n: int = Field(6000, ge=10, description="number of images")
+    balance: Literal["uniform", "aptos"] | list[float] = Field(
+        "uniform", description="class shares of grades 0-4: uniform, aptos (skewed) or 5 numbers"
+    )
+    lesion_scale: float = Field(1.0, gt=0, le=10, description="multiplies every lesion's size")
+
+    @field_validator("balance")
+    @classmethod
+    def _balance(cls, v):
+        if isinstance(v, list):
+            if len(v) != 5 or any(x < 0 for x in v) or sum(v) <= 0:
+                raise ValueError(f"{v}: give 5 non-negative shares (grades 0-4), 'uniform' or 'aptos'")
+        return v
+
+
+class PrepareConfig(_Section):
+    dataset: str = Field("synthetic-fundus", pattern=DATASET_NAME)
+    format: Literal[FORMATS] = "synthetic"  # type: ignore[valid-type]
+    source: Path | None = None
+    masks: Path | None = Field(None, description="optional folder of binary masks named like the images")
+    size: int = Field(64, ge=16, le=1024)
+    seed: int = 0
+    split: SplitConfig = SplitConfig()
+    skip_bad: bool = False
+    workers: int = Field(0, ge=0, description="decode processes; 0 = one per core")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _source(self) -> "PrepareConfig":
+        if self.format != "synthetic":
+            if self.source is None:
+                raise ValueError(f"source is required for format {self.format!r}: set it to the dataset folder")
+            if not self.source.exists():
+                raise ValueError(f"source = {str(self.source)!r}: does not exist; point it at the dataset folder")
+        if self.masks is not None and not self.masks.is_dir():
+            raise ValueError(f"masks = {str(self.masks)!r}: not a folder; point it at a folder of mask images")
+        return self
+
+
+class DpPixConfig(_Section):
+    b: int = Field(4, ge=1, description="cell size in pixels")
+    m: int = Field(1, ge=1, description="neighbouring images differ in at most m pixels")
+
+
+class LdpConfig(_Section):
+    mechanisms: list[Mechanism] = Field(default_factory=lambda: ["singh-sikka", "dp-pix"])
+    epsilons: list[Epsilon] = Field(default_factory=lambda: [0.25, 0.5, 1])
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of pixel-gaussian (per value)")
+    seed: int = 0
+    secure: bool = False
+    dp_pix: DpPixConfig = DpPixConfig()
+
+
+
+SECTIONS: dict[str, type[_Section]] = {"prepare": PrepareConfig, "ldp": LdpConfig}
+
+
+def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
+    """The raw params.yaml mapping ({} when the file does not exist)."""
+    if not path.exists():
+        return {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: must be a mapping of sections ({', '.join(SECTIONS)})")
+    return data
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[leaf] = value
+
+
+def load_section(
+    name: str, overrides: dict[str, Any] | None = None, path: Path = PARAMS_FILE
+):
+    """Validate section ``name`` of params.yaml with CLI ``overrides`` (dotted keys; None = unset).
+
+    Raises ``UserError`` with one line: ``<file>: <section>.<key> = <value>: <what is allowed>``.
+    """
+    raw = read_params(path)
+    section = raw.get(name) or {}
+    if not isinstance(section, dict):
+        raise UserError(f"{path}: section {name!r} must be a mapping")
+    section = _deep_copy(section)
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    for key, value in flags.items():
+        _set_dotted(section, key, value)
+    try:
+        return SECTIONS[name].model_validate(section)
+    except ValidationError as e:
+        raise UserError(_one_line(e, name, path, flags)) from None
+
+
+def _deep_copy(d):
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def _one_line(e: ValidationError, section: str, path: Path, flags: dict[str, Any]) -> str:
+    err = e.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"] if not str(p).startswith(("literal[", "list[", "function-"))]
+    # keep list indices as [i]
+    key = section
+    for p in loc:
+        key += f"[{p}]" if p.isdigit() else f".{p}"
+    dotted = key[len(section) + 1 :]
+    origin = f"--{dotted.replace('_', '-')}" if dotted in flags else str(path)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        allowed = ", ".join(SECTIONS[section].model_fields) if len(loc) == 1 else "see README"
+        return f"{origin}: unknown key {key}; allowed keys: {allowed}"
+    if err["type"] == "missing":
+        return f"{origin}: {key} is required"
+    value = err.get("input")
+    shown = f" = {value!r}"
+    if not loc:  # a model-level check: its message starts with the key it is about
+        head = msg.split(" ", 1)[0].split(".")[0]
+        origin = f"--{head.replace('_', '-')}" if head in flags else str(path)
+        return f"{origin}: {section}.{msg}"
+    return f"{origin}: {key}{shown}: {msg}"
+
+
+PREPARED_ROOT = Path("data/prepared")
+LDP_ROOT = Path("data/ldp")
+
+
+def default_dataset(path: Path = PARAMS_FILE) -> str:
+    """The dataset a stage works on when no --dataset is given: ``prepare.dataset`` in params."""
+    name = (read_params(path).get("prepare") or {}).get("dataset", PrepareConfig.model_fields["dataset"].default)
+    return str(name)
+
+
+def prepared_dir(dataset: str) -> Path:
+    """data/prepared/<dataset>, or a UserError listing what has been prepared."""
+    path = PREPARED_ROOT / dataset
+    if not (path / "manifest.json").is_file():
+        have = sorted(p.name for p in PREPARED_ROOT.glob("*") if (p / "manifest.json").is_file())
+        hint = f"prepared datasets: {', '.join(have)}" if have else "nothing is prepared yet"
+        raise UserError(f"unknown dataset {dataset!r} (no {path}/manifest.json; {hint}); run `dpcam prepare --dataset {dataset}` first")
+    return path

@@ -1,0 +1,243 @@
+"""Prepared-dataset format: atomic write, memory-mapped read, torch Dataset.
+
+A prepared dataset is a folder::
+
+    images.npy     uint8  (N, H, W, 3)   pixel values, memory-mappable (np.load(mmap_mode="r"))
+    labels.npy     int64  (N,)
+    masks.npy      uint8  (N, H, W)      binary lesion masks (0/1), only when the source has them
+    splits.npz     int64 index arrays "train", "val", "test"
+    manifest.json  source, counts, sizes, checksums, generator or mechanism parameters, guarantee
+
+Everything is written into a temporary sibling folder and renamed into place at the end, so an
+interrupted writer never leaves a half dataset where a reader would look.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpcam.errors import UserError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class DatasetWriter:
+    """Write a prepared dataset atomically.
+
+    Use as a context manager; fill ``writer.images[i]`` (and ``writer.masks[i]``) in place, then
+    call ``finish(labels, splits, manifest)``. If the block raises, the temporary folder is
+    removed and the destination is left untouched.
+    """
+
+    def __init__(self, out_dir: str | Path, n: int, height: int, width: int, with_masks: bool):
+        self.out_dir = Path(out_dir)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self.images = np.lib.format.open_memmap(
+            self._tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, height, width, 3)
+        )
+        self.masks = (
+            np.lib.format.open_memmap(self._tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, height, width))
+            if with_masks
+            else None
+        )
+        self._done = False
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+    def abort(self) -> None:
+        self.images = self.masks = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def finish(self, labels: np.ndarray, splits: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
+        n = self.images.shape[0]
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (n,):
+            raise ValueError(f"labels has shape {labels.shape}, expected ({n},)")
+        for name in SPLITS:
+            idx = np.asarray(splits.get(name, np.empty(0, np.int64)), dtype=np.int64)
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"split {name!r} indexes outside 0..{n - 1}")
+            splits[name] = idx
+        self.images.flush()
+        if self.masks is not None:
+            self.masks.flush()
+        self.images = self.masks = None  # close the memmaps before hashing and renaming
+        np.save(self._tmp / "labels.npy", labels)
+        np.savez(self._tmp / "splits.npz", **{k: splits[k] for k in SPLITS})
+        files = ["images.npy", "labels.npy", "splits.npz"] + (["masks.npy"] if (self._tmp / "masks.npy").exists() else [])
+        manifest = dict(manifest)
+        manifest.setdefault("format_version", FORMAT_VERSION)
+        manifest["count"] = int(n)
+        manifest["splits"] = {
+            name: {"count": int(splits[name].size), "per_class": _per_class(labels[splits[name]], manifest)}
+            for name in SPLITS
+        }
+        manifest["checksums"] = {f: file_sha256(self._tmp / f) for f in files}
+        with open(self._tmp / "manifest.json", "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=False)
+            f.write("\n")
+        _replace_dir(self._tmp, self.out_dir)
+        self._done = True
+        return self.out_dir
+
+
+def _per_class(labels: np.ndarray, manifest: dict[str, Any]) -> dict[str, int]:
+    classes = manifest.get("classes") or [str(c) for c in range(int(labels.max(initial=-1)) + 1)]
+    counts = np.bincount(labels, minlength=len(classes))
+    return {str(c): int(k) for c, k in zip(classes, counts)}
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out first and removed after."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def stratified_split(
+    labels: np.ndarray, fractions: dict[str, float], seed: int
+) -> dict[str, np.ndarray]:
+    """Split indices per class in the given fractions (train/val/test), deterministically by seed.
+
+    Each class is shuffled and cut at rounded cumulative fractions, so every split keeps the class
+    balance of the whole set (up to one image per class).
+    """
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in SPLITS}
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        cuts = np.round(np.cumsum([fractions[name] for name in SPLITS]) * idx.size).astype(int)
+        start = 0
+        for name, stop in zip(SPLITS, cuts):
+            out[name].append(idx[start:stop])
+            start = stop
+    return {name: np.sort(np.concatenate(parts)) for name, parts in out.items()}
+
+
+@dataclass
+class PreparedDataset:
+    """A prepared dataset opened for reading; ``images`` and ``masks`` are memory-mapped."""
+
+    path: Path
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray | None
+    splits: dict[str, np.ndarray]
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["classes"])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest["classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[1])
+
+    def split(self, name: str, with_masks: bool = False) -> "ImageDataset":
+        if name not in self.splits:
+            raise UserError(f"{self.path}: no split {name!r}; splits are {', '.join(self.splits)}")
+        return ImageDataset(self, self.splits[name], with_masks=with_masks)
+
+
+def load_dataset(path: str | Path) -> PreparedDataset:
+    """Open a prepared dataset folder (no image decoding: arrays are memory-mapped)."""
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise UserError(
+            f"{path}: not a prepared dataset (no manifest.json); run `dpcam prepare` (or `dpcam ldp`) first"
+        )
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise UserError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
+            "re-run `dpcam prepare` with this dpcam"
+        )
+    images = np.load(path / "images.npy", mmap_mode="r")
+    labels = np.load(path / "labels.npy")
+    masks = np.load(path / "masks.npy", mmap_mode="r") if (path / "masks.npy").exists() else None
+    with np.load(path / "splits.npz") as z:
+        splits = {k: z[k] for k in z.files}
+    return PreparedDataset(path, images, labels, masks, splits, manifest)
+
+
+class ImageDataset:
+    """torch ``Dataset`` over one split: items are ``(x, y)`` (or ``(x, y, mask)``).
+
+    ``x`` is float32 (3, H, W) in pixel space [0, 1] (models normalise internally, so Grad-CAM
+    masking happens in pixel space as DESIGN.md §3 defines); ``y`` is an int64 scalar; ``mask`` is
+    float32 (H, W) in {0, 1}. ``__getitems__`` fetches a whole batch with one fancy index, so a
+    DataLoader never decodes or loops per image.
+    """
+
+    def __init__(self, ds: PreparedDataset, indices: np.ndarray, with_masks: bool = False):
+        if with_masks and ds.masks is None:
+            raise UserError(f"{ds.path}: this dataset has no lesion masks")
+        self.ds = ds
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.with_masks = with_masks
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.ds.labels[self.indices]
+
+    def batch(self, positions) -> tuple:
+        """Tensors for the given positions within the split: x (B,3,H,W), y (B,), [mask (B,H,W)]."""
+        import torch
+
+        pos = np.asarray(positions, dtype=np.int64)
+        idx = self.indices[pos]
+        order = np.argsort(idx, kind="stable")  # sorted reads are kinder to the page cache
+        sorted_idx = idx[order]
+        inv = np.empty_like(order)
+        inv[order] = np.arange(order.size)
+        x = torch.from_numpy(np.ascontiguousarray(self.ds.images[sorted_idx][inv]))
+        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        y = torch.from_numpy(self.ds.labels[idx])
+        if not self.with_masks:
+            return x, y
+        m = torch.from_numpy(np.ascontiguousarray(self.ds.masks[sorted_idx][inv])).float()
+        return x, y, m
+
+    def __getitem__(self, i: int):
+        return tuple(t[0] for t in self.batch([i]))
+
+    def __getitems__(self, positions: list[int]) -> list[tuple]:
+        return list(zip(*self.batch(positions)))

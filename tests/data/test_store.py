@@ -1,0 +1,76 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dpcam.data import store
+from dpcam.errors import UserError
+
+
+def write_tiny(path, n=20, size=8, masks=True):
+    rng = np.random.default_rng(0)
+    labels = np.arange(n) % 2
+    splits = store.stratified_split(labels, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=1)
+    with store.DatasetWriter(path, n, size, size, with_masks=masks) as w:
+        w.images[:] = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        if masks:
+            w.masks[:] = rng.integers(0, 2, (n, size, size), dtype=np.uint8)
+        w.finish(labels, splits, {"dataset": "tiny", "classes": ["a", "b"]})
+    return store.load_dataset(path)
+
+
+def test_round_trip_and_manifest(tmp_path):
+    ds = write_tiny(tmp_path / "tiny")
+    assert isinstance(ds.images, np.memmap) and ds.images.shape == (20, 8, 8, 3)
+    m = json.loads((tmp_path / "tiny/manifest.json").read_text())
+    assert m["count"] == 20 and m["splits"]["train"]["per_class"] == {"a": 6, "b": 6}
+    assert set(m["checksums"]) == {"images.npy", "labels.npy", "splits.npz", "masks.npy"}
+    assert m["checksums"]["images.npy"] == store.file_sha256(tmp_path / "tiny/images.npy")
+    assert not list(tmp_path.glob(".tiny*")), "temporary folders are cleaned up"
+
+
+def test_stratified_split_is_disjoint_complete_and_seeded():
+    labels = np.repeat(np.arange(5), [50, 10, 27, 5, 8])
+    fr = {"train": 0.7, "val": 0.1, "test": 0.2}
+    a = store.stratified_split(labels, fr, seed=3)
+    b = store.stratified_split(labels, fr, seed=3)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    allidx = np.concatenate(list(a.values()))
+    assert np.array_equal(np.sort(allidx), np.arange(labels.size))
+    for c, count in enumerate([50, 10, 27, 5, 8]):
+        assert abs((labels[a["train"]] == c).sum() - 0.7 * count) <= 1
+    assert not np.array_equal(a["test"], store.stratified_split(labels, fr, seed=4)["test"])
+
+
+def test_failed_write_leaves_nothing_and_keeps_old(tmp_path):
+    write_tiny(tmp_path / "tiny")
+    before = (tmp_path / "tiny/images.npy").read_bytes()
+    with pytest.raises(RuntimeError):
+        with store.DatasetWriter(tmp_path / "tiny", 5, 8, 8, with_masks=False) as w:
+            w.images[:] = 7
+            raise RuntimeError("killed")
+    assert (tmp_path / "tiny/images.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_torch_dataset_batches_in_pixel_space(tmp_path):
+    ds = write_tiny(tmp_path / "tiny")
+    train = ds.split("train", with_masks=True)
+    x, y, m = train[3]
+    i = train.indices[3]
+    assert x.shape == (3, 8, 8) and x.dtype == torch.float32
+    assert torch.allclose(x, torch.from_numpy(ds.images[i]).permute(2, 0, 1).float() / 255)
+    assert int(y) == ds.labels[i] and m.shape == (8, 8)
+    loader = torch.utils.data.DataLoader(ds.split("test"), batch_size=3, shuffle=False)
+    xb, yb = next(iter(loader))
+    assert xb.shape == (3, 3, 8, 8)
+    assert torch.equal(yb, torch.from_numpy(ds.labels[ds.splits["test"][:3]]))
+
+
+def test_reading_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="not a prepared dataset.*dpcam prepare"):
+        store.load_dataset(tmp_path / "nothing")
+    ds = write_tiny(tmp_path / "nomask", masks=False)
+    with pytest.raises(UserError, match="no lesion masks"):
+        ds.split("train", with_masks=True)

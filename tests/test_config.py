@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpcam import config
+from dpcam.errors import UserError
+
+
+def write_params(data) -> Path:
+    p = Path("params.yaml")
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def error_of(name, data=None, overrides=None) -> str:
+    path = write_params(data or {})
+    with pytest.raises(UserError) as e:
+        config.load_section(name, overrides, path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_defaults_without_a_params_file():
+    cfg = config.load_section("prepare", path=Path("missing.yaml"))
+    assert cfg.dataset == "synthetic-fundus" and cfg.size == 64 and cfg.format == "synthetic"
+    assert config.load_section("ldp", path=Path("missing.yaml")).epsilons == [0.25, 0.5, 1]
+
+
+def test_the_shipped_params_file_is_valid():
+    shipped = Path(__file__).resolve().parents[1] / "params.yaml"
+    for name in config.SECTIONS:
+        config.load_section(name, path=shipped)
+
+
+def test_flags_override_params():
+    path = write_params({"prepare": {"size": 32, "synthetic": {"n": 100}}})
+    cfg = config.load_section("prepare", {"size": 96, "synthetic.n": None}, path)
+    assert cfg.size == 96 and cfg.synthetic.n == 100
+
+
+@pytest.mark.parametrize(
+    "data, overrides, expected",
+    [
+        ({"prepare": {"size": 8}}, None, "params.yaml: prepare.size = 8: Input should be greater than or equal to 16"),
+        ({}, {"size": 8}, "--size: prepare.size = 8"),
+        ({"prepare": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}}, None, "prepare.split = {'test': 0.1, 'train': 0.5, 'val': 0.1}: the split fractions train + val + test must sum to 1 (they sum to 0.7)"),
+        ({"prepare": {"format": "cifar"}}, None, "prepare.format = 'cifar'"),
+        ({"prepare": {"format": "aptos"}}, None, "prepare.source is required for format 'aptos'"),
+        ({"prepare": {"format": "aptos", "source": "nowhere"}}, None, "prepare.source = 'nowhere': does not exist"),
+        ({"prepare": {"sise": 64}}, None, "unknown key prepare.sise; allowed keys: dataset"),
+        ({"prepare": {"dataset": "../x"}}, None, "prepare.dataset = '../x'"),
+        ({"prepare": {"synthetic": {"balance": [1, 2]}}}, None, "give 5 non-negative shares"),
+        ({"ldp": {"epsilons": [0.5, -1]}}, None, "ldp.epsilons[1] = -1: ε must be a finite number > 0"),
+        ({"ldp": {"epsilons": [0]}}, None, "ε must be a finite number > 0"),
+        ({"ldp": {"epsilons": [1.0]}}, None, "write whole numbers without '.0' (1)"),
+        ({"ldp": {"mechanisms": ["gauss"]}}, None, "ldp.mechanisms[0] = 'gauss': unknown mechanism; known:"),
+        ({"ldp": {"delta": 1.5}}, None, "ldp.delta = 1.5"),
+    ],
+)
+def test_bad_values_give_one_line_naming_key_and_value(data, overrides, expected):
+    section = next(iter(data), None) or "prepare"
+    assert expected in error_of(section, data, overrides)
+
+
+def test_invalid_yaml_names_the_line():
+    Path("params.yaml").write_text("prepare:\n  size: [1\n")
+    with pytest.raises(UserError, match=r"params.yaml:\d+: not valid YAML"):
+        config.load_section("prepare", path=Path("params.yaml"))
+
+
+def test_format_eps_has_no_trailing_zero():
+    assert [config.format_eps(e) for e in (0.25, 1, 1.0, 10)] == ["0.25", "1", "1", "10"]
+
+
+def test_prepared_dir_lists_what_exists():
+    Path("data/prepared/a").mkdir(parents=True)
+    Path("data/prepared/a/manifest.json").write_text("{}")
+    with pytest.raises(UserError, match="unknown dataset 'b'.*prepared datasets: a"):
+        config.prepared_dir("b")
+    assert config.prepared_dir("a") == Path("data/prepared/a")
