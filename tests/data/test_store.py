@@ -60,10 +60,9 @@ def test_torch_dataset_batches_in_pixel_space(tmp_path):
     x, y, m = train[3]
     i = train.indices[3]
     assert x.shape == (3, 8, 8) and x.dtype == torch.float32
-    assert torch.allclose(x, torch.from_numpy(ds.images[i]).permute(2, 0, 1).float() / 255)
+    assert torch.allclose(x, torch.from_numpy(np.array(ds.images[i])).permute(2, 0, 1).float() / 255)
     assert int(y) == ds.labels[i] and m.shape == (8, 8)
-    loader = torch.utils.data.DataLoader(ds.split("test"), batch_size=3, shuffle=False)
-    xb, yb = next(iter(loader))
+    xb, yb = next(iter(ds.split("test").loader(batch_size=3)))
     assert xb.shape == (3, 3, 8, 8)
     assert torch.equal(yb, torch.from_numpy(ds.labels[ds.splits["test"][:3]]))
 
@@ -74,3 +73,13 @@ def test_reading_errors_are_one_line(tmp_path):
     ds = write_tiny(tmp_path / "nomask", masks=False)
     with pytest.raises(UserError, match="no lesion masks"):
         ds.split("train", with_masks=True)
+
+
+def test_poisson_loader_handles_empty_and_varying_batches(tmp_path):
+    from opacus.data_loader import DPDataLoader
+
+    ds = write_tiny(tmp_path / "tiny", n=40)
+    loader = DPDataLoader.from_data_loader(ds.split("train").loader(batch_size=2), generator=torch.Generator().manual_seed(0))
+    sizes = [xb.shape[0] for xb, yb in loader for _ in range(1)]
+    assert all(xb.ndim == 4 for xb, _ in loader)
+    assert len(set(sizes)) > 1

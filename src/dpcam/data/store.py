@@ -239,5 +239,21 @@ class ImageDataset:
     def __getitem__(self, i: int):
         return tuple(t[0] for t in self.batch([i]))
 
-    def __getitems__(self, positions: list[int]) -> list[tuple]:
-        return list(zip(*self.batch(positions)))
+    def __getitems__(self, positions: list[int]) -> tuple:
+        """The whole batch as stacked tensors; pair with ``collate`` (``loader`` does)."""
+        return self.batch(positions)
+
+    def loader(self, batch_size: int, shuffle: bool = False, generator=None):
+        """A DataLoader that fetches each batch with one memmap index (no per-image work)."""
+        from torch.utils.data import DataLoader
+
+        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, generator=generator, collate_fn=collate)
+
+
+def collate(batch):
+    """Collate for ``ImageDataset``: batches from ``__getitems__`` arrive stacked already."""
+    if isinstance(batch, tuple):
+        return batch
+    from torch.utils.data import default_collate
+
+    return default_collate(batch)
