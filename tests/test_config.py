@@ -80,3 +80,13 @@ def test_prepared_dir_lists_what_exists():
     with pytest.raises(UserError, match="unknown dataset 'b'.*prepared datasets: a"):
         config.prepared_dir("b")
     assert config.prepared_dir("a") == Path("data/prepared/a")
+
+
+def test_bad_flag_values_name_the_flag():
+    path = write_params({})
+    with pytest.raises(UserError, match=r"^--mechanism: ldp.mechanisms\[0\] = 'nope': unknown mechanism"):
+        config.load_section("ldp", {"mechanisms": ["nope"]}, path)
+    with pytest.raises(UserError, match=r"^--epsilon: ldp.epsilons\[0\] = -2"):
+        config.load_section("ldp", {"epsilons": [-2]}, path)
+    with pytest.raises(UserError, match=r"^--n: prepare.synthetic.n = 3"):
+        config.load_section("prepare", {"synthetic.n": 3}, path)

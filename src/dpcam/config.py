@@ -17,6 +17,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from dpcam.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
+PREPARED_ROOT = Path("data/prepared")
+LDP_ROOT = Path("data/ldp")
 FORMATS = ("synthetic", "aptos", "catsdogs", "petimages", "imagefolder")
 DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -132,7 +134,70 @@ class LdpConfig(_Section):
 
 
 
-SECTIONS: dict[str, type[_Section]] = {"prepare": PrepareConfig, "ldp": LdpConfig}
+SCHEMES = ("none", "clip-only", "gaussian", "laplace", "ldp")
+DP_SCHEMES = ("gaussian", "laplace")
+
+
+class TrainConfig(_Section):
+    """One training run. ``scheme`` and ``epsilon`` follow DESIGN.md §3."""
+
+    dataset: str = Field("synthetic-fundus", pattern=DATASET_NAME)
+    ldp: str | None = Field(None, description="train on data/ldp/<dataset>/<ldp>, e.g. singh-sikka-eps0.5")
+    model: str = "smallcnn"
+    weights: Path | None = None
+    small_input: bool | None = None
+    scheme: Literal[SCHEMES] = "gaussian"  # type: ignore[valid-type]
+    epsilon: float | None = Field(1.0, description="target ε of gaussian/laplace")
+    delta: float = Field(1e-4, gt=0, lt=1)
+    clip: float = Field(1.0, gt=0, description="per-example clipping bound C (L2; L1 for laplace)")
+    accountant: Literal["prv", "rdp", "gdp"] = "prv"
+    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    step_size: int = Field(5, ge=1, description="epochs between decays of the step schedule")
+    gamma: float = Field(0.5, gt=0, le=1, description="decay factor of the step schedule")
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1, description="expected batch size (Poisson sampling for DP runs)")
+    eval_batch_size: int = Field(512, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    keep_best: bool = True
+    name: str | None = Field(None, pattern=DATASET_NAME, description="run name (default <scheme>-eps<ε>-<model>-s<seed>)")
+
+    @model_validator(mode="after")
+    def _scheme(self) -> "TrainConfig":
+        if self.scheme in DP_SCHEMES:
+            if self.epsilon is None or not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+                raise ValueError(f"epsilon = {self.epsilon!r}: scheme {self.scheme!r} needs a finite target ε > 0")
+        if self.scheme == "ldp" and not self.ldp:
+            raise ValueError("ldp is required for scheme 'ldp': name a derivative such as singh-sikka-eps0.5")
+        if self.ldp and self.scheme != "ldp":
+            raise ValueError(f"ldp = {self.ldp!r}: training on local-DP data is scheme 'ldp', not {self.scheme!r}")
+        return self
+
+    @property
+    def target_epsilon(self) -> float | None:
+        return self.epsilon if self.scheme in DP_SCHEMES else None
+
+    @property
+    def run_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.scheme == "ldp":
+            eps = self.ldp
+        else:
+            eps = "eps" + (format_eps(self.epsilon) if self.scheme in DP_SCHEMES else "inf")
+        return f"{self.scheme}-{eps}-{self.model}-s{self.seed}"
+
+    @property
+    def data_dir(self) -> Path:
+        return LDP_ROOT / self.dataset / self.ldp if self.ldp else PREPARED_ROOT / self.dataset
+
+
+SECTIONS: dict[str, type[_Section]] = {"prepare": PrepareConfig, "ldp": LdpConfig, "train": TrainConfig}
 
 
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
@@ -187,6 +252,10 @@ def _deep_copy(d):
     return d
 
 
+# list-valued keys whose CLI flag is singular and repeatable
+_FLAG_NAMES = {"mechanisms": "mechanism", "epsilons": "epsilon", "synthetic.n": "n"}
+
+
 def _one_line(e: ValidationError, section: str, path: Path, flags: dict[str, Any]) -> str:
     err = e.errors(include_url=False)[0]
     loc = [str(p) for p in err["loc"] if not str(p).startswith(("literal[", "list[", "function-"))]
@@ -194,8 +263,8 @@ def _one_line(e: ValidationError, section: str, path: Path, flags: dict[str, Any
     key = section
     for p in loc:
         key += f"[{p}]" if p.isdigit() else f".{p}"
-    dotted = key[len(section) + 1 :]
-    origin = f"--{dotted.replace('_', '-')}" if dotted in flags else str(path)
+    dotted = ".".join(p for p in loc if not p.isdigit())  # ldp.epsilons[1] came from the flag "epsilons"
+    origin = f"--{_FLAG_NAMES.get(dotted, dotted).replace('_', '-')}" if dotted in flags else str(path)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         allowed = ", ".join(SECTIONS[section].model_fields) if len(loc) == 1 else "see README"
@@ -206,13 +275,9 @@ def _one_line(e: ValidationError, section: str, path: Path, flags: dict[str, Any
     shown = f" = {value!r}"
     if not loc:  # a model-level check: its message starts with the key it is about
         head = msg.split(" ", 1)[0].split(".")[0]
-        origin = f"--{head.replace('_', '-')}" if head in flags else str(path)
+        origin = f"--{_FLAG_NAMES.get(head, head).replace('_', '-')}" if head in flags else str(path)
         return f"{origin}: {section}.{msg}"
     return f"{origin}: {key}{shown}: {msg}"
-
-
-PREPARED_ROOT = Path("data/prepared")
-LDP_ROOT = Path("data/ldp")
 
 
 def default_dataset(path: Path = PARAMS_FILE) -> str:

@@ -98,7 +98,7 @@ class DatasetWriter:
         }
         manifest["checksums"] = {f: file_sha256(self._tmp / f) for f in files}
         with open(self._tmp / "manifest.json", "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
             f.write("\n")
         _replace_dir(self._tmp, self.out_dir)
         self._done = True
