@@ -1,0 +1,482 @@
+"""Model registry: Opacus-safe classifiers that take pixel-space input and name their Grad-CAM layer.
+
+Every model built here
+
+- takes **pixel-space** input ``x`` of shape ``(B, 3, H, W)``, float in [0, 1], and normalises it
+  itself as its first operation (:class:`Normalize`, fixed buffers, ImageNet mean/std by default),
+  so Grad-CAM masking (DESIGN.md §3: x̃ = x ⊙ L(x)) happens in pixel space;
+- returns logits of shape ``(B, num_classes)``;
+- is valid for Opacus (``ModuleValidator.validate(model, strict=False) == []``) and free of
+  in-place operations, so both ``grad_sample_mode="hooks"`` and ``"ew"`` work: BatchNorm is
+  replaced by GroupNorm, every ReLU is out-of-place and ResNet's ``out += identity`` is
+  ``out = out + identity``;
+- names its Grad-CAM target layer in ``model.gradcam_layer`` (a dotted submodule name), which
+  :func:`target_layer` resolves.
+
+Registered models (``MODELS``):
+
+``smallcnn``
+    The CPU default: ``len(widths)`` blocks of conv3×3 → GroupNorm → ReLU with a 2×2 max-pool
+    between blocks, then global average pooling and a linear head. Default widths
+    (16, 32, 32, 64): about 33 k parameters; the target layer (the last block) is 8×8 at 64 px.
+``resnet18``, ``alexnet``, ``vgg16``
+    The paper's torchvision architectures (random init, never downloaded). Departures from
+    torchvision, all parameter-shape preserving except ResNet's small-input stem:
+
+    - ``resnet18``: BatchNorm → GroupNorm(g, C) with g = gcd(C, 32) (32 for every ResNet-18 width);
+      out-of-place residual block. ``small_input=True`` (default when ``image_size <= 96``):
+      CIFAR-style 3×3 stride-1 stem conv and no stem max-pool, so ``layer4`` (the target) is
+      8×8 at 64 px instead of 2×2.
+    - ``alexnet``: out-of-place ReLUs. ``small_input=True``: conv1 keeps its 11×11 kernel but
+      uses stride 2 / padding 5 (instead of 4 / 2) and the three max-pools get padding 1, so
+      64 px gives an 8×8 target (``features.11``, the last conv ReLU) instead of 3×3, and the
+      feature stack no longer collapses to 1×1 before the classifier.
+    - ``vgg16``: out-of-place ReLUs. ``small_input=True``: the fourth max-pool
+      (``features.23``) becomes an identity, so the last conv block runs at 8×8 at 64 px and the
+      target (``features.29``, the last conv ReLU) is 8×8 instead of 4×4.
+
+    AlexNet and VGG keep torchvision's classifier (``AdaptiveAvgPool2d((6, 6))`` /
+    ``((7, 7))`` then the 4096-wide fully-connected layers), so ImageNet state dicts load; note
+    that these heads hold most of the parameters (≈ 57 M and ≈ 134 M), and per-sample gradients
+    under DP-SGD cost batch size × that much memory.
+
+``weights=PATH`` loads a local state dict (see :func:`load_weights`); nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models import AlexNet as _TVAlexNet
+from torchvision.models import ResNet as _TVResNet
+from torchvision.models import VGG as _TVVGG
+from torchvision.models.resnet import BasicBlock as _TVBasicBlock
+from torchvision.models.vgg import cfgs as _vgg_cfgs
+from torchvision.models.vgg import make_layers as _vgg_make_layers
+
+from dpcam.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SMALL_INPUT_MAX = 96  # small_input defaults to True for image_size <= this
+
+# A builder: (num_classes, image_size, *, small_input, **kwargs) -> nn.Module with .gradcam_layer
+Builder = Callable[..., nn.Module]
+MODELS: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering a model builder under ``name`` in :data:`MODELS`.
+
+    The builder is called as ``builder(num_classes, image_size, *, small_input: bool, **kwargs)``
+    and must return a module that takes pixel-space ``(B, 3, H, W)`` input in [0, 1], returns
+    ``(B, num_classes)`` logits, and sets ``gradcam_layer`` to a dotted submodule name.
+    """
+
+    def decorator(builder: Builder) -> Builder:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        MODELS[name] = builder
+        return builder
+
+    return decorator
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel with fixed buffers (no parameters, so Opacus ignores it).
+
+    Input and output: float ``(B, C, H, W)``; ``mean``/``std`` have C entries. The buffers are
+    persistent (saved in the state dict) so a model trained with other statistics reloads them.
+    """
+
+    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__()
+        mean, std = [float(v) for v in mean], [float(v) for v in std]
+        if len(mean) != len(std) or not mean:
+            raise UserError(f"normalisation mean {mean} and std {std}: give one value of each per channel")
+        if min(std) <= 0:
+            raise UserError(f"normalisation std {std} must be > 0 for every channel")
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def group_norm(num_channels: int, max_groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm over ``num_channels`` with gcd(num_channels, max_groups) groups (always divides C)."""
+    return nn.GroupNorm(math.gcd(num_channels, max_groups), num_channels)
+
+
+def _out_of_place(model: nn.Module) -> nn.Module:
+    """Set ``inplace=False`` on every module that has the flag (ReLU, Dropout, ...); returns ``model``."""
+    for m in model.modules():
+        if getattr(m, "inplace", False):
+            m.inplace = False
+    return model
+
+
+# --------------------------------------------------------------------------------------- smallcnn
+
+
+class SmallCNN(nn.Module):
+    """``len(widths)`` conv3×3 → GroupNorm → ReLU blocks, 2×2 max-pool between blocks, GAP, linear.
+
+    Input ``(B, 3, H, W)`` pixel space; the last block (the Grad-CAM target) is
+    ``H / 2**(len(widths) - 1)`` wide (8×8 at 64 px with the default four widths).
+    ``gn_groups`` caps the GroupNorm groups (gcd(C, gn_groups) groups per block).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        widths: Sequence[int] = (16, 32, 32, 64),
+        gn_groups: int = 8,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        widths = [int(w) for w in widths]
+        if not widths or min(widths) < 1:
+            raise UserError(f"smallcnn widths {widths}: give one or more positive channel counts, e.g. 16,32,32,64")
+        self.normalize = Normalize(mean, std)
+        layers: list[tuple[str, nn.Module]] = []
+        c_in = 3
+        for i, c in enumerate(widths, start=1):
+            if i > 1:
+                layers.append((f"pool{i - 1}", nn.MaxPool2d(2)))
+            block = nn.Sequential(
+                nn.Conv2d(c_in, c, kernel_size=3, padding=1), group_norm(c, gn_groups), nn.ReLU(inplace=False)
+            )
+            layers.append((f"block{i}", block))
+            c_in = c
+        self.features = nn.Sequential(OrderedDict(layers))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_in, num_classes)
+        self.gradcam_layer = f"features.block{len(widths)}"
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
+        x = self.features(self.normalize(x))
+        return self.classifier(torch.flatten(self.pool(x), 1))
+
+
+@register_model("smallcnn")
+def _smallcnn(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
+    """SmallCNN (``small_input`` has no effect: it is built for small inputs)."""
+    return SmallCNN(num_classes, **kwargs)
+
+
+# --------------------------------------------------------------------------------------- resnet18
+
+
+class _BasicBlock(_TVBasicBlock):
+    """torchvision's BasicBlock with out-of-place ReLU and residual sum (Opacus hooks / ew safe)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu = nn.ReLU(inplace=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet18(_TVResNet):
+    """torchvision ResNet-18 with GroupNorm, out-of-place blocks, pixel-space input.
+
+    ``small_input``: 3×3 stride-1 stem and no stem max-pool (``layer4`` at H/8 instead of H/32).
+    State-dict keys are torchvision's (plus ``normalize.*``), so ImageNet weights map by name.
+    """
+
+    gradcam_layer = "layer4"
+
+    def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__(_BasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=group_norm)
+        if small_input:
+            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+            self.maxpool = nn.Identity()
+        self.normalize = Normalize(mean, std)
+        _out_of_place(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
+        return super().forward(self.normalize(x))
+
+
+@register_model("resnet18")
+def _resnet18(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
+    return ResNet18(num_classes, small_input, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- alexnet
+
+
+class AlexNet(_TVAlexNet):
+    """torchvision AlexNet with out-of-place ReLUs and pixel-space input; target ``features.11``.
+
+    ``small_input``: conv1 stride 2 / padding 5 (kernel still 11×11) and max-pools with padding 1:
+    64 px → target 8×8 (torchvision: 3×3, and 1×1 after the last pool).
+    """
+
+    gradcam_layer = "features.11"
+
+    def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__(num_classes=num_classes)
+        if small_input:
+            conv1 = self.features[0]
+            conv1.stride, conv1.padding = (2, 2), (5, 5)
+            for i in (2, 5, 12):
+                self.features[i].padding = 1
+        self.normalize = Normalize(mean, std)
+        _out_of_place(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
+        return super().forward(self.normalize(x))
+
+
+@register_model("alexnet")
+def _alexnet(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
+    return AlexNet(num_classes, small_input, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ vgg16
+
+
+class VGG16(_TVVGG):
+    """torchvision VGG-16 (configuration D, no BatchNorm), out-of-place ReLUs, pixel-space input.
+
+    Target ``features.29`` (the last conv ReLU). ``small_input``: the fourth max-pool
+    (``features.23``) is an identity, so the last conv block is H/8 wide (8×8 at 64 px).
+    """
+
+    gradcam_layer = "features.29"
+
+    def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__(_vgg_make_layers(_vgg_cfgs["D"], batch_norm=False), num_classes=num_classes)
+        if small_input:
+            self.features[23] = nn.Identity()
+        self.normalize = Normalize(mean, std)
+        _out_of_place(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
+        return super().forward(self.normalize(x))
+
+
+@register_model("vgg16")
+def _vgg16(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
+    return VGG16(num_classes, small_input, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ public API
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    image_size: int = 64,
+    *,
+    weights: Path | str | None = None,
+    small_input: bool | None = None,
+    seed: int | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Build registered model ``name`` for ``num_classes`` classes and square ``image_size`` inputs.
+
+    Returns a module mapping pixel-space float ``(B, 3, image_size, image_size)`` in [0, 1] to
+    ``(B, num_classes)`` logits, in training mode, with ``gradcam_layer`` set.
+    ``small_input``: None → ``image_size <= 96``. ``seed``: deterministic initialisation that
+    leaves the global RNG untouched (None → draws from the global RNG). ``weights``: a local
+    state dict loaded by :func:`load_weights` after initialisation. ``kwargs`` go to the builder
+    (e.g. ``widths=(16, 32, 32, 64)`` for smallcnn; ``mean``/``std`` for every model).
+    Raises UserError for an unknown name, fewer than 2 classes, an image too small for the model,
+    or bad weights.
+    """
+    key = name.lower()
+    if key not in MODELS:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    if int(num_classes) < 2:
+        raise UserError(f"model {key}: num_classes = {num_classes}; a classifier needs at least 2 classes (check the dataset's labels)")
+    if int(image_size) < 1:
+        raise UserError(f"model {key}: image_size = {image_size} must be a positive number of pixels")
+    if small_input is None:
+        small_input = image_size <= SMALL_INPUT_MAX
+    build = MODELS[key]
+    _check_input_size(key, build, num_classes, image_size, small_input, kwargs)
+    if seed is None:
+        model = build(int(num_classes), int(image_size), small_input=bool(small_input), **kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build(int(num_classes), int(image_size), small_input=bool(small_input), **kwargs)
+    if not isinstance(getattr(model, "gradcam_layer", None), str):
+        raise TypeError(f"model builder {key!r} did not set model.gradcam_layer")
+    target_layer(model)  # the named layer must exist
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def _check_input_size(key: str, build: Builder, num_classes: int, image_size: int, small_input: bool, kwargs) -> None:
+    """Raise UserError when ``image_size`` pixels shrink to nothing inside the model (checked on meta tensors)."""
+
+    def runs(size: int) -> bool:
+        with torch.device("meta"):
+            try:
+                probe = build(int(num_classes), size, small_input=bool(small_input), **kwargs)
+            except UserError:
+                raise
+            except Exception:  # noqa: BLE001 - a builder that cannot run on meta tensors is not checked here
+                return True
+            try:
+                probe(torch.empty(1, 3, size, size))
+            except RuntimeError:
+                return False
+        return True
+
+    if runs(int(image_size)):
+        return
+    ok = next((s for s in (8, 16, 32, 64, 128, 256, 512) if s > image_size and runs(s)), None)
+    hint = f"use images of at least {ok} px" if ok else "use larger images"
+    raise UserError(f"model {key} (small_input={small_input}): {image_size} px images are too small for its feature stack; {hint} (prepare --size)")
+
+
+def target_layer(model: nn.Module) -> nn.Module:
+    """The Grad-CAM target layer named by ``model.gradcam_layer`` (an Opacus wrapper is unwrapped)."""
+    inner = getattr(model, "_module", model)  # GradSampleModule and friends keep the model in _module
+    name = getattr(inner, "gradcam_layer", None)
+    if not isinstance(name, str):
+        raise UserError(f"{type(inner).__name__} names no Grad-CAM layer (gradcam_layer); build it with dpcam.models.create_model")
+    try:
+        return inner.get_submodule(name)
+    except AttributeError:
+        raise UserError(f"{type(inner).__name__}: Grad-CAM layer {name!r} is not a submodule of the model") from None
+
+
+# ------------------------------------------------------------------------------------------ weights
+
+
+@dataclass
+class WeightsReport:
+    """What :func:`load_weights` did, by state-dict key."""
+
+    path: Path
+    loaded: list[str] = field(default_factory=list)
+    batchnorm: list[str] = field(default_factory=list)  # BatchNorm tensors with no GroupNorm counterpart
+    shape_mismatch: list[str] = field(default_factory=list)  # e.g. a classifier head for other classes
+    unexpected: list[str] = field(default_factory=list)  # keys the model does not have
+    missing: list[str] = field(default_factory=list)  # model tensors left at initialisation
+
+    @property
+    def skipped(self) -> list[str]:
+        return self.batchnorm + self.shape_mismatch + self.unexpected
+
+    def summary(self) -> str:
+        """One line: counts and a few names of every category."""
+
+        def few(keys: list[str]) -> str:
+            shown = ", ".join(keys[:4])
+            return f"{shown}, ... ({len(keys)} in all)" if len(keys) > 4 else shown
+
+        parts = [f"weights {self.path}: loaded {len(self.loaded)} tensors"]
+        if self.batchnorm:
+            parts.append(f"skipped {len(self.batchnorm)} BatchNorm tensors (no GroupNorm counterpart; GroupNorm kept at init)")
+        if self.shape_mismatch:
+            parts.append(f"skipped {len(self.shape_mismatch)} of another shape ({few(self.shape_mismatch)})")
+        if self.unexpected:
+            parts.append(f"skipped {len(self.unexpected)} unknown to the model ({few(self.unexpected)})")
+        if self.missing:
+            parts.append(f"{len(self.missing)} model tensors left at initialisation ({few(self.missing)})")
+        return "; ".join(parts)
+
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+_PREFIXES = ("_module.", "module.")  # Opacus GradSampleModule, DataParallel
+
+
+def _state_dict_from(obj, path: Path) -> dict[str, torch.Tensor]:
+    """The tensor mapping inside a loaded object: a state dict, or one under a common wrapper key."""
+    if isinstance(obj, Mapping):
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            state = dict(obj)
+            for prefix in _PREFIXES:
+                if all(k.startswith(prefix) for k in state):
+                    state = {k[len(prefix):]: v for k, v in state.items()}
+            return state
+        for k in _WRAPPER_KEYS:
+            if isinstance(obj.get(k), Mapping):
+                return _state_dict_from(obj[k], path)
+    raise UserError(f"--weights {path}: holds a {type(obj).__name__}, not a state dict of tensors; save one with torch.save(model.state_dict(), PATH)")
+
+
+def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
+    """Load a local state dict into ``model`` by name, skipping what cannot map; returns the report.
+
+    Reads with ``torch.load(weights_only=True)`` (nothing pickled is executed; nothing downloaded).
+    Accepts a plain state dict, one under ``state_dict``/``model``/``model_state_dict``, and
+    ``module.``/``_module.`` prefixes. Tensors are skipped when they belong to a BatchNorm layer
+    in the file whose module here is not BatchNorm (GroupNorm cannot use batch statistics or
+    their affine terms), when their shape differs (a classifier head for another number of
+    classes, the small-input stem), or when the model has no such key. Anything skipped or left
+    at initialisation is logged as one warning line. Raises UserError for a missing or unreadable
+    file, or when no tensor matches.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--weights {path}: no such file; give a local state dict saved with torch.save (nothing is downloaded)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"--weights {path}: not a weights-only torch file ({first[:160]}); save it with torch.save(model.state_dict(), PATH)") from None
+    state = _state_dict_from(obj, path)
+    own = model.state_dict()
+    modules = dict(model.named_modules())
+    bn_prefixes = {k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")}
+
+    report = WeightsReport(path)
+    to_load: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        prefix = key.rpartition(".")[0]
+        if prefix in bn_prefixes and not isinstance(modules.get(prefix), nn.modules.batchnorm._BatchNorm):
+            report.batchnorm.append(key)
+        elif key not in own:
+            report.unexpected.append(key)
+        elif tuple(own[key].shape) != tuple(tensor.shape):
+            report.shape_mismatch.append(f"{key} {tuple(tensor.shape)}→{tuple(own[key].shape)}")
+        else:
+            to_load[key] = tensor
+            report.loaded.append(key)
+    if not to_load:
+        raise UserError(
+            f"--weights {path}: none of its {len(state)} tensors matches model {type(model).__name__} "
+            f"(e.g. {next(iter(state), '-')}); give weights saved from the same architecture"
+        )
+    model.load_state_dict(to_load, strict=False)
+    report.missing = [k for k in own if k not in to_load and not k.startswith("normalize.")]
+    if report.skipped or report.missing:
+        log.warning(report.summary())
+    else:
+        log.info(report.summary())
+    return report

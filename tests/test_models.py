@@ -1,0 +1,228 @@
+"""Model registry contract: every registered model is Opacus-valid, in-place free, pixel-space, and names its Grad-CAM layer."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.grad_sample.utils import get_gsm_class
+from opacus.validators import ModuleValidator
+from torch import nn
+from torchvision.models import resnet18 as tv_resnet18
+
+from dpcam.errors import UserError
+from dpcam.models import MODELS, Normalize, create_model, load_weights, register_model, target_layer
+
+NUM_CLASSES = 3
+# name: (batch, forward sizes, per-sample-gradient size); small batches and 32 px keep the big
+# torchvision models fast (the per-sample conv gradients cost batch × pixels)
+CONTRACT = {"smallcnn": (4, (32, 64), 64), "resnet18": (2, (64,), 32), "alexnet": (2, (64,), 32), "vgg16": (2, (64,), 32)}
+# Opacus's hooks warn when the input does not require grad; harmless here
+_HOOK_WARNING = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
+
+
+def _target_shape(model: nn.Module, x: torch.Tensor) -> torch.Size:
+    """Shape of the Grad-CAM target layer's output on x (forward hook)."""
+    seen = {}
+
+    def hook(module, inputs, output):
+        seen["shape"] = output.shape
+
+    handle = target_layer(model).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return seen["shape"]
+
+
+def test_contract_covers_every_registered_model():
+    assert set(CONTRACT) == set(MODELS)
+
+
+@_HOOK_WARNING
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_model_contract(name):
+    """Opacus-valid, (B, classes) logits, target ≥ 8×8 at 64 px, per-sample grads through GradSampleModule hooks."""
+    batch, sizes, gsm_size = CONTRACT[name]
+    model = create_model(name, NUM_CLASSES, 64, seed=0)
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert not any(getattr(m, "inplace", False) for m in model.modules()), "in-place ops break Opacus hooks/ew"
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+    gen = torch.Generator().manual_seed(0)
+    for size in sizes:
+        x = torch.rand(batch, 3, size, size, generator=gen)
+        assert model(x).shape == (batch, NUM_CLASSES)
+    shape = _target_shape(model, x)  # sizes end with 64
+    assert shape[-2] >= 8 and shape[-1] >= 8, f"{name}: Grad-CAM layer only {tuple(shape[-2:])} at 64 px"
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    try:
+        x = torch.rand(batch, 3, gsm_size, gsm_size, generator=gen)
+        y = torch.arange(batch) % NUM_CLASSES
+        F.cross_entropy(gsm(x), y).backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        assert trainable and all(p.grad_sample is not None for p in trainable)
+        for p in trainable:
+            assert p.grad_sample.shape == (batch, *p.shape)
+        # per-sample gradients average to the batch gradient (loss_reduction="mean")
+        for p in trainable[:3] + trainable[-2:]:
+            torch.testing.assert_close(p.grad_sample.mean(0), p.grad, rtol=1e-4, atol=1e-6)
+    finally:
+        gsm._close()
+
+
+@_HOOK_WARNING
+def test_smallcnn_expanded_weights_mode():
+    """grad_sample_mode="ew" (torch expanded weights) needs an in-place-free model; per-sample grads match hooks."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.rand(4, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0])
+    grads = {}
+    for mode in ("hooks", "ew"):
+        model = create_model("smallcnn", NUM_CLASSES, 32, seed=0)
+        gsm = get_gsm_class(mode)(model, batch_first=True, loss_reduction="sum")
+        F.cross_entropy(gsm(x), y, reduction="sum").backward()
+        grads[mode] = [p.grad_sample.clone() for p in model.parameters()]
+        assert all(g.shape[0] == 4 for g in grads[mode])
+    for a, b in zip(grads["hooks"], grads["ew"]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_stem_follows_small_input():
+    small = create_model("resnet18", NUM_CLASSES, 64, seed=0)  # default: small_input since 64 <= 96
+    assert small.conv1.kernel_size == (3, 3) and small.conv1.stride == (1, 1) and isinstance(small.maxpool, nn.Identity)
+    big = create_model("resnet18", NUM_CLASSES, 128, seed=0)  # default: ImageNet stem
+    assert big.conv1.kernel_size == (7, 7) and isinstance(big.maxpool, nn.MaxPool2d)
+    assert _target_shape(big, torch.rand(1, 3, 128, 128)) == (1, 512, 4, 4)
+    forced = create_model("resnet18", NUM_CLASSES, 64, small_input=False, seed=0)
+    assert _target_shape(forced, torch.rand(1, 3, 64, 64)) == (1, 512, 2, 2)
+
+
+def test_normalisation_is_inside_the_model():
+    """The first conv sees (x - mean) / std: the model takes pixel-space input."""
+    model = create_model("smallcnn", NUM_CLASSES, 32, seed=0)
+    norm = model.normalize
+    assert isinstance(norm, Normalize)
+    assert [n for n, _ in norm.named_parameters()] == [] and not norm.mean.requires_grad
+    assert {"normalize.mean", "normalize.std"} <= set(model.state_dict())
+    conv = model.features.block1[0]
+    seen = {}
+    handle = conv.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    x = torch.rand(2, 3, 32, 32)
+    model(x)
+    handle.remove()
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected = F.conv2d((x - mean) / std, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(seen["out"], expected)
+    # and not on the raw pixels
+    assert not torch.allclose(seen["out"], F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-3)
+
+
+def test_custom_normalisation_and_bad_std():
+    model = create_model("smallcnn", NUM_CLASSES, 32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    torch.testing.assert_close(model.normalize(torch.ones(1, 3, 1, 1)), torch.ones(1, 3, 1, 1))
+    with pytest.raises(UserError, match="std"):
+        create_model("smallcnn", NUM_CLASSES, 32, std=(0.2, 0.0, 0.2))
+
+
+def test_seed_determinism_leaves_global_rng_alone():
+    state = torch.get_rng_state()
+    a = create_model("smallcnn", NUM_CLASSES, 32, seed=7).state_dict()
+    assert torch.equal(torch.get_rng_state(), state)
+    b = create_model("smallcnn", NUM_CLASSES, 32, seed=7).state_dict()
+    c = create_model("smallcnn", NUM_CLASSES, 32, seed=8).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["classifier.weight"], c["classifier.weight"])
+
+
+def test_smallcnn_widths_and_target_name():
+    model = create_model("smallcnn", NUM_CLASSES, 64, widths=(8, 16, 16), seed=0)
+    assert model.gradcam_layer == "features.block3"
+    assert _target_shape(model, torch.rand(1, 3, 64, 64)) == (1, 16, 16, 16)
+    assert sum(p.numel() for p in create_model("smallcnn", NUM_CLASSES, 64).parameters()) < 60_000
+
+
+def test_weights_round_trip(tmp_path):
+    src = create_model("smallcnn", NUM_CLASSES, 32, seed=1)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    model = create_model("smallcnn", NUM_CLASSES, 32, seed=2, weights=tmp_path / "w.pt")
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), src(x))
+    # a training checkpoint wrapping the state dict under "model", with Opacus's "_module." prefix
+    wrapped = {"model": {f"_module.{k}": v for k, v in src.state_dict().items()}, "epoch": torch.tensor(3)}
+    torch.save(wrapped, tmp_path / "ckpt.pt")
+    report = load_weights(create_model("smallcnn", NUM_CLASSES, 32, seed=3), tmp_path / "ckpt.pt")
+    assert len(report.loaded) == len(src.state_dict()) and not report.skipped and not report.missing
+
+
+def test_torchvision_imagenet_state_dict_loads_what_maps(tmp_path, caplog):
+    """A torchvision resnet18 state dict (BatchNorm, 1000-class head): convs load, BN and head are skipped, one warning."""
+    ref = tv_resnet18(weights=None, num_classes=1000)
+    torch.save(ref.state_dict(), tmp_path / "imagenet.pt")
+    with caplog.at_level(logging.WARNING, logger="dpcam.models"):
+        model = create_model("resnet18", 5, 128, seed=0)  # ImageNet stem at 128 px
+        report = load_weights(model, tmp_path / "imagenet.pt")
+    convs = [k for k in ref.state_dict() if "conv" in k or k.endswith("downsample.0.weight")]
+    assert sorted(report.loaded) == sorted(convs)
+    for k in convs:
+        assert torch.equal(model.state_dict()[k], ref.state_dict()[k])
+    assert "bn1.running_mean" in report.batchnorm and "layer1.0.bn2.weight" in report.batchnorm
+    assert [s.split()[0] for s in report.shape_mismatch] == ["fc.weight", "fc.bias"]
+    assert set(report.missing) >= {"fc.weight", "bn1.weight"}
+    assert model.bn1.weight.eq(1).all()  # GroupNorm kept at its init
+    [record] = [r for r in caplog.records if r.name == "dpcam.models"]
+    assert "BatchNorm" in record.getMessage() and "fc.weight" in record.getMessage()
+    # the small-input stem's 3×3 conv1 cannot take the 7×7 ImageNet kernel: reported, not crashed
+    small = load_weights(create_model("resnet18", 5, 64, seed=0), tmp_path / "imagenet.pt")
+    assert any(s.startswith("conv1.weight") for s in small.shape_mismatch)
+
+
+def test_bad_weights_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        create_model("smallcnn", NUM_CLASSES, 32, weights=tmp_path / "missing.pt")
+    torch.save({"encoder.weight": torch.zeros(2, 2)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="none of its 1 tensors"):
+        create_model("smallcnn", NUM_CLASSES, 32, weights=tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="not a weights-only torch file"):
+        create_model("smallcnn", NUM_CLASSES, 32, weights=tmp_path / "junk.pt")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(UserError, match="not a state dict"):
+        create_model("smallcnn", NUM_CLASSES, 32, weights=tmp_path / "list.pt")
+
+
+def test_unknown_model_and_bad_sizes_are_user_errors():
+    with pytest.raises(UserError, match="known models: alexnet, resnet18, smallcnn, vgg16"):
+        create_model("resnet50", NUM_CLASSES)
+    with pytest.raises(UserError, match="at least 2 classes"):
+        create_model("smallcnn", 1)
+    with pytest.raises(UserError, match="too small.*at least 8 px"):
+        create_model("smallcnn", NUM_CLASSES, 4)
+    with pytest.raises(UserError, match="too small.*at least 64 px"):
+        create_model("alexnet", NUM_CLASSES, 48, small_input=False)
+
+
+@_HOOK_WARNING
+def test_register_model_and_target_layer():
+    @register_model("_test_tiny")
+    def _tiny(num_classes, image_size, *, small_input, **kwargs):
+        model = nn.Sequential(Normalize(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+        model.gradcam_layer = "2"
+        return model
+
+    try:
+        model = create_model("_test_tiny", 2, 16)
+        assert target_layer(model) is model[2]
+        assert target_layer(GradSampleModule(model)) is model[2]  # unwraps Opacus
+        with pytest.raises(ValueError, match="already registered"):
+            register_model("_test_tiny")(_tiny)
+    finally:
+        MODELS.pop("_test_tiny")
+    with pytest.raises(UserError, match="names no Grad-CAM layer"):
+        target_layer(nn.Linear(2, 2))
