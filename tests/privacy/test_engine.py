@@ -1,0 +1,217 @@
+import io
+import math
+
+import pytest
+import torch
+from opacus.optimizers import DPOptimizer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dpcam.errors import UserError
+from dpcam.privacy import accounting as A
+from dpcam.privacy.engine import make_private, poisson_plan
+from dpcam.privacy.laplace import LaplaceDPOptimizer, LaplaceLedger
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
+
+DELTA = 1e-3
+
+
+def _parts(n=200, batch_size=20, seed=0):
+    torch.manual_seed(seed)
+    x, y = torch.randn(n, 5), torch.randint(0, 2, (n,))
+    model = nn.Linear(5, 2)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def _setup(scheme, *, n=200, batch_size=20, epochs=2, accountant="rdp", target=1.0, **kw):
+    model, opt, loader = _parts(n, batch_size)
+    return make_private(
+        model, opt, loader, scheme=scheme, target_epsilon=target, delta=DELTA, max_grad_norm=1.0, epochs=epochs,
+        accountant=accountant, noise_generator=torch.Generator().manual_seed(0), **kw,
+    )
+
+
+def _train(setup, steps):
+    done = 0
+    while done < steps:
+        for xb, yb in setup.data_loader:
+            setup.optimizer.zero_grad()
+            setup.criterion(setup.module(xb), yb).backward()
+            setup.optimizer.step()
+            done += 1
+            if done == steps:
+                return
+
+
+def test_poisson_batches_vary_with_mean_qn():
+    setup = _setup("clip-only", n=400, batch_size=20)
+    assert setup.sample_rate == pytest.approx(0.05)
+    sizes = [len(yb) for _ in range(10) for _, yb in setup.data_loader]
+    assert len(sizes) == 10 * 20
+    assert len(set(sizes)) > 5  # Poisson: sizes vary
+    assert sum(sizes) / len(sizes) == pytest.approx(0.05 * 400, rel=0.1)
+
+
+def test_none_and_ldp_return_objects_unchanged():
+    model, opt, loader = _parts()
+    for scheme in ("none", "ldp"):
+        setup = make_private(model, opt, loader, scheme=scheme)
+        assert setup.module is model and setup.optimizer is opt and setup.data_loader is loader
+        assert setup.plain_module is model
+        assert setup.epsilon() == math.inf
+        assert setup.report()["epsilon"] is None
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_gaussian_epsilon_follows_steps_taken(accountant):
+    setup = _setup("gaussian", accountant=accountant)
+    assert isinstance(setup.optimizer, DPOptimizer) and not isinstance(setup.optimizer, LaplaceDPOptimizer)
+    q, sigma = setup.sample_rate, setup.noise_multiplier
+    assert setup.epsilon() == 0.0
+    # calibrated for the steps the loader will yield: ε(planned) ≤ target
+    assert setup.steps_planned == 2 * 10
+    assert 0.97 <= A.gaussian_epsilon(sigma, q, setup.steps_planned, DELTA, accountant) <= 1.0
+    _train(setup, 3)
+    assert setup.steps_taken == 3
+    assert setup.epsilon() == pytest.approx(A.gaussian_epsilon(sigma, q, 3, DELTA, accountant), rel=1e-9)
+    rep = setup.report()
+    assert rep["accountant"] == accountant and rep["steps"] == 3 and rep["noise_multiplier"] == sigma
+    assert rep["epsilon_rdp_check"] == pytest.approx(A.gaussian_epsilon_rdp_dp_accounting(sigma, q, 3, DELTA))
+
+
+def test_gaussian_does_not_overshoot_when_opacus_rounds_batches():
+    # 93 batches: Opacus's DPDataLoader yields int(1/(1/93)) = 92 batches and accounts q = 1/92;
+    # calibrating at q = 1/93 (as make_private_with_epsilon does) would overshoot the target
+    setup = _setup("gaussian", n=93, batch_size=1, epochs=3, target=1.0)
+    assert len(setup.data_loader) == 92 and setup.sample_rate == 1 / 92
+    assert setup.steps_planned == 3 * 92
+    assert A.gaussian_epsilon(setup.noise_multiplier, 1 / 92, 3 * 92, DELTA, "rdp") <= 1.0
+
+
+def test_ledger_round_trip_never_reset():
+    setup = _setup("gaussian")
+    _train(setup, 4)
+    buf = io.BytesIO()
+    torch.save(setup.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    resumed = _setup("gaussian")
+    resumed.load_state_dict(state)
+    assert resumed.steps_taken == 4
+    assert resumed.epsilon() == setup.epsilon()
+    _train(resumed, 1)
+    assert resumed.epsilon() > setup.epsilon()
+    with pytest.raises(UserError, match="refusing to overwrite"):
+        resumed.load_state_dict(state)
+
+
+def test_dp_checkpoint_without_ledger_refused():
+    setup = _setup("gaussian")
+    for bad in (None, {}, {"history": []}):
+        with pytest.raises(UserError, match="no privacy ledger"):
+            setup.load_state_dict(bad)
+    with pytest.raises(UserError, match="ledger is 'laplace-pld'"):
+        setup.load_state_dict({"history": [(1.0, 0.1, 2)], "mechanism": "laplace-pld"})
+
+
+def test_clip_only_reports_infinite_epsilon():
+    setup = _setup("clip-only")
+    assert setup.noise_multiplier == 0.0 and isinstance(setup.optimizer, DPOptimizer)
+    _train(setup, 2)
+    assert setup.steps_taken == 2
+    assert setup.epsilon() == math.inf
+    assert setup.report()["epsilon"] is None and setup.report()["target_epsilon"] is None
+
+
+def test_laplace_setup_uses_l1_optimizer_and_own_ledger():
+    setup = _setup("laplace")
+    assert isinstance(setup.optimizer, LaplaceDPOptimizer)
+    assert isinstance(setup.ledger, LaplaceLedger)
+    lam, q = setup.noise_multiplier, setup.sample_rate
+    assert 0.97 <= A.laplace_epsilon(lam, q, setup.steps_planned, DELTA) <= 1.0
+    _train(setup, 3)
+    assert setup.ledger.history == [(lam, q, 3)]
+    assert setup.epsilon() == A.laplace_epsilon(lam, q, 3, DELTA)
+    rep = setup.report()
+    assert rep["accountant"] == "pld" and rep["step_epsilon"] == pytest.approx(1 / lam)
+    assert rep["epsilon"] <= rep["epsilon_composition_bound"]
+
+    resumed = _setup("laplace")
+    resumed.load_state_dict(setup.state_dict())
+    assert resumed.epsilon() == setup.epsilon()
+
+
+def test_plain_module_is_the_wrapped_model():
+    model, opt, loader = _parts()
+    setup = make_private(model, opt, loader, scheme="gaussian", target_epsilon=1.0, delta=DELTA, max_grad_norm=1.0,
+                         epochs=1, accountant="rdp")
+    assert setup.module is not model and setup.plain_module is model
+
+
+def test_non_poisson_loader_refused():
+    setup = _setup("clip-only")
+    setup.check_loader(setup.data_loader)
+    _, _, plain = _parts()
+    with pytest.raises(UserError, match="Poisson"):
+        setup.check_loader(plain)
+    with pytest.raises(UserError, match="Poisson"):
+        _setup("gaussian", poisson_sampling=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"scheme": "dp"}, "unknown privacy scheme"),
+        ({"accountant": "moments"}, "unknown accountant"),
+        ({"target_epsilon": 0.0}, "ε"),
+        ({"target_epsilon": -1.0}, "ε"),
+        ({"target_epsilon": None}, "ε"),
+        ({"delta": 1.0}, "δ"),
+        ({"delta": 0.0}, "δ"),
+        ({"max_grad_norm": 0.0}, "clipping bound"),
+        ({"epochs": 0}, "epochs"),
+        ({"grad_sample_mode": "magic"}, "grad_sample_mode"),
+        ({"scheme": "laplace", "grad_sample_mode": "ghost"}, "per-example"),
+        ({"target_epsilon": 1e-9, "accountant": "rdp"}, "cannot be reached"),
+    ],
+)
+def test_bad_inputs_are_user_errors(kwargs, match):
+    model, opt, loader = _parts()
+    args = dict(scheme="gaussian", target_epsilon=1.0, delta=DELTA, max_grad_norm=1.0, epochs=1, accountant="rdp")
+    args.update(kwargs)
+    with pytest.raises(UserError, match=match):
+        make_private(model, opt, loader, **args)
+
+
+def test_incompatible_model_is_user_error():
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    _, _, loader = _parts()
+    with pytest.raises(UserError, match="not compatible with Opacus"):
+        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, scheme="clip-only",
+                     delta=DELTA, max_grad_norm=1.0, epochs=1)
+
+
+def test_warns_when_delta_not_below_one_over_n():
+    model, opt, loader = _parts(n=200)
+    with pytest.warns(UserWarning, match="1/N"):
+        make_private(model, opt, loader, scheme="clip-only", delta=1 / 100, max_grad_norm=1.0, epochs=1)
+
+
+def test_poisson_plan_matches_opacus_loader():
+    _, _, loader = _parts(n=93, batch_size=1)
+    assert poisson_plan(loader, 3) == (1 / 92, 92, 276)
+
+
+def test_hooks_off_runs_plain_module_without_per_sample_capture():
+    setup = _setup("clip-only")
+    x = torch.randn(4, 5)
+    with setup.hooks_off() as plain:
+        assert plain is setup.plain_module
+        plain(x).sum().backward()  # training mode, grad enabled: hooks would capture activations
+        assert all(getattr(p, "grad_sample", None) is None for p in plain.parameters())
+    assert setup.module.hooks_enabled
+    plain.zero_grad()
+    _train(setup, 1)  # training still works afterwards
+    assert setup.steps_taken == 1
