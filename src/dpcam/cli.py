@@ -108,6 +108,51 @@ def ldp(
             typer.echo(f"derived {out}")
 
 
+@app.command()
+@_user_errors
+def train(
+    dataset: Optional[str] = typer.Option(None, help="prepared dataset (default: train.dataset)"),
+    ldp: Optional[str] = typer.Option(None, help="train on a local-DP derivative, e.g. singh-sikka-eps0.5"),
+    scheme: Optional[str] = typer.Option(None, help="none|clip-only|gaussian|laplace|ldp"),
+    epsilon: Optional[float] = typer.Option(None, help="target ε (gaussian, laplace)"),
+    delta: Optional[float] = typer.Option(None, help="δ"),
+    clip: Optional[float] = typer.Option(None, help="per-example clipping bound C"),
+    accountant: Optional[str] = typer.Option(None, help="prv|rdp|gdp (gaussian)"),
+    grad_sample_mode: Optional[str] = typer.Option(None, help="hooks|ew|functorch"),
+    model: Optional[str] = typer.Option(None, help="smallcnn|resnet18|alexnet|vgg16"),
+    weights: Optional[Path] = typer.Option(None, help="local pretrained weights (state dict)"),
+    optimizer: Optional[str] = typer.Option(None, help="sgd|adam"),
+    lr: Optional[float] = typer.Option(None, help="learning rate"),
+    schedule: Optional[str] = typer.Option(None, help="constant|step|cosine"),
+    epochs: Optional[int] = typer.Option(None, help="epochs"),
+    batch_size: Optional[int] = typer.Option(None, help="expected batch size"),
+    seed: Optional[int] = typer.Option(None, help="seed"),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
+    name: Optional[str] = typer.Option(None, help="run name (default <scheme>-eps<ε>-<model>-s<seed>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run from its last checkpoint"),
+) -> None:
+    """Train one model under one privacy scheme; write models/<run>/ and metrics/<run>/train.json."""
+    from dpcam import train as stage
+
+    if ldp and scheme is None:
+        scheme = "ldp"
+    cfg = config.load_section(
+        "train",
+        {"dataset": dataset, "ldp": ldp, "scheme": scheme, "epsilon": epsilon, "delta": delta, "clip": clip,
+         "accountant": accountant, "grad_sample_mode": grad_sample_mode, "model": model, "weights": weights,
+         "optimizer": optimizer, "lr": lr, "schedule": schedule, "epochs": epochs, "batch_size": batch_size,
+         "seed": seed, "device": device, "name": name},
+        _state["params"],
+    )
+    m = stage.run(cfg, resume=resume)
+    eps = "∞" if m.get("epsilon") in (None, float("inf")) else f"{m['epsilon']:.4g}"
+    typer.echo(
+        f"{m['run_name']}: test accuracy {m['test_accuracy']:.3f}, QWK {m['test_qwk']:.3f}, "
+        f"ε = {eps} (δ = {cfg.delta:g}, {m.get('accountant') or 'no'} accountant)"
+        + ("  [collapsed: predicts one class]" if m["collapsed"] else "")
+    )
+
+
 @figure_app.command("ldp")
 @_user_errors
 def figure_ldp(

@@ -1,0 +1,158 @@
+"""MLflow, behind one door: the only module that imports mlflow.
+
+Tracking URI ``sqlite:///mlruns/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is set (so a team
+server works the same way); artifacts of the local default go to ``mlruns/artifacts``. One
+experiment per dataset. A run that raises ends FAILED, one stopped by SIGTERM or Ctrl-C ends
+KILLED; only a run that returns ends FINISHED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+import dpcam
+from dpcam.errors import UserError
+
+DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
+for _name in ("mlflow", "alembic", "sqlalchemy"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+class Terminated(Exception):
+    """Raised inside a run when the process receives SIGTERM."""
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def _setup() -> str:
+    uri = tracking_uri()
+    if uri == DEFAULT_URI:
+        Path("mlruns").mkdir(exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _experiment_id(name: str) -> str:
+    uri = _setup()
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifacts = Path("mlruns/artifacts").resolve().as_uri() if uri == DEFAULT_URI else None
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+@contextlib.contextmanager
+def run(
+    experiment: str,
+    run_name: str,
+    *,
+    run_id: str | None = None,
+    tags: dict[str, Any] | None = None,
+    nested: bool = False,
+) -> Iterator[str]:
+    """Start (or, with ``run_id``, resume) an MLflow run; yield its id; end it with the right status."""
+    exp_id = _experiment_id(experiment)
+    if run_id is not None:
+        try:
+            MlflowClient().get_run(run_id)
+        except mlflow.exceptions.MlflowException:
+            raise UserError(
+                f"MLflow run {run_id} (from the checkpoint) is not in {tracking_uri()}; "
+                "set MLFLOW_TRACKING_URI to the store it was logged to, or train without --resume"
+            ) from None
+    active = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else run_name, nested=nested)
+    base_tags = {"dpcam.version": dpcam.__version__}
+    if commit := git_commit():
+        base_tags["git.commit"] = commit
+    mlflow.set_tags({**base_tags, **(tags or {})})
+
+    previous = None
+    if not nested:
+        def _on_term(signum, frame):
+            raise Terminated(f"received signal {signum}")
+
+        previous = signal.signal(signal.SIGTERM, _on_term)
+    status = "FAILED"
+    try:
+        yield active.info.run_id
+        status = "FINISHED"
+    except (Terminated, KeyboardInterrupt):
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log flat params (nested dicts become dotted keys); values already logged must not change."""
+    flat = _flatten(params)
+    mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
+
+
+def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)}, step=step)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_model(model, input_example) -> str:
+    """Log a torch module so ``mlflow.pytorch.load_model`` loads it; returns the model URI."""
+    import mlflow.pytorch
+
+    info = mlflow.pytorch.log_model(model, name="model", input_example=input_example)
+    return info.model_uri
+
+
+def load_model(model_uri: str):
+    import mlflow.pytorch
+
+    _setup()
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def get_run(run_id: str):
+    _setup()
+    return MlflowClient().get_run(run_id)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
