@@ -51,6 +51,9 @@ class DatasetWriter:
         self.out_dir = Path(out_dir)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a shared dataset must be readable by the team
         self.images = np.lib.format.open_memmap(
             self._tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, height, width, 3)
         )
