@@ -21,6 +21,7 @@ CONFIGS = [
     ("gaussian", "hooks"),
     ("gaussian", "ew"),
     ("gaussian", "functorch"),
+    ("gaussian", "ghost"),
     ("laplace", "hooks"),
 ]
 
@@ -42,7 +43,7 @@ def one(model_name: str, scheme: str, mode: str, n: int, batch: int, size: int, 
     setup = make_private(model, opt, loader, scheme=scheme, target_epsilon=5.0, delta=1e-5, max_grad_norm=1.0,
                          epochs=2, accountant="prv", grad_sample_mode=mode,
                          noise_generator=torch.Generator(device=dev).manual_seed(1))
-    loss_fn = torch.nn.CrossEntropyLoss()
+    loss_fn = setup.criterion
 
     def epoch() -> tuple[int, float]:
         seen, t0 = 0, time.perf_counter()

@@ -207,3 +207,10 @@ def test_bad_training_input_is_one_line_exit_2(tiny, flags, message):
     err = res.output.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
     assert not Path("metrics").exists()
+
+
+def test_ghost_clipping_trains_with_the_same_accounting(tiny):
+    m = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1, grad_sample_mode="ghost"), progress=False).metrics
+    hooks = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1), progress=False).metrics
+    assert m["epsilon"] == hooks["epsilon"] and m["noise_multiplier"] == hooks["noise_multiplier"]
+    assert m["steps"] == hooks["steps"]

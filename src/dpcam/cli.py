@@ -118,7 +118,7 @@ def train(
     delta: Optional[float] = typer.Option(None, help="δ"),
     clip: Optional[float] = typer.Option(None, help="per-example clipping bound C"),
     accountant: Optional[str] = typer.Option(None, help="prv|rdp|gdp (gaussian)"),
-    grad_sample_mode: Optional[str] = typer.Option(None, help="hooks|ew|functorch"),
+    grad_sample_mode: Optional[str] = typer.Option(None, help="hooks|ew|functorch|ghost (gaussian, clip-only)"),
     model: Optional[str] = typer.Option(None, help="smallcnn|resnet18|alexnet|vgg16"),
     weights: Optional[Path] = typer.Option(None, help="local pretrained weights (state dict)"),
     optimizer: Optional[str] = typer.Option(None, help="sgd|adam"),

@@ -151,7 +151,7 @@ class TrainConfig(_Section):
     delta: float = Field(1e-4, gt=0, lt=1)
     clip: float = Field(1.0, gt=0, description="per-example clipping bound C (L2; L1 for laplace)")
     accountant: Literal["prv", "rdp", "gdp"] = "prv"
-    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    grad_sample_mode: Literal["hooks", "ew", "functorch", "ghost"] = "hooks"
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)

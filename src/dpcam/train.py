@@ -193,7 +193,7 @@ def fit(
     )
     plain = setup.plain_module
     schedule = _make_schedule(cfg, setup.optimizer)
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = setup.criterion  # cross-entropy; Opacus's wrapper of it for grad_sample_mode "ghost"
 
     start_epoch, history, best = 0, [], {"val_accuracy": -1.0, "epoch": -1, "state": None}
     if ckpt is not None:
