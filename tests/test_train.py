@@ -214,3 +214,32 @@ def test_ghost_clipping_trains_with_the_same_accounting(tiny):
     hooks = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1), progress=False).metrics
     assert m["epsilon"] == hooks["epsilon"] and m["noise_multiplier"] == hooks["noise_multiplier"]
     assert m["steps"] == hooks["steps"]
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_epsilon(tiny):
+    """A real `kill -9` after an epoch's checkpoint; `--resume` ends with the ε of a run never killed."""
+    import subprocess
+    import sys
+    import time
+
+    args = ["--dataset", "tiny", "--scheme", "gaussian", "--epsilon", "2", "--delta", "1e-3", "--epochs", "4",
+            "--batch-size", "32", "--device", "cpu"]
+    ckpt = Path("models/k/checkpoint.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "dpcam", "train", *args, "--name", "k"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    assert ckpt.exists(), "the run was killed after writing an epoch checkpoint"
+    killed_at = torch.load(ckpt, weights_only=True)["epoch"]
+    assert killed_at < 4
+    res = CliRunner().invoke(app, ["train", *args, "--name", "k", "--resume"])
+    assert res.exit_code == 0, res.output
+    whole = CliRunner().invoke(app, ["train", *args, "--name", "w"])
+    assert whole.exit_code == 0, whole.output
+    k = json.loads(Path("metrics/k/train.json").read_text())
+    w = json.loads(Path("metrics/w/train.json").read_text())
+    assert k["epsilon"] == w["epsilon"] and k["steps"] == w["steps"]
+    assert k["test_accuracy"] == w["test_accuracy"]
