@@ -163,8 +163,6 @@ def fit(
     train, val, test = data.split("train"), data.split("val"), data.split("test")
     if len(train) == 0 or len(val) == 0 or len(test) == 0:
         raise UserError(f"{data.path}: train/val/test splits must all be non-empty (sizes {len(train)}/{len(val)}/{len(test)})")
-    if cfg.scheme in DP_SCHEMES and cfg.delta >= 1 / len(train):
-        warnings.warn(f"delta = {cfg.delta:g} ≥ 1/N = {1 / len(train):.2g}: such a δ allows leaking whole records; use δ < 1/N")
 
     ckpt = load_checkpoint(checkpoint, cfg) if resume and checkpoint is not None and checkpoint.exists() else None
     if resume and ckpt is None:
