@@ -11,22 +11,8 @@ from typer.testing import CliRunner
 from dpcam import train
 from dpcam.cli import app
 from dpcam.config import TrainConfig
-from dpcam.data import store
+from tests.conftest import make_tiny
 from dpcam.errors import UserError
-
-
-def make_tiny(name="tiny", n=240, size=16, root=Path("data/prepared")):
-    """Two classes a small CNN separates in a few epochs: class 1 has a bright centre square."""
-    rng = np.random.default_rng(0)
-    labels = np.arange(n) % 2
-    images = rng.integers(0, 120, (n, size, size, 3), dtype=np.uint8)
-    c = size // 4
-    images[labels == 1, c : 3 * c, c : 3 * c] += 120
-    splits = store.stratified_split(labels, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
-    with store.DatasetWriter(root / name, n, size, size, with_masks=False) as w:
-        w.images[:] = images
-        w.finish(labels, splits, {"dataset": name, "classes": ["plain", "square"]})
-    return root / name
 
 
 def cfg(**kw) -> TrainConfig:

@@ -153,6 +153,47 @@ def train(
     )
 
 
+@app.command()
+@_user_errors
+def explain(
+    run: str = typer.Argument(..., help="run name under models/ or an MLflow run id"),
+    method: Optional[str] = typer.Option(None, help="gradcam | guided-gradcam"),
+    target: Optional[str] = typer.Option(None, help="prediction | label"),
+    metric: Optional[List[str]] = typer.Option(None, help="metric name; repeat for several (default: all)"),
+    max_images: Optional[int] = typer.Option(None, help="score at most this many test images"),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
+) -> None:
+    """Grad-CAM maps of a run's test split, scored; writes metrics/<run>/explain.json, maps and pictures."""
+    from dpcam.explain.score import score
+
+    cfg = config.load_section(
+        "explain",
+        {"method": method, "target": target, "metrics": metric or None, "max_images": max_images, "device": device},
+        _state["params"],
+    )
+    r = score(run, cfg)
+    shown = ", ".join(
+        f"{k} {r[k]:.3g}" for k in ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "pointing_game", "map_agreement")
+        if isinstance(r.get(k), float)
+    )
+    flag = "  [DEGENERATE: " + "; ".join(r["degeneracy"]["reasons"]) + "]" if r["degenerate"] else ""
+    typer.echo(f"{r['run_name']}: accuracy {r['accuracy']:.3f}; {shown}{flag}")
+
+
+@figure_app.command("cams")
+@_user_errors
+def figure_cams(
+    runs: List[str] = typer.Option(..., "--runs", help="runs to compare (repeat); ordered by ε"),
+    images: int = typer.Option(6, help="number of test images"),
+    out: Path = typer.Option(Path("reports/figures/cams.png"), help="PNG to write"),
+) -> None:
+    """The same test images' Grad-CAM overlays across runs of increasing ε (paper Figures 2 and 5)."""
+    from dpcam.explain.score import figure_cams as run
+
+    names = [r for item in runs for r in item.split(",") if r]
+    typer.echo(f"wrote {run(names, out, images)}")
+
+
 @figure_app.command("ldp")
 @_user_errors
 def figure_ldp(

@@ -197,7 +197,27 @@ class TrainConfig(_Section):
         return LDP_ROOT / self.dataset / self.ldp if self.ldp else PREPARED_ROOT / self.dataset
 
 
-SECTIONS: dict[str, type[_Section]] = {"prepare": PrepareConfig, "ldp": LdpConfig, "train": TrainConfig}
+class ExplainConfig(_Section):
+    """Grad-CAM scoring of a trained run (DESIGN.md §3 definitions)."""
+
+    method: str = Field("gradcam", description="gradcam | guided-gradcam")
+    target: Literal["prediction", "label"] = "prediction"
+    metrics: list[str] = Field(
+        default_factory=lambda: ["confidence", "deletion-insertion", "pointing-game", "energy-pointing-game",
+                                 "map-agreement", "randomisation"]
+    )
+    max_images: int | None = Field(None, ge=1, description="score at most this many test images (None = all)")
+    batch_size: int = Field(128, ge=1)
+    steps: int = Field(16, ge=1, le=256, description="deletion/insertion steps K")
+    tolerance: int | None = Field(None, ge=0, description="pointing-game tolerance in pixels (None = 15 px at 224 px, scaled)")
+    grid_images: int = Field(6, ge=1, le=32)
+    seed: int = Field(0, description="seed of the re-initialised model of the randomisation check")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+SECTIONS: dict[str, type[_Section]] = {
+    "prepare": PrepareConfig, "ldp": LdpConfig, "train": TrainConfig, "explain": ExplainConfig,
+}
 
 
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
@@ -253,7 +273,7 @@ def _deep_copy(d):
 
 
 # list-valued keys whose CLI flag is singular and repeatable
-_FLAG_NAMES = {"mechanisms": "mechanism", "epsilons": "epsilon", "synthetic.n": "n"}
+_FLAG_NAMES = {"mechanisms": "mechanism", "epsilons": "epsilon", "synthetic.n": "n", "metrics": "metric"}
 
 
 def _one_line(e: ValidationError, section: str, path: Path, flags: dict[str, Any]) -> str:
