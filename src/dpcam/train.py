@@ -215,12 +215,10 @@ def fit(
         bar = tqdm(setup.data_loader, desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
         for x, y in bar:
             setup.optimizer.zero_grad(set_to_none=True)
-            if len(y) == 0:  # an empty Poisson batch is still a step: noise only
-                out = setup.module(x.to(device))
-                loss = out.sum() * 0.0
-            else:
-                out = setup.module(x.to(device))
-                loss = loss_fn(out, y.to(device))
+            x = x.to(device).contiguous()  # Opacus's per-example conv gradients assume contiguous NCHW
+            out = setup.module(x)
+            # an empty Poisson batch is still a step: noise only
+            loss = out.sum() * 0.0 if len(y) == 0 else loss_fn(out, y.to(device))
             loss.backward()
             setup.optimizer.step()
             steps += 1

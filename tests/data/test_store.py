@@ -83,3 +83,27 @@ def test_poisson_loader_handles_empty_and_varying_batches(tmp_path):
     sizes = [xb.shape[0] for xb, yb in loader for _ in range(1)]
     assert all(xb.ndim == 4 for xb, _ in loader)
     assert len(set(sizes)) > 1
+
+
+def test_batches_give_exact_per_example_gradients_under_opacus_hooks(tmp_path):
+    """Regression: a channels-last view made Opacus's hooks compute wrong per-example conv gradients."""
+    from opacus import GradSampleModule
+    from torch.func import functional_call, grad, vmap
+
+    from dpcam.models import create_model
+
+    ds = write_tiny(tmp_path / "tiny", n=20, size=16, masks=False)
+    x, y = ds.split("train").batch(range(6))
+    assert x.is_contiguous()
+    model = create_model("smallcnn", 2, 16, seed=0)
+    plain = create_model("smallcnn", 2, 16, seed=0)  # the same weights, never hooked
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    torch.nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    params = {k: v.detach() for k, v in plain.named_parameters()}
+
+    def loss_one(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(plain, p, (xi[None],)), yi[None], reduction="sum")
+
+    expected = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad_sample, expected[name], atol=1e-5, rtol=1e-4), name

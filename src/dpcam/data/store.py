@@ -232,7 +232,9 @@ class ImageDataset:
         inv = np.empty_like(order)
         inv[order] = np.arange(order.size)
         x = torch.from_numpy(np.ascontiguousarray(self.ds.images[sorted_idx][inv]))
-        x = x.permute(0, 3, 1, 2).float().div_(255.0)
+        # contiguous NCHW, not a channels-last view: Opacus's hooks (unfold2d) read conv inputs as
+        # contiguous and compute wrong per-example conv gradients from a permuted view
+        x = x.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         y = torch.from_numpy(self.ds.labels[idx])
         if not self.with_masks:
             return x, y
