@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dpcam import train
+from dpcam import tracking, train
 from dpcam.cli import app
 from dpcam.config import TrainConfig
 from tests.conftest import make_tiny
@@ -98,12 +98,11 @@ def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
     assert not Path(f"models/{name}/checkpoint.pt").exists()
     model, spec = train.load_model(name)
     assert spec["num_classes"] == 2
-    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     r = mlflow.get_run(m["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.info.run_name == name
     assert r.data.metrics["epsilon"] == pytest.approx(m["epsilon"])
     assert r.data.params["scheme"] == "gaussian" and r.data.tags["dpcam.version"]
-    from dpcam import tracking
 
     assert saved["mlflow_model_uri"].startswith("models:/")
     logged = tracking.load_model(saved["mlflow_model_uri"])
@@ -114,7 +113,7 @@ def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
 def _status(run_id):
     import mlflow
 
-    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     return mlflow.get_run(run_id).info.status
 
 

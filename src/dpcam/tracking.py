@@ -22,7 +22,6 @@ from mlflow.tracking import MlflowClient
 import dpcam
 from dpcam.errors import UserError
 
-DEFAULT_URI = "sqlite:///mlruns/mlflow.db"
 for _name in ("mlflow", "alembic", "sqlalchemy"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
@@ -32,14 +31,28 @@ class Terminated(Exception):
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlruns/mlflow.db`` under the current folder.
+
+    The default is made absolute: MLflow caches one store per URI string, so a relative sqlite URI
+    would keep pointing at the first folder a long-lived process used.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns/mlflow.db').resolve()}"
+
+
+def _is_default(uri: str) -> bool:
+    return not os.environ.get("MLFLOW_TRACKING_URI")
 
 
 def _setup() -> str:
     uri = tracking_uri()
-    if uri == DEFAULT_URI:
+    default = _is_default(uri)
+    if default:
         Path("mlruns").mkdir(exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if default:
+        # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; undo it, or the next folder this
+        # process works in would be taken for a user-chosen store
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     return uri
 
 
@@ -49,7 +62,7 @@ def _experiment_id(name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifacts = Path("mlruns/artifacts").resolve().as_uri() if uri == DEFAULT_URI else None
+    artifacts = Path("mlruns/artifacts").resolve().as_uri() if _is_default(uri) else None
     return client.create_experiment(name, artifact_location=artifacts)
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dpcam import train
+from dpcam import tracking, train
 from dpcam.cli import app
 from dpcam.config import ExplainConfig, TrainConfig
 from dpcam.errors import UserError
@@ -80,7 +80,7 @@ def test_metrics_reach_the_training_mlflow_run(in_runs):
 
     score(in_runs[1], ExplainConfig(device="cpu", metrics=["confidence"]), progress=False)
     run_id = json.loads((Path("metrics") / in_runs[1] / "train.json").read_text())["mlflow_run_id"]
-    mlflow.set_tracking_uri("sqlite:///mlruns/mlflow.db")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
     r = mlflow.get_run(run_id)
     assert "avg_drop_pct" in r.data.metrics and "degenerate" in r.data.metrics and "test_accuracy" in r.data.metrics
     assert r.info.status == "FINISHED"
