@@ -160,6 +160,8 @@ def explain(
     method: Optional[str] = typer.Option(None, help="gradcam | guided-gradcam"),
     target: Optional[str] = typer.Option(None, help="prediction | label"),
     metric: Optional[List[str]] = typer.Option(None, help="metric name; repeat for several (default: all)"),
+    layer: Optional[str] = typer.Option(None, help="Grad-CAM layer, a dotted module name (default: the model's)"),
+    steps: Optional[int] = typer.Option(None, help="deletion/insertion steps K (≥ 2)"),
     max_images: Optional[int] = typer.Option(None, help="score at most this many test images"),
     device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
 ) -> None:
@@ -168,7 +170,8 @@ def explain(
 
     cfg = config.load_section(
         "explain",
-        {"method": method, "target": target, "metrics": metric or None, "max_images": max_images, "device": device},
+        {"method": method, "target": target, "metrics": metric or None, "max_images": max_images, "device": device,
+         "layer": layer, "steps": steps},
         _state["params"],
     )
     r = score(run, cfg)

@@ -111,6 +111,8 @@ def test_dataset_without_masks_skips_mask_metrics(tmp_path):
         (["explain", "none-epsinf-smallcnn-s0", "--metric", "beauty"], "unknown explanation metric 'beauty'"),
         (["explain", "none-epsinf-smallcnn-s0", "--method", "lime"], "unknown explanation method 'lime'"),
         (["explain", "none-epsinf-smallcnn-s0", "--target", "both"], "explain.target = 'both'"),
+        (["explain", "none-epsinf-smallcnn-s0", "--layer", "features.nothing"], "features.nothing"),
+        (["explain", "none-epsinf-smallcnn-s0", "--steps", "1"], "--steps: explain.steps = 1"),
         (["figure", "cams", "--runs", "nope"], "unknown run 'nope'"),
     ],
 )

@@ -213,7 +213,7 @@ def _check_target_range(target: torch.Tensor, num_classes: int) -> None:
         )
 
 
-def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
+def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
     if layer is None:
         return target_layer(model)
     if isinstance(layer, nn.Module):
@@ -311,7 +311,7 @@ def gradcam(
     if torch.is_inference_mode_enabled():
         raise UserError("Grad-CAM needs gradients but was called inside torch.inference_mode(); call it outside (torch.no_grad is fine)")
     check_plain(model)
-    layer_module = _resolve_layer(model, layer)
+    layer_module = resolve_layer(model, layer)
     t = _as_target(target, x.shape[0], x.device)
     inp = x.detach()
     if not inp.is_floating_point():

@@ -64,7 +64,7 @@ def score(run: str, cfg: ExplainConfig, *, progress: bool = True) -> dict[str, A
     """Score ``run``'s explanations on its test split; write its files; return the explain dict."""
     from tqdm.auto import tqdm
 
-    from dpcam.explain.gradcam import METHODS, gradcam, random_init_copy
+    from dpcam.explain.gradcam import METHODS, gradcam, random_init_copy, resolve_layer
     from dpcam.explain.metrics import DegeneracyStats, ExplainBatch, RunningMean, get_metrics
     from dpcam.train import load_model, resolve_device, run_dir
 
@@ -73,6 +73,7 @@ def score(run: str, cfg: ExplainConfig, *, progress: bool = True) -> dict[str, A
     if cfg.method.lower() not in METHODS:
         raise UserError(f"unknown explanation method {cfg.method!r}; known methods: {', '.join(sorted(METHODS))}")
     model, spec = load_model(name)
+    resolve_layer(model, cfg.layer)  # an unknown layer fails here, before any output is started
     device = resolve_device(cfg.device)
     model.to(device)
     data = load_dataset(spec["data_dir"])
@@ -115,9 +116,9 @@ def score(run: str, cfg: ExplainConfig, *, progress: bool = True) -> dict[str, A
             x, y = batch[0].to(device), batch[1].to(device)
             masks = batch[2].to(device) if len(batch) > 2 else None
             target = y if cfg.target == "label" else None
-            maps, target, probs = gradcam(model, x, target=target, method=cfg.method)
-            ref_maps = gradcam(reference, x, target=target, method=cfg.method)[0] if reference is not None else None
-            rnd_maps = gradcam(randomised, x, target=target, method=cfg.method)[0] if randomised is not None else None
+            maps, target, probs = gradcam(model, x, target=target, layer=cfg.layer, method=cfg.method)
+            ref_maps = gradcam(reference, x, target=target, layer=cfg.layer, method=cfg.method)[0] if reference is not None else None
+            rnd_maps = gradcam(randomised, x, target=target, layer=cfg.layer, method=cfg.method)[0] if randomised is not None else None
             eb = ExplainBatch(model, x, maps, target, probs=probs, labels=y, masks=masks,
                               reference_maps=ref_maps, random_maps=rnd_maps)
             for metric in metrics:

@@ -1,0 +1,101 @@
+"""Explanation cost relative to one plain forward pass over the same images, in one run.
+
+Rows: forward (the floor), Grad-CAM maps, maps + Average Drop + Increase + masked score, maps +
+deletion/insertion (K = 16), and the same two metric sets called per image (the way popular CAM
+libraries' examples call their metrics).
+
+    python benchmarks/bench_explain.py [--model smallcnn] [--size 64] [--n 512] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from dpcam.explain.gradcam import gradcam
+from dpcam.explain.metrics import RunningMean, confidence_drop, deletion_insertion
+from dpcam.models import create_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smallcnn")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--loop-n", type=int, default=64, help="images for the per-image loops (scaled to --n)")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = create_model(a.model, 5, a.size, seed=0).to(dev).eval()
+    x_all = torch.rand(a.n, 3, a.size, a.size, device=dev)
+    labels = torch.randint(0, 5, (a.n,), device=dev)
+    batches = [(x_all[i : i + a.batch], labels[i : i + a.batch]) for i in range(0, a.n, a.batch)]
+
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn, reps=3):
+        fn()
+        sync()
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    def forward():
+        with torch.no_grad():
+            for x, _ in batches:
+                model(x)
+
+    def maps():
+        for x, _ in batches:
+            gradcam(model, x)
+
+    def paper():
+        r = RunningMean()
+        for x, y in batches:
+            m, t, p = gradcam(model, x)
+            r.add(confidence_drop(model, x, m, t, y, probs=p))
+
+    def delins():
+        for x, _ in batches:
+            m, t, p = gradcam(model, x)
+            deletion_insertion(model, x, m, t, steps=16, probs=p)
+
+    def loop(metric):
+        def run():
+            for i in range(a.loop_n):
+                x, y = x_all[i : i + 1], labels[i : i + 1]
+                m, t, _ = gradcam(model, x)
+                if metric == "paper":
+                    confidence_drop(model, x, m, t, y)
+                else:
+                    deletion_insertion(model, x, m, t, steps=16, max_batch=1)
+        return run
+
+    floor = timed(forward)
+    scale = a.n / a.loop_n
+    rows = [
+        ("forward pass (floor)", floor),
+        ("Grad-CAM maps", timed(maps)),
+        ("maps + Average Drop + Increase + masked score", timed(paper)),
+        ("maps + deletion + insertion (K = 16)", timed(delins, 1)),
+        ("per-image loop: maps + the three paper metrics", timed(loop("paper"), 1) * scale),
+        ("per-image loop: maps + deletion + insertion", timed(loop("delins"), 1) * scale),
+    ]
+    print(f"\n{a.model} {a.size} px, {a.n} images, batch {a.batch}, {dev}, {torch.get_num_threads()} threads\n")
+    print("| what | seconds | × forward |")
+    print("|---|---:|---:|")
+    for name, secs in rows:
+        print(f"| {name} | {secs:.3f} | {secs / floor:.1f}× |")
+
+
+if __name__ == "__main__":
+    main()
