@@ -212,7 +212,7 @@ def fit(
     for epoch in range(start_epoch, cfg.epochs):
         setup.module.train()
         total, count = 0.0, 0
-        bar = tqdm(setup.data_loader, desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
+        bar = tqdm(setup.data_loader, desc=f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if progress else True)
         for x, y in bar:
             setup.optimizer.zero_grad(set_to_none=True)
             x = x.to(device).contiguous()  # Opacus's per-example conv gradients assume contiguous NCHW

@@ -608,7 +608,7 @@ def derive(
     picks = _sample_indices(src.labels, 6)
     samples = np.empty((picks.size, h, w, c), np.uint8)
     with store.DatasetWriter(out, n, h, w, with_masks=src.masks is not None) as writer, tqdm(
-        total=n, unit="img", desc=f"{name} {mechanism} ε={format_eps(epsilon)}", disable=not progress
+        total=n, unit="img", desc=f"{name} {mechanism} ε={format_eps(epsilon)}", disable=None if progress else True
     ) as bar:
         for start in range(0, n, per_batch):
             stop = min(n, start + per_batch)

@@ -582,7 +582,7 @@ def prepare_source(cfg: "PrepareConfig", progress: bool = True) -> Path:
         chunksize = max(1, min(32, n // (workers * 8)))
         done = 0
         with _decoded(tasks, workers, chunksize) as results, _Progress(
-            total=n, desc=f"prepare {cfg.dataset}", unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True
+            total=n, desc=f"prepare {cfg.dataset}", unit="img", file=sys.stderr, disable=None if progress else True, dynamic_ncols=True
         ) as bar:
             try:
                 for i, res in enumerate(results):

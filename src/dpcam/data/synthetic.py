@@ -757,7 +757,7 @@ def iter_chunks(
     from tqdm import tqdm
 
     with tqdm(total=n, desc=f"synthetic-fundus {size}px", unit="img", file=sys.stderr,
-              disable=not progress, dynamic_ncols=True) as bar:
+              disable=None if progress else True, dynamic_ncols=True) as bar:
         if procs <= 1:
             for task in tasks:
                 out = _render_range(task)

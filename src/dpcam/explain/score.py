@@ -109,7 +109,7 @@ def score(run: str, cfg: ExplainConfig, *, progress: bool = True) -> dict[str, A
     options = {"deletion-insertion": {"steps": cfg.steps}, "pointing-game": {"tolerance": cfg.tolerance}}
     done = 0
     try:
-        bar = tqdm(total=n, desc=f"explain {name}", disable=not progress, leave=False)
+        bar = tqdm(total=n, desc=f"explain {name}", disable=None if progress else True, leave=False)
         for start in range(0, n, cfg.batch_size):
             pos = np.arange(start, min(n, start + cfg.batch_size))
             batch = test.batch(pos)
