@@ -146,9 +146,13 @@ def train(
     )
     m = stage.run(cfg, resume=resume)
     eps = "∞" if m.get("epsilon") in (None, float("inf")) else f"{m['epsilon']:.4g}"
+    if cfg.scheme == "ldp":
+        g = m.get("ldp_guarantee") or {}
+        privacy = f"no DP-SGD; the data's local-DP guarantee: {g.get('words', 'see its manifest')}"
+    else:
+        privacy = f"ε = {eps} (δ = {cfg.delta:g}, {m.get('accountant') or 'no'} accountant)"
     typer.echo(
-        f"{m['run_name']}: test accuracy {m['test_accuracy']:.3f}, QWK {m['test_qwk']:.3f}, "
-        f"ε = {eps} (δ = {cfg.delta:g}, {m.get('accountant') or 'no'} accountant)"
+        f"{m['run_name']}: test accuracy {m['test_accuracy']:.3f}, QWK {m['test_qwk']:.3f}, {privacy}"
         + ("  [collapsed: predicts one class]" if m["collapsed"] else "")
     )
 
