@@ -249,7 +249,6 @@ class _Chunk:
 def _geometry(d: dict[str, np.ndarray], grades: np.ndarray, size: int, lesion_scale: float) -> _Chunk:
     """Turn the stacked draws ``d`` (each (B, ...)) of images with ``grades`` (B,) into a chunk."""
     S = float(size)
-    B = grades.size
     g = {k: _lerp(lo, hi, d["glob"][:, j]) for j, (k, (lo, hi)) in enumerate(_GLOBALS.items())}
     R = g["R"] = g["R"] * S
     g["cx"] = (S - 1) / 2 + g["cx"] * S
