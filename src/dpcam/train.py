@@ -201,7 +201,7 @@ def fit(
         if ckpt.get("ledger"):
             setup.load_state_dict(ckpt["ledger"])
         sampler_gen.set_state(ckpt["sampler_rng"])
-        noise_gen.set_state(ckpt["noise_rng"].to(noise_gen.device) if device.type == "cpu" else ckpt["noise_rng"])
+        noise_gen.set_state(ckpt["noise_rng"])  # a CPU ByteTensor, also for a CUDA generator
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch, history = ckpt["epoch"], list(ckpt["history"])
         best = {"val_accuracy": ckpt["best_val_accuracy"], "epoch": ckpt["best_epoch"], "state": ckpt["best_state"]}
