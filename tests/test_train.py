@@ -181,7 +181,7 @@ def test_resume_via_cli_continues_the_same_mlflow_run(tiny):
         (["--accountant", "moments"], "train.accountant = 'moments'"),
         (["--ldp", "pixel-laplace-eps9"], "unknown LDP dataset 'pixel-laplace-eps9'"),
         (["--dataset", "nothere"], "unknown dataset 'nothere'"),
-        (["--epsilon", "1e-9", "--epochs", "1"], "ε"),
+        (["--epsilon", "1e-9", "--epochs", "1"], "target ε=1e-09 at δ=0.0001 cannot be reached"),
     ],
 )
 def test_bad_training_input_is_one_line_exit_2(tiny, flags, message):

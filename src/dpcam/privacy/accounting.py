@@ -99,18 +99,27 @@ def _opacus_accountant(accountant: str):
     return acc
 
 
+def _gaussian_history(history, delta: float) -> tuple[list[tuple[float, float, int]], float | None]:
+    """Validated ``[(σ, q, steps), ...]`` without empty segments, and ε when it needs no accountant:
+    0.0 for no steps, ``inf`` when any segment has σ = 0 (clipping without noise)."""
+    _check_delta(delta)
+    history = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
+    if not history:
+        return history, 0.0
+    if any(s == 0 for s, _, _ in history):
+        return history, math.inf
+    return history, None
+
+
 def gaussian_epsilon_history(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
     """ε at ``delta`` of a sequence of Poisson-subsampled Gaussian steps, by an Opacus accountant.
 
     ``history`` is Opacus's accountant history: ``[(noise_multiplier σ, sample_rate q, steps), ...]``.
     Returns 0.0 for no steps and ``inf`` when any segment has σ = 0 (clipping without noise).
     """
-    _check_delta(delta)
-    history = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
-    if not history:
-        return 0.0
-    if any(s == 0 for s, _, _ in history):
-        return math.inf
+    history, trivial = _gaussian_history(history, delta)
+    if trivial is not None:
+        return trivial
     acc = _opacus_accountant(accountant)
     if accountant == "gdp" and len(history) > 1:
         raise UserError("the gdp accountant needs one constant noise multiplier and sample rate; use prv or rdp")
@@ -143,12 +152,9 @@ def gaussian_epsilon_rdp_dp_accounting(noise_multiplier: float, sample_rate: flo
 
 def gaussian_epsilon_rdp_dp_accounting_history(history: Sequence[tuple[float, float, int]], delta: float) -> float:
     """``gaussian_epsilon_rdp_dp_accounting`` for an Opacus-style history ``[(σ, q, steps), ...]``."""
-    _check_delta(delta)
-    history = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
-    if not history:
-        return 0.0
-    if any(s == 0 for s, _, _ in history):
-        return math.inf
+    history, trivial = _gaussian_history(history, delta)
+    if trivial is not None:
+        return trivial
     # dp_accounting logs (absl) a warning for each low RDP order whose series does not converge and
     # drops that order; the bound stays valid (it is the minimum over the remaining orders)
     absl_logger = logging.getLogger("absl")
