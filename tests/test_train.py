@@ -90,7 +90,7 @@ def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
 
     m = train.run(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1), progress=False)
     name = "gaussian-eps2-smallcnn-s0"
-    saved = json.loads(Path(f"metrics/{name}/train.json").read_text())
+    saved = json.loads(Path(f"models/{name}/train.json").read_text())
     for key in ("dataset", "model", "scheme", "target_epsilon", "epsilon", "delta", "noise_multiplier",
                 "max_grad_norm", "sample_rate", "steps", "accountant", "test_accuracy", "test_qwk", "mlflow_run_id"):
         assert key in saved, key
@@ -164,7 +164,7 @@ def test_resume_via_cli_continues_the_same_mlflow_run(tiny):
     assert again.exit_code == 2 and "pass --resume" in again.output
     res = runner.invoke(app, args + ["--resume"])
     assert res.exit_code == 0, res.output
-    assert json.loads(Path("metrics/r/train.json").read_text())["mlflow_run_id"] == run_id
+    assert json.loads(Path("models/r/train.json").read_text())["mlflow_run_id"] == run_id
     assert _status(run_id) == "FINISHED"
 
 
@@ -190,7 +190,7 @@ def test_bad_training_input_is_one_line_exit_2(tiny, flags, message):
     assert res.exit_code == 2, res.output
     err = res.output.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1]
-    assert not Path("metrics").exists()
+    assert not Path("models").exists() and not Path("metrics").exists()
 
 
 def test_ghost_clipping_trains_with_the_same_accounting(tiny):
@@ -223,7 +223,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_epsilon(tiny):
     assert res.exit_code == 0, res.output
     whole = CliRunner().invoke(app, ["train", *args, "--name", "w"])
     assert whole.exit_code == 0, whole.output
-    k = json.loads(Path("metrics/k/train.json").read_text())
-    w = json.loads(Path("metrics/w/train.json").read_text())
+    k = json.loads(Path("models/k/train.json").read_text())
+    w = json.loads(Path("models/w/train.json").read_text())
     assert k["epsilon"] == w["epsilon"] and k["steps"] == w["steps"]
     assert k["test_accuracy"] == w["test_accuracy"]

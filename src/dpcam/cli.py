@@ -126,14 +126,30 @@ def train(
     schedule: Optional[str] = typer.Option(None, help="constant|step|cosine"),
     epochs: Optional[int] = typer.Option(None, help="epochs"),
     batch_size: Optional[int] = typer.Option(None, help="expected batch size"),
+    train_size: Optional[int] = typer.Option(None, help="train on this many training images (default: all)"),
+    family: Optional[str] = typer.Option(
+        None, help="train every run of this grid family (baseline|gaussian|laplace|ldp|clip-sweep|train-size) "
+        "into models/<family>/, from the grid and train sections"),
     seed: Optional[int] = typer.Option(None, help="seed"),
     device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
     name: Optional[str] = typer.Option(None, help="run name (default <scheme>-eps<ε>-<model>-s<seed>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run from its last checkpoint"),
 ) -> None:
-    """Train one model under one privacy scheme; write models/<run>/ and metrics/<run>/train.json."""
+    """Train one model under one privacy scheme; write models/<run>/ (model and train.json)."""
     from dpcam import train as stage
 
+    if family is not None:
+        if any(v is not None for v in (dataset, ldp, scheme, epsilon, clip, model, seed, name, train_size)) or resume:
+            raise UserError("--family trains the grid's runs as params.yaml defines them; drop the per-run flags "
+                            "(--dataset/--ldp/--scheme/--epsilon/--clip/--model/--seed/--name/--train-size/--resume)")
+        grid = config.load_section("grid", None, _state["params"])
+        base = config.load_section(
+            "train", {"delta": delta, "accountant": accountant, "grad_sample_mode": grad_sample_mode, "weights": weights,
+                      "optimizer": optimizer, "lr": lr, "schedule": schedule, "epochs": epochs,
+                      "batch_size": batch_size, "device": device}, _state["params"])
+        for m in stage.run_family(family, grid, base):
+            _echo_trained(m)
+        return
     if ldp and scheme is None:
         scheme = "ldp"
     cfg = config.load_section(
@@ -141,16 +157,19 @@ def train(
         {"dataset": dataset, "ldp": ldp, "scheme": scheme, "epsilon": epsilon, "delta": delta, "clip": clip,
          "accountant": accountant, "grad_sample_mode": grad_sample_mode, "model": model, "weights": weights,
          "optimizer": optimizer, "lr": lr, "schedule": schedule, "epochs": epochs, "batch_size": batch_size,
-         "seed": seed, "device": device, "name": name},
+         "train_size": train_size, "seed": seed, "device": device, "name": name},
         _state["params"],
     )
-    m = stage.run(cfg, resume=resume)
+    _echo_trained(stage.run(cfg, resume=resume))
+
+
+def _echo_trained(m: dict) -> None:
     eps = "∞" if m.get("epsilon") in (None, float("inf")) else f"{m['epsilon']:.4g}"
-    if cfg.scheme == "ldp":
+    if m["scheme"] == "ldp":
         g = m.get("ldp_guarantee") or {}
         privacy = f"no DP-SGD; the data's local-DP guarantee: {g.get('words', 'see its manifest')}"
     else:
-        privacy = f"ε = {eps} (δ = {cfg.delta:g}, {m.get('accountant') or 'no'} accountant)"
+        privacy = f"ε = {eps} (δ = {m['delta']:g}, {m.get('accountant') or 'no'} accountant)"
     typer.echo(
         f"{m['run_name']}: test accuracy {m['test_accuracy']:.3f}, QWK {m['test_qwk']:.3f}, {privacy}"
         + ("  [collapsed: predicts one class]" if m["collapsed"] else "")
@@ -160,7 +179,8 @@ def train(
 @app.command()
 @_user_errors
 def explain(
-    run: str = typer.Argument(..., help="run name under models/ or an MLflow run id"),
+    run: Optional[str] = typer.Argument(None, help="run name under models/ or an MLflow run id"),
+    family: Optional[str] = typer.Option(None, help="score every run of this grid family into metrics/<family>/"),
     method: Optional[str] = typer.Option(None, help="gradcam | guided-gradcam"),
     target: Optional[str] = typer.Option(None, help="prediction | label"),
     metric: Optional[List[str]] = typer.Option(None, help="metric name; repeat for several (default: all)"),
@@ -170,15 +190,22 @@ def explain(
     device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
 ) -> None:
     """Grad-CAM maps of a run's test split, scored; writes metrics/<run>/explain.json, maps and pictures."""
-    from dpcam.explain.score import score
+    from dpcam.explain.score import score, score_family
 
+    if (run is None) == (family is None):
+        raise UserError("name one RUN, or pass --family F to score a grid family (not both)")
     cfg = config.load_section(
         "explain",
         {"method": method, "target": target, "metrics": metric or None, "max_images": max_images, "device": device,
          "layer": layer, "steps": steps},
         _state["params"],
     )
-    r = score(run, cfg)
+    results = score_family(family, config.load_section("grid", None, _state["params"]), cfg) if family else [score(run, cfg)]
+    for r in results:
+        _echo_explained(r)
+
+
+def _echo_explained(r: dict) -> None:
     shown = ", ".join(
         f"{k} {r[k]:.3g}" for k in ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "pointing_game", "map_agreement")
         if isinstance(r.get(k), float)

@@ -161,6 +161,7 @@ class TrainConfig(_Section):
     gamma: float = Field(0.5, gt=0, le=1, description="decay factor of the step schedule")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(256, ge=1, description="expected batch size (Poisson sampling for DP runs)")
+    train_size: int | None = Field(None, ge=10, description="train on this many training images (None = all)")
     eval_batch_size: int = Field(512, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -216,8 +217,108 @@ class ExplainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class NonPrivateConfig(_Section):
+    """Optimiser of the runs without clipping (none, ldp): DP-SGD's large lr would diverge there."""
+
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(0.003, gt=0)
+    batch_size: int = Field(128, ge=1)
+
+
+class ClipSweepConfig(_Section):
+    """The paper's Figure 6b: Gaussian runs at one ε with other clipping bounds C."""
+
+    epsilon: Epsilon = 1
+    clips: list[Annotated[float, BeforeValidator(_eps_literal), AfterValidator(_eps_positive)]] = Field(
+        default_factory=lambda: [0.1, 10]
+    )
+
+
+class TrainSizesConfig(_Section):
+    """DP needs data: the same runs on the first N training images of each size."""
+
+    sizes: list[Annotated[int, Field(ge=10)]] = Field(default_factory=list)
+    gaussian: list[Epsilon] = Field(default_factory=list)
+    none: bool = True
+
+
+class GridConfig(_Section):
+    """The runs `dvc repro` trains and `dpcam report` tabulates (read by dvc.yaml and report)."""
+
+    name: str = Field("quick", pattern=DATASET_NAME, description="grid tag of the MLflow runs")
+    models: list[str] = Field(default_factory=lambda: ["smallcnn"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    gaussian: list[Epsilon] = Field(default_factory=lambda: [0.5, 1, 5, 10])
+    laplace: list[Epsilon] = Field(default_factory=lambda: [1, 5, 10])
+    laplace_clip: float = Field(1.0, gt=0, description="L1 clipping bound of the laplace runs")
+    laplace_lr: float = Field(0.1, gt=0)
+    baselines: list[Literal["none", "clip-only"]] = Field(default_factory=lambda: ["none", "clip-only"])
+    ldp: list[str] = Field(default_factory=list, description="local-DP derivatives to train on, e.g. singh-sikka-eps0.5")
+    clip_sweep: ClipSweepConfig = ClipSweepConfig()
+    train_sizes: TrainSizesConfig = TrainSizesConfig()
+    nonprivate: NonPrivateConfig = NonPrivateConfig()
+
+
+class RunSpec(BaseModel):
+    """One run of the grid: its name (models/<name>/, metrics/<name>/) and what it varies."""
+
+    name: str
+    family: Literal["baseline", "gaussian", "laplace", "ldp", "clip-sweep", "train-size"]
+    scheme: str
+    model: str
+    seed: int
+    epsilon: float | None = None  # target ε (None = ∞ for none/clip-only; the data's ε for ldp)
+    ldp: str | None = None
+    clip: float | None = None  # set when the run overrides the train section's clip
+    train_size: int | None = None
+
+    @property
+    def model_dir(self) -> Path:
+        """``models/<family>/<run>/``: model.pt, model.json and train.json (the train stage's output)."""
+        return Path("models") / self.family / self.name
+
+    @property
+    def metrics_dir(self) -> Path:
+        """``metrics/<family>/<run>/``: explain.json, maps.npy, map_indices.npy, cams.png."""
+        return Path("metrics") / self.family / self.name
+
+
+def grid_runs(grid: GridConfig) -> list[RunSpec]:
+    """Every run of the grid, named exactly as dvc.yaml names them."""
+    runs: list[RunSpec] = []
+    for model in grid.models:
+        for seed in grid.seeds:
+            tail = f"{model}-s{seed}"
+            for scheme in grid.baselines:
+                runs.append(RunSpec(name=f"{scheme}-epsinf-{tail}", family="baseline", scheme=scheme, model=model, seed=seed))
+            for eps in grid.gaussian:
+                runs.append(RunSpec(name=f"gaussian-eps{format_eps(eps)}-{tail}", family="gaussian", scheme="gaussian",
+                                    model=model, seed=seed, epsilon=eps))
+            for eps in grid.laplace:
+                runs.append(RunSpec(name=f"laplace-eps{format_eps(eps)}-{tail}", family="laplace", scheme="laplace",
+                                    model=model, seed=seed, epsilon=eps, clip=grid.laplace_clip))
+            for name in grid.ldp:
+                eps = name.rsplit("-eps", 1)[-1]
+                runs.append(RunSpec(name=f"ldp-{name}-{tail}", family="ldp", scheme="ldp", model=model, seed=seed,
+                                    ldp=name, epsilon=float(eps) if eps.replace(".", "", 1).isdigit() else None))
+            sweep = grid.clip_sweep
+            for c in sweep.clips:
+                runs.append(RunSpec(name=f"gaussian-eps{format_eps(sweep.epsilon)}-clip{format_eps(c)}-{tail}",
+                                    family="clip-sweep", scheme="gaussian", model=model, seed=seed,
+                                    epsilon=sweep.epsilon, clip=c))
+            sizes = grid.train_sizes
+            for n in sizes.sizes:
+                if sizes.none:
+                    runs.append(RunSpec(name=f"none-epsinf-n{n}-{tail}", family="train-size", scheme="none",
+                                        model=model, seed=seed, train_size=n))
+                for eps in sizes.gaussian:
+                    runs.append(RunSpec(name=f"gaussian-eps{format_eps(eps)}-n{n}-{tail}", family="train-size",
+                                        scheme="gaussian", model=model, seed=seed, epsilon=eps, train_size=n))
+    return runs
+
+
 SECTIONS: dict[str, type[_Section]] = {
-    "prepare": PrepareConfig, "ldp": LdpConfig, "train": TrainConfig, "explain": ExplainConfig,
+    "prepare": PrepareConfig, "ldp": LdpConfig, "train": TrainConfig, "explain": ExplainConfig, "grid": GridConfig,
 }
 
 

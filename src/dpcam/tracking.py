@@ -140,8 +140,21 @@ def log_model(model, input_example) -> str:
     """Log a torch module so ``mlflow.pytorch.load_model`` loads it; returns the model URI."""
     import mlflow.pytorch
 
-    info = mlflow.pytorch.log_model(model, name="model", input_example=input_example)
+    # explicit requirements: MLflow's inference imports the model in a subprocess (~10 s per run)
+    info = mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=_requirements())
     return info.model_uri
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for pkg in ("torch", "torchvision", "dpcam"):
+        try:
+            out.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def load_model(model_uri: str):

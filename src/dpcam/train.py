@@ -1,7 +1,8 @@
 """The train stage: fit one model under one privacy scheme, checkpoint, resume, evaluate.
 
 ``fit`` is the pure-ish core (data and config in, model and metrics out; search calls it);
-``run`` is the stage shell that adds MLflow, ``models/<run>/`` and ``metrics/<run>/train.json``.
+``run`` is the stage shell that adds MLflow and writes ``models/<run>/`` (weights, how to rebuild
+them, ``train.json``); ``run_family`` trains every run of one family of the grid in one process.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpcam.config import DP_SCHEMES, TrainConfig
+from dpcam.config import DP_SCHEMES, GridConfig, RunSpec, TrainConfig, grid_runs
 from dpcam.data.store import PreparedDataset, load_dataset
 from dpcam.errors import UserError
 
 log = logging.getLogger("dpcam.train")
 
 MODELS_ROOT = Path("models")
-METRICS_ROOT = Path("metrics")
 CHECKPOINT = "checkpoint.pt"
 COLLAPSE_SHARE = 0.9  # a model predicting one class for ≥ 90% of the test set is collapsed
 # settings that may differ between a checkpoint and the run resuming it
@@ -161,6 +161,8 @@ def fit(
     device = resolve_device(cfg.device)
     data = open_data(cfg)
     train, val, test = data.split("train"), data.split("val"), data.split("test")
+    if cfg.train_size is not None:
+        train = train.subset(cfg.train_size)  # same images for every seed: the dataset is the variable
     if len(train) == 0 or len(val) == 0 or len(test) == 0:
         raise UserError(f"{data.path}: train/val/test splits must all be non-empty (sizes {len(train)}/{len(val)}/{len(test)})")
 
@@ -219,7 +221,10 @@ def fit(
             out = setup.module(x)
             # an empty Poisson batch is still a step: noise only
             loss = out.sum() * 0.0 if len(y) == 0 else loss_fn(out, y.to(device))
-            loss.backward()
+            with warnings.catch_warnings():
+                # Opacus's hooks on the first layer: the images need no gradient, and that is fine
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
             setup.optimizer.step()
             steps += 1
             total += float(loss.detach()) * len(y)
@@ -295,6 +300,10 @@ def fit(
 
 
 def run_dir(name: str) -> Path:
+    """``models/<name>/`` (a single run) or ``models/<family>/<name>/`` (a grid run); the former if neither exists."""
+    for path in (MODELS_ROOT / name, *sorted(MODELS_ROOT.glob(f"*/{name}"))):
+        if (path / "model.json").is_file():
+            return path
     return MODELS_ROOT / name
 
 
@@ -329,12 +338,18 @@ def load_model(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), spec
 
 
-def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """The train stage: fit with MLflow tracking and write models/<run>/ and metrics/<run>/train.json."""
+def run(
+    cfg: TrainConfig, *, resume: bool = False, progress: bool = True, grid: str | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """The train stage: fit with MLflow tracking; write ``out`` (default ``models/<run>/``).
+
+    ``out`` gets model.pt, model.json and train.json. ``grid`` tags the MLflow run (``dpcam.grid``)
+    so the runs of one study filter together in the UI.
+    """
     from dpcam import tracking
 
     name = cfg.run_name
-    out = run_dir(name)
+    out = Path(out) if out is not None else MODELS_ROOT / name
     checkpoint = out / CHECKPOINT
     run_id = None
     if resume:
@@ -349,6 +364,8 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
     data = open_data(cfg)
     tags = {"dpcam.scheme": cfg.scheme, "dpcam.dataset": cfg.dataset, "dpcam.model": cfg.model,
             "dataset.images_sha256": data.manifest.get("checksums", {}).get("images.npy", "")}
+    if grid:
+        tags["dpcam.grid"] = grid
     with tracking.run(cfg.dataset, name, run_id=run_id, tags=tags) as mlflow_id:
         if run_id is None:
             tracking.log_params(cfg.model_dump(mode="json"))
@@ -365,8 +382,7 @@ def run(cfg: TrainConfig, *, resume: bool = False, progress: bool = True) -> dic
         example = data.split("test").batch([0, 1])[0].numpy()
         clean, _ = load_model(out)  # rebuilt from the saved files: no Opacus hooks, proves the save reloads
         metrics["mlflow_model_uri"] = tracking.log_model(clean, input_example=example)
-        path = METRICS_ROOT / name / "train.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = out / "train.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(_json_safe(metrics), indent=2) + "\n")
         os.replace(tmp, path)
@@ -385,3 +401,40 @@ def _json_safe(obj):
     if isinstance(obj, (np.integer, np.floating)):
         return obj.item()
     return obj
+
+
+def grid_config(spec: RunSpec, grid: GridConfig, base: TrainConfig) -> TrainConfig:
+    """The TrainConfig of one grid run: the train section with what the run varies."""
+    over: dict[str, Any] = {"scheme": spec.scheme, "model": spec.model, "seed": spec.seed, "name": spec.name,
+                            "ldp": spec.ldp, "train_size": spec.train_size}
+    if spec.scheme in ("gaussian", "laplace"):
+        over["epsilon"] = spec.epsilon
+    if spec.scheme == "laplace":
+        over["lr"] = grid.laplace_lr
+    if spec.clip is not None:
+        over["clip"] = spec.clip
+    if spec.scheme in ("none", "ldp"):  # no clipping: DP-SGD's large learning rate would diverge
+        over.update(grid.nonprivate.model_dump())
+    return TrainConfig.model_validate({**base.model_dump(), **over})
+
+
+def run_family(family: str, grid: GridConfig, base: TrainConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Train every run of ``family`` in the grid into ``models/<family>/`` (one process for all of them).
+
+    The folder is rebuilt from scratch (DVC removed it before running the stage, or the user asked
+    for the family again): a run left half-way by an interrupted stage is trained again from the start,
+    never resumed from a checkpoint of another configuration.
+    """
+    specs = [s for s in grid_runs(grid) if s.family == family]
+    if not specs:
+        known = sorted({s.family for s in grid_runs(grid)})
+        raise UserError(f"grid family {family!r} has no runs in params.yaml; families with runs: {', '.join(known) or 'none'}")
+    cfgs = [grid_config(s, grid, base) for s in specs]  # every config is validated before anything is trained
+    results = []
+    for spec, cfg in zip(specs, cfgs):
+        if spec.model_dir.exists():
+            import shutil
+
+            shutil.rmtree(spec.model_dir)
+        results.append(run(cfg, progress=progress, grid=grid.name, out=spec.model_dir))
+    return results

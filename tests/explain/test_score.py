@@ -79,7 +79,7 @@ def test_metrics_reach_the_training_mlflow_run(in_runs):
     import mlflow
 
     score(in_runs[1], ExplainConfig(device="cpu", metrics=["confidence"]), progress=False)
-    run_id = json.loads((Path("metrics") / in_runs[1] / "train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((Path("models") / in_runs[1] / "train.json").read_text())["mlflow_run_id"]
     mlflow.set_tracking_uri(tracking.tracking_uri())
     r = mlflow.get_run(run_id)
     assert "avg_drop_pct" in r.data.metrics and "degenerate" in r.data.metrics and "test_accuracy" in r.data.metrics
@@ -87,7 +87,7 @@ def test_metrics_reach_the_training_mlflow_run(in_runs):
 
 
 def test_explain_by_mlflow_run_id_and_figure_cams(in_runs):
-    run_id = json.loads((Path("metrics") / in_runs[0] / "train.json").read_text())["mlflow_run_id"]
+    run_id = json.loads((Path("models") / in_runs[0] / "train.json").read_text())["mlflow_run_id"]
     res = CliRunner().invoke(app, ["explain", run_id, "--device", "cpu", "--metric", "confidence"])
     assert res.exit_code == 0, res.output
     assert in_runs[0] in res.output

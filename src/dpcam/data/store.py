@@ -241,6 +241,13 @@ class ImageDataset:
         m = torch.from_numpy(np.ascontiguousarray(self.ds.masks[sorted_idx][inv])).float()
         return x, y, m
 
+    def subset(self, n: int, seed: int = 0) -> "ImageDataset":
+        """``n`` images of this split drawn without replacement by ``seed`` (kept in file order)."""
+        if not 1 <= n <= len(self):
+            raise UserError(f"{self.ds.path}: cannot take {n} images from a split of {len(self)}; choose 1..{len(self)}")
+        pick = np.random.default_rng(seed).choice(len(self), size=n, replace=False)
+        return ImageDataset(self.ds, np.sort(self.indices[pick]), with_masks=self.with_masks)
+
     def __getitem__(self, i: int):
         return tuple(t[0] for t in self.batch([i]))
 

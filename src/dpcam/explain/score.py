@@ -3,11 +3,13 @@
 Streams the test split in batches (running sums out, maps straight to a float16 memory-mapped
 file), so memory stays bounded for any test-set size. Writes, atomically:
 
-- ``metrics/<run>/explain.json``: the metric means, the model's degeneracy dict beside them, what
-  was skipped and why;
-- ``metrics/<run>/maps.npy`` float16 ``(N, H, W)`` and ``metrics/<run>/map_indices.npy`` int64
-  ``(N,)`` (indices into the run's dataset), for re-analysis without recomputing;
-- ``metrics/<run>/cams.png``: input, map and overlay of the first test images;
+- ``explain.json``: the metric means, the model's degeneracy dict beside them, what was skipped
+  and why;
+- ``maps.npy`` float16 ``(N, H, W)`` and ``map_indices.npy`` int64 ``(N,)`` (indices into the run's
+  dataset), for re-analysis without recomputing;
+- ``cams.png``: input, map and overlay of the first test images;
+
+into ``metrics/<run>/`` (a single run) or ``metrics/<family>/<run>/`` (a grid run, ``score_family``),
 
 and logs the metrics and pictures to the training's MLflow run.
 """
@@ -46,7 +48,7 @@ def resolve_run(run: str) -> str:
             name = None
         if name and (run_dir(name) / "model.json").is_file():
             return name
-    have = sorted(p.name for p in Path("models").glob("*") if (p / "model.json").is_file())
+    have = sorted(p.parent.name for p in Path("models").glob("**/model.json"))
     hint = f"trained runs: {', '.join(have[:8])}" if have else "no run is trained yet"
     raise UserError(f"unknown run {run!r} (no models/{run}/model.json and no MLflow run of that id; {hint}); run `dpcam train` first")
 
@@ -60,8 +62,16 @@ def reference_run(spec: dict[str, Any]) -> str | None:
     return name
 
 
-def score(run: str, cfg: ExplainConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Score ``run``'s explanations on its test split; write its files; return the explain dict."""
+def metrics_dir(name: str) -> Path:
+    """``metrics/<name>/`` or ``metrics/<family>/<name>/``, whichever holds explain.json (the former if neither)."""
+    for path in (METRICS_ROOT / name, *sorted(METRICS_ROOT.glob(f"*/{name}"))):
+        if (path / "explain.json").is_file():
+            return path
+    return METRICS_ROOT / name
+
+
+def score(run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+    """Score ``run``'s explanations on its test split; write them to ``out`` (default ``metrics/<run>/``)."""
     from tqdm.auto import tqdm
 
     from dpcam.explain.gradcam import METHODS, gradcam, random_init_copy, resolve_layer
@@ -100,7 +110,7 @@ def score(run: str, cfg: ExplainConfig, *, progress: bool = True) -> dict[str, A
             metrics = [m for m in metrics if "reference_maps" not in m.needs]
     randomised = random_init_copy(model, cfg.seed) if any("random_maps" in m.needs for m in metrics) else None
 
-    out = METRICS_ROOT / name
+    out = Path(out) if out is not None else METRICS_ROOT / name
     out.mkdir(parents=True, exist_ok=True)
     tmp_maps = out / f".maps.npy.tmp-{os.getpid()}"
     size = data.image_size
@@ -173,7 +183,9 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 def _log_to_mlflow(name: str, result: dict[str, Any], artifacts: list[Path]) -> None:
     from dpcam import tracking
 
-    train_json = METRICS_ROOT / name / "train.json"
+    from dpcam.train import run_dir
+
+    train_json = run_dir(name) / "train.json"
     run_id = json.loads(train_json.read_text()).get("mlflow_run_id") if train_json.is_file() else None
     if not run_id:
         log.warning("%s: no MLflow run id in %s; explain metrics are in files only", name, train_json)
@@ -235,14 +247,17 @@ def figure_cams(runs: list[str], out: Path, images: int = 6) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dpcam.train import run_dir
+
     names = [resolve_run(r) for r in runs]
     cols = []
     for name in names:
-        folder = METRICS_ROOT / name
+        folder = metrics_dir(name)
         if not (folder / "maps.npy").is_file():
             raise UserError(f"run {name!r} has no saved maps ({folder}/maps.npy); run `dpcam explain {name}` first")
         info = json.loads((folder / "explain.json").read_text())
-        train = json.loads((folder / "train.json").read_text()) if (folder / "train.json").is_file() else {}
+        train_json = run_dir(name) / "train.json"
+        train = json.loads(train_json.read_text()) if train_json.is_file() else {}
         eps = train.get("epsilon")
         cols.append({"name": name, "eps": float("inf") if eps is None else float(eps), "info": info,
                      "maps": np.load(folder / "maps.npy", mmap_mode="r"), "idx": np.load(folder / "map_indices.npy"),
@@ -278,3 +293,24 @@ def figure_cams(runs: list[str], out: Path, images: int = 6) -> Path:
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def score_family(family: str, grid, cfg: ExplainConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all)."""
+    import shutil
+
+    from dpcam.config import grid_runs
+
+    specs = [s for s in grid_runs(grid) if s.family == family]
+    if not specs:
+        known = sorted({s.family for s in grid_runs(grid)})
+        raise UserError(f"grid family {family!r} has no runs in params.yaml; families with runs: {', '.join(known) or 'none'}")
+    for spec in specs:  # fail before writing anything when a run is not trained
+        if not (spec.model_dir / "model.json").is_file():
+            raise UserError(f"grid run {spec.name}: no trained model at {spec.model_dir}; run `dpcam train --family {family}` first")
+    results = []
+    for spec in specs:
+        if spec.metrics_dir.exists():
+            shutil.rmtree(spec.metrics_dir)
+        results.append(score(spec.name, cfg, progress=progress, out=spec.metrics_dir))
+    return results
