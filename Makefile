@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean paper
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,13 @@ demo: $(STAMP)
 	@git rev-parse --verify HEAD >/dev/null 2>&1 || { echo "error: dvc needs a git repository with a commit; run 'git init && git add -A && git commit -m init' first" >&2; exit 2; }
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc status
+
+## The paper's settings on real data (docs/paper-profile.md): make paper PROFILE=paper-aptos
+PROFILE ?= paper-aptos
+paper: $(STAMP)
+	@test -f profiles/$(PROFILE).yaml || { echo "error: no profiles/$(PROFILE).yaml; choose one of: $$(ls profiles | sed 's/.yaml//' | tr '\n' ' ')" >&2; exit 2; }
+	cp profiles/$(PROFILE).yaml params.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 ## Run the test suite (installs what it needs into .venv first).
 test: $(STAMP)

@@ -227,3 +227,43 @@ def test_sigkill_then_resume_gives_the_uninterrupted_epsilon(tiny):
     w = json.loads(Path("models/w/train.json").read_text())
     assert k["epsilon"] == w["epsilon"] and k["steps"] == w["steps"]
     assert k["test_accuracy"] == w["test_accuracy"]
+
+
+def _grid(**kw):
+    from dpcam.config import GridConfig
+
+    base = dict(name="t", models=["smallcnn"], seeds=[0], gaussian=[2], laplace=[5], laplace_clip=7, laplace_lr=0.05,
+                baselines=["none"], ldp=[], clip_sweep={"epsilon": 2, "clips": [3]},
+                train_sizes={"sizes": [40], "gaussian": [2], "none": False},
+                nonprivate={"optimizer": "adam", "lr": 0.01, "batch_size": 16})
+    return GridConfig.model_validate({**base, **kw})
+
+
+def test_grid_config_applies_what_each_family_varies():
+    from dpcam.config import grid_runs
+
+    grid, base = _grid(), cfg(scheme="gaussian", lr=0.5, clip=1.0)
+    got = {s.name: train.grid_config(s, grid, base) for s in grid_runs(grid)}
+    none = got["none-epsinf-smallcnn-s0"]
+    assert (none.scheme, none.optimizer, none.lr, none.batch_size) == ("none", "adam", 0.01, 16)
+    lap = got["laplace-eps5-smallcnn-s0"]
+    assert (lap.scheme, lap.epsilon, lap.clip, lap.lr, lap.optimizer) == ("laplace", 5, 7, 0.05, "sgd")
+    sweep = got["gaussian-eps2-clip3-smallcnn-s0"]
+    assert (sweep.epsilon, sweep.clip, sweep.lr) == (2, 3, 0.5)
+    small = got["gaussian-eps2-n40-smallcnn-s0"]
+    assert (small.train_size, small.clip, small.run_name) == (40, 1.0, "gaussian-eps2-n40-smallcnn-s0")
+
+
+def test_run_family_trains_every_run_of_the_family_into_its_folder(tiny):
+    grid = _grid(gaussian=[2, 4])
+    results = train.run_family("gaussian", grid, cfg(scheme="gaussian", epochs=1), progress=False)
+    assert [r["run_name"] for r in results] == ["gaussian-eps2-smallcnn-s0", "gaussian-eps4-smallcnn-s0"]
+    for r in results:
+        saved = json.loads(Path(f"models/gaussian/{r['run_name']}/train.json").read_text())
+        assert saved["epsilon"] == pytest.approx(r["epsilon"]) and saved["epsilon"] <= saved["target_epsilon"] + 1e-6
+        assert train.run_dir(r["run_name"]) == Path(f"models/gaussian/{r['run_name']}")
+    small = train.run_family("train-size", grid, cfg(scheme="gaussian", epochs=1), progress=False)
+    assert small[0]["train_size"] == 40
+    assert train.run_family("ldp", grid, cfg(), progress=False) == [] and Path("models/ldp").is_dir()
+    with pytest.raises(UserError, match="unknown grid family 'gausian'"):
+        train.run_family("gausian", grid, cfg())

@@ -169,7 +169,8 @@ def _echo_trained(m: dict) -> None:
         g = m.get("ldp_guarantee") or {}
         privacy = f"no DP-SGD; the data's local-DP guarantee: {g.get('words', 'see its manifest')}"
     else:
-        privacy = f"ε = {eps} (δ = {m['delta']:g}, {m.get('accountant') or 'no'} accountant)"
+        privacy = "ε = ∞ (not private)" if eps == "∞" else \
+            f"ε = {eps} (δ = {m['delta']:g}, {m.get('accountant') or 'no'} accountant)"
     typer.echo(
         f"{m['run_name']}: test accuracy {m['test_accuracy']:.3f}, QWK {m['test_qwk']:.3f}, {privacy}"
         + ("  [collapsed: predicts one class]" if m["collapsed"] else "")
@@ -240,6 +241,21 @@ def figure_ldp(
     name = dataset or config.default_dataset(_state["params"])
     path = run(name, out or Path("reports/figures") / f"ldp-{name}.png")
     typer.echo(f"wrote {path}")
+
+
+@app.command()
+@_user_errors
+def report(
+    out: Path = typer.Option(Path("reports"), help="folder to write (index.html, tables/, figures/, plots/)"),
+) -> None:
+    """The paper's tables and figures for the grid of params.yaml, and one HTML page (reports/index.html)."""
+    from dpcam.report import report as run
+
+    summary = run(config.load_section("grid", None, _state["params"]), out)
+    typer.echo(f"wrote {summary['index']} ({summary['runs']} runs, {len(summary['tables'])} tables, "
+               f"{len(summary['figures'])} figures)")
+    for line in summary["skipped"]:
+        typer.echo(f"  skipped: {line}")
 
 
 def main() -> None:

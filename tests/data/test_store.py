@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dpcam.data import store
+from tests.conftest import make_tiny
 from dpcam.errors import UserError
 
 
@@ -107,3 +108,13 @@ def test_batches_give_exact_per_example_gradients_under_opacus_hooks(tmp_path):
     expected = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, x, y)
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad_sample, expected[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_subset_draws_distinct_images_of_the_split_reproducibly():
+    ds = store.load_dataset(make_tiny(n=100))
+    train = ds.split("train")
+    a, b = train.subset(20, seed=0), train.subset(20, seed=0)
+    assert len(a) == 20 and np.array_equal(a.indices, b.indices) and len(set(a.indices)) == 20
+    assert set(a.indices) <= set(train.indices)
+    with pytest.raises(UserError, match="cannot take 999 images"):
+        train.subset(999)

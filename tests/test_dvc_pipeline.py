@@ -1,0 +1,92 @@
+"""End to end: the repository's dvc.yaml on a tiny profile, in a temporary git clone.
+
+One `dvc repro` of every stage (a few dozen 16 px images, one epoch per run), then what users do
+next: `dvc metrics show`, `dvc status`, and which stages a params change invalidates.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+TINY = {
+    "prepare": {"dataset": "tiny-fundus", "format": "synthetic", "size": 16, "seed": 0,
+                "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "workers": 1,
+                "synthetic": {"n": 60, "balance": "uniform", "lesion_scale": 2.0}},
+    "ldp": {"mechanisms": ["singh-sikka"], "epsilons": [1], "delta": 1.0e-5, "seed": 0},
+    "train": {"dataset": "tiny-fundus", "model": "smallcnn", "delta": 1.0e-5, "clip": 1.0, "lr": 0.5,
+              "epochs": 1, "batch_size": 12, "device": "cpu"},
+    "grid": {"name": "tiny", "models": ["smallcnn"], "seeds": [0], "gaussian": [1, 5], "laplace": [5],
+             "laplace_clip": 10, "laplace_lr": 0.1, "baselines": ["none", "clip-only"],
+             "ldp": ["singh-sikka-eps1"], "clip_sweep": {"epsilon": 1, "clips": [10]},
+             "train_sizes": {"sizes": [20], "gaussian": [1], "none": True},
+             "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12}},
+    "explain": {"max_images": 6, "batch_size": 6, "steps": 2, "grid_images": 2, "device": "cpu"},
+}
+
+
+def _run(args, cwd, env):
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(map(str, args))} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clone")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    _run(["git", "init", "-q"], root, env)
+    _run([BIN / "dvc", "init", "-q"], root, env)
+    _run([BIN / "dvc", "config", "core.analytics", "false"], root, env)
+    _run(["git", "add", "-A"], root, env)
+    _run(["git", "commit", "-qm", "tiny profile"], root, env)
+    out = _run([BIN / "dvc", "repro"], root, env)
+    return root, env, out
+
+
+def test_repro_runs_every_stage_and_writes_the_report(repro):
+    root, env, out = repro
+    for stage in ("prepare", "ldp@singh-sikka-1", "ldp-figure", "train-gaussian", "explain-train-size", "report"):
+        assert f"Running stage '{stage}'" in out
+    runs = [p.parent.name for p in (root / "models").glob("*/*/model.json")]
+    assert len(runs) == 2 + 2 + 1 + 1 + 1 + 2
+    html = (root / "reports/index.html").read_text()
+    refs = re.findall(r'(?:src|href)="([^"#:]+)"', html)
+    assert refs and all((root / "reports" / r).is_file() for r in refs), refs
+    for name in runs:  # the page names every run and its MLflow run id
+        train = json.loads(next((root / "models").glob(f"*/{name}/train.json")).read_text())
+        assert name in html and train["mlflow_run_id"] in html
+
+
+def test_metrics_show_lists_the_final_metrics_and_nothing_is_stale(repro):
+    root, env, _ = repro
+    shown = json.loads(_run([BIN / "dvc", "metrics", "show", "--json"], root, env))
+    text = json.dumps(shown)
+    assert "reports/metrics.json" in text and "test_accuracy" in text and "avg_drop_pct" in text
+    assert "up to date" in _run([BIN / "dvc", "status"], root, env).lower() or \
+        _run([BIN / "dvc", "status", "--json"], root, env).strip() == "{}"
+
+
+def test_an_explain_setting_invalidates_only_explain_and_report(repro):
+    root, env, _ = repro
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["explain"]["steps"] = 3
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = set(json.loads(_run([BIN / "dvc", "status", "--json"], root, env)))
+    finally:
+        (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    assert changed and all(s.startswith("explain-") for s in changed), changed
