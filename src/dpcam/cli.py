@@ -167,7 +167,8 @@ def _echo_trained(m: dict) -> None:
     eps = "∞" if m.get("epsilon") in (None, float("inf")) else f"{m['epsilon']:.4g}"
     if m["scheme"] == "ldp":
         g = m.get("ldp_guarantee") or {}
-        privacy = f"no DP-SGD; the data's local-DP guarantee: {g.get('words', 'see its manifest')}"
+        short = str(g.get("words", "see its manifest")).split(";")[0].split(":")[0]
+        privacy = f"no DP-SGD; the data's local-DP guarantee: {short} (details in its manifest)"
     else:
         privacy = "ε = ∞ (not private)" if eps == "∞" else \
             f"ε = {eps} (δ = {m['delta']:g}, {m.get('accountant') or 'no'} accountant)"
@@ -256,6 +257,31 @@ def report(
                f"{len(summary['figures'])} figures)")
     for line in summary["skipped"]:
         typer.echo(f"  skipped: {line}")
+
+
+@app.command()
+@_user_errors
+def search(
+    trials: Optional[int] = typer.Option(None, help="trials this process runs (0: only write the report)"),
+    timeout: Optional[float] = typer.Option(None, help="stop starting trials after this many seconds"),
+    storage: Optional[str] = typer.Option(None, help="Optuna storage, any SQLAlchemy URL (default sqlite:///mlruns/optuna.db)"),
+    study_name: Optional[str] = typer.Option(None, help="study name (default dpcam-<dataset>)"),
+    sampler: Optional[str] = typer.Option(None, help="nsga2|tpe|random"),
+    objective: Optional[str] = typer.Option(None, help="explanation objective, e.g. masked_score_pct, avg_drop_pct, pointing_game"),
+    seed: Optional[int] = typer.Option(None, help="sampler seed"),
+    max_trials: Optional[int] = typer.Option(None, help="stop once the study has this many complete trials"),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
+) -> None:
+    """Optuna search over DP-SGD settings: the Pareto front of ε, accuracy and explanation quality (reports/search/)."""
+    from dpcam.search import search as run
+
+    cfg = config.load_section(
+        "search", {"trials": trials, "timeout": timeout, "storage": storage, "study_name": study_name,
+                   "sampler": sampler, "objective": objective, "seed": seed, "max_trials": max_trials},
+        _state["params"])
+    base = config.load_section("train", {"device": device}, _state["params"])
+    explain = config.load_section("explain", {"device": device}, _state["params"])
+    run(cfg, base, explain, echo=typer.echo)
 
 
 def main() -> None:
