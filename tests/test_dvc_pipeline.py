@@ -22,7 +22,8 @@ TINY = {
     "prepare": {"dataset": "tiny-fundus", "format": "synthetic", "size": 16, "seed": 0,
                 "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "workers": 1,
                 "synthetic": {"n": 60, "balance": "uniform", "lesion_scale": 2.0}},
-    "ldp": {"mechanisms": ["singh-sikka"], "epsilons": [1], "delta": 1.0e-5, "seed": 0},
+    "ldp": {"mechanisms": ["singh-sikka"], "epsilons": [1], "delta": 1.0e-5, "seed": 0, "secure": False,
+            "dp_pix": {"b": 4, "m": 1}},
     "train": {"dataset": "tiny-fundus", "model": "smallcnn", "delta": 1.0e-5, "clip": 1.0, "lr": 0.5,
               "epochs": 1, "batch_size": 12, "device": "cpu"},
     "grid": {"name": "tiny", "models": ["smallcnn"], "seeds": [0], "gaussian": [1, 5], "laplace": [5],
@@ -44,6 +45,7 @@ def _run(args, cwd, env):
 def repro(tmp_path_factory):
     root = tmp_path_factory.mktemp("clone")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))  # the stages' code deps
     (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
