@@ -34,3 +34,61 @@ def make_tiny(name="tiny", n=240, size=16, root=Path("data/prepared"), masks=Fal
     return root / name
 
 
+
+
+def postgres_bindir() -> Path | None:
+    """Folder of Debian's PostgreSQL server binaries (initdb, pg_ctl), newest version first; None if absent."""
+    import glob
+    import shutil
+
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0, reverse=True):
+        if (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
+            return Path(folder)
+    found = shutil.which("initdb")
+    return Path(found).resolve().parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A throw-away PostgreSQL server on loopback (free port, socket in a temp folder); yields its URL.
+
+    initdb refuses to run as root, so as root the server runs as ``nobody`` (via runuser). The URL
+    carries a password that trust authentication ignores, so tests see it masked in messages.
+    Skips only when PostgreSQL's binaries are not installed (``.ci/run`` installs them).
+    """
+    import shutil
+    import socket
+    import subprocess
+    import tempfile
+
+    bindir = postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries are not installed (apt-get install postgresql; .ci/run does it)")
+    root = Path(tempfile.mkdtemp(prefix="dpcam-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        os.chmod(root, 0o755)
+        shutil.chown(root, "nobody")
+        as_user = ["runuser", "-u", "nobody", "--"]
+    data, sock, logfile = root / "data", root / "sock", root / "server.log"
+
+    def run(*cmd):
+        return subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True, timeout=120)
+
+    run("mkdir", str(sock))
+    run(str(bindir / "initdb"), "-D", str(data), "-U", "dpcam", "--auth=trust", "-E", "UTF8", "--no-sync")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+    try:
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(logfile), "-w", "-t", "60", "start")
+    except subprocess.CalledProcessError as e:
+        log = logfile.read_text() if logfile.exists() else ""
+        raise RuntimeError(f"PostgreSQL did not start: {e.stderr}\n{log}") from None
+    try:
+        yield f"postgresql://dpcam:s3cret@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)
+        shutil.rmtree(root, ignore_errors=True)

@@ -182,3 +182,54 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+# ------------------------------------------------------------------------- parent and nested runs
+
+
+PARENT_KEY_TAG = "dpcam.parent_key"
+
+
+def _parent_runs(client: MlflowClient, exp_id: str, key: str) -> list:
+    """Live runs tagged ``dpcam.parent_key = key``, oldest first (ties by run id): the first is the parent."""
+    escaped = key.replace("'", "\\'")
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{PARENT_KEY_TAG}` = '{escaped}'", max_results=1000)
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+
+@contextlib.contextmanager
+def parent_run(experiment: str, run_name: str, key: str, *, tags: dict[str, Any] | None = None) -> Iterator[str]:
+    """Start or resume the one run of ``experiment`` that ``key`` names (e.g. a study); yield its id.
+
+    Runs started inside it with ``run(..., nested=True)`` become its children. Several processes
+    (workers of one study) resuming it share it: when two create it at once, both keep the oldest
+    and the other is deleted before it has children. Ends with the status rules of :func:`run`.
+    """
+    exp_id = _experiment_id(experiment)
+    client = MlflowClient()
+    found = _parent_runs(client, exp_id, key)
+    if not found:
+        mine = client.create_run(exp_id, run_name=run_name, tags={PARENT_KEY_TAG: key}).info.run_id
+        found = _parent_runs(client, exp_id, key)
+        if found and found[0].info.run_id != mine:
+            client.delete_run(mine)
+        elif not found:  # a store that does not list a run it has just created: keep ours
+            found = [client.get_run(mine)]
+    with run(experiment, run_name, run_id=found[0].info.run_id, tags=tags) as run_id:
+        yield run_id
+
+
+def child_runs(parent_run_id: str) -> list[dict[str, Any]]:
+    """The runs nested in ``parent_run_id``: ``[{"run_id", "run_name", "status", "params", "metrics", "tags"}]``."""
+    _setup()
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000)
+    return [{"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
+             "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)} for r in runs]
+
+
+def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
+    """Log every file of ``folder`` under ``artifact_path`` of the active run."""
+    mlflow.log_artifacts(str(folder), artifact_path=artifact_path)

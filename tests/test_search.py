@@ -1,0 +1,373 @@
+"""dpcam search: small real Optuna studies on tiny data, resume, two workers on PostgreSQL, the front, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from dpcam import search as S
+from dpcam import tracking
+from dpcam.cli import app
+from dpcam.config import ExplainConfig, SearchConfig, TrainConfig, load_section
+from dpcam.errors import UserError
+from tests.conftest import make_tiny
+
+TRAIN = {"dataset": "tiny", "model": "smallcnn", "delta": 1.0e-3, "accountant": "gdp", "device": "cpu",
+         "epochs": 1, "batch_size": 32}
+# a trial on tiny data takes about a second (gdp: the fastest accountant to calibrate at q ≈ 0.2)
+SPACE = {"schemes": ["laplace"], "epsilon": [2, 8], "epochs": [1, 2], "batch_size": [32, 48], "laplace_clip": [2, 20],
+         "laplace_lr": [0.1, 1], "explain_images": 32, "population": 2, "heartbeat": 1, "grace_period": 2}
+
+
+@pytest.fixture(scope="session")
+def _mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with its schema made (MLflow's migrations take ~3 s per new store)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store(_mlflow_template):
+    """Every test (and worker folder, see ``write_params``) starts from the template store."""
+    global TEMPLATE
+    TEMPLATE = _mlflow_template
+    yield
+
+
+TEMPLATE: Path | None = None
+
+
+def write_params(folder: Path = Path("."), **search) -> Path:
+    if TEMPLATE is not None and not (folder / "mlruns/mlflow.db").exists():
+        (folder / "mlruns").mkdir(parents=True, exist_ok=True)
+        __import__("shutil").copyfile(TEMPLATE, folder / "mlruns/mlflow.db")
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": TRAIN, "explain": {"batch_size": 64}, "search": {**SPACE, **search}}))
+    return path
+
+
+def configs(**search):
+    write_params(**search)
+    return load_section("search"), load_section("train"), load_section("explain")
+
+
+def quiet(msg):  # echo for in-process searches
+    pass
+
+
+def cli(*args, cwd=".", **popen):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.Popen([sys.executable, "-m", "dpcam", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def brute_force_front(values: np.ndarray) -> set[int]:
+    """Indices of rows not dominated by any other (minimise column 0, maximise columns 1 and 2)."""
+    v = values * np.array([-1.0, 1.0, 1.0])  # all maximised
+    out = set()
+    for i in range(len(v)):
+        dominated = any(np.all(v[j] >= v[i]) and np.any(v[j] > v[i]) for j in range(len(v)) if j != i)
+        if not dominated:
+            out.add(i)
+    return out
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("search, expected", [
+    ({"epsilon": [8, 2]}, "params.yaml: search.epsilon = [8, 2]: inverted range (low 8 > high 2); write [low, high]"),
+    ({"clip": []}, "params.yaml: search.clip = []: empty range; give [low, high]"),
+    ({"epochs": [3, 1]}, "search.epochs = [3, 1]: inverted range"),
+    ({"batch_size": []}, "search.batch_size = []: empty list of choices"),
+    ({"lr": [0, 1]}, "search.lr = [0, 1]: both ends must be finite numbers > 0"),
+    ({"objective": "sharpness"}, "search.objective = 'sharpness': unknown objective metric; known: masked_score_pct, avg_drop_pct"),
+    ({"trials_distribution": "poisson"}, "search.trials_distribution = 'poisson' needs sampler 'random'"),
+])
+def test_bad_search_section_is_one_line_exit_2(search, expected):
+    write_params(**search)
+    res = CliRunner().invoke(app, ["search", "--trials", "0"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert "\n" not in line and line.startswith("error: ") and expected in line
+
+
+def test_unknown_objective_flag_names_the_flag():
+    write_params()
+    res = CliRunner().invoke(app, ["search", "--objective", "nope"])
+    assert res.exit_code == 2 and res.output.startswith("error: --objective: search.objective = 'nope'")
+
+
+def test_unreachable_storage_is_one_line_with_the_password_masked():
+    make_tiny()
+    write_params()
+    url = "postgresql://alice:hunter2@127.0.0.1:1/optuna"
+    res = CliRunner().invoke(app, ["search", "--trials", "1", "--storage", url])
+    assert res.exit_code == 2, res.output
+    out = res.output.strip()
+    assert "\n" not in out and "hunter2" not in out
+    assert out.startswith("error: --storage postgresql://alice:***@127.0.0.1:1/optuna: cannot open the study storage")
+
+
+def test_sqlite_storage_in_a_missing_folder_is_refused():
+    with pytest.raises(UserError, match=r"folder nowhere does not exist"):
+        S.open_storage("sqlite:///nowhere/x.db", heartbeat=1, grace_period=None, max_retry=0)
+    S.open_storage(S.DEFAULT_STORAGE, heartbeat=1, grace_period=None, max_retry=0)  # the default's mlruns/ is made
+    assert Path("mlruns/optuna.db").is_file()
+
+
+def test_mask_url():
+    assert S.mask_url("postgresql://u:p%40ss@db.example:5432/x") == "postgresql://u:***@db.example:5432/x"
+    assert S.mask_url("sqlite:///mlruns/optuna.db") == "sqlite:///mlruns/optuna.db"
+
+
+def test_a_study_with_other_objectives_or_dataset_is_refused():
+    cfg = SearchConfig()
+    storage = S.open_storage("sqlite:///optuna.db", heartbeat=5, grace_period=None, max_retry=0)
+    study, created = S.open_study(storage, cfg, "s", S.OBJECTIVES["masked_score_pct"], "tiny")
+    assert created and study.user_attrs[S.ATTR_OBJECTIVES] == ["epsilon", "val_accuracy", "masked_score_pct"]
+    again, created = S.open_study(storage, cfg, "s", S.OBJECTIVES["masked_score_pct"], "tiny")
+    assert not created and again._study_id == study._study_id
+    with pytest.raises(UserError, match=r"^study 's' in sqlite:///optuna.db was created with other objectives "
+                                        r"\(epsilon \(minimize\), val_accuracy \(maximize\), masked_score_pct \(maximize\)\); "
+                                        r"this search has epsilon \(minimize\), val_accuracy \(maximize\), 100 - avg_drop_pct"):
+        S.open_study(storage, cfg, "s", S.OBJECTIVES["avg_drop_pct"], "tiny")
+    with pytest.raises(UserError, match="searches dataset 'tiny', not 'other'"):
+        S.open_study(storage, cfg, "s", S.OBJECTIVES["masked_score_pct"], "other")
+    optuna.create_study(storage=storage, study_name="foreign", directions=["minimize", "maximize", "maximize"])
+    with pytest.raises(UserError, match="was not created by dpcam search"):
+        S.open_study(storage, cfg, "foreign", S.OBJECTIVES["masked_score_pct"], "tiny")
+
+
+def test_objective_needing_masks_on_data_without_masks():
+    make_tiny(masks=False)
+    cfg, base, explain = configs(objective="pointing_game")
+    with pytest.raises(UserError, match="needs lesion masks and data/prepared/tiny has none"):
+        S.search(cfg, base, explain, echo=quiet)
+
+
+# ------------------------------------------------------------------------------- pieces
+
+
+def test_degenerate_model_gets_the_worst_explanation_value_and_says_why():
+    from dpcam.data.store import load_dataset
+    from dpcam.models import create_model
+
+    make_tiny(masks=True)
+    data = load_dataset("data/prepared/tiny")
+    model = create_model("smallcnn", 2, 16, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()  # constant output: masking changes nothing, a "perfect" Average Drop
+    explain = ExplainConfig(batch_size=16)
+    q = S.explanation_quality(model, data.split("val"), 2, S.OBJECTIVES["avg_drop_pct"], explain, 20, "cpu")
+    assert q["mean"] == pytest.approx(0.0, abs=1e-6)  # Average Drop 0 would be the best value...
+    assert q["degenerate"] and q["value"] == 0.0 and any("input-insensitive" in r for r in q["reasons"])
+    assert q["images"] == 20
+
+
+def test_front_equals_brute_force_on_a_synthetic_study_with_ties():
+    rng = np.random.default_rng(3)
+    values = np.round(rng.uniform(0, 4, (40, 3)), 1)  # coarse values: ties and duplicates
+    values[5] = values[6]
+    study = optuna.create_study(directions=list(S.DIRECTIONS))
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    for v in values:
+        study.add_trial(optuna.create_trial(values=list(v), params={"x": 0.5}, distributions=dist))
+    got = {t.number for t in S.pareto_front(study)}
+    assert got == brute_force_front(values) and len(got) >= 3
+
+
+def test_composed_epsilon_matches_the_accountants():
+    from dpcam.privacy.accounting import gaussian_epsilon, laplace_epsilon
+
+    g = ("gaussian", 1.1, 0.05, 200)
+    lap = ("laplace", 5.0, 0.05, 100)
+    assert S.composed_epsilon([g], 1e-5) == pytest.approx(gaussian_epsilon(1.1, 0.05, 200, 1e-5, "prv"), rel=0.03)
+    assert S.composed_epsilon([lap], 1e-5) == pytest.approx(laplace_epsilon(5.0, 0.05, 100, 1e-5), rel=0.03)
+    both = S.composed_epsilon([g, lap], 1e-5)
+    assert max(S.composed_epsilon([g], 1e-5), S.composed_epsilon([lap], 1e-5)) < both
+    assert both <= S.composed_epsilon([g], 1e-5) + S.composed_epsilon([lap], 1e-5) + 1e-9
+
+
+def test_random_search_bounds_behave():
+    mech = [("gaussian", 1.5, 0.02, 500)]
+    single = S._rdp_to_dp(S.rdp_curve(*mech[0], orders=np.array(S.RDP_ORDERS)), np.array(S.RDP_ORDERS), 1e-5)
+    for dist in ("poisson", "geometric"):
+        b = [S.random_search_bound(dist, mu, mech, 1e-5) for mu in (2, 10, 50)]
+        assert single < b[0] < b[1] < b[2], (dist, single, b)  # more trials on average cost more
+        assert b[2] < 50 * single  # and far less than composing 50 runs naively
+    # a less private base algorithm costs more
+    assert S.random_search_bound("poisson", 10, [("gaussian", 0.8, 0.02, 500)], 1e-5) > \
+        S.random_search_bound("poisson", 10, mech, 1e-5)
+    # the worst case over several mechanisms is at least each one's
+    both = S.random_search_bound("geometric", 10, mech + [("laplace", 20.0, 0.02, 500)], 1e-5)
+    assert both >= S.random_search_bound("geometric", 10, mech, 1e-5) - 1e-12
+
+
+def test_worst_case_noise_is_below_every_trials():
+    from dpcam.privacy.accounting import calibrate_laplace
+
+    cfg = SearchConfig(schemes=["laplace"], epsilon=[1, 4], batch_size=[50], epochs=[2, 2])
+    (scheme, lam, q, steps), = S.worst_case_mechanisms(cfg, TrainConfig(delta=1e-3, scheme="laplace"), 500)
+    assert (q, steps) == (0.1, 20)
+    for target in (4.0, 3.99, 3.9):
+        assert lam <= calibrate_laplace(target, 1e-3, q, steps)
+
+
+# ------------------------------------------------------------------------------- real studies
+
+
+def test_small_real_study_front_report_tracking_and_cost():
+    make_tiny(masks=True)
+    cfg, base, explain = configs(schemes=["laplace", "gaussian"], trials=4, sampler="nsga2", epochs=[1, 1])
+    res = S.search(cfg, base, explain, echo=quiet)
+    study = optuna.load_study(study_name="dpcam-tiny", storage="sqlite:///mlruns/optuna.db")
+    trials = study.get_trials()
+    assert res.trials_run == 4 and [t.state.name for t in trials] == ["COMPLETE"] * 4
+    for t in trials:
+        eps, acc, quality = t.values
+        a = t.user_attrs
+        assert eps == a["epsilon"] <= t.params["epsilon"] * (1 + 1e-6)  # the accountant's ε of the noise actually used
+        assert a["noise_multiplier"] > 0 and a["steps"] > 0 and 0 <= acc <= 1
+        assert (quality == 0.0) if a["degenerate"] else (quality == a["explain_mean"] > 0)
+        assert a["train_config"]["scheme"] == t.params["scheme"] and "test_accuracy" not in a
+    # the front: exactly the non-dominated trials, each with test metrics, in front.csv
+    values = np.array([t.values for t in trials])
+    front = {t.number for t in S.pareto_front(study)}
+    assert front == brute_force_front(values)
+    out = Path("reports/search")
+    rows = list(__import__("csv").DictReader(open(out / "front.csv")))
+    assert {int(r["trial"]) for r in rows} == front
+    assert all(0 <= float(r["test_accuracy"]) <= 1 and r["model_source"] == "saved" for r in rows)
+    assert {p.name for p in out.iterdir()} >= {"front.md", "front.csv", "trials.csv", "cost.json", "index.html",
+                                               "pareto_3d.png", "pareto_01.png", "pareto_02.png", "pareto_12.png"}
+    assert "test_accuracy" not in (out / "trials.csv").read_text()  # test metrics only for the front
+    # only front members' models are kept
+    kept = {int(p.name.split("-")[1]) for p in Path("models/search/dpcam-tiny").iterdir()}
+    assert kept == front
+    # cost: adaptive sampler, composition only
+    cost = json.loads((out / "cost.json").read_text())
+    assert "adaptive" in cost["statement"] and cost["random_search_epsilon"] is None
+    assert max(values[:, 0]) < cost["composed_epsilon"] <= cost["basic_epsilon"] + 1e-9
+    # MLflow: a parent run with one nested run per trial, params and the three objectives
+    children = tracking.child_runs(res.mlflow_run_id)
+    assert sorted(c["run_name"] for c in children) == [f"trial-{i}" for i in range(4)]
+    for c in children:
+        t = trials[int(c["run_name"].split("-")[1])]
+        assert c["metrics"]["epsilon"] == pytest.approx(t.values[0]) and "masked_score_pct" in c["metrics"]
+        assert c["metrics"]["degenerate"] in (0.0, 1.0) and c["params"]["scheme"] == t.params["scheme"]
+    parent = tracking.get_run(res.mlflow_run_id)
+    assert parent.data.metrics["front_size"] == len(front) and parent.info.status == "FINISHED"
+    # a second process resumes the same study and the same parent run
+    cfg2, _, _ = configs(schemes=["laplace", "gaussian"], trials=1, sampler="nsga2", epochs=[1, 1])
+    res2 = S.search(cfg2, base, explain, echo=quiet)
+    assert res2.mlflow_run_id == res.mlflow_run_id and len(study.get_trials()) == 5
+    assert len(tracking.child_runs(res.mlflow_run_id)) == 5
+
+
+def test_random_count_search_runs_the_drawn_number_and_reports_the_bound():
+    make_tiny()
+    cfg, base, explain = configs(sampler="random", trials_distribution="poisson", trials=2, batch_size=[48],
+                                 epochs=[1, 1])
+    res = S.search(cfg, base, explain, echo=quiet)
+    study = optuna.load_study(study_name="dpcam-tiny", storage="sqlite:///mlruns/optuna.db")
+    drawn = study.user_attrs[S.ATTR_DRAWN]
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("COMPLETE") == drawn and set(states) <= {"COMPLETE", "PRUNED"}
+    if drawn:
+        assert "Theorem 6, Poisson" in res.cost["statement"] and res.cost["random_search_epsilon"] > 0
+        assert res.cost["trials_drawn"] == drawn
+
+
+def _trials(url: str, name: str):
+    try:
+        return optuna.load_study(study_name=name, storage=url).get_trials()
+    except Exception:  # noqa: BLE001 - not created yet, or the sqlite file is being written
+        return []
+
+
+def _worker(trials: int) -> None:
+    """A search in a forked process (the test's imports are inherited: no start-up cost)."""
+    cfg, base, explain = configs(trials=trials, sampler="random")
+    S.search(cfg, base, explain, echo=quiet)
+    os._exit(0)
+
+
+def test_resume_after_a_killed_worker_keeps_finished_trials_and_retries_the_killed_one():
+    import multiprocessing
+
+    make_tiny()
+    write_params(trials=20, sampler="random")
+    url = "sqlite:///mlruns/optuna.db"
+    worker = multiprocessing.get_context("fork").Process(target=_worker, args=(20,))
+    worker.start()
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        trials = _trials(url, "dpcam-tiny")
+        if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and any(t.state.name == "RUNNING" for t in trials):
+            break
+        time.sleep(0.1)
+    os.kill(worker.pid, signal.SIGKILL)  # no chance to clean up: the heartbeat stops
+    worker.join(30)
+    before = {t.number: (t.state.name, t.values) for t in _trials(url, "dpcam-tiny")}
+    finished = {n: v for n, (s, v) in before.items() if s == "COMPLETE"}
+    killed = [n for n, (s, _) in before.items() if s == "RUNNING"]
+    assert len(finished) >= 2 and len(killed) == 1
+    time.sleep(2.5)  # past the grace period
+    res = CliRunner().invoke(app, ["search", "--trials", "1"])
+    assert res.exit_code == 0, res.output
+    after = {t.number: t for t in _trials(url, "dpcam-tiny")}
+    for n, values in finished.items():  # every finished trial kept, unchanged
+        assert after[n].state.name == "COMPLETE" and after[n].values == values
+    assert after[killed[0]].state.name == "FAIL"
+    retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == killed[0]]
+    assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
+    assert retries[0].params == after[killed[0]].params  # retried with the same settings
+    assert "resumed with" in res.output
+
+
+def test_two_workers_share_one_postgresql_study(postgres_url, tmp_path):
+    k = 2
+    workers = []
+    for i in range(2):  # two "machines": each its own folder, data and MLflow store
+        folder = tmp_path / f"worker{i}"
+        folder.mkdir()
+        make_tiny(root=folder / "data/prepared")
+        write_params(folder, sampler="nsga2", seed=0)
+        workers.append((folder, cli("search", "--trials", str(k), "--storage", postgres_url, "--study-name", "shared",
+                                    cwd=folder)))
+    outs = []
+    for folder, w in workers:
+        out, _ = w.communicate(timeout=150)
+        assert w.returncode == 0, out
+        assert "s3cret" not in out
+        outs.append(out)
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    trials = study.get_trials()
+    numbers = [t.number for t in trials]
+    assert len(trials) == 2 * k and sorted(numbers) == list(range(2 * k))
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers ran trials of the one study
+    assert sum(": created;" in o for o in outs) == 1  # one created it, the other joined
+    assert len({t._trial_id for t in trials}) == 2 * k
+    # the report of the whole study, on one machine: other workers' front members are retrained there
+    os.chdir(workers[0][0])
+    res = CliRunner().invoke(app, ["search", "--trials", "0", "--storage", postgres_url, "--study-name", "shared"])
+    assert res.exit_code == 0, res.output
+    rows = list(__import__("csv").DictReader(open(workers[0][0] / "reports/search/front.csv")))
+    assert {int(r["trial"]) for r in rows} == {t.number for t in study.best_trials}
+    assert all(r["test_accuracy"] and r["model_source"] in ("saved", "retrained") for r in rows)
