@@ -32,6 +32,7 @@ TINY = {
              "train_sizes": {"sizes": [20], "gaussian": [1], "none": True},
              "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12}},
     "explain": {"max_images": 6, "batch_size": 6, "steps": 2, "grid_images": 2, "device": "cpu"},
+    "audit": {"max_per_group": 8, "batch_size": 8, "device": "cpu"},
 }
 
 
@@ -61,7 +62,7 @@ def repro(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_the_report(repro):
     root, env, out = repro
-    for stage in ("prepare", "ldp@singh-sikka-1", "ldp-figure", "train-gaussian", "explain-train-size", "report"):
+    for stage in ("prepare", "ldp@singh-sikka-1", "ldp-figure", "train-gaussian", "explain-train-size", "audit-laplace", "report"):
         assert f"Running stage '{stage}'" in out
     runs = [p.parent.name for p in (root / "models").glob("*/*/model.json")]
     assert len(runs) == 2 + 2 + 1 + 1 + 1 + 2
@@ -92,3 +93,4 @@ def test_an_explain_setting_invalidates_only_explain_and_report(repro):
     finally:
         (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
     assert changed and all(s.startswith("explain-") for s in changed), changed
+    assert (root / "audits/gaussian/gaussian-eps1-smallcnn-s0/audit.json").is_file()

@@ -34,8 +34,41 @@ SPECIAL = {
 }
 
 
-def write_fake_runs(grid: GridConfig, degenerate=("laplace-eps5-smallcnn-s1",), skip=()) -> None:
-    """train.json / explain.json / maps of every grid run, on a tiny prepared dataset (data/prepared/tiny)."""
+# hand-chosen audit values: loss-attack AUC 0.52 / 0.56 and ε lower bound 0.1 / 0.3 for gaussian ε = 1
+AUDIT_SPECIAL = {
+    ("gaussian-eps1-smallcnn-s0", "mia_auc_loss"): 0.52,
+    ("gaussian-eps1-smallcnn-s1", "mia_auc_loss"): 0.56,
+    ("gaussian-eps1-smallcnn-s0", "mia_epsilon_lb"): 0.1,
+    ("gaussian-eps1-smallcnn-s1", "mia_epsilon_lb"): 0.3,
+}
+VIOLATING = "gaussian-eps5-smallcnn-s1"
+
+
+def write_fake_audit(spec, k: int) -> None:
+    """audits/<family>/<run>/audit.json as dpcam.audit writes it (the keys the report reads)."""
+    from dpcam.audit import ATTACKS, audit_dir
+
+    def v(key, default):
+        return AUDIT_SPECIAL.get((spec.name, key), default)
+
+    private = spec.scheme in ("gaussian", "laplace")
+    aucs = {f"mia_auc_{a.replace('-', '_')}": v(f"mia_auc_{a.replace('-', '_')}", 0.5 + 0.01 * i) for i, a in enumerate(ATTACKS)}
+    violation = spec.name == VIOLATING
+    audit = {
+        "run_name": spec.name, "dataset": "tiny", "privacy": {"scheme": spec.scheme, "epsilon": spec.epsilon, "delta": 1e-5},
+        "members": 100, "non_members": 100, "attacks": {a: {"auc": aucs[f"mia_auc_{a.replace('-', '_')}"]} for a in ATTACKS},
+        "mia_auc": max(aucs.values()), **aucs, "mia_epsilon_lb": v("mia_epsilon_lb", 0.05 * k),
+        "epsilon_lb_max_detectable": 3.2, "violation": violation,
+        "check": {"done": private, "bound": "pld-curve+eps-delta-line" if private else None,
+                  "violations": ["loss"] if violation else []},
+    }
+    audit_dir(spec).mkdir(parents=True, exist_ok=True)
+    (audit_dir(spec) / "audit.json").write_text(json.dumps(audit))
+
+
+def write_fake_runs(grid: GridConfig, degenerate=("laplace-eps5-smallcnn-s1",), skip=(), audits=()) -> None:
+    """train.json / explain.json / maps of every grid run, on a tiny prepared dataset (data/prepared/tiny);
+    audit.json for the runs of the families in ``audits``."""
     data = make_tiny(n=40, size=16)
     from dpcam.data.store import load_dataset
 
@@ -73,6 +106,8 @@ def write_fake_runs(grid: GridConfig, degenerate=("laplace-eps5-smallcnn-s1",), 
         rng = np.random.default_rng(k)
         np.save(spec.metrics_dir / "maps.npy", rng.random((test_idx.size, 16, 16)).astype(np.float16))
         np.save(spec.metrics_dir / "map_indices.npy", test_idx.astype(np.int64))
+        if spec.family in audits:
+            write_fake_audit(spec, k)
 
 
 def read_csv(path: str) -> list[dict[str, str]]:
@@ -97,7 +132,7 @@ def built(tmp_path_factory):
     os.chdir(root)
     try:
         grid = fake_grid()
-        write_fake_runs(grid)
+        write_fake_runs(grid, audits=("gaussian", "laplace", "baseline"))
         Path("reports/figures").mkdir(parents=True)
         Path("reports/ldp-tiny.png").write_bytes(b"\x89PNG fake")  # the ldp-figure stage's picture
         Path("reports/figures/cams.png").write_bytes(b"\x89PNG mine")  # `dpcam figure cams`'s default output
@@ -158,6 +193,14 @@ def test_report_tables_match_hand_computed_values(in_built):
         ["n = 100, ε = 5", "n = 28 (all), ε = 5"]
     assert md_row(Path("reports/tables/table6_baselines.md").read_text(), "smallcnn", "metric")[1:] == \
         ["none (no clipping, no noise)", "clip-only (clipping, no noise)"]
+    # the audit column group: loss-attack AUC 0.52 / 0.56 -> 0.540 ± 12.706 · 0.028284 / 1.4142 = 0.254
+    assert md_row(t1, "smallcnn", "MIA AUC (loss)")[1] == "0.540 ± 0.254"
+    assert md_row(t1, "smallcnn", "Empirical ε lower bound")[1] == "0.20 ± 1.27"
+    assert md_row(t1, "smallcnn", "MIA AUC (Grad-CAM entropy)")[1:] == ["0.530 ± 0.000"] * 3
+    lb = next(r for r in rows if r["column"] == "ε = 1" and r["metric"] == "mia_epsilon_lb")
+    assert float(lb["mean"]) == pytest.approx(0.2) and float(lb["ci95"]) == pytest.approx(T_975_1 * math.sqrt(0.02) / math.sqrt(2))
+    # partly audited table (ldp runs not audited, its ε = ∞ baseline column is): a dash where audit.json is missing
+    assert md_row(Path("reports/tables/table3_ldp.md").read_text(), "smallcnn", "MIA AUC (loss)")[1:] == ["—", "0.500 ± 0.000"]
     # the clip-sweep's main column is the Gaussian ε = 1 run: same accuracy cell
     assert md_row(Path("reports/tables/table4_clip_sweep.md").read_text(), "smallcnn", "Test accuracy")[2] == "0.600 ± 1.271"
 
@@ -197,7 +240,7 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
         assert (Path("reports") / ref).exists(), ref
     for name in ("fig3_accuracy_vs_eps", "fig4_ldp_explanations", "fig6a_masked_accuracy_vs_eps",
                  "fig6b_masked_accuracy_vs_clip", "fig_train_size", "fig2_ldp_cams", "fig5_gaussian_cams",
-                 "fig5_laplace_cams"):
+                 "fig5_laplace_cams", "fig_leakage_vs_eps"):
         assert Path(f"reports/figures/{name}.png").read_bytes()[:4] == b"\x89PNG", name
         assert f"figures/{name}.png" in summary["figures"]
     assert Path("reports/ldp-tiny.png").exists()  # another stage's output is left alone
@@ -228,6 +271,16 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     r0 = next(r for r in runs if r["run"] == "gaussian-eps1-smallcnn-s0")
     assert float(r0["noise_multiplier"]) == 1.1 and r0["test_pred_histogram.1"] == "4"
     assert float(r0["avg_drop_pct"]) == 20.0 and r0["degeneracy.degenerate"] == "0"
+    assert float(r0["audit.mia_auc_loss"]) == 0.52 and r0["audit.violation"] == "0"
+    assert g1["mia_epsilon_lb"] == 0.1 and "mia_auc" not in metrics["ldp"]["ldp-singh-sikka-eps0.5-smallcnn-s0"]
+
+
+def test_audit_section_says_violations_loudly(in_built):
+    page = Path("reports/index.html").read_text()
+    section = page.split('<h2 id="audit">', 1)[1].split("<h2", 1)[0]
+    assert 'class="deg">VIOLATION' in section and f"{VIOLATING} (loss)" in section
+    assert "gaussian-eps1-smallcnn-s0" in section and "not checked" in section  # baselines: no ε to check
+    assert "ldp-singh-sikka" not in section  # not audited: not listed
 
 
 def test_skipped_families_are_said_not_drawn():
@@ -240,6 +293,11 @@ def test_skipped_families_are_said_not_drawn():
     assert not Path("reports/tables/table2_laplace.md").exists()
     page = Path("reports/index.html").read_text()
     assert "fig4_ldp_explanations.png: skipped" in page and "Table 2: global DP, Laplace (L1 clip): skipped" in page
+    # no audit.json anywhere: no audit rows, the leakage figure is skipped with the reason
+    assert "MIA AUC" not in Path("reports/tables/table1_gaussian.md").read_text()
+    assert not Path("reports/figures/fig_leakage_vs_eps.png").exists()
+    assert "fig_leakage_vs_eps.png: skipped, no Gaussian or Laplace run has audits" in page
+    assert "No run has been audited" in page
     # one seed: means without ±
     assert md_row(Path("reports/tables/table1_gaussian.md").read_text(), "smallcnn", "Test accuracy")[1] == "0.500"
     assert summary["runs"] == 1 + 1 + 2
@@ -282,3 +340,11 @@ def test_failure_while_building_leaves_no_partial_report(monkeypatch):
         rep.report(grid)
     assert {p: p.read_bytes() for p in Path("reports").rglob("*") if p.is_file()} == before
     assert [p.name for p in Path(".").iterdir() if p.name.startswith(".reports")] == []
+
+
+def test_the_page_links_the_search_report_only_when_it_exists():
+    from dpcam.report import render_html
+
+    grid = fake_grid()
+    assert "search/index.html" not in render_html(grid, [], [], [], [], [])
+    assert '<a href="search/index.html">' in render_html(grid, [], [], [], [], [], search=True)

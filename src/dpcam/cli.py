@@ -216,6 +216,43 @@ def _echo_explained(r: dict) -> None:
     typer.echo(f"{r['run_name']}: accuracy {r['accuracy']:.3f}; {shown}{flag}")
 
 
+@app.command()
+@_user_errors
+def audit(
+    run: Optional[str] = typer.Argument(None, help="run name under models/ or an MLflow run id"),
+    family: Optional[str] = typer.Option(None, help="audit every run of this grid family into audits/<family>/"),
+    attack: Optional[List[str]] = typer.Option(
+        None, help="loss|loss-calibrated|gradcam-variance|gradcam-entropy|input-gradient; repeat for several (default: all)"),
+    max_per_group: Optional[int] = typer.Option(None, help="members and non-members sampled, each"),
+    seed: Optional[int] = typer.Option(None, help="seed of the samples and their selection/evaluation halves"),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
+    fail_on_violation: bool = typer.Option(False, "--fail-on-violation", help="exit 1 when an attack beats what ε allows"),
+) -> None:
+    """Membership-inference audit of a run against its ε; writes audits/<run>/audit.json and roc.png."""
+    from dpcam.audit import audit_family, audit_run, load_config
+
+    if (run is None) == (family is None):
+        raise UserError("name one RUN, or pass --family F to audit a grid family (not both)")
+    cfg = load_config({"attacks": attack or None, "max_per_group": max_per_group, "seed": seed, "device": device},
+                      _state["params"])
+    results = audit_family(family, config.load_section("grid", None, _state["params"]), cfg) if family \
+        else [audit_run(run, cfg)]
+    for r in results:
+        eps, check = r["privacy"]["epsilon"], r["check"]
+        if not check["done"]:
+            verdict = f"not checked ({check['reason']})"
+        elif r["violation"]:
+            verdict = f"VIOLATION: {', '.join(check['violations'])} beat(s) what ε allows"
+        else:
+            verdict = "within " + ("the PLD trade-off curve" if check["bound"].startswith("pld") else "the (ε, δ) line")
+        loss = f" (loss {r['mia_auc_loss']:.3f})" if "mia_auc_loss" in r else ""
+        typer.echo(f"{r['run_name']}: MIA AUC {r['mia_auc']:.3f}{loss}, empirical ε ≥ {r['mia_epsilon_lb']:.3g} "
+                   f"({100 * r['confidence']:.0f}%) vs ε = {'∞' if eps is None else f'{eps:.3g}'}; {verdict}",
+                   err=r["violation"])
+    if fail_on_violation and any(r["violation"] for r in results):
+        raise typer.Exit(1)
+
+
 @figure_app.command("cams")
 @_user_errors
 def figure_cams(

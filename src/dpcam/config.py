@@ -259,6 +259,9 @@ class GridConfig(_Section):
     nonprivate: NonPrivateConfig = NonPrivateConfig()
 
 
+FAMILIES = ("baseline", "gaussian", "laplace", "ldp", "clip-sweep", "train-size")
+
+
 class RunSpec(BaseModel):
     """One run of the grid: its name (models/<name>/, metrics/<name>/) and what it varies."""
 
@@ -322,6 +325,111 @@ SECTIONS: dict[str, type[_Section]] = {
 }
 
 
+# ---------------------------------------------------------------------------------- search
+
+
+def _search_range(kind: str):
+    """Validator of a ``[low, high]`` search range (``kind``: "log" float > 0, or "int" ≥ 1)."""
+
+    def check(v: list) -> list:
+        if len(v) == 0:
+            raise ValueError("empty range; give [low, high]")
+        if len(v) != 2:
+            raise ValueError(f"a range is two numbers [low, high], got {len(v)}")
+        low, high = v
+        if kind == "int" and (low < 1 or high < 1):
+            raise ValueError("both ends must be whole numbers >= 1")
+        if kind == "log" and not (low > 0 and math.isfinite(high)):
+            raise ValueError("both ends must be finite numbers > 0 (the range is searched on a log scale)")
+        if low > high:
+            raise ValueError(f"inverted range (low {low:g} > high {high:g}); write [low, high]")
+        return v
+
+    return check
+
+
+def _search_choices(v: list) -> list:
+    if len(v) == 0:
+        raise ValueError("empty list of choices; give at least one")
+    if len(set(v)) != len(v):
+        raise ValueError("choices repeat; list each once")
+    return v
+
+
+def _search_objective(name: str) -> str:
+    from dpcam.search import OBJECTIVES
+
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective metric; known: {', '.join(OBJECTIVES)}")
+    return name
+
+
+def _search_models(v: list | None) -> list | None:
+    from dpcam.models import MODELS
+
+    if v is None:
+        return v
+    _search_choices(v)
+    unknown = [m for m in v if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(sorted(MODELS))}")
+    return v
+
+
+LogRange = Annotated[list[float], AfterValidator(_search_range("log"))]
+IntRange = Annotated[list[int], AfterValidator(_search_range("int"))]
+
+
+class SearchConfig(_Section):
+    """``dpcam search``: Optuna multi-objective search (ε ↓, validation accuracy ↑, explanation quality ↑).
+
+    Trials start from the ``train`` section and override what is searched; explanations are scored
+    as the ``explain`` section says (method, target, steps, tolerance) on validation images. Ranges
+    are ``[low, high]`` (``low == high`` fixes the value); float ranges are searched on a log scale.
+    """
+
+    objective: Annotated[str, AfterValidator(_search_objective)] = "masked_score_pct"
+    sampler: Literal["nsga2", "tpe", "random"] = "nsga2"
+    seed: int = 0
+    trials: int = Field(30, ge=0, description="trials this process runs (the mean number for a random count)")
+    trials_distribution: Literal["fixed", "poisson", "geometric"] = Field(
+        "fixed", description="random number of trials (sampler random only) for the Papernot-Steinke bound")
+    max_trials: int | None = Field(None, ge=1, description="stop once the study has this many finished trials")
+    timeout: float | None = Field(None, gt=0, description="seconds; stop starting new trials after this")
+    storage: str = Field("sqlite:///mlruns/optuna.db", min_length=1, description="any SQLAlchemy URL")
+    study_name: str | None = Field(None, pattern=DATASET_NAME, description="default dpcam-<dataset>")
+    population: int = Field(8, ge=2, description="NSGA-II generation size; TPE's random start-up trials")
+    schemes: Annotated[list[Literal["gaussian", "laplace"]], AfterValidator(_search_choices)] = Field(
+        default_factory=lambda: ["gaussian", "laplace"])
+    models: Annotated[list[str] | None, AfterValidator(_search_models)] = Field(
+        None, description="models to search over (null = train.model)")
+    epsilon: LogRange = Field(default_factory=lambda: [0.5, 10], description="target ε")
+    clip: LogRange = Field(default_factory=lambda: [0.1, 10], description="L2 clipping bound C (gaussian)")
+    lr: LogRange = Field(default_factory=lambda: [0.1, 3], description="learning rate (gaussian)")
+    laplace_clip: LogRange = Field(default_factory=lambda: [10, 1000], description="L1 clipping bound C (laplace)")
+    laplace_lr: LogRange = Field(default_factory=lambda: [0.05, 2], description="learning rate (laplace)")
+    epochs: IntRange = Field(default_factory=lambda: [2, 6])
+    batch_size: Annotated[list[Annotated[int, Field(ge=1)]], AfterValidator(_search_choices)] = Field(
+        default_factory=lambda: [128, 256, 512], description="expected batch sizes (choices)")
+    explain_images: int = Field(256, ge=1, description="validation images scored per trial")
+    heartbeat: int = Field(30, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period: int | None = Field(None, ge=1, description="a trial silent this long is failed (default 2 x heartbeat)")
+    max_retry: int = Field(2, ge=0, description="retries of a trial whose worker died")
+    out: Path = Field(Path("reports/search"), description="folder of the front table and plots")
+
+    @model_validator(mode="after")
+    def _random_count(self) -> "SearchConfig":
+        if self.trials_distribution != "fixed" and self.sampler != "random":
+            raise ValueError(f"trials_distribution = {self.trials_distribution!r} needs sampler 'random' "
+                             f"(the Papernot-Steinke bound is for random search), not {self.sampler!r}")
+        if self.trials_distribution != "fixed" and self.trials < 1:
+            raise ValueError(f"trials = {self.trials}: a {self.trials_distribution} number of trials needs a mean >= 1")
+        return self
+
+
+SECTIONS["search"] = SearchConfig
+
+
 def read_params(path: Path = PARAMS_FILE) -> dict[str, Any]:
     """The raw params.yaml mapping ({} when the file does not exist)."""
     if not path.exists():
@@ -375,7 +483,8 @@ def _deep_copy(d):
 
 
 # list-valued keys whose CLI flag is singular and repeatable
-_FLAG_NAMES = {"mechanisms": "mechanism", "epsilons": "epsilon", "synthetic.n": "n", "metrics": "metric"}
+_FLAG_NAMES = {"mechanisms": "mechanism", "epsilons": "epsilon", "synthetic.n": "n", "metrics": "metric",
+               "attacks": "attack"}
 
 
 def _one_line(e: ValidationError, section: str, path: Path, flags: dict[str, Any]) -> str:
@@ -416,3 +525,8 @@ def prepared_dir(dataset: str) -> Path:
         hint = f"prepared datasets: {', '.join(have)}" if have else "nothing is prepared yet"
         raise UserError(f"unknown dataset {dataset!r} (no {path}/manifest.json; {hint}); run `dpcam prepare --dataset {dataset}` first")
     return path
+
+
+from dpcam.audit import AuditConfig  # noqa: E402  (audit.py imports nothing from config at module level)
+
+SECTIONS["audit"] = AuditConfig

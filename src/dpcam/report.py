@@ -2,7 +2,8 @@
 
 Reads, for every run of the ``grid`` section (``config.grid_runs``), ``models/<family>/<run>/train.json``
 and ``metrics/<family>/<run>/explain.json`` (+ ``maps.npy`` / ``map_indices.npy`` for the Grad-CAM
-grids), and writes under ``reports/``:
+grids), and, where the audit stage has run, ``audits/<family>/<run>/audit.json`` (optional: without it the
+audit rows, figure and section are left out), and writes under ``reports/``:
 
 - ``tables/<table>.md`` and ``.csv``: Table 1 (Gaussian) and Table 2 (Laplace) equivalents, local DP,
   the clipping sweep, training-set sizes and the baselines; one table per model; each cell is the
@@ -14,7 +15,11 @@ grids), and writes under ``reports/``:
   (scheme, ε, model, seed), for ``dvc plots``;
 - ``figures/*.png``: the paper's Figures 2-7 equivalents (matplotlib, no display needed);
 - ``index.html``: every table and figure, the runs with their MLflow ids, privacy accounting,
-  degenerate flags and local-DP guarantees; inline CSS, no scripts, opens offline.
+  degenerate flags and local-DP guarantees, and the membership-inference audit (``dpcam audit``) with
+  any violation of a run's ε; inline CSS, no scripts, opens offline.
+
+Audit rows (MIA AUC per attack, empirical ε lower bound) join the family tables when audit.json exists
+for at least one run of the table; ``figures/fig_leakage_vs_eps.png`` plots them against ε.
 
 Everything is built in a temporary folder next to ``reports/`` first; only when all of it is
 written are the report's own entries swapped in (other files under ``reports/``, such as the
@@ -32,7 +37,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +55,7 @@ OWNED = ("index.html", "tables", "figures", "plots", "runs.csv", "metrics.json")
 # the report's pictures in figures/ (other files found there are kept)
 FIGURE_NAMES = frozenset({"fig2_ldp_cams.png", "fig3_accuracy_vs_eps.png", "fig4_ldp_explanations.png",
                           "fig5_gaussian_cams.png", "fig5_laplace_cams.png", "fig6a_masked_accuracy_vs_eps.png",
-                          "fig6b_masked_accuracy_vs_clip.png", "fig_train_size.png"})
+                          "fig6b_masked_accuracy_vs_clip.png", "fig_train_size.png", "fig_leakage_vs_eps.png"})
 
 
 @dataclass(frozen=True)
@@ -73,24 +78,36 @@ METRICS: tuple[Metric, ...] = (
     Metric("deletion_auc", "Deletion AUC ↓", 3),
     Metric("insertion_auc", "Insertion AUC ↑", 3),
 )
+# The audit column group: rows added to a table when some run of it has audit.json (dpcam.audit).
+AUDIT_METRICS: tuple[Metric, ...] = (
+    Metric("mia_auc_loss", "MIA AUC (loss) ↓", 3),
+    Metric("mia_auc_loss_calibrated", "MIA AUC (calibrated loss) ↓", 3),
+    Metric("mia_auc_gradcam_variance", "MIA AUC (Grad-CAM variance) ↓", 3),
+    Metric("mia_auc_gradcam_entropy", "MIA AUC (Grad-CAM entropy) ↓", 3),
+    Metric("mia_auc_input_gradient", "MIA AUC (input gradient) ↓", 3),
+    Metric("mia_epsilon_lb", "Empirical ε lower bound (MIA, 95%)", 2),
+)
 EXPLAIN_KEYS = ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "masked_accuracy_pct", "pointing_game",
                 "energy_pointing_game", "map_agreement", "deletion_auc", "insertion_auc", "randomisation_agreement")
 SUMMARY_KEYS = ("test_accuracy", "epsilon", "avg_drop_pct", "increase_conf_pct", "masked_score_pct",
-                "pointing_game", "map_agreement")
+                "pointing_game", "map_agreement", "mia_auc", "mia_epsilon_lb")
 
 
 # ------------------------------------------------------------------------------------------ inputs
 @dataclass(frozen=True)
 class Run:
-    """One grid run with its stage outputs: ``train`` (train.json) and ``explain`` (explain.json)."""
+    """One grid run with its stage outputs: ``train`` (train.json), ``explain`` (explain.json) and
+    ``audit`` (audit.json; empty when the run has not been audited)."""
 
     spec: RunSpec
     train: dict[str, Any]
     explain: dict[str, Any]
+    audit: dict[str, Any] = field(default_factory=dict)
 
     def value(self, key: str) -> float | None:
-        """``key`` from explain.json, else train.json, as a float (None when missing, null, NaN or not a number)."""
-        v = self.explain.get(key, self.train.get(key))
+        """``key`` from explain.json, else audit.json, else train.json, as a float (None when missing, null, NaN
+        or not a number)."""
+        v = self.explain.get(key, self.audit.get(key, self.train.get(key)))
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             return None
         return float(v)
@@ -114,10 +131,13 @@ def _read_json(path: Path, spec: RunSpec) -> dict[str, Any]:
 
 
 def load_runs(grid: GridConfig) -> list[Run]:
-    """Every run of ``grid`` with its train.json and explain.json; UserError naming the first missing file.
+    """Every run of ``grid`` with its train.json, explain.json and (if present) audit.json; UserError naming
+    the first missing required file or the first unreadable one.
 
     Also checks that each run's ``maps.npy`` and ``map_indices.npy`` exist (the Grad-CAM grids read them).
     """
+    from dpcam.audit import audit_dir
+
     runs = []
     for spec in grid_runs(grid):
         train = _read_json(spec.model_dir / "train.json", spec)
@@ -126,7 +146,9 @@ def load_runs(grid: GridConfig) -> list[Run]:
             if not (spec.metrics_dir / name).is_file():
                 raise UserError(f"grid run {spec.name}: missing {spec.metrics_dir / name}; "
                                 "run `dvc repro` (or dpcam train/explain for it) first")
-        runs.append(Run(spec, train, explain))
+        audit_json = audit_dir(spec) / "audit.json"
+        audit = _read_json(audit_json, spec) if audit_json.is_file() else {}
+        runs.append(Run(spec, train, explain, audit))
     return runs
 
 
@@ -188,9 +210,15 @@ class Table:
     columns: list[Column]
     caption: str = ""
 
+    @property
+    def metrics(self) -> tuple[Metric, ...]:
+        """The table's rows: ``METRICS``, plus ``AUDIT_METRICS`` when some run of the table has been audited."""
+        audited = any(r.audit for c in self.columns for r in c.runs)
+        return METRICS + AUDIT_METRICS if audited else METRICS
+
     def cells(self) -> list[list[str]]:
         """Rows of formatted cells: the metric label, then one cell per column."""
-        return [[m.label] + [format_cell(c.values(m.key), m.decimals) for c in self.columns] for m in METRICS]
+        return [[m.label] + [format_cell(c.values(m.key), m.decimals) for c in self.columns] for m in self.metrics]
 
 
 # (stem, title, family) of the report's tables, in page order
@@ -301,7 +329,7 @@ def table_records(tables: list[Table]) -> list[dict[str, Any]]:
     rows = []
     for t in tables:
         for c in t.columns:
-            for m in METRICS:
+            for m in t.metrics:
                 vals = c.values(m.key)
                 mean, half = mean_ci(vals)
                 rows.append({"model": t.model, "column": c.label, "group": c.group, "x": _num(c.x), "metric": m.key,
@@ -334,7 +362,7 @@ def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple[str, float]]:
 
 def runs_records(runs: list[Run]) -> list[dict[str, Any]]:
     """runs.csv rows: identity of the run, then every numeric key of train.json, then of explain.json
-    (a key both have is prefixed ``explain.`` on the explain side)."""
+    (a key both have is prefixed ``explain.`` on the explain side), then of audit.json (all prefixed ``audit.``)."""
     rows = []
     for r in runs:
         s = r.spec
@@ -344,6 +372,7 @@ def runs_records(runs: list[Run]) -> list[dict[str, Any]]:
         row.update(_flatten(r.train))
         for k, v in _flatten(r.explain):
             row[f"explain.{k}" if k in row else k] = v
+        row.update({f"audit.{k}": v for k, v in _flatten(r.audit)})
         rows.append(row)
     return rows
 
@@ -473,10 +502,13 @@ def fig_accuracy_vs_eps(tables: list[Table], models: list[str], path: Path) -> P
         return None
     fig, axes = _figure()
     ax, xs, deg = axes[0, 0], [], False
-    for model, color in zip(models, _colors(len(models))):
-        for t, name, marker, ls in ((g.get(model), "Gaussian", "o", "-"), (la.get(model), "Laplace", "s", "-.")):
+    colors = _colors(2 * len(models))  # one colour per (model, scheme)
+    for i, model in enumerate(models):
+        color = colors[2 * i]
+        for t, name, marker, ls, c2 in ((g.get(model), "Gaussian", "o", "-", colors[2 * i]),
+                                        (la.get(model), "Laplace", "s", "-.", colors[2 * i + 1])):
             if t:
-                xs += _series(ax, [c for c in t.columns if c.group != "none"], "test_accuracy", f"{model} {name}", color, marker, ls)
+                xs += _series(ax, [c for c in t.columns if c.group != "none"], "test_accuracy", f"{model} {name}", c2, marker, ls)
                 deg |= any(c.degenerate for c in t.columns)
         if (t := g.get(model) or la.get(model)) is not None:
             _inf_line(ax, _infcol(t.columns), "test_accuracy", f"{model} non-private (ε = ∞)", color)
@@ -566,6 +598,43 @@ def fig_train_size(tables: list[Table], models: list[str], path: Path) -> Path |
     return _finish(fig, axes, path, "DP needs more data: utility and explanations vs ε per training-set size", deg)
 
 
+def fig_leakage_vs_eps(tables: list[Table], models: list[str], path: Path) -> Path | None:
+    """Membership-inference leakage vs ε (Gaussian solid, Laplace dash-dotted; ε = ∞ dashed).
+
+    Left: the best attack's ROC AUC (``mia_auc``; 0.5 = chance, dotted). Right: the empirical ε lower
+    bound (``mia_epsilon_lb``) with the line y = ε: a point above it beats the guarantee (the audit
+    flags it as a violation). x is the target ε. None when no Gaussian/Laplace run has been audited.
+    """
+    g, la = _by_model(tables, "table1_gaussian"), _by_model(tables, "table2_laplace")
+    audited = [t for t in (*g.values(), *la.values()) if any(r.audit for c in t.columns for r in c.runs)]
+    if not audited:
+        return None
+    fig, axes = _figure(1, 2, 5.2, 4.0)
+    deg = any(c.degenerate for t in audited for c in t.columns)
+    colors = _colors(2 * len(models))
+    for k, (key, label) in enumerate((("mia_auc", "MIA AUC, best attack (0.5 = chance)"),
+                                      ("mia_epsilon_lb", "empirical ε lower bound (95%)"))):
+        ax, xs = axes[0, k], []
+        for i, model in enumerate(models):
+            for t, name, marker, ls, color in ((g.get(model), "Gaussian", "o", "-", colors[2 * i]),
+                                               (la.get(model), "Laplace", "s", "-.", colors[2 * i + 1])):
+                if t:
+                    xs += _series(ax, [c for c in t.columns if c.group != "none"], key, f"{model} {name}", color, marker, ls)
+            if (t := g.get(model) or la.get(model)) is not None:
+                _inf_line(ax, _infcol(t.columns), key, f"{model} non-private (ε = ∞)", colors[2 * i])
+        finite = sorted({x for x in xs if math.isfinite(x) and x > 0})
+        if key == "mia_auc":
+            ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
+        elif finite:
+            line = np.geomspace(finite[0], finite[-1], 50) if len(finite) > 1 else np.array(finite)
+            ax.plot(line, line, color="black", ls="--", lw=1, marker="" if len(finite) > 1 else "x",
+                    label="y = ε (above: violation)")
+            ax.set_ylim(bottom=0)
+        _log_x(ax, xs, "target ε (log scale)")
+        ax.set_ylabel(label)
+    return _finish(fig, axes, path, "Membership-inference leakage vs ε (dpcam audit)", deg)
+
+
 def fig_cams(cols: list[Column], seed: int, path: Path, title: str, images: int = 4) -> tuple[Path | None, str | None]:
     """Paper Fig. 2/5: the same test images (rows) across runs of increasing ε (columns, ∞ last).
 
@@ -646,8 +715,11 @@ def _g(v: Any, fmt: str = ".4g") -> str:
 
 
 def render_html(grid: GridConfig, runs: list[Run], tables: list[Table], figures: list[tuple[str, str]],
-                notes: list[str], extra_figures: list[tuple[str, str]]) -> str:
-    """The index page: ``figures`` and ``extra_figures`` are (relative src, caption) pairs."""
+                notes: list[str], extra_figures: list[tuple[str, str]], search: bool = False) -> str:
+    """The index page: ``figures`` and ``extra_figures`` are (relative src, caption) pairs.
+
+    ``search``: link ``search/index.html`` (what ``dpcam search`` writes next to the report).
+    """
     e = html.escape
     datasets = sorted({str(r.train.get("dataset", "?")) for r in runs})
     parts = [f"<h1>dpcam report: grid <code>{e(grid.name)}</code></h1>",
@@ -659,7 +731,9 @@ def render_html(grid: GridConfig, runs: list[Run], tables: list[Table], figures:
              "seed); ε = ∞ is the non-private run. Definitions of every metric: DESIGN.md §3.</p>"),
              f'<p class="note">{e(DEGENERATE_NOTE)}</p>',
              ('<nav><a href="#tables">Tables</a><a href="#figures">Figures</a><a href="#runs">Runs</a>'
-             '<a href="#privacy">Privacy accounting</a><a href="#ldp">Local-DP guarantees</a></nav>'),
+             '<a href="#privacy">Privacy accounting</a><a href="#audit">Membership-inference audit</a>'
+             '<a href="#ldp">Local-DP guarantees</a>' + ('<a href="search/index.html">Search: Pareto front</a>' if search else "")
+             + '</nav>'),
              '<h2 id="tables">Tables</h2>']
     for t in tables:
         parts.append(f"<h3>{e(t.title)}: {e(t.model)}</h3><p class=\"note\">{e(t.caption)} "
@@ -694,6 +768,7 @@ def render_html(grid: GridConfig, runs: list[Run], tables: list[Table], figures:
           _g(r.train.get("delta")), _g(r.train.get("noise_multiplier")), _g(r.train.get("max_grad_norm")),
           _g(r.train.get("sample_rate")), _g(r.train.get("steps")), _g(r.train.get("accountant")),
           _g(r.train.get("epsilon_rdp_check"))] for r in runs if r.spec.scheme in ("gaussian", "laplace", "clip-only")]))
+    parts.append(_audit_html(runs))
     parts.append('<h2 id="ldp">Local-DP guarantees</h2>')
     seen: dict[str, str] = {}
     for r in runs:
@@ -704,6 +779,36 @@ def render_html(grid: GridConfig, runs: list[Run], tables: list[Table], figures:
                  if seen else "<p>No local-DP runs in this grid.</p>")
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>dpcam report: "
             f"{e(grid.name)}</title><style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def _audit_html(runs: list[Run]) -> str:
+    """The audit section: one row per audited run; violations listed first, in red."""
+    e = html.escape
+    head = ('<h2 id="audit">Membership-inference audit</h2><p class="note">From <code>dpcam audit</code> '
+            "(audits/&lt;family&gt;/&lt;run&gt;/audit.json): ROC AUC of each attack and the empirical ε lower bound, "
+            "all measured on the evaluation half (thresholds chosen on the selection half); the bound holds with 95% "
+            "confidence over all attacks together. Check: each attack's conservative (FPR, TPR) point against the "
+            "trade-off the run's (ε, δ) allows (and its PLD curve where recorded).</p>")
+    audited = [r for r in runs if r.audit]
+    if not audited:
+        return head + "<p>No run has been audited (run <code>dpcam audit --family F</code>, the audit stage).</p>"
+    bad = [r for r in audited if r.audit.get("violation")]
+    parts = [head]
+    if bad:
+        parts.append("<p class=\"deg\">VIOLATION: an attack beats what ε allows (a privacy bug or a broken assumption) "
+                     "in: " + e(", ".join(f"{r.spec.name} ({', '.join((r.audit.get('check') or {}).get('violations') or [])})"
+                                        for r in bad)) + "</p>")
+    cols = [m.key for m in AUDIT_METRICS]
+    rows = []
+    for r in audited:
+        check = r.audit.get("check") or {}
+        verdict = ("VIOLATION" if r.audit.get("violation") else f"within ({check.get('bound')})") if check.get("done") \
+            else "not checked"
+        rows.append([r.spec.name, _g(r.value("epsilon")), r.audit.get("members", "—"), *(_g(r.value(k), ".3f") for k in cols),
+                     _g(r.audit.get("epsilon_lb_max_detectable"), ".2f"), verdict])
+    parts.append(_html_table(["run", "ε achieved", "members = non-members", *(m.label for m in AUDIT_METRICS),
+                              "largest detectable ε", "check"], rows))
+    return "".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ the stage
@@ -772,11 +877,17 @@ def _build(grid: GridConfig, runs: list[Run], out: Path, tmp: Path, cam_images: 
          lambda p: fig_masked_accuracy_vs_clip(tables, models, grid.clip_sweep.epsilon, p)),
         ("fig_train_size.png", "DP needs more data: accuracy and masked score vs ε per training-set size",
          lambda p: fig_train_size(tables, models, p)),
+        ("fig_leakage_vs_eps.png", ("Leakage vs ε: membership-inference AUC and the empirical ε lower bound "
+                                    "(95%) against the target ε (y = ε dashed; above it an attack beats the guarantee)"),
+         lambda p: fig_leakage_vs_eps(tables, models, p)),
     ]
     figures: list[tuple[str, str]] = []
     for name, caption, draw in plain:
         if draw(fig_dir / name) is not None:
             figures.append((f"figures/{name}", caption))
+        elif name == "fig_leakage_vs_eps.png":
+            notes.append(f"{name}: skipped, no Gaussian or Laplace run has audits/<family>/<run>/audit.json "
+                         "(run `dpcam audit --family F`, the audit stage)")
         else:
             notes.append(f"{name}: skipped, the grid has no runs of its family")
     first = models[0]
@@ -803,6 +914,7 @@ def _build(grid: GridConfig, runs: list[Run], out: Path, tmp: Path, cam_images: 
             if (tmp / rel).is_file() or (rel == f"ldp-{ds}.png" and (out / rel).is_file()):
                 extra.append((rel, f"Local-DP derivatives of {ds}: clean images and their noised versions per ε"))
                 break
-    (tmp / "index.html").write_text(render_html(grid, runs, tables, figures, notes, extra))
+    (tmp / "index.html").write_text(render_html(grid, runs, tables, figures, notes, extra,
+                                                search=(out / "search" / "index.html").is_file()))
     return {"out": str(out), "index": str(out / "index.html"), "runs": len(runs), "tables": written_tables,
             "figures": [src for src, _ in figures], "skipped": notes}

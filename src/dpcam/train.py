@@ -325,6 +325,15 @@ def save_model(model: nn.Module, cfg: TrainConfig, data: PreparedDataset, out: P
     os.replace(tmp, out / "model.json")
 
 
+def training_run_id(name: str) -> str | None:
+    """The MLflow run id recorded in the run's train.json (None, with a warning, when there is none)."""
+    train_json = run_dir(name) / "train.json"
+    run_id = json.loads(train_json.read_text()).get("mlflow_run_id") if train_json.is_file() else None
+    if not run_id:
+        log.warning("%s: no MLflow run id in %s; results are in files only", name, train_json)
+    return run_id
+
+
 def load_model(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a trained run's plain model (eval mode) from models/<run>/."""
     from dpcam.models import create_model

@@ -183,12 +183,10 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
 def _log_to_mlflow(name: str, result: dict[str, Any], artifacts: list[Path]) -> None:
     from dpcam import tracking
 
-    from dpcam.train import run_dir
+    from dpcam.train import training_run_id
 
-    train_json = run_dir(name) / "train.json"
-    run_id = json.loads(train_json.read_text()).get("mlflow_run_id") if train_json.is_file() else None
+    run_id = training_run_id(name)
     if not run_id:
-        log.warning("%s: no MLflow run id in %s; explain metrics are in files only", name, train_json)
         return
     numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     numbers["degenerate"] = float(result["degenerate"])
