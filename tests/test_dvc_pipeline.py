@@ -1,6 +1,6 @@
 """End to end: the repository's dvc.yaml on a tiny profile, in a temporary git clone.
 
-One `dvc repro` of every stage (a few dozen 16 px images, one epoch per run), then what users do
+One `dvc repro` of every stage (100 images of 16 px, one epoch per run), then what users do
 next: `dvc metrics show`, `dvc status`, and which stages a params change invalidates.
 """
 
@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 TINY = {
     "prepare": {"dataset": "tiny-fundus", "format": "synthetic", "size": 16, "seed": 0,
                 "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "workers": 1,
-                "synthetic": {"n": 60, "balance": "uniform", "lesion_scale": 2.0}},
+                "synthetic": {"n": 100, "balance": "uniform", "lesion_scale": 2.0}},
     "ldp": {"mechanisms": ["singh-sikka"], "epsilons": [1], "delta": 1.0e-5, "seed": 0, "secure": False,
             "dp_pix": {"b": 4, "m": 1}},
     "train": {"dataset": "tiny-fundus", "model": "smallcnn", "delta": 1.0e-5, "clip": 1.0, "lr": 0.5,
@@ -29,10 +29,10 @@ TINY = {
     "grid": {"name": "tiny", "models": ["smallcnn"], "seeds": [0], "gaussian": [1, 5], "laplace": [5],
              "laplace_clip": 10, "laplace_lr": 0.1, "baselines": ["none", "clip-only"],
              "ldp": ["singh-sikka-eps1"], "clip_sweep": {"epsilon": 1, "clips": [10]},
-             "train_sizes": {"sizes": [20], "gaussian": [1], "none": True},
+             "train_sizes": {"sizes": [40], "gaussian": [1], "none": True},
              "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12}},
     "explain": {"max_images": 6, "batch_size": 6, "steps": 2, "grid_images": 2, "device": "cpu"},
-    "audit": {"max_per_group": 8, "batch_size": 8, "device": "cpu"},
+    "audit": {"max_per_group": 10, "batch_size": 10, "device": "cpu"},
 }
 
 
