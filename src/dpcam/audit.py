@@ -592,19 +592,10 @@ def audit_family(family: str, grid, cfg: AuditConfig, *, progress: bool = True) 
     """Audit every run of ``family`` in the grid into ``audits/<family>/<run>/`` (one process for all)."""
     import shutil
 
-    from dpcam.config import FAMILIES, grid_runs
+    from dpcam.config import family_runs
 
-    if family not in FAMILIES:
-        raise UserError(f"unknown grid family {family!r}; families: {', '.join(FAMILIES)}")
-    specs = [s for s in grid_runs(grid) if s.family == family]
-    if not specs:  # e.g. no ldp runs in this profile: the stage's output is an empty folder
-        (AUDITS_ROOT / family).mkdir(parents=True, exist_ok=True)
-        return []
-    for spec in specs:  # fail before writing anything when a run is not trained
-        if not (spec.model_dir / "model.json").is_file():
-            raise UserError(f"grid run {spec.name}: no trained model at {spec.model_dir}; run `dpcam train --family {family}` first")
     results = []
-    for spec in specs:
+    for spec in family_runs(grid, family, AUDITS_ROOT, trained=True):
         if audit_dir(spec).exists():
             shutil.rmtree(audit_dir(spec))
         results.append(audit_run(spec.name, cfg, out=audit_dir(spec), progress=progress))

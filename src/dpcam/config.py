@@ -320,6 +320,23 @@ def grid_runs(grid: GridConfig) -> list[RunSpec]:
     return runs
 
 
+def family_runs(grid: GridConfig, family: str, root: Path, *, trained: bool = False) -> list[RunSpec]:
+    """The runs of ``family`` for a stage writing ``root/<family>/``: one door for train, explain and audit.
+
+    Unknown family -> UserError; a family without runs gets an empty ``root/<family>/`` (the DVC stage's
+    output); ``trained`` checks every run's model exists before the stage writes anything.
+    """
+    if family not in FAMILIES:
+        raise UserError(f"unknown grid family {family!r}; families: {', '.join(FAMILIES)}")
+    specs = [s for s in grid_runs(grid) if s.family == family]
+    if not specs:  # e.g. no ldp runs in this profile
+        (Path(root) / family).mkdir(parents=True, exist_ok=True)
+    for spec in specs if trained else []:
+        if not (spec.model_dir / "model.json").is_file():
+            raise UserError(f"grid run {spec.name}: no trained model at {spec.model_dir}; run `dpcam train --family {family}` first")
+    return specs
+
+
 SECTIONS: dict[str, type[_Section]] = {
     "prepare": PrepareConfig, "ldp": LdpConfig, "train": TrainConfig, "explain": ExplainConfig, "grid": GridConfig,
 }

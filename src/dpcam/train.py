@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpcam.config import DP_SCHEMES, FAMILIES, GridConfig, RunSpec, TrainConfig, grid_runs
+from dpcam.config import DP_SCHEMES, GridConfig, RunSpec, TrainConfig, family_runs
 from dpcam.data.store import PreparedDataset, load_dataset
 from dpcam.errors import UserError
 
@@ -434,12 +434,7 @@ def run_family(family: str, grid: GridConfig, base: TrainConfig, *, progress: bo
     for the family again): a run left half-way by an interrupted stage is trained again from the start,
     never resumed from a checkpoint of another configuration.
     """
-    specs = [s for s in grid_runs(grid) if s.family == family]
-    if family not in FAMILIES:
-        raise UserError(f"unknown grid family {family!r}; families: {', '.join(FAMILIES)}")
-    if not specs:  # e.g. no ldp runs in this profile: the stage's output is an empty folder
-        (Path("models") / family).mkdir(parents=True, exist_ok=True)
-        return []
+    specs = family_runs(grid, family, MODELS_ROOT)
     cfgs = [grid_config(s, grid, base) for s in specs]  # every config is validated before anything is trained
     results = []
     for spec, cfg in zip(specs, cfgs):

@@ -297,19 +297,10 @@ def score_family(family: str, grid, cfg: ExplainConfig, *, progress: bool = True
     """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all)."""
     import shutil
 
-    from dpcam.config import FAMILIES, grid_runs
+    from dpcam.config import family_runs
 
-    specs = [s for s in grid_runs(grid) if s.family == family]
-    if family not in FAMILIES:
-        raise UserError(f"unknown grid family {family!r}; families: {', '.join(FAMILIES)}")
-    if not specs:  # e.g. no ldp runs in this profile: the stage's output is an empty folder
-        (Path("metrics") / family).mkdir(parents=True, exist_ok=True)
-        return []
-    for spec in specs:  # fail before writing anything when a run is not trained
-        if not (spec.model_dir / "model.json").is_file():
-            raise UserError(f"grid run {spec.name}: no trained model at {spec.model_dir}; run `dpcam train --family {family}` first")
     results = []
-    for spec in specs:
+    for spec in family_runs(grid, family, METRICS_ROOT, trained=True):
         if spec.metrics_dir.exists():
             shutil.rmtree(spec.metrics_dir)
         results.append(score(spec.name, cfg, progress=progress, out=spec.metrics_dir))
