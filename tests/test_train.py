@@ -107,6 +107,7 @@ def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
     logged = tracking.load_model(saved["mlflow_model_uri"])
     x = torch.rand(2, 3, 16, 16)
     assert torch.allclose(logged(x), model(x), atol=1e-5)
+    assert type(logged) is type(model) and logged.gradcam_layer == model.gradcam_layer  # dpcam's module, not a trace
 
 
 def _status(run_id):

@@ -56,12 +56,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import AlexNet as _TVAlexNet
-from torchvision.models import ResNet as _TVResNet
-from torchvision.models import VGG as _TVVGG
-from torchvision.models.resnet import BasicBlock as _TVBasicBlock
-from torchvision.models.vgg import cfgs as _vgg_cfgs
-from torchvision.models.vgg import make_layers as _vgg_make_layers
 
 from dpcam.errors import UserError
 
@@ -190,109 +184,29 @@ def _smallcnn(num_classes: int, image_size: int, *, small_input: bool, **kwargs)
     return SmallCNN(num_classes, **kwargs)
 
 
-# --------------------------------------------------------------------------------------- resnet18
-
-
-class _BasicBlock(_TVBasicBlock):
-    """torchvision's BasicBlock with out-of-place ReLU and residual sum (Opacus hooks / ew safe)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.relu = nn.ReLU(inplace=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class ResNet18(_TVResNet):
-    """torchvision ResNet-18 with GroupNorm, out-of-place blocks, pixel-space input.
-
-    ``small_input``: 3×3 stride-1 stem and no stem max-pool (``layer4`` at H/8 instead of H/32).
-    State-dict keys are torchvision's (plus ``normalize.*``), so ImageNet weights map by name.
-    """
-
-    gradcam_layer = "layer4"
-
-    def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
-        super().__init__(_BasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=group_norm)
-        if small_input:
-            self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-            self.maxpool = nn.Identity()
-        self.normalize = Normalize(mean, std)
-        _out_of_place(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
-        return super().forward(self.normalize(x))
+# ------------------------------------------------------------------- torchvision architectures
+# The classes live in dpcam.tvmodels: importing torchvision's model zoo costs about 2 s, so the
+# builders import it only when one of these models is asked for (smallcnn processes never pay).
 
 
 @register_model("resnet18")
 def _resnet18(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
+    from dpcam.tvmodels import ResNet18
+
     return ResNet18(num_classes, small_input, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------- alexnet
-
-
-class AlexNet(_TVAlexNet):
-    """torchvision AlexNet with out-of-place ReLUs and pixel-space input; target ``features.11``.
-
-    ``small_input``: conv1 stride 2 / padding 5 (kernel still 11×11) and max-pools with padding 1:
-    64 px → target 8×8 (torchvision: 3×3, and 1×1 after the last pool).
-    """
-
-    gradcam_layer = "features.11"
-
-    def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
-        super().__init__(num_classes=num_classes)
-        if small_input:
-            conv1 = self.features[0]
-            conv1.stride, conv1.padding = (2, 2), (5, 5)
-            for i in (2, 5, 12):
-                self.features[i].padding = 1
-        self.normalize = Normalize(mean, std)
-        _out_of_place(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
-        return super().forward(self.normalize(x))
 
 
 @register_model("alexnet")
 def _alexnet(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
+    from dpcam.tvmodels import AlexNet
+
     return AlexNet(num_classes, small_input, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------ vgg16
-
-
-class VGG16(_TVVGG):
-    """torchvision VGG-16 (configuration D, no BatchNorm), out-of-place ReLUs, pixel-space input.
-
-    Target ``features.29`` (the last conv ReLU). ``small_input``: the fourth max-pool
-    (``features.23``) is an identity, so the last conv block is H/8 wide (8×8 at 64 px).
-    """
-
-    gradcam_layer = "features.29"
-
-    def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
-        super().__init__(_vgg_make_layers(_vgg_cfgs["D"], batch_norm=False), num_classes=num_classes)
-        if small_input:
-            self.features[23] = nn.Identity()
-        self.normalize = Normalize(mean, std)
-        _out_of_place(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
-        return super().forward(self.normalize(x))
 
 
 @register_model("vgg16")
 def _vgg16(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
+    from dpcam.tvmodels import VGG16
+
     return VGG16(num_classes, small_input, **kwargs)
 
 
@@ -330,7 +244,6 @@ def create_model(
     if small_input is None:
         small_input = image_size <= SMALL_INPUT_MAX
     build = MODELS[key]
-    _check_input_size(key, build, num_classes, image_size, small_input, kwargs)
     if seed is None:
         model = build(int(num_classes), int(image_size), small_input=bool(small_input), **kwargs)
     else:
@@ -340,26 +253,30 @@ def create_model(
     if not isinstance(getattr(model, "gradcam_layer", None), str):
         raise TypeError(f"model builder {key!r} did not set model.gradcam_layer")
     target_layer(model)  # the named layer must exist
+    _check_input_size(key, model, int(image_size), bool(small_input))
     if weights is not None:
         load_weights(model, weights)
     return model
 
 
-def _check_input_size(key: str, build: Builder, num_classes: int, image_size: int, small_input: bool, kwargs) -> None:
-    """Raise UserError when ``image_size`` pixels shrink to nothing inside the model (checked on meta tensors)."""
+def _check_input_size(key: str, model: nn.Module, image_size: int, small_input: bool) -> None:
+    """Raise UserError when ``image_size`` pixels shrink to nothing inside ``model``.
+
+    Probes the freshly built model with one black image per size (eval mode, no gradients, so no
+    random numbers are drawn). Real tensors, not meta ones: meta kernels import torch._dynamo,
+    which costs every process about 2 s.
+    """
 
     def runs(size: int) -> bool:
-        with torch.device("meta"):
-            try:
-                probe = build(int(num_classes), size, small_input=bool(small_input), **kwargs)
-            except UserError:
-                raise
-            except Exception:  # noqa: BLE001 - a builder that cannot run on meta tensors is not checked here
-                return True
-            try:
-                probe(torch.empty(1, 3, size, size))
-            except RuntimeError:
-                return False
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size))
+        except (RuntimeError, ValueError):  # an empty feature map; GroupNorm on one value per group
+            return False
+        finally:
+            model.train(was_training)
         return True
 
     if runs(int(image_size)):

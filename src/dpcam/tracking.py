@@ -137,11 +137,18 @@ def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
 
 
 def log_model(model, input_example) -> str:
-    """Log a torch module so ``mlflow.pytorch.load_model`` loads it; returns the model URI."""
+    """Log a torch module so ``mlflow.pytorch.load_model`` loads it; returns the model URI.
+
+    Pickle format: loading gives back dpcam's own module (``gradcam_layer`` and named layers for
+    Grad-CAM), with dpcam in its requirements; MLflow 3's default "pt2" gives a traced graph
+    without them and costs ~2 s per run in ``torch.export``. Like any pickle, load only models you
+    trust (your own tracking store).
+    """
     import mlflow.pytorch
 
     # explicit requirements: MLflow's inference imports the model in a subprocess (~10 s per run)
-    info = mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=_requirements())
+    info = mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=_requirements(),
+                                    serialization_format="pickle")
     return info.model_uri
 
 

@@ -31,7 +31,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms.functional import gaussian_blur
 
 from dpcam.errors import UserError
 from dpcam.explain.gradcam import evaluating
@@ -146,6 +145,8 @@ def blur_baseline(x: torch.Tensor, sigma: float = DEFAULT_BLUR_SIGMA, kernel_siz
     """
     if sigma <= 0:
         raise UserError(f"blur sigma {sigma} must be > 0 (deletion/insertion baseline)")
+    from torchvision.transforms.functional import gaussian_blur  # torchvision's import costs ~2 s: only here
+
     k = int(kernel_size) | 1  # odd
     k = max(1, min(k, 2 * (min(x.shape[-2:]) - 1) + 1))
     return gaussian_blur(x, [k, k], [float(sigma), float(sigma)])
