@@ -273,10 +273,24 @@ def test_audit_family_mirrors_the_explain_stage(in_runs):
     assert sorted(p.name for p in folder.iterdir()) == ["audit.json", "roc.png"] and r["run_name"] == folder.name
 
 
+def test_audit_grid_checks_every_model_before_writing(in_runs):
+    overfit, _ = in_runs
+    grid = GridConfig(baselines=["none"], gaussian=[1], laplace=[], clip_sweep={"clips": []})
+    shutil.copytree(Path("models") / overfit, Path("models/baseline/none-epsinf-smallcnn-s0"))
+    with pytest.raises(UserError, match="grid run gaussian-eps1-smallcnn-s0: no trained model"):
+        A.audit_grid(grid, cfg(attacks=["loss"]))
+    assert not Path("audits/baseline/none-epsinf-smallcnn-s0").exists()  # nothing half written
+    grid = GridConfig(baselines=["none"], gaussian=[], laplace=[], clip_sweep={"clips": []})
+    [r] = A.audit_grid(grid, cfg(attacks=["loss"]))
+    assert r["run_name"] == "none-epsinf-smallcnn-s0" and Path("audits/baseline/none-epsinf-smallcnn-s0/audit.json").is_file()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["audit"], "name one RUN, or pass --family"),
+        (["audit", "overfit", "--grid"], "(one of them)"),
+        (["audit", "--family", "baseline", "--grid"], "(one of them)"),
         (["audit", "nope"], "unknown run 'nope'"),
         (["audit", "overfit", "--attack", "lira"], "unknown attack 'lira'"),
         (["audit", "overfit", "--max-per-group", "5"], "audit.max_per_group = 5"),

@@ -62,7 +62,7 @@ def repro(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_the_report(repro):
     root, env, out = repro
-    for stage in ("prepare", "ldp@singh-sikka-1", "ldp-figure", "train-gaussian", "explain-train-size", "audit-laplace", "report"):
+    for stage in ("prepare", "ldp@singh-sikka-1", "ldp-figure", "train-gaussian", "explain-train-size", "audit", "report"):
         assert f"Running stage '{stage}'" in out
     runs = [p.parent.name for p in (root / "models").glob("*/*/model.json")]
     assert len(runs) == 2 + 2 + 1 + 1 + 1 + 2

@@ -1,10 +1,12 @@
 """The audit stage: membership inference against a trained run, checked against its (ε, δ).
 
 What an attacker learns about who was in the training set, measured beside the ε the accountant
-promised. ``audit_run`` attacks one run, ``audit_family`` every run of one grid family (the DVC
-stage ``audit-<family>``); both write ``audit.json`` and ``roc.png`` to ``audits/<run>/`` (a single
-run) or ``audits/<family>/<run>/`` (a grid run; a top-level folder of its own because DVC outputs
-cannot overlap the explain stage's ``metrics/<family>``), and log to the training's MLflow run.
+promised. ``audit_run`` attacks one run, ``audit_family`` every run of one grid family and
+``audit_grid`` every run of the grid (the DVC stage ``audit``: one process, since each process
+spends ~8 s importing torch, Captum and MLflow); they write ``audit.json`` and ``roc.png`` to
+``audits/<run>/`` (a single run) or ``audits/<family>/<run>/`` (a grid run; a top-level folder of
+its own because DVC outputs cannot overlap the explain stage's ``metrics/<family>``), and log to
+the training's MLflow run.
 
 Data. Members are the training images the run actually used (its train split, or the
 ``train_size`` subset that ``train.fit`` drew with seed 0); non-members are the test split, which
@@ -600,6 +602,18 @@ def audit_family(family: str, grid, cfg: AuditConfig, *, progress: bool = True) 
             shutil.rmtree(audit_dir(spec))
         results.append(audit_run(spec.name, cfg, out=audit_dir(spec), progress=progress))
     return results
+
+
+def audit_grid(grid, cfg: AuditConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+    """Audit every run of the grid, family by family, into ``audits/<family>/<run>/`` (the DVC stage ``audit``).
+
+    Every run's model must exist before anything is written (UserError naming the first missing one).
+    """
+    from dpcam.config import FAMILIES, family_runs
+
+    for family in FAMILIES:
+        family_runs(grid, family, AUDITS_ROOT, trained=True)
+    return [r for family in FAMILIES for r in audit_family(family, grid, cfg, progress=progress)]
 
 
 # ------------------------------------------------------------------------------------------ outputs

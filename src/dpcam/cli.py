@@ -221,6 +221,7 @@ def _echo_explained(r: dict) -> None:
 def audit(
     run: Optional[str] = typer.Argument(None, help="run name under models/ or an MLflow run id"),
     family: Optional[str] = typer.Option(None, help="audit every run of this grid family into audits/<family>/"),
+    grid: bool = typer.Option(False, "--grid", help="audit every run of the grid into audits/<family>/ (the DVC stage)"),
     attack: Optional[List[str]] = typer.Option(
         None, help="loss|loss-calibrated|gradcam-variance|gradcam-entropy|input-gradient; repeat for several (default: all)"),
     max_per_group: Optional[int] = typer.Option(None, help="members and non-members sampled, each"),
@@ -229,14 +230,17 @@ def audit(
     fail_on_violation: bool = typer.Option(False, "--fail-on-violation", help="exit 1 when an attack beats what ε allows"),
 ) -> None:
     """Membership-inference audit of a run against its ε; writes audits/<run>/audit.json and roc.png."""
-    from dpcam.audit import audit_family, audit_run, load_config
+    from dpcam.audit import audit_family, audit_grid, audit_run, load_config
 
-    if (run is None) == (family is None):
-        raise UserError("name one RUN, or pass --family F to audit a grid family (not both)")
+    if (run is not None) + (family is not None) + grid != 1:
+        raise UserError("name one RUN, or pass --family F to audit a grid family, or --grid for every run of the grid (one of them)")
     cfg = load_config({"attacks": attack or None, "max_per_group": max_per_group, "seed": seed, "device": device},
                       _state["params"])
-    results = audit_family(family, config.load_section("grid", None, _state["params"]), cfg) if family \
-        else [audit_run(run, cfg)]
+    if run is not None:
+        results = [audit_run(run, cfg)]
+    else:
+        grid_cfg = config.load_section("grid", None, _state["params"])
+        results = audit_family(family, grid_cfg, cfg) if family else audit_grid(grid_cfg, cfg)
     for r in results:
         eps, check = r["privacy"]["epsilon"], r["check"]
         if not check["done"]:
