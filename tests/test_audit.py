@@ -276,6 +276,8 @@ def test_audit_family_mirrors_the_explain_stage(in_runs):
 def test_audit_grid_checks_every_model_before_writing(in_runs):
     overfit, _ = in_runs
     grid = GridConfig(baselines=["none"], gaussian=[1], laplace=[], clip_sweep={"clips": []})
+    for folder in ("models/baseline", "audits/baseline"):  # the runs fixture is shared with the family test
+        shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(Path("models") / overfit, Path("models/baseline/none-epsinf-smallcnn-s0"))
     with pytest.raises(UserError, match="grid run gaussian-eps1-smallcnn-s0: no trained model"):
         A.audit_grid(grid, cfg(attacks=["loss"]))

@@ -336,7 +336,10 @@ def test_resume_after_a_killed_worker_keeps_finished_trials_and_retries_the_kill
     assert after[killed[0]].state.name == "FAIL"
     retries = [t for t in after.values() if t.system_attrs.get("failed_trial") == killed[0]]
     assert len(retries) == 1 and retries[0].state.name == "COMPLETE"
-    assert retries[0].params == after[killed[0]].params  # retried with the same settings
+    # retried with the settings the killed trial had drawn (all of them, unless the kill came while it
+    # was still drawing: the poll above can see RUNNING between two suggest calls)
+    drawn = after[killed[0]].params
+    assert drawn and drawn.items() <= retries[0].params.items()
     assert "resumed with" in res.output
 
 
