@@ -36,7 +36,11 @@ def test_non_private_fit_learns_and_returns_metrics(tiny):
 def test_gaussian_epsilon_is_what_the_accountant_says(tiny):
     from dpcam.privacy.accounting import gaussian_epsilon
 
-    m = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3), progress=False).metrics
+    from dpcam.explain.gradcam import opacus_state
+
+    res = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3), progress=False)
+    assert opacus_state(res.model, active_only=False) is None  # a plain model: no hooks, no per-sample attributes
+    m = res.metrics
     assert m["steps"] == 2 * round(1 / m["sample_rate"])
     independent = gaussian_epsilon(m["noise_multiplier"], m["sample_rate"], m["steps"], 1e-3, accountant="prv")
     assert m["epsilon"] == pytest.approx(independent, rel=1e-6)

@@ -296,7 +296,7 @@ def fit(
             f"{cfg.run_name}: collapsed model: predicts class {int(np.argmax(metrics['test_pred_histogram']))} "
             f"for {metrics['test_majority_share']:.0%} of the test set"
         )
-    return FitResult(plain, metrics, history)
+    return FitResult(setup.release(), metrics, history)  # no Opacus hooks left on the returned model
 
 
 def run_dir(name: str) -> Path:

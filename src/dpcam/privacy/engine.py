@@ -183,6 +183,15 @@ class PrivateSetup:
             if was_enabled:
                 m.enable_hooks()
 
+    def release(self) -> nn.Module:
+        """Detach Opacus from the model for good and return the plain module.
+
+        Removes the GradSampleModule's hooks and the per-sample attributes on the parameters
+        (Opacus' ``to_standard_module``). The ledger stays readable; the setup cannot train afterwards.
+        """
+        m = self.module
+        return m.to_standard_module() if isinstance(m, AbstractGradSampleModule) else m
+
     @property
     def ledger(self):
         """The privacy ledger (an Opacus ``IAccountant``), or None for non-DP schemes."""
