@@ -378,7 +378,7 @@ def run_trial(trial, ctx: SearchContext) -> tuple[float, float, float]:
     import optuna
 
     from dpcam import tracking
-    from dpcam.train import fit, load_model, open_data, resolve_device, save_model
+    from dpcam.train import fit, open_data, resolve_device, save_model
 
     started = time.perf_counter()
     if ctx.drawn is not None and trial.number >= ctx.drawn:
@@ -407,7 +407,7 @@ def run_trial(trial, ctx: SearchContext) -> tuple[float, float, float]:
             data = open_data(cfg)
             folder = trial_model_dir(ctx.study_name, trial.number)
             save_model(result.model, cfg, data, folder)
-            model = load_model(folder)[0].to(resolve_device(cfg.device))  # rebuilt: no Opacus hooks
+            model = result.model.eval().to(resolve_device(cfg.device))  # fit returns it free of Opacus hooks
             t0 = time.perf_counter()
             quality = explanation_quality(
                 model, data.split("val", with_masks=ctx.objective.needs_masks), data.num_classes,
@@ -492,7 +492,7 @@ def evaluate_front_member(trial, ctx: SearchContext, *, retrain: bool = True) ->
             return {"model_source": "other worker (dpcam search --trials 0 retrains and evaluates it)"}
         save_model(fit(cfg, progress=False).model, cfg, data, folder)
         source = "retrained"
-    model, _ = load_model(folder)  # rebuilt from the saved weights: no Opacus hooks
+    model, _ = load_model(folder)  # the saved weights, whichever worker trained them
     device = resolve_device(cfg.device)
     model.to(device)
     test = data.split("test", with_masks=ctx.objective.needs_masks)
