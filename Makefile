@@ -21,14 +21,15 @@ demo: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc status
 
 ## The paper's settings on real data (docs/paper-profile.md): make paper PROFILE=paper-aptos
+## A profile is an overlay of params.yaml, run as a DVC experiment (`dvc exp run -S ...`): your params.yaml edits survive.
 PROFILE ?= paper-aptos
 paper: $(STAMP)
-	@test -f profiles/$(PROFILE).yaml || { echo "error: no profiles/$(PROFILE).yaml; choose one of: $$(ls profiles | sed 's/.yaml//' | tr '\n' ' ')" >&2; exit 2; }
-	cp profiles/$(PROFILE).yaml params.yaml
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dpcam profile $(PROFILE)
 
 ## Run the test suite (installs what it needs into .venv first).
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -p no:cacheprovider
 
 ## Benchmarks (slow; results go into docs/benchmarks.md by hand).

@@ -13,7 +13,6 @@ Gaussian grid run so the PLD curve is built.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -32,25 +31,48 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     a = ap.parse_args()
 
-    from dpcam.audit import AuditConfig, audit_run, compute_signals, sample_groups
-    from dpcam.config import PrepareConfig, TrainConfig
+    from dpcam.audit import audit_run, compute_signals, sample_groups
+    from dpcam.config import AuditConfig, PrepareConfig, TrainConfig
     from dpcam.data.store import ImageDataset, load_dataset
     from dpcam.data.synthetic import prepare_synthetic
     from dpcam.models import create_model
+    from dpcam.records import TrainRecord
     from dpcam.train import resolve_device, save_model
 
     os.chdir(tempfile.mkdtemp(prefix="bench-audit-"))
     n = 2 * a.per_group + 40  # +40: both splits comfortably hold per-group images of every class
-    prepare_synthetic(PrepareConfig(dataset="fundus", size=a.size, synthetic={"n": n},
-                                    split={"train": 0.5, "val": 0.0, "test": 0.5}))
+    prepare_synthetic(
+        PrepareConfig(dataset="fundus", size=a.size, synthetic={"n": n}, split={"train": 0.5, "val": 0.0, "test": 0.5})
+    )
     data = load_dataset("data/prepared/fundus")
     cfg = TrainConfig(dataset="fundus", model=a.model, scheme="gaussian", epsilon=1, name="run")
     model = create_model(a.model, data.num_classes, data.image_size, seed=0)
     save_model(model, cfg, data, Path("models/run"))
     # σ, q, steps of a Gaussian ε = 1 run: batch 256 of 4200 images for 10 epochs (smallcnn quick grid)
-    Path("models/run/train.json").write_text(json.dumps(
-        {"scheme": "gaussian", "epsilon": 0.998, "delta": 1e-4, "noise_multiplier": 2.9, "sample_rate": 256 / 4200,
-         "steps": 164, "accountant": "prv"}))
+    TrainRecord(
+        dataset="fundus",
+        model=a.model,
+        scheme="gaussian",
+        epsilon=0.998,
+        delta=1e-4,
+        noise_multiplier=2.9,
+        sample_rate=256 / 4200,
+        steps=164,
+        accountant="prv",
+        epochs=10,
+        train_size=4200,
+        best_epoch=10,
+        val_accuracy=0.0,
+        test_accuracy=0.0,
+        test_macro_f1=0.0,
+        test_qwk=0.0,
+        test_pred_histogram=[],
+        test_majority_share=0.0,
+        train_seconds=0.0,
+        device="cpu",
+        collapsed=False,
+        run_name="run",
+    ).write(Path("models/run/train.json"))
     dev = resolve_device("auto")
     model = model.to(dev).eval()
     members, non = sample_groups(data, a.per_group, 0)
@@ -91,10 +113,15 @@ def main() -> None:
         ("signals: + input gradient", timed(signals(["loss", "input-gradient"]))),
         ("signals: + Grad-CAM variance/entropy", timed(signals(["loss", "gradcam-variance"]))),
         ("signals: all five attacks", timed(signals(list(AuditConfig().attacks)))),
-        ("whole audit_run (signals, metrics, PLD curve, plot, json)", timed(lambda: audit_run("run", audit_cfg, progress=False), 1)),
+        (
+            "whole audit_run (signals, metrics, PLD curve, plot, json)",
+            timed(lambda: audit_run("run", audit_cfg, progress=False), 1),
+        ),
     ]
-    print(f"\n{a.model} {a.size} px, {len(both)} images ({len(members)} members + {len(non)} non-members), "
-          f"batch {a.batch}, {dev.type}, {torch.get_num_threads()} threads\n")
+    print(
+        f"\n{a.model} {a.size} px, {len(both)} images ({len(members)} members + {len(non)} non-members), "
+        f"batch {a.batch}, {dev.type}, {torch.get_num_threads()} threads\n"
+    )
     print("| what | seconds | × forward |")
     print("|---|---:|---:|")
     for name, secs in rows:

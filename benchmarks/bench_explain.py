@@ -78,6 +78,7 @@ def main() -> None:
                     confidence_drop(model, x, m, t, y)
                 else:
                     deletion_insertion(model, x, m, t, steps=16, max_batch=1)
+
         return run
 
     floor = timed(forward)

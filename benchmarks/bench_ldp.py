@@ -62,12 +62,16 @@ def main() -> None:
                 if secure and name not in ("pixel-laplace", "pixel-gaussian"):
                     continue
                 mech = ldp.MECHANISMS[name].from_config(1.0, cfg)
-                t_derive = timed(lambda: ldp.derive(src, name, 1.0, cfg, out_root=Path(tmp) / "ldp", progress=False))
+                t_derive = timed(
+                    lambda name=name, cfg=cfg: ldp.derive(
+                        src, name, 1.0, cfg, out_root=Path(tmp) / "ldp", progress=False
+                    )
+                )
 
-                def apply_all():
+                def apply_all(secure=secure, mech=mech):
                     noise = ldp.NoiseSource(None, secure=True) if secure else ldp.NoiseSource(0)
                     for s in range(0, n, per_batch):
-                        mech.apply(images[s:s + per_batch], noise)
+                        mech.apply(images[s : s + per_batch], noise)
 
                 t_apply = timed(apply_all)
                 rows.append((name + (" (secure)" if secure else ""), n / t_derive, n / t_apply))
@@ -75,11 +79,11 @@ def main() -> None:
         def numpy_ref(kind):
             rng = np.random.default_rng(0)
             for s in range(0, n, per_batch):
-                x = images[s:s + per_batch]
+                x = images[s : s + per_batch]
                 z = rng.laplace(0, 255.0, x.shape) if kind == "laplace" else rng.standard_normal(x.shape) * 951.3
                 np.clip(np.rint(x + z), 0, 255).astype(np.uint8)
 
-        ref = {k: n / timed(lambda: numpy_ref(k)) for k in ("laplace", "gaussian")}
+        ref = {k: n / timed(lambda k=k: numpy_ref(k)) for k in ("laplace", "gaussian")}
 
     print(f"\nLocal-DP derivation, {n} images at {size}×{size}×3, ε = 1 (best of 2)\n")
     print("| mechanism | derive images/s | apply images/s | apply vs numpy rng reference |")

@@ -35,7 +35,9 @@ OUT = Path(__file__).resolve().parent / "out" / "bench_prepare"
 def fundus_like(px: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 (px, px, 3): smooth warm noise inside a disc on a black border, plus sensor noise."""
     low = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).resize((px, px), Image.Resampling.BICUBIC)
-    base = np.asarray(low, dtype=np.float32) * np.array([0.8, 0.45, 0.2], np.float32) + np.array([60, 20, 5], np.float32)
+    base = np.asarray(low, dtype=np.float32) * np.array([0.8, 0.45, 0.2], np.float32) + np.array(
+        [60, 20, 5], np.float32
+    )
     base += rng.normal(0, 6, (px, px, 1)).astype(np.float32)
     yy, xx = np.mgrid[:px, :px]
     r = np.hypot(yy - px / 2, xx - px / 2)
@@ -110,8 +112,10 @@ def main() -> None:
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\n{a.n} PNGs of {a.px} px -> {a.size} px; {cores} cores; median of {a.repeat} interleaved rounds; "
-          f"load average after: {load}\n")
+    print(
+        f"\n{a.n} PNGs of {a.px} px -> {a.size} px; {cores} cores; median of {a.repeat} interleaved rounds; "
+        f"load average after: {load}\n"
+    )
     print("| method | workers | images/s | × single loop | × limit per worker |")
     print("|---|---:|---:|---:|---:|")
     for name, w, t in rows:

@@ -40,15 +40,28 @@ def _tiny(folder: Path) -> None:
 def overhead(storage: str, trials: int, workdir: Path) -> dict:
     import optuna
 
-    from dpcam.config import ExplainConfig, SearchConfig, TrainConfig
     from dpcam import search as S
+    from dpcam.config import ExplainConfig, SearchConfig, TrainConfig
 
     os.chdir(workdir)
-    base = TrainConfig(dataset="tiny", model="smallcnn", delta=1e-3, accountant="gdp", device="cpu", epochs=1,
-                       batch_size=64)
-    cfg = SearchConfig(trials=trials, storage=storage, study_name=f"bench-{int(time.time())}", schemes=["laplace"],
-                       epsilon=[2, 8], epochs=[1, 1], batch_size=[64], laplace_clip=[2, 20], laplace_lr=[0.1, 1],
-                       explain_images=64, population=4, sampler="nsga2", heartbeat=30)
+    base = TrainConfig(
+        dataset="tiny", model="smallcnn", delta=1e-3, accountant="gdp", device="cpu", epochs=1, batch_size=64
+    )
+    cfg = SearchConfig(
+        trials=trials,
+        storage=storage,
+        study_name=f"bench-{int(time.time())}",
+        schemes=["laplace"],
+        epsilon=[2, 8],
+        epochs=[1, 1],
+        batch_size=[64],
+        laplace_clip=[2, 20],
+        laplace_lr=[0.1, 1],
+        explain_images=64,
+        population=4,
+        sampler="nsga2",
+        heartbeat=30,
+    )
     explain = ExplainConfig(batch_size=64)
     calls = []
     orig = optuna.study.Study.optimize
@@ -68,10 +81,15 @@ def overhead(storage: str, trials: int, workdir: Path) -> dict:
     t = res.timings
     n = len(t)
     obj = sum(r["objective"] for r in t)
-    return {"storage": storage.split(":")[0], "trials": n, "train": sum(r["train"] for r in t) / n,
-            "explain": sum(r["explain"] for r in t) / n,
-            "bookkeeping": (obj - sum(r["train"] + r["explain"] for r in t)) / n,
-            "optuna_storage": (calls[0] - obj) / n, "wall_per_trial": calls[0] / n}
+    return {
+        "storage": storage.split(":")[0],
+        "trials": n,
+        "train": sum(r["train"] for r in t) / n,
+        "explain": sum(r["explain"] for r in t) / n,
+        "bookkeeping": (obj - sum(r["train"] + r["explain"] for r in t)) / n,
+        "optuna_storage": (calls[0] - obj) / n,
+        "wall_per_trial": calls[0] / n,
+    }
 
 
 def postgres() -> tuple[str, callable]:
@@ -89,18 +107,28 @@ def postgres() -> tuple[str, callable]:
         os.chmod(root, 0o755)
         shutil.chown(root, "nobody")
         as_user = ["runuser", "-u", "nobody", "--"]
-    run = lambda *c: subprocess.run([*as_user, *c], check=True, capture_output=True, timeout=120)  # noqa: E731
+    run = lambda *c: subprocess.run([*as_user, *c], check=True, capture_output=True, timeout=120)
     run("mkdir", str(root / "sock"))
     run(str(bindir / "initdb"), "-D", str(root / "data"), "-U", "dpcam", "--auth=trust", "--no-sync")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run(str(bindir / "pg_ctl"), "-D", str(root / "data"), "-o", f"-p {port} -k {root / 'sock'} -c listen_addresses=127.0.0.1",
-        "-l", str(root / "log"), "-w", "start")
+    run(
+        str(bindir / "pg_ctl"),
+        "-D",
+        str(root / "data"),
+        "-o",
+        f"-p {port} -k {root / 'sock'} -c listen_addresses=127.0.0.1",
+        "-l",
+        str(root / "log"),
+        "-w",
+        "start",
+    )
 
     def stop():
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "fast", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)
 
     return f"postgresql://dpcam@127.0.0.1:{port}/postgres", stop
@@ -123,8 +151,10 @@ def part_overhead(trials: int) -> None:
     print("| storage | trials | train s | explain s | bookkeeping s | Optuna + storage s | wall per trial s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['storage']} | {r['trials']} | {r['train']:.2f} | {r['explain']:.3f} | {r['bookkeeping']:.3f} | "
-              f"{r['optuna_storage']:.3f} | {r['wall_per_trial']:.2f} |")
+        print(
+            f"| {r['storage']} | {r['trials']} | {r['train']:.2f} | {r['explain']:.3f} | {r['bookkeeping']:.3f} | "
+            f"{r['optuna_storage']:.3f} | {r['wall_per_trial']:.2f} |"
+        )
 
 
 def part_quick(trials: int, epochs: list[int]) -> None:
@@ -139,13 +169,16 @@ def part_quick(trials: int, epochs: list[int]) -> None:
         subprocess.run([*dpcam, "prepare"], cwd=work, env=env, check=True, capture_output=True)
         prep = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = subprocess.run([*dpcam, "search", "--trials", str(trials)], cwd=work, env=env, check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [*dpcam, "search", "--trials", str(trials)], cwd=work, env=env, check=True, capture_output=True, text=True
+        ).stdout
         wall = time.perf_counter() - t0
         print(out)
         front = sum(1 for _ in open(work / "reports/search/front.csv")) - 1
-        print(f"quick profile: prepare {prep:.0f} s; search of {trials} trials (epochs {epochs}) {wall:.0f} s "
-              f"wall ({wall / trials:.1f} s per trial); front size {front}")
+        print(
+            f"quick profile: prepare {prep:.0f} s; search of {trials} trials (epochs {epochs}) {wall:.0f} s "
+            f"wall ({wall / trials:.1f} s per trial); front size {front}"
+        )
 
 
 def main() -> None:

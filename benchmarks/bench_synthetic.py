@@ -45,18 +45,25 @@ def main() -> int:
             rows.append((size, n, procs, dt, n / dt))
             if size == 64 and workers == 0:
                 goal_time = dt * GOAL_N / n
-    print(f"\nsynthetic-fundus generation ({platform.processor() or platform.machine()}, {cores} cores usable, "
-          f"python {platform.python_version()})\n")
+    print(
+        f"\nsynthetic-fundus generation ({platform.processor() or platform.machine()}, {cores} cores usable, "
+        f"python {platform.python_version()})\n"
+    )
     print("| size | images | processes | seconds | images/s |")
     print("|---:|---:|---:|---:|---:|")
     for size, n, procs, dt, rate in rows:
         print(f"| {size} px | {n} | {procs} | {dt:.2f} | {rate:.0f} |")
     ok = goal_time is not None and goal_time < GOAL_S
-    print(f"\ngoal: {GOAL_N} images at 64 px in < {GOAL_S:.0f} s on all {cores} cores: "
-          f"{goal_time:.1f} s -> {'met' if ok else 'MISSED'}")
+    print(
+        f"\ngoal: {GOAL_N} images at 64 px in < {GOAL_S:.0f} s on all {cores} cores: "
+        f"{goal_time:.1f} s -> {'met' if ok else 'MISSED'}"
+    )
     if cores != 2:
-        print(f"(note: the goal is stated for 2 cores; this machine lets the process use {cores}; "
-              "pin with `taskset -c 0,1` to measure it)", file=sys.stderr)
+        print(
+            f"(note: the goal is stated for 2 cores; this machine lets the process use {cores}; "
+            "pin with `taskset -c 0,1` to measure it)",
+            file=sys.stderr,
+        )
     return 0 if ok else 1
 
 

@@ -40,9 +40,19 @@ def one(model_name: str, scheme: str, mode: str, n: int, batch: int, size: int, 
     loader = DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
     model = create_model(model_name, 5, size, seed=0).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    setup = make_private(model, opt, loader, scheme=scheme, target_epsilon=5.0, delta=1e-5, max_grad_norm=1.0,
-                         epochs=2, accountant="prv", grad_sample_mode=mode,
-                         noise_generator=torch.Generator(device=dev).manual_seed(1))
+    setup = make_private(
+        model,
+        opt,
+        loader,
+        scheme=scheme,
+        target_epsilon=5.0,
+        delta=1e-5,
+        max_grad_norm=1.0,
+        epochs=2,
+        accountant="prv",
+        grad_sample_mode=mode,
+        noise_generator=torch.Generator(device=dev).manual_seed(1),
+    )
     loss_fn = setup.criterion
 
     def epoch() -> tuple[int, float]:
@@ -60,7 +70,11 @@ def one(model_name: str, scheme: str, mode: str, n: int, batch: int, size: int, 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seen, secs = epoch()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
     return {"samples_per_s": seen / secs, "peak_mib": peak}
 
 
@@ -80,16 +94,33 @@ def main() -> None:
     for model in a.models:
         base = None
         for scheme, mode in CONFIGS:
-            cmd = [sys.executable, __file__, "--child", model, scheme, mode, "--n", str(a.n), "--batch", str(a.batch),
-                   "--size", str(a.size), "--device", a.device]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                model,
+                scheme,
+                mode,
+                "--n",
+                str(a.n),
+                "--batch",
+                str(a.batch),
+                "--size",
+                str(a.size),
+                "--device",
+                a.device,
+            ]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
-                rows.append(f"| {model} | {scheme} | {mode} | failed: {out.stderr.strip().splitlines()[-1][:60]} | | | |")
+                rows.append(
+                    f"| {model} | {scheme} | {mode} | failed: {out.stderr.strip().splitlines()[-1][:60]} | | | |"
+                )
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             base = base or r
             rows.append(
-                f"| {model} | {scheme} | {mode} | {r['samples_per_s']:.0f} | {r['samples_per_s'] / base['samples_per_s']:.2f}× "
+                f"| {model} | {scheme} | {mode} | {r['samples_per_s']:.0f} "
+                f"| {r['samples_per_s'] / base['samples_per_s']:.2f}× "
                 f"| {r['peak_mib']:.0f} | {r['peak_mib'] / base['peak_mib']:.2f}× |"
             )
     mem = "peak CUDA MiB" if a.device == "cuda" else "peak RSS MiB"

@@ -44,8 +44,13 @@ def make_data(root: Path, size: int, n_train: int, seed: int = 0) -> Path:
     from dpcam.data.synthetic import prepare_synthetic
 
     n = math.ceil(n_train / 0.9) + 10
-    cfg = PrepareConfig(dataset="smoke", size=size, seed=seed, split={"train": 0.9, "val": 0.05, "test": 0.05},
-                        synthetic={"n": n, "balance": "uniform", "lesion_scale": 1.0})
+    cfg = PrepareConfig(
+        dataset="smoke",
+        size=size,
+        seed=seed,
+        split={"train": 0.9, "val": 0.05, "test": 0.05},
+        synthetic={"n": n, "balance": "uniform", "lesion_scale": 1.0},
+    )
     cwd = os.getcwd()
     os.chdir(root)  # prepare writes data/prepared/<dataset> relative to the working folder
     try:
@@ -54,8 +59,17 @@ def make_data(root: Path, size: int, n_train: int, seed: int = 0) -> Path:
         os.chdir(cwd)
 
 
-def measure(model_name: str, scheme: str, mode: str, data_dir: Path, batch_size: int, batches: int, warmup: int,
-            device, seed: int = 0) -> dict:
+def measure(
+    model_name: str,
+    scheme: str,
+    mode: str,
+    data_dir: Path,
+    batch_size: int,
+    batches: int,
+    warmup: int,
+    device,
+    seed: int = 0,
+) -> dict:
     """Time ``batches`` training steps of ``model_name`` under ``scheme`` after ``warmup`` untimed steps.
 
     The training split has (warmup + batches) × batch_size images, so one Poisson epoch is
@@ -77,14 +91,27 @@ def measure(model_name: str, scheme: str, mode: str, data_dir: Path, batch_size:
     torch.manual_seed(seed)
     model = create_model(model_name, num_classes, ds.image_size, seed=seed).to(device)
     opt_name, lr = PROFILE_OPTIM[model_name]
-    opt = (torch.optim.Adam(model.parameters(), lr=lr) if opt_name == "adam"
-           else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+    opt = (
+        torch.optim.Adam(model.parameters(), lr=lr)
+        if opt_name == "adam"
+        else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    )
     loader = train.loader(batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        setup = make_private(model, opt, loader, scheme=scheme, target_epsilon=1.0, delta=1e-4, max_grad_norm=1.0,
-                             epochs=1, accountant="prv", grad_sample_mode=mode,
-                             noise_generator=torch.Generator(device=device).manual_seed(seed + 1))
+        setup = make_private(
+            model,
+            opt,
+            loader,
+            scheme=scheme,
+            target_epsilon=1.0,
+            delta=1e-4,
+            max_grad_norm=1.0,
+            epochs=1,
+            accountant="prv",
+            grad_sample_mode=mode,
+            noise_generator=torch.Generator(device=device).manual_seed(seed + 1),
+        )
     loss_fn = setup.criterion
     setup.module.train()
 
@@ -116,17 +143,29 @@ def measure(model_name: str, scheme: str, mode: str, data_dir: Path, batch_size:
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     sigma = setup.noise_multiplier
     del setup, model, opt, loader
-    return {"samples_per_s": seen / secs if secs > 0 else math.nan, "peak_mib": peak, "sigma": sigma,
-            "steps": steps, "seen": seen}
+    return {
+        "samples_per_s": seen / secs if secs > 0 else math.nan,
+        "peak_mib": peak,
+        "sigma": sigma,
+        "steps": steps,
+        "seen": seen,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--models", nargs="+", default=list(PAPER_MODELS), choices=PAPER_MODELS)
-    ap.add_argument("--schemes", nargs="+", default=["none", "gaussian"], choices=["none", "clip-only", "gaussian", "laplace"])
-    ap.add_argument("--grad-sample-modes", nargs="+", default=["hooks"], choices=["hooks", "ew", "functorch", "ghost"],
-                    help="per-sample gradient modes for the clipping schemes (ghost: gaussian/clip-only only)")
+    ap.add_argument(
+        "--schemes", nargs="+", default=["none", "gaussian"], choices=["none", "clip-only", "gaussian", "laplace"]
+    )
+    ap.add_argument(
+        "--grad-sample-modes",
+        nargs="+",
+        default=["hooks"],
+        choices=["hooks", "ew", "functorch", "ghost"],
+        help="per-sample gradient modes for the clipping schemes (ghost: gaussian/clip-only only)",
+    )
     ap.add_argument("--batches", type=int, default=10, help="timed steps per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (cuDNN autotune, allocator)")
     ap.add_argument("--batch-size", type=int, default=32, help="(expected) batch size; the paper profiles use 32")
@@ -151,12 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     import opacus
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device {name}; torch {torch.__version__}, opacus {opacus.__version__}; {a.size} px, "
-          f"expected batch {a.batch_size}, {a.warmup} warm-up + {a.batches} timed steps per configuration")
+    print(
+        f"device {name}; torch {torch.__version__}, opacus {opacus.__version__}; {a.size} px, "
+        f"expected batch {a.batch_size}, {a.warmup} warm-up + {a.batches} timed steps per configuration"
+    )
 
     configs = []
     for scheme in a.schemes:
-        modes = ["-"] if scheme == "none" else [m for m in a.grad_sample_modes if not (scheme == "laplace" and m == "ghost")]
+        modes = (
+            ["-"]
+            if scheme == "none"
+            else [m for m in a.grad_sample_modes if not (scheme == "laplace" and m == "ghost")]
+        )
         configs += [(scheme, m) for m in modes]
     rows = []
     with tempfile.TemporaryDirectory(prefix="dpcam-smoke-") as tmp:
@@ -167,8 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             base = None
             for scheme, mode in configs:
                 try:
-                    r = measure(model, scheme, "hooks" if mode == "-" else mode, data_dir, a.batch_size, a.batches,
-                                a.warmup, device)
+                    r = measure(
+                        model,
+                        scheme,
+                        "hooks" if mode == "-" else mode,
+                        data_dir,
+                        a.batch_size,
+                        a.batches,
+                        a.warmup,
+                        device,
+                    )
                 except torch.cuda.OutOfMemoryError:
                     rows.append(f"| {model} | {scheme} | {mode} | out of GPU memory | | | | |")
                     torch.cuda.empty_cache()
@@ -179,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "–"
                 mem_vs = f"{r['peak_mib'] / base['peak_mib']:.2f}×" if base and r["peak_mib"] is not None else "–"
                 sigma = f"{r['sigma']:.3f}" if r["sigma"] else "–"
-                rows.append(f"| {model} | {scheme} | {mode} | {r['samples_per_s']:.1f} | {vs} | {mem} | {mem_vs} | {sigma} |")
+                rows.append(
+                    f"| {model} | {scheme} | {mode} | {r['samples_per_s']:.1f} | {vs} | {mem} | {mem_vs} | {sigma} |"
+                )
                 print(rows[-1], flush=True)
     print("\n| model | scheme | grad_sample_mode | samples/s | vs none | peak CUDA MiB | vs none | σ |")
     print("|---|---|---|---:|---:|---:|---:|---:|")

@@ -1,5 +1,4 @@
 import os
-
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +7,18 @@ import pytest
 from dpcam.data import store
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need CUDA; without it they are skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
@@ -34,14 +45,16 @@ def make_tiny(name="tiny", n=240, size=16, root=Path("data/prepared"), masks=Fal
     return root / name
 
 
-
-
 def postgres_bindir() -> Path | None:
     """Folder of Debian's PostgreSQL server binaries (initdb, pg_ctl), newest version first; None if absent."""
     import glob
     import shutil
 
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0, reverse=True):
+    for folder in sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(p.split("/")[-2]) if p.split("/")[-2].isdigit() else 0,
+        reverse=True,
+    ):
         if (Path(folder) / "initdb").is_file() and (Path(folder) / "pg_ctl").is_file():
             return Path(folder)
     found = shutil.which("initdb")
@@ -89,6 +102,9 @@ def postgres_url():
     try:
         yield f"postgresql://dpcam:s3cret@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
         shutil.rmtree(root, ignore_errors=True)

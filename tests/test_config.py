@@ -22,16 +22,42 @@ def error_of(name, data=None, overrides=None) -> str:
     return msg
 
 
-def test_defaults_without_a_params_file():
-    cfg = config.load_section("prepare", path=Path("missing.yaml"))
-    assert cfg.dataset == "synthetic-fundus" and cfg.size == 64 and cfg.format == "synthetic"
-    assert config.load_section("ldp", path=Path("missing.yaml")).epsilons == [0.25, 0.5, 1]
+SHIPPED = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_defaults_are_the_shipped_params_file():
+    """One place per value: a key deleted from params.yaml means what the shipped file says."""
+    for name, section in config.SECTIONS.items():
+        assert section().model_dump(mode="json") == config.load_section(name, path=SHIPPED).model_dump(mode="json"), (
+            name
+        )
+
+
+def test_without_params_yaml_the_shipped_values_apply():
+    cfg = config.load_section("prepare")  # no ./params.yaml in the test folder
+    assert cfg.dataset == "synthetic-fundus" and cfg.size == 32 and cfg.format == "synthetic"
+    assert config.load_section("ldp").epsilons == [0.25, 0.5, 1]
+
+
+@pytest.mark.parametrize(
+    "data, path, expected",
+    [
+        (None, "missing.yaml", "--params missing.yaml: no such file"),
+        ({"prepare": {"size": 32}}, "params.yaml", "params.yaml: has no 'train' section; add it"),
+        ({"trian": {"lr": 1}}, "params.yaml", "params.yaml: unknown top-level key 'trian'; sections are prepare"),
+    ],
+)
+def test_a_missing_file_section_or_misspelled_section_is_refused(data, path, expected):
+    if data is not None:
+        write_params(data)
+    with pytest.raises(UserError) as e:
+        config.load_section("train", path=Path(path))
+    assert expected in str(e.value) and "\n" not in str(e.value)
 
 
 def test_the_shipped_params_file_is_valid():
-    shipped = Path(__file__).resolve().parents[1] / "params.yaml"
     for name in config.SECTIONS:
-        config.load_section(name, path=shipped)
+        config.load_section(name, path=SHIPPED)
 
 
 def test_flags_override_params():
@@ -45,7 +71,12 @@ def test_flags_override_params():
     [
         ({"prepare": {"size": 8}}, None, "params.yaml: prepare.size = 8: Input should be greater than or equal to 16"),
         ({}, {"size": 8}, "--size: prepare.size = 8"),
-        ({"prepare": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}}, None, "prepare.split = {'test': 0.1, 'train': 0.5, 'val': 0.1}: the split fractions train + val + test must sum to 1 (they sum to 0.7)"),
+        (
+            {"prepare": {"split": {"train": 0.5, "val": 0.1, "test": 0.1}}},
+            None,
+            "prepare.split = {'test': 0.1, 'train': 0.5, 'val': 0.1}: the split fractions "
+            "train + val + test must sum to 1 (they sum to 0.7)",
+        ),
         ({"prepare": {"format": "cifar"}}, None, "prepare.format = 'cifar'"),
         ({"prepare": {"format": "aptos"}}, None, "prepare.source is required for format 'aptos'"),
         ({"prepare": {"format": "aptos", "source": "nowhere"}}, None, "prepare.source = 'nowhere': does not exist"),

@@ -15,22 +15,54 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 TINY = {
-    "prepare": {"dataset": "tiny-fundus", "format": "synthetic", "size": 16, "seed": 0,
-                "split": {"train": 0.6, "val": 0.2, "test": 0.2}, "workers": 1,
-                "synthetic": {"n": 100, "balance": "uniform", "lesion_scale": 2.0}},
-    "ldp": {"mechanisms": ["singh-sikka"], "epsilons": [1], "delta": 1.0e-5, "seed": 0, "secure": False,
-            "dp_pix": {"b": 4, "m": 1}},
-    "train": {"dataset": "tiny-fundus", "model": "smallcnn", "delta": 1.0e-5, "clip": 1.0, "lr": 0.5,
-              "epochs": 1, "batch_size": 12, "device": "cpu"},
-    "grid": {"name": "tiny", "models": ["smallcnn"], "seeds": [0], "gaussian": [1, 5], "laplace": [5],
-             "laplace_clip": 10, "laplace_lr": 0.1, "baselines": ["none", "clip-only"],
-             "ldp": ["singh-sikka-eps1"], "clip_sweep": {"epsilon": 1, "clips": [10]},
-             "train_sizes": {"sizes": [40], "gaussian": [1], "none": True},
-             "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12}},
+    "prepare": {
+        "dataset": "tiny-fundus",
+        "format": "synthetic",
+        "size": 16,
+        "seed": 0,
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+        "workers": 1,
+        "synthetic": {"n": 100, "balance": "uniform", "lesion_scale": 2.0},
+    },
+    "ldp": {
+        "mechanisms": ["singh-sikka"],
+        "epsilons": [1],
+        "delta": 1.0e-5,
+        "seed": 0,
+        "secure": False,
+        "dp_pix": {"b": 4, "m": 1},
+    },
+    "train": {
+        "dataset": "tiny-fundus",
+        "model": "smallcnn",
+        "delta": 1.0e-5,
+        "clip": 1.0,
+        "lr": 0.5,
+        "epochs": 1,
+        "batch_size": 12,
+        "device": "cpu",
+    },
+    "profile": "tiny",
+    "grid": {
+        "name": "tiny",
+        "models": ["smallcnn"],
+        "seeds": [0],
+        "gaussian": [1, 5],
+        "laplace": [5],
+        "laplace_clip": 10,
+        "laplace_lr": 0.1,
+        "baselines": ["none", "clip-only"],
+        "ldp": ["singh-sikka-eps1"],
+        "clip_sweep": {"epsilon": 1, "clips": [10]},
+        "train_sizes": {"sizes": [40], "gaussian": [1], "none": True},
+        "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12},
+    },
     "explain": {"max_images": 6, "batch_size": 6, "steps": 2, "grid_images": 2, "device": "cpu"},
     "audit": {"max_per_group": 10, "batch_size": 10, "device": "cpu"},
 }
@@ -48,8 +80,15 @@ def repro(tmp_path_factory):
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))  # the stages' code deps
     (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "OMP_NUM_THREADS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     _run(["git", "init", "-q"], root, env)
     _run([BIN / "dvc", "init", "-q"], root, env)
@@ -62,7 +101,15 @@ def repro(tmp_path_factory):
 
 def test_repro_runs_every_stage_and_writes_the_report(repro):
     root, env, out = repro
-    for stage in ("prepare", "ldp@singh-sikka-1", "ldp-figure", "train-gaussian", "explain-train-size", "audit", "report"):
+    for stage in (
+        "prepare",
+        "ldp@singh-sikka-1",
+        "ldp-figure",
+        "train-gaussian",
+        "explain-train-size",
+        "audit",
+        "report",
+    ):
         assert f"Running stage '{stage}'" in out
     runs = [p.parent.name for p in (root / "models").glob("*/*/model.json")]
     assert len(runs) == 2 + 2 + 1 + 1 + 1 + 2
@@ -79,8 +126,10 @@ def test_metrics_show_lists_the_final_metrics_and_nothing_is_stale(repro):
     shown = json.loads(_run([BIN / "dvc", "metrics", "show", "--json"], root, env))
     text = json.dumps(shown)
     assert "reports/metrics.json" in text and "test_accuracy" in text and "avg_drop_pct" in text
-    assert "up to date" in _run([BIN / "dvc", "status"], root, env).lower() or \
-        _run([BIN / "dvc", "status", "--json"], root, env).strip() == "{}"
+    assert (
+        "up to date" in _run([BIN / "dvc", "status"], root, env).lower()
+        or _run([BIN / "dvc", "status", "--json"], root, env).strip() == "{}"
+    )
 
 
 def test_an_explain_setting_invalidates_only_explain_and_report(repro):

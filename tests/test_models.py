@@ -1,4 +1,5 @@
-"""Model registry contract: every registered model is Opacus-valid, in-place free, pixel-space, and names its Grad-CAM layer."""
+"""Model registry contract: every registered model is Opacus-valid, in-place free, pixel-space,
+and names its Grad-CAM layer."""
 
 import logging
 
@@ -17,7 +18,12 @@ from dpcam.models import MODELS, Normalize, create_model, load_weights, register
 NUM_CLASSES = 3
 # name: (batch, forward sizes, per-sample-gradient size); small batches and 32 px keep the big
 # torchvision models fast (the per-sample conv gradients cost batch × pixels)
-CONTRACT = {"smallcnn": (4, (32, 64), 64), "resnet18": (2, (64,), 32), "alexnet": (2, (64,), 32), "vgg16": (2, (64,), 32)}
+CONTRACT = {
+    "smallcnn": (4, (32, 64), 64),
+    "resnet18": (2, (64,), 32),
+    "alexnet": (2, (64,), 32),
+    "vgg16": (2, (64,), 32),
+}
 # Opacus's hooks warn when the input does not require grad; harmless here
 _HOOK_WARNING = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
@@ -162,7 +168,8 @@ def test_weights_round_trip(tmp_path):
 
 
 def test_torchvision_imagenet_state_dict_loads_what_maps(tmp_path, caplog):
-    """A torchvision resnet18 state dict (BatchNorm, 1000-class head): convs load, BN and head are skipped, one warning."""
+    """A torchvision resnet18 state dict (BatchNorm, 1000-class head): convs load, BN and head are skipped,
+    one warning."""
     ref = tv_resnet18(weights=None, num_classes=1000)
     torch.save(ref.state_dict(), tmp_path / "imagenet.pt")
     with caplog.at_level(logging.WARNING, logger="dpcam.models"):
@@ -212,7 +219,14 @@ def test_unknown_model_and_bad_sizes_are_user_errors():
 def test_register_model_and_target_layer():
     @register_model("_test_tiny")
     def _tiny(num_classes, image_size, *, small_input, **kwargs):
-        model = nn.Sequential(Normalize(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+        model = nn.Sequential(
+            Normalize(),
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, num_classes),
+        )
         model.gradcam_layer = "2"
         return model
 

@@ -15,18 +15,35 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from dpcam import names, tracking
 from dpcam import search as S
-from dpcam import tracking
 from dpcam.cli import app
-from dpcam.config import ExplainConfig, SearchConfig, TrainConfig, load_section
+from dpcam.config import ExplainConfig, SearchConfig, load_section
 from dpcam.errors import UserError
 from tests.conftest import make_tiny
 
-TRAIN = {"dataset": "tiny", "model": "smallcnn", "delta": 1.0e-3, "accountant": "gdp", "device": "cpu",
-         "epochs": 1, "batch_size": 32}
+TRAIN = {
+    "dataset": "tiny",
+    "model": "smallcnn",
+    "delta": 1.0e-3,
+    "accountant": "gdp",
+    "device": "cpu",
+    "epochs": 1,
+    "batch_size": 32,
+}
 # a trial on tiny data takes about a second (gdp: the fastest accountant to calibrate at q ≈ 0.2)
-SPACE = {"schemes": ["laplace"], "epsilon": [2, 8], "epochs": [1, 2], "batch_size": [32, 48], "laplace_clip": [2, 20],
-         "laplace_lr": [0.1, 1], "explain_images": 32, "population": 2, "heartbeat": 1, "grace_period": 2}
+SPACE = {
+    "schemes": ["laplace"],
+    "epsilon": [2, 8],
+    "epochs": [1, 2],
+    "batch_size": [32, 48],
+    "laplace_clip": [2, 20],
+    "laplace_lr": [0.1, 1],
+    "explain_images": 32,
+    "population": 2,
+    "heartbeat": 1,
+    "grace_period": 2,
+}
 
 
 @pytest.fixture(scope="session")
@@ -70,8 +87,15 @@ def quiet(msg):  # echo for in-process searches
 
 def cli(*args, cwd=".", **popen):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, "-m", "dpcam", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dpcam", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def brute_force_front(values: np.ndarray) -> set[int]:
@@ -88,15 +112,24 @@ def brute_force_front(values: np.ndarray) -> set[int]:
 # ------------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("search, expected", [
-    ({"epsilon": [8, 2]}, "params.yaml: search.epsilon = [8, 2]: inverted range (low 8 > high 2); write [low, high]"),
-    ({"clip": []}, "params.yaml: search.clip = []: empty range; give [low, high]"),
-    ({"epochs": [3, 1]}, "search.epochs = [3, 1]: inverted range"),
-    ({"batch_size": []}, "search.batch_size = []: empty list of choices"),
-    ({"lr": [0, 1]}, "search.lr = [0, 1]: both ends must be finite numbers > 0"),
-    ({"objective": "sharpness"}, "search.objective = 'sharpness': unknown objective metric; known: masked_score_pct, avg_drop_pct"),
-    ({"trials_distribution": "poisson"}, "search.trials_distribution = 'poisson' needs sampler 'random'"),
-])
+@pytest.mark.parametrize(
+    "search, expected",
+    [
+        (
+            {"epsilon": [8, 2]},
+            "params.yaml: search.epsilon = [8, 2]: inverted range (low 8 > high 2); write [low, high]",
+        ),
+        ({"clip": []}, "params.yaml: search.clip = []: empty range; give [low, high]"),
+        ({"epochs": [3, 1]}, "search.epochs = [3, 1]: inverted range"),
+        ({"batch_size": []}, "search.batch_size = []: empty list of choices"),
+        ({"lr": [0, 1]}, "search.lr = [0, 1]: both ends must be finite numbers > 0"),
+        (
+            {"objective": "sharpness"},
+            "search.objective = 'sharpness': unknown objective metric; known: masked_score_pct, avg_drop_pct",
+        ),
+        ({"trials_distribution": "poisson"}, "search.trials_distribution = 'poisson' needs sampler 'random'"),
+    ],
+)
 def test_bad_search_section_is_one_line_exit_2(search, expected):
     write_params(**search)
     res = CliRunner().invoke(app, ["search", "--trials", "0"])
@@ -141,15 +174,31 @@ def test_a_study_with_other_objectives_or_dataset_is_refused():
     assert created and study.user_attrs[S.ATTR_OBJECTIVES] == ["epsilon", "val_accuracy", "masked_score_pct"]
     again, created = S.open_study(storage, cfg, "s", S.OBJECTIVES["masked_score_pct"], "tiny")
     assert not created and again._study_id == study._study_id
-    with pytest.raises(UserError, match=r"^study 's' in sqlite:///optuna.db was created with other objectives "
-                                        r"\(epsilon \(minimize\), val_accuracy \(maximize\), masked_score_pct \(maximize\)\); "
-                                        r"this search has epsilon \(minimize\), val_accuracy \(maximize\), 100 - avg_drop_pct"):
+    with pytest.raises(
+        UserError,
+        match=r"^study 's' in sqlite:///optuna.db was created with other objectives "
+        r"\(epsilon \(minimize\), val_accuracy \(maximize\), masked_score_pct \(maximize\)\); "
+        r"this search has epsilon \(minimize\), val_accuracy \(maximize\), 100 - avg_drop_pct",
+    ):
         S.open_study(storage, cfg, "s", S.OBJECTIVES["avg_drop_pct"], "tiny")
     with pytest.raises(UserError, match="searches dataset 'tiny', not 'other'"):
         S.open_study(storage, cfg, "s", S.OBJECTIVES["masked_score_pct"], "other")
     optuna.create_study(storage=storage, study_name="foreign", directions=["minimize", "maximize", "maximize"])
     with pytest.raises(UserError, match="was not created by dpcam search"):
         S.open_study(storage, cfg, "foreign", S.OBJECTIVES["masked_score_pct"], "tiny")
+
+
+def test_a_new_study_names_its_metrics_for_the_dashboard():
+    storage = S.open_storage("sqlite:///optuna.db", heartbeat=5, grace_period=None, max_retry=0)
+    study, created = S.open_study(storage, SearchConfig(), "s", S.OBJECTIVES["avg_drop_pct"], "tiny")
+    assert created and study.metric_names == ["epsilon", "val_accuracy", "100 - avg_drop_pct"]
+    again, created = S.open_study(storage, SearchConfig(), "s", S.OBJECTIVES["avg_drop_pct"], "tiny")
+    assert not created and again.metric_names == study.metric_names
+    assert optuna.load_study(study_name="s", storage="sqlite:///optuna.db").metric_names == study.metric_names
+
+
+def test_objective_registry_matches_names():
+    assert set(S.OBJECTIVES) == set(names.OBJECTIVES)
 
 
 def test_objective_needing_masks_on_data_without_masks():
@@ -191,46 +240,10 @@ def test_front_equals_brute_force_on_a_synthetic_study_with_ties():
     assert got == brute_force_front(values) and len(got) >= 3
 
 
-def test_composed_epsilon_matches_the_accountants():
-    from dpcam.privacy.accounting import gaussian_epsilon, laplace_epsilon
-
-    g = ("gaussian", 1.1, 0.05, 200)
-    lap = ("laplace", 5.0, 0.05, 100)
-    assert S.composed_epsilon([g], 1e-5) == pytest.approx(gaussian_epsilon(1.1, 0.05, 200, 1e-5, "prv"), rel=0.03)
-    assert S.composed_epsilon([lap], 1e-5) == pytest.approx(laplace_epsilon(5.0, 0.05, 100, 1e-5), rel=0.03)
-    both = S.composed_epsilon([g, lap], 1e-5)
-    assert max(S.composed_epsilon([g], 1e-5), S.composed_epsilon([lap], 1e-5)) < both
-    assert both <= S.composed_epsilon([g], 1e-5) + S.composed_epsilon([lap], 1e-5) + 1e-9
-
-
-def test_random_search_bounds_behave():
-    mech = [("gaussian", 1.5, 0.02, 500)]
-    single = S._rdp_to_dp(S.rdp_curve(*mech[0], orders=np.array(S.RDP_ORDERS)), np.array(S.RDP_ORDERS), 1e-5)
-    for dist in ("poisson", "geometric"):
-        b = [S.random_search_bound(dist, mu, mech, 1e-5) for mu in (2, 10, 50)]
-        assert single < b[0] < b[1] < b[2], (dist, single, b)  # more trials on average cost more
-        assert b[2] < 50 * single  # and far less than composing 50 runs naively
-    # a less private base algorithm costs more
-    assert S.random_search_bound("poisson", 10, [("gaussian", 0.8, 0.02, 500)], 1e-5) > \
-        S.random_search_bound("poisson", 10, mech, 1e-5)
-    # the worst case over several mechanisms is at least each one's
-    both = S.random_search_bound("geometric", 10, mech + [("laplace", 20.0, 0.02, 500)], 1e-5)
-    assert both >= S.random_search_bound("geometric", 10, mech, 1e-5) - 1e-12
-
-
-def test_worst_case_noise_is_below_every_trials():
-    from dpcam.privacy.accounting import calibrate_laplace
-
-    cfg = SearchConfig(schemes=["laplace"], epsilon=[1, 4], batch_size=[50], epochs=[2, 2])
-    (scheme, lam, q, steps), = S.worst_case_mechanisms(cfg, TrainConfig(delta=1e-3, scheme="laplace"), 500)
-    assert (q, steps) == (0.1, 20)
-    for target in (4.0, 3.99, 3.9):
-        assert lam <= calibrate_laplace(target, 1e-3, q, steps)
-
-
 # ------------------------------------------------------------------------------- real studies
 
 
+@pytest.mark.slow
 def test_small_real_study_front_report_tracking_and_cost():
     make_tiny(masks=True)
     cfg, base, explain = configs(schemes=["laplace", "gaussian"], trials=4, sampler="nsga2", epochs=[1, 1])
@@ -253,8 +266,17 @@ def test_small_real_study_front_report_tracking_and_cost():
     rows = list(__import__("csv").DictReader(open(out / "front.csv")))
     assert {int(r["trial"]) for r in rows} == front
     assert all(0 <= float(r["test_accuracy"]) <= 1 and r["model_source"] == "saved" for r in rows)
-    assert {p.name for p in out.iterdir()} >= {"front.md", "front.csv", "trials.csv", "cost.json", "index.html",
-                                               "pareto_3d.png", "pareto_01.png", "pareto_02.png", "pareto_12.png"}
+    assert {p.name for p in out.iterdir()} >= {
+        "front.md",
+        "front.csv",
+        "trials.csv",
+        "cost.json",
+        "index.html",
+        "pareto_3d.png",
+        "pareto_01.png",
+        "pareto_02.png",
+        "pareto_12.png",
+    }
     assert "test_accuracy" not in (out / "trials.csv").read_text()  # test metrics only for the front
     # only front members' models are kept
     kept = {int(p.name.split("-")[1]) for p in Path("models/search/dpcam-tiny").iterdir()}
@@ -281,8 +303,9 @@ def test_small_real_study_front_report_tracking_and_cost():
 
 def test_random_count_search_runs_the_drawn_number_and_reports_the_bound():
     make_tiny()
-    cfg, base, explain = configs(sampler="random", trials_distribution="poisson", trials=2, batch_size=[48],
-                                 epochs=[1, 1])
+    cfg, base, explain = configs(
+        sampler="random", trials_distribution="poisson", trials=2, batch_size=[48], epochs=[1, 1]
+    )
     res = S.search(cfg, base, explain, echo=quiet)
     study = optuna.load_study(study_name="dpcam-tiny", storage="sqlite:///mlruns/optuna.db")
     drawn = study.user_attrs[S.ATTR_DRAWN]
@@ -293,10 +316,35 @@ def test_random_count_search_runs_the_drawn_number_and_reports_the_bound():
         assert res.cost["trials_drawn"] == drawn
 
 
+def test_search_epochs_reach_the_trials_and_the_worst_case(monkeypatch):
+    from dpcam.data.store import load_dataset
+    from dpcam.privacy import tuning
+    from dpcam.privacy.plan import training_plan
+
+    make_tiny()
+    cfg, base, explain = configs(sampler="random", trials=2, batch_size=[48], epochs=[1, 1])
+    S.search(cfg, base, explain, echo=quiet)
+    study = optuna.load_study(study_name="dpcam-tiny", storage="sqlite:///mlruns/optuna.db")
+    train_size = len(load_dataset("data/prepared/tiny").split("train"))
+    q, steps = training_plan(train_size, 48, 1)
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    for t in trials:
+        assert t.params["epochs"] == 1 and t.user_attrs["train_config"]["epochs"] == 1
+        assert t.user_attrs["steps"] == steps and t.user_attrs["sample_rate"] == pytest.approx(q)
+    # the random-search bound's worst case is taken over the search section's epochs
+    seen = []
+    worst = tuning.worst_case_mechanisms
+    monkeypatch.setattr(tuning, "worst_case_mechanisms", lambda *a: seen.append(a) or worst(*a))
+    random_count = cfg.model_copy(update={"trials_distribution": "poisson", "epochs": [1, 2]})
+    S.tuning_cost(study, random_count, base, train_size)
+    assert seen == [(["laplace"], [48], [1, 2], 8.0, base.delta, base.accountant, train_size)]
+
+
 def _trials(url: str, name: str):
     try:
         return optuna.load_study(study_name=name, storage=url).get_trials()
-    except Exception:  # noqa: BLE001 - not created yet, or the sqlite file is being written
+    except Exception:
         return []
 
 
@@ -307,6 +355,7 @@ def _worker(trials: int) -> None:
     os._exit(0)
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_worker_keeps_finished_trials_and_retries_the_killed_one():
     import multiprocessing
 
@@ -343,6 +392,8 @@ def test_resume_after_a_killed_worker_keeps_finished_trials_and_retries_the_kill
     assert "resumed with" in res.output
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
 def test_two_workers_share_one_postgresql_study(postgres_url, tmp_path):
     k = 2
     workers = []
@@ -351,10 +402,11 @@ def test_two_workers_share_one_postgresql_study(postgres_url, tmp_path):
         folder.mkdir()
         make_tiny(root=folder / "data/prepared")
         write_params(folder, sampler="nsga2", seed=0)
-        workers.append((folder, cli("search", "--trials", str(k), "--storage", postgres_url, "--study-name", "shared",
-                                    cwd=folder)))
+        workers.append(
+            (folder, cli("search", "--trials", str(k), "--storage", postgres_url, "--study-name", "shared", cwd=folder))
+        )
     outs = []
-    for folder, w in workers:
+    for _folder, w in workers:
         out, _ = w.communicate(timeout=150)
         assert w.returncode == 0, out
         assert "s3cret" not in out

@@ -9,12 +9,12 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from dpcam import config
 from dpcam.errors import UserError
+from dpcam.layout import PARAMS_FILE
 
 app = typer.Typer(
     add_completion=False,
@@ -25,7 +25,7 @@ app = typer.Typer(
 figure_app = typer.Typer(no_args_is_help=True, help="Figures that are not part of a stage's outputs.")
 app.add_typer(figure_app, name="figure")
 
-_state = {"params": config.PARAMS_FILE}
+_state: dict[str, Path | None] = {"params": None}  # None: ./params.yaml, whose absence means the shipped defaults
 
 
 def _user_errors(fn):
@@ -44,7 +44,9 @@ def _user_errors(fn):
 
 @app.callback()
 def _main(
-    params: Path = typer.Option(config.PARAMS_FILE, "--params", help="params file to read defaults from"),
+    params: Path | None = typer.Option(
+        None, "--params", help=f"params file to read defaults from (default {PARAMS_FILE})"
+    ),
 ) -> None:
     _state["params"] = params
 
@@ -59,23 +61,32 @@ def _whole(values):
 @app.command()
 @_user_errors
 def prepare(
-    dataset: Optional[str] = typer.Option(None, help="name of the prepared dataset (output folder)"),
-    format: Optional[str] = typer.Option(None, "--format", help="synthetic|aptos|catsdogs|petimages|imagefolder"),
-    source: Optional[Path] = typer.Option(None, help="folder of the real dataset in its native layout"),
-    masks: Optional[Path] = typer.Option(None, help="optional folder of lesion masks named like the images"),
-    size: Optional[int] = typer.Option(None, help="square image size in pixels (≥ 16)"),
-    seed: Optional[int] = typer.Option(None, help="split (and generator) seed"),
-    n: Optional[int] = typer.Option(None, "--n", help="synthetic: number of images"),
-    skip_bad: Optional[bool] = typer.Option(None, "--skip-bad/--no-skip-bad", help="skip unreadable images"),
-    workers: Optional[int] = typer.Option(None, help="decode processes (0 = one per core)"),
+    dataset: str | None = typer.Option(None, help="name of the prepared dataset (output folder)"),
+    format: str | None = typer.Option(None, "--format", help="synthetic|aptos|catsdogs|petimages|imagefolder"),
+    source: Path | None = typer.Option(None, help="folder of the real dataset in its native layout"),
+    masks: Path | None = typer.Option(None, help="optional folder of lesion masks named like the images"),
+    size: int | None = typer.Option(None, help="square image size in pixels (≥ 16)"),
+    seed: int | None = typer.Option(None, help="split (and generator) seed"),
+    n: int | None = typer.Option(None, "--n", help="synthetic: number of images"),
+    skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="skip unreadable images"),
+    workers: int | None = typer.Option(None, help="decode processes (0 = one per core)"),
 ) -> None:
     """Ingest a dataset (or generate synthetic-fundus) into data/prepared/<dataset>/."""
     from dpcam.data.prepare import prepare as run
 
     cfg = config.load_section(
         "prepare",
-        {"dataset": dataset, "format": format, "source": source, "masks": masks, "size": size, "seed": seed,
-         "synthetic.n": n, "skip_bad": skip_bad, "workers": workers},
+        {
+            "dataset": dataset,
+            "format": format,
+            "source": source,
+            "masks": masks,
+            "size": size,
+            "seed": seed,
+            "synthetic.n": n,
+            "skip_bad": skip_bad,
+            "workers": workers,
+        },
         _state["params"],
     )
     out = run(cfg)
@@ -85,20 +96,25 @@ def prepare(
 @app.command()
 @_user_errors
 def ldp(
-    dataset: Optional[str] = typer.Option(None, help="prepared dataset to derive from (default: prepare.dataset)"),
-    mechanism: Optional[List[str]] = typer.Option(None, help="mechanism name; repeat for several"),
-    epsilon: Optional[List[float]] = typer.Option(None, help="ε; repeat for several"),
-    delta: Optional[float] = typer.Option(None, help="δ for pixel-gaussian"),
-    seed: Optional[int] = typer.Option(None, help="noise seed"),
-    secure: Optional[bool] = typer.Option(None, "--secure/--seeded", help="draw noise from OS entropy"),
+    dataset: str | None = typer.Option(None, help="prepared dataset to derive from (default: prepare.dataset)"),
+    mechanism: list[str] | None = typer.Option(None, help="mechanism name; repeat for several"),
+    epsilon: list[float] | None = typer.Option(None, help="ε; repeat for several"),
+    delta: float | None = typer.Option(None, help="δ for pixel-gaussian"),
+    seed: int | None = typer.Option(None, help="noise seed"),
+    secure: bool | None = typer.Option(None, "--secure/--seeded", help="draw noise from OS entropy"),
 ) -> None:
     """Write local-DP derivatives to data/ldp/<dataset>/<mechanism>-eps<ε>/ (every mechanism × ε)."""
     from dpcam.data.ldp import derive
 
     cfg = config.load_section(
         "ldp",
-        {"mechanisms": mechanism or None, "epsilons": _whole(epsilon or None), "delta": delta, "seed": seed,
-         "secure": secure},
+        {
+            "mechanisms": mechanism or None,
+            "epsilons": _whole(epsilon or None),
+            "delta": delta,
+            "seed": seed,
+            "secure": secure,
+        },
         _state["params"],
     )
     src = config.prepared_dir(dataset or config.default_dataset(_state["params"]))
@@ -111,85 +127,108 @@ def ldp(
 @app.command()
 @_user_errors
 def train(
-    dataset: Optional[str] = typer.Option(None, help="prepared dataset (default: train.dataset)"),
-    ldp: Optional[str] = typer.Option(None, help="train on a local-DP derivative, e.g. singh-sikka-eps0.5"),
-    scheme: Optional[str] = typer.Option(None, help="none|clip-only|gaussian|laplace|ldp"),
-    epsilon: Optional[float] = typer.Option(None, help="target ε (gaussian, laplace)"),
-    delta: Optional[float] = typer.Option(None, help="δ"),
-    clip: Optional[float] = typer.Option(None, help="per-example clipping bound C"),
-    accountant: Optional[str] = typer.Option(None, help="prv|rdp|gdp (gaussian)"),
-    grad_sample_mode: Optional[str] = typer.Option(None, help="hooks|ew|functorch|ghost (gaussian, clip-only)"),
-    model: Optional[str] = typer.Option(None, help="smallcnn|resnet18|alexnet|vgg16"),
-    weights: Optional[Path] = typer.Option(None, help="local pretrained weights (state dict)"),
-    optimizer: Optional[str] = typer.Option(None, help="sgd|adam"),
-    lr: Optional[float] = typer.Option(None, help="learning rate"),
-    schedule: Optional[str] = typer.Option(None, help="constant|step|cosine"),
-    epochs: Optional[int] = typer.Option(None, help="epochs"),
-    batch_size: Optional[int] = typer.Option(None, help="expected batch size"),
-    train_size: Optional[int] = typer.Option(None, help="train on this many training images (default: all)"),
-    family: Optional[str] = typer.Option(
-        None, help="train every run of this grid family (baseline|gaussian|laplace|ldp|clip-sweep|train-size) "
-        "into models/<family>/, from the grid and train sections"),
-    seed: Optional[int] = typer.Option(None, help="seed"),
-    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
-    name: Optional[str] = typer.Option(None, help="run name (default <scheme>-eps<ε>-<model>-s<seed>)"),
+    dataset: str | None = typer.Option(None, help="prepared dataset (default: train.dataset)"),
+    ldp: str | None = typer.Option(None, help="train on a local-DP derivative, e.g. singh-sikka-eps0.5"),
+    scheme: str | None = typer.Option(None, help="none|clip-only|gaussian|laplace|ldp"),
+    epsilon: float | None = typer.Option(None, help="target ε (gaussian, laplace)"),
+    delta: float | None = typer.Option(None, help="δ"),
+    clip: float | None = typer.Option(None, help="per-example clipping bound C"),
+    accountant: str | None = typer.Option(None, help="prv|rdp|gdp (gaussian)"),
+    grad_sample_mode: str | None = typer.Option(None, help="hooks|ew|functorch|ghost (gaussian, clip-only)"),
+    model: str | None = typer.Option(None, help="smallcnn|resnet18|alexnet|vgg16"),
+    weights: Path | None = typer.Option(None, help="local pretrained weights (state dict)"),
+    optimizer: str | None = typer.Option(None, help="sgd|adam"),
+    lr: float | None = typer.Option(None, help="learning rate"),
+    schedule: str | None = typer.Option(None, help="constant|step|cosine"),
+    epochs: int | None = typer.Option(None, help="epochs"),
+    batch_size: int | None = typer.Option(None, help="expected batch size"),
+    train_size: int | None = typer.Option(None, help="train on this many training images (default: all)"),
+    family: str | None = typer.Option(
+        None,
+        help="train every run of this grid family (baseline|gaussian|laplace|ldp|clip-sweep|train-size) "
+        "into models/<family>/, from the grid and train sections",
+    ),
+    seed: int | None = typer.Option(None, help="seed"),
+    device: str | None = typer.Option(None, help="auto|cpu|cuda"),
+    name: str | None = typer.Option(None, help="run name (default <scheme>-eps<ε>-<model>-s<seed>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run from its last checkpoint"),
 ) -> None:
     """Train one model under one privacy scheme; write models/<run>/ (model and train.json)."""
     from dpcam import train as stage
 
+    profile = config.profile_of(_state["params"])
+    shared = {
+        "delta": delta,
+        "accountant": accountant,
+        "grad_sample_mode": grad_sample_mode,
+        "weights": weights,
+        "optimizer": optimizer,
+        "lr": lr,
+        "schedule": schedule,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "device": device,
+    }
     if family is not None:
         if any(v is not None for v in (dataset, ldp, scheme, epsilon, clip, model, seed, name, train_size)) or resume:
-            raise UserError("--family trains the grid's runs as params.yaml defines them; drop the per-run flags "
-                            "(--dataset/--ldp/--scheme/--epsilon/--clip/--model/--seed/--name/--train-size/--resume)")
+            raise UserError(
+                "--family trains the grid's runs as params.yaml defines them; drop the per-run flags "
+                "(--dataset/--ldp/--scheme/--epsilon/--clip/--model/--seed/--name/--train-size/--resume)"
+            )
         grid = config.load_section("grid", None, _state["params"])
-        base = config.load_section(
-            "train", {"delta": delta, "accountant": accountant, "grad_sample_mode": grad_sample_mode, "weights": weights,
-                      "optimizer": optimizer, "lr": lr, "schedule": schedule, "epochs": epochs,
-                      "batch_size": batch_size, "device": device}, _state["params"])
-        for m in stage.run_family(family, grid, base):
+        base = config.load_section("train", shared, _state["params"])
+        for m in stage.run_family(family, grid, base, profile=profile, flags=shared):
             _echo_trained(m)
         return
     if ldp and scheme is None:
         scheme = "ldp"
     cfg = config.load_section(
         "train",
-        {"dataset": dataset, "ldp": ldp, "scheme": scheme, "epsilon": epsilon, "delta": delta, "clip": clip,
-         "accountant": accountant, "grad_sample_mode": grad_sample_mode, "model": model, "weights": weights,
-         "optimizer": optimizer, "lr": lr, "schedule": schedule, "epochs": epochs, "batch_size": batch_size,
-         "train_size": train_size, "seed": seed, "device": device, "name": name},
+        {
+            **shared,
+            "dataset": dataset,
+            "ldp": ldp,
+            "scheme": scheme,
+            "epsilon": epsilon,
+            "clip": clip,
+            "model": model,
+            "train_size": train_size,
+            "seed": seed,
+            "name": name,
+        },
         _state["params"],
     )
-    _echo_trained(stage.run(cfg, resume=resume))
+    _echo_trained(stage.run(cfg, resume=resume, profile=profile))
 
 
-def _echo_trained(m: dict) -> None:
-    eps = "∞" if m.get("epsilon") in (None, float("inf")) else f"{m['epsilon']:.4g}"
-    if m["scheme"] == "ldp":
-        g = m.get("ldp_guarantee") or {}
+def _echo_trained(m) -> None:
+    """One line per trained run (``m``: a TrainRecord)."""
+    if m.scheme == "ldp":
+        g = m.ldp_guarantee or {}
         short = str(g.get("words", "see its manifest")).split(";")[0].split(":")[0]
         privacy = f"no DP-SGD; the data's local-DP guarantee: {short} (details in its manifest)"
+    elif m.value("epsilon") is None:
+        privacy = "ε = ∞ (not private)"
     else:
-        privacy = "ε = ∞ (not private)" if eps == "∞" else \
-            f"ε = {eps} (δ = {m['delta']:g}, {m.get('accountant') or 'no'} accountant)"
+        privacy = f"ε = {m.epsilon:.4g} (δ = {m.delta:g}, {m.accountant or 'no'} accountant)"
     typer.echo(
-        f"{m['run_name']}: test accuracy {m['test_accuracy']:.3f}, QWK {m['test_qwk']:.3f}, {privacy}"
-        + ("  [collapsed: predicts one class]" if m["collapsed"] else "")
+        f"{m.run_name}: test accuracy {m.test_accuracy:.3f}, QWK {m.test_qwk:.3f}, {privacy}"
+        + ("  [collapsed: predicts one class]" if m.collapsed else "")
     )
 
 
 @app.command()
 @_user_errors
 def explain(
-    run: Optional[str] = typer.Argument(None, help="run name under models/ or an MLflow run id"),
-    family: Optional[str] = typer.Option(None, help="score every run of this grid family into metrics/<family>/"),
-    method: Optional[str] = typer.Option(None, help="gradcam | guided-gradcam"),
-    target: Optional[str] = typer.Option(None, help="prediction | label"),
-    metric: Optional[List[str]] = typer.Option(None, help="metric name; repeat for several (default: all)"),
-    layer: Optional[str] = typer.Option(None, help="Grad-CAM layer, a dotted module name (default: the model's)"),
-    steps: Optional[int] = typer.Option(None, help="deletion/insertion steps K (≥ 2)"),
-    max_images: Optional[int] = typer.Option(None, help="score at most this many test images"),
-    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
+    run: str | None = typer.Argument(None, help="run name under models/ or an MLflow run id"),
+    family: str | None = typer.Option(None, help="score every run of this grid family into metrics/<family>/"),
+    method: str | None = typer.Option(None, help="gradcam | guided-gradcam"),
+    target: str | None = typer.Option(None, help="prediction | label"),
+    metric: list[str] | None = typer.Option(None, help="metric name; repeat for several (default: all)"),
+    layer: str | None = typer.Option(None, help="Grad-CAM layer, a dotted module name (default: the model's)"),
+    steps: int | None = typer.Option(None, help="deletion/insertion steps K (≥ 2)"),
+    max_images: int | None = typer.Option(None, help="score at most this many test images"),
+    device: str | None = typer.Option(None, help="auto|cpu|cuda"),
 ) -> None:
     """Grad-CAM maps of a run's test split, scored; writes metrics/<run>/explain.json, maps and pictures."""
     from dpcam.explain.score import score, score_family
@@ -198,69 +237,98 @@ def explain(
         raise UserError("name one RUN, or pass --family F to score a grid family (not both)")
     cfg = config.load_section(
         "explain",
-        {"method": method, "target": target, "metrics": metric or None, "max_images": max_images, "device": device,
-         "layer": layer, "steps": steps},
+        {
+            "method": method,
+            "target": target,
+            "metrics": metric or None,
+            "max_images": max_images,
+            "device": device,
+            "layer": layer,
+            "steps": steps,
+        },
         _state["params"],
     )
-    results = score_family(family, config.load_section("grid", None, _state["params"]), cfg) if family else [score(run, cfg)]
+    results = (
+        score_family(family, config.load_section("grid", None, _state["params"]), cfg) if family else [score(run, cfg)]
+    )
     for r in results:
         _echo_explained(r)
 
 
-def _echo_explained(r: dict) -> None:
+def _echo_explained(r) -> None:
+    """One line per scored run (``r``: an ExplainRecord)."""
     shown = ", ".join(
-        f"{k} {r[k]:.3g}" for k in ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "pointing_game", "map_agreement")
-        if isinstance(r.get(k), float)
+        f"{k} {v:.3g}"
+        for k in ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "pointing_game", "map_agreement")
+        if (v := r.value(k)) is not None
     )
-    flag = "  [DEGENERATE: " + "; ".join(r["degeneracy"]["reasons"]) + "]" if r["degenerate"] else ""
-    typer.echo(f"{r['run_name']}: accuracy {r['accuracy']:.3f}; {shown}{flag}")
+    flag = "  [DEGENERATE: " + "; ".join(r.degeneracy.reasons) + "]" if r.degenerate else ""
+    typer.echo(f"{r.run_name}: accuracy {r.accuracy:.3f}; {shown}{flag}")
 
 
 @app.command()
 @_user_errors
 def audit(
-    run: Optional[str] = typer.Argument(None, help="run name under models/ or an MLflow run id"),
-    family: Optional[str] = typer.Option(None, help="audit every run of this grid family into audits/<family>/"),
-    grid: bool = typer.Option(False, "--grid", help="audit every run of the grid into audits/<family>/ (the DVC stage)"),
-    attack: Optional[List[str]] = typer.Option(
-        None, help="loss|loss-calibrated|gradcam-variance|gradcam-entropy|input-gradient; repeat for several (default: all)"),
-    max_per_group: Optional[int] = typer.Option(None, help="members and non-members sampled, each"),
-    seed: Optional[int] = typer.Option(None, help="seed of the samples and their selection/evaluation halves"),
-    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
-    fail_on_violation: bool = typer.Option(False, "--fail-on-violation", help="exit 1 when an attack beats what ε allows"),
+    run: str | None = typer.Argument(None, help="run name under models/ or an MLflow run id"),
+    family: str | None = typer.Option(None, help="audit every run of this grid family into audits/<family>/"),
+    grid: bool = typer.Option(
+        False, "--grid", help="audit every run of the grid into audits/<family>/ (the DVC stage)"
+    ),
+    attack: list[str] | None = typer.Option(
+        None,
+        help="loss|loss-calibrated|gradcam-variance|gradcam-entropy|input-gradient; repeat for several (default: all)",
+    ),
+    max_per_group: int | None = typer.Option(None, help="members and non-members sampled, each"),
+    seed: int | None = typer.Option(None, help="seed of the samples and their selection/evaluation halves"),
+    device: str | None = typer.Option(None, help="auto|cpu|cuda"),
+    fail_on_violation: bool = typer.Option(
+        False, "--fail-on-violation", help="exit 1 when an attack beats what ε allows"
+    ),
 ) -> None:
     """Membership-inference audit of a run against its ε; writes audits/<run>/audit.json and roc.png."""
-    from dpcam.audit import audit_family, audit_grid, audit_run, load_config
+    from dpcam.audit import audit_family, audit_grid, audit_run
 
     if (run is not None) + (family is not None) + grid != 1:
-        raise UserError("name one RUN, or pass --family F to audit a grid family, or --grid for every run of the grid (one of them)")
-    cfg = load_config({"attacks": attack or None, "max_per_group": max_per_group, "seed": seed, "device": device},
-                      _state["params"])
+        raise UserError(
+            "name one RUN, or pass --family F to audit a grid family, or --grid for every run of the grid (one of them)"
+        )
+    cfg = config.load_section(
+        "audit",
+        {"attacks": attack or None, "max_per_group": max_per_group, "seed": seed, "device": device},
+        _state["params"],
+    )
     if run is not None:
         results = [audit_run(run, cfg)]
     else:
         grid_cfg = config.load_section("grid", None, _state["params"])
         results = audit_family(family, grid_cfg, cfg) if family else audit_grid(grid_cfg, cfg)
     for r in results:
-        eps, check = r["privacy"]["epsilon"], r["check"]
-        if not check["done"]:
-            verdict = f"not checked ({check['reason']})"
-        elif r["violation"]:
-            verdict = f"VIOLATION: {', '.join(check['violations'])} beat(s) what ε allows"
-        else:
-            verdict = "within " + ("the PLD trade-off curve" if check["bound"].startswith("pld") else "the (ε, δ) line")
-        loss = f" (loss {r['mia_auc_loss']:.3f})" if "mia_auc_loss" in r else ""
-        typer.echo(f"{r['run_name']}: MIA AUC {r['mia_auc']:.3f}{loss}, empirical ε ≥ {r['mia_epsilon_lb']:.3g} "
-                   f"({100 * r['confidence']:.0f}%) vs ε = {'∞' if eps is None else f'{eps:.3g}'}; {verdict}",
-                   err=r["violation"])
-    if fail_on_violation and any(r["violation"] for r in results):
+        _echo_audited(r)
+    if fail_on_violation and any(r.violation for r in results):
         raise typer.Exit(1)
+
+
+def _echo_audited(r) -> None:
+    """One line per audited run (``r``: an AuditRecord); a violation goes to stderr."""
+    eps, check = r.privacy.epsilon, r.check
+    if not check.done:
+        verdict = f"not checked ({check.reason})"
+    elif r.violation:
+        verdict = f"VIOLATION: {', '.join(check.violations or [])} beat(s) what ε allows"
+    else:
+        verdict = "within " + ("the PLD trade-off curve" if check.bound.startswith("pld") else "the (ε, δ) line")
+    loss = f" (loss {r.mia_auc_loss:.3f})" if r.mia_auc_loss is not None else ""
+    typer.echo(
+        f"{r.run_name}: MIA AUC {r.mia_auc:.3f}{loss}, empirical ε ≥ {r.mia_epsilon_lb:.3g} "
+        f"({100 * r.confidence:.0f}%) vs ε = {'∞' if eps is None else f'{eps:.3g}'}; {verdict}",
+        err=r.violation,
+    )
 
 
 @figure_app.command("cams")
 @_user_errors
 def figure_cams(
-    runs: List[str] = typer.Option(..., "--runs", help="runs to compare (repeat); ordered by ε"),
+    runs: list[str] = typer.Option(..., "--runs", help="runs to compare (repeat); ordered by ε"),
     images: int = typer.Option(6, help="number of test images"),
     out: Path = typer.Option(Path("reports/figures/cams.png"), help="PNG to write"),
 ) -> None:
@@ -274,8 +342,8 @@ def figure_cams(
 @figure_app.command("ldp")
 @_user_errors
 def figure_ldp(
-    dataset: Optional[str] = typer.Option(None, help="dataset name (default: prepare.dataset)"),
-    out: Optional[Path] = typer.Option(None, help="PNG to write (default reports/figures/ldp-<dataset>.png)"),
+    dataset: str | None = typer.Option(None, help="dataset name (default: prepare.dataset)"),
+    out: Path | None = typer.Option(None, help="PNG to write (default reports/figures/ldp-<dataset>.png)"),
 ) -> None:
     """Clean-vs-ε sample grid of every local-DP derivative of a dataset."""
     from dpcam.data.ldp import figure_ldp as run
@@ -294,8 +362,10 @@ def report(
     from dpcam.report import report as run
 
     summary = run(config.load_section("grid", None, _state["params"]), out)
-    typer.echo(f"wrote {summary['index']} ({summary['runs']} runs, {len(summary['tables'])} tables, "
-               f"{len(summary['figures'])} figures)")
+    typer.echo(
+        f"wrote {summary['index']} ({summary['runs']} runs, {len(summary['tables'])} tables, "
+        f"{len(summary['figures'])} figures)"
+    )
     for line in summary["skipped"]:
         typer.echo(f"  skipped: {line}")
 
@@ -303,26 +373,63 @@ def report(
 @app.command()
 @_user_errors
 def search(
-    trials: Optional[int] = typer.Option(None, help="trials this process runs (0: only write the report)"),
-    timeout: Optional[float] = typer.Option(None, help="stop starting trials after this many seconds"),
-    storage: Optional[str] = typer.Option(None, help="Optuna storage, any SQLAlchemy URL (default sqlite:///mlruns/optuna.db)"),
-    study_name: Optional[str] = typer.Option(None, help="study name (default dpcam-<dataset>)"),
-    sampler: Optional[str] = typer.Option(None, help="nsga2|tpe|random"),
-    objective: Optional[str] = typer.Option(None, help="explanation objective, e.g. masked_score_pct, avg_drop_pct, pointing_game"),
-    seed: Optional[int] = typer.Option(None, help="sampler seed"),
-    max_trials: Optional[int] = typer.Option(None, help="stop once the study has this many complete trials"),
-    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda"),
+    trials: int | None = typer.Option(None, help="trials this process runs (0: only write the report)"),
+    timeout: float | None = typer.Option(None, help="stop starting trials after this many seconds"),
+    storage: str | None = typer.Option(
+        None, help="Optuna storage, any SQLAlchemy URL (default sqlite:///mlruns/optuna.db)"
+    ),
+    study_name: str | None = typer.Option(None, help="study name (default dpcam-<dataset>)"),
+    sampler: str | None = typer.Option(None, help="nsga2|tpe|random"),
+    objective: str | None = typer.Option(
+        None, help="explanation objective, e.g. masked_score_pct, avg_drop_pct, pointing_game"
+    ),
+    seed: int | None = typer.Option(None, help="sampler seed"),
+    max_trials: int | None = typer.Option(None, help="stop once the study has this many complete trials"),
+    device: str | None = typer.Option(None, help="auto|cpu|cuda"),
 ) -> None:
     """Optuna search over DP-SGD settings: the Pareto front of ε, accuracy and explanation quality (reports/search/)."""
     from dpcam.search import search as run
 
     cfg = config.load_section(
-        "search", {"trials": trials, "timeout": timeout, "storage": storage, "study_name": study_name,
-                   "sampler": sampler, "objective": objective, "seed": seed, "max_trials": max_trials},
-        _state["params"])
+        "search",
+        {
+            "trials": trials,
+            "timeout": timeout,
+            "storage": storage,
+            "study_name": study_name,
+            "sampler": sampler,
+            "objective": objective,
+            "seed": seed,
+            "max_trials": max_trials,
+        },
+        _state["params"],
+    )
     base = config.load_section("train", {"device": device}, _state["params"])
     explain = config.load_section("explain", {"device": device}, _state["params"])
     run(cfg, base, explain, echo=typer.echo)
+
+
+@app.command()
+@_user_errors
+def profile(
+    name: str = typer.Argument(..., help="profile name: profiles/<name>.yaml (e.g. paper-aptos)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the dvc command instead of running it"),
+) -> None:
+    """Run the study under a profile (an overlay of params.yaml) as a DVC experiment: dvc exp run -S ..."""
+    import shlex
+    import subprocess
+
+    from dpcam.profiles import command
+
+    cmd = command(name, _state["params"])
+    typer.echo(" ".join(shlex.quote(c) for c in cmd))
+    if dry_run:
+        return
+    try:
+        code = subprocess.run(cmd).returncode
+    except FileNotFoundError:
+        raise UserError("dvc is not on PATH; install dpcam's dependencies (make install) or activate .venv") from None
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Every model built here
 
 - takes **pixel-space** input ``x`` of shape ``(B, 3, H, W)``, float in [0, 1], and normalises it
   itself as its first operation (:class:`Normalize`, fixed buffers, ImageNet mean/std by default),
-  so Grad-CAM masking (DESIGN.md §3: x̃ = x ⊙ L(x)) happens in pixel space;
+  so Grad-CAM masking (docs/metrics.md: x̃ = x ⊙ L(x)) happens in pixel space;
 - returns logits of shape ``(B, num_classes)``;
 - is valid for Opacus (``ModuleValidator.validate(model, strict=False) == []``) and free of
   in-place operations, so both ``grad_sample_mode="hooks"`` and ``"ew"`` work: BatchNorm is
@@ -48,7 +48,6 @@ Registered models (``MODELS``):
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,11 +57,10 @@ import torch
 from torch import nn
 
 from dpcam.errors import UserError
+from dpcam.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize, group_norm
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SMALL_INPUT_MAX = 96  # small_input defaults to True for image_size <= this
 
 # A builder: (num_classes, image_size, *, small_input, **kwargs) -> nn.Module with .gradcam_layer
@@ -85,43 +83,6 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
         return builder
 
     return decorator
-
-
-class Normalize(nn.Module):
-    """``(x - mean) / std`` per channel with fixed buffers (no parameters, so Opacus ignores it).
-
-    Input and output: float ``(B, C, H, W)``; ``mean``/``std`` have C entries. The buffers are
-    persistent (saved in the state dict) so a model trained with other statistics reloads them.
-    """
-
-    def __init__(self, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
-        super().__init__()
-        mean, std = [float(v) for v in mean], [float(v) for v in std]
-        if len(mean) != len(std) or not mean:
-            raise UserError(f"normalisation mean {mean} and std {std}: give one value of each per channel")
-        if min(std) <= 0:
-            raise UserError(f"normalisation std {std} must be > 0 for every channel")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-    def extra_repr(self) -> str:
-        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
-
-
-def group_norm(num_channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm over ``num_channels`` with gcd(num_channels, max_groups) groups (always divides C)."""
-    return nn.GroupNorm(math.gcd(num_channels, max_groups), num_channels)
-
-
-def _out_of_place(model: nn.Module) -> nn.Module:
-    """Set ``inplace=False`` on every module that has the flag (ReLU, Dropout, ...); returns ``model``."""
-    for m in model.modules():
-        if getattr(m, "inplace", False):
-            m.inplace = False
-    return model
 
 
 # --------------------------------------------------------------------------------------- smallcnn
@@ -157,9 +118,7 @@ class SmallCNN(nn.Module):
         for i, c in enumerate(widths, start=1):
             if i > 1:
                 layers.append((f"pool{i - 1}", nn.MaxPool2d(2)))
-            block = nn.Sequential(
-                nn.Conv2d(c_in, c, kernel_size=3, padding=1), group_norm(c, gn_groups), acts[act]()
-            )
+            block = nn.Sequential(nn.Conv2d(c_in, c, kernel_size=3, padding=1), group_norm(c, gn_groups), acts[act]())
             layers.append((f"block{i}", block))
             c_in = c
         self.features = nn.Sequential(OrderedDict(layers))
@@ -238,7 +197,10 @@ def create_model(
     if key not in MODELS:
         raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     if int(num_classes) < 2:
-        raise UserError(f"model {key}: num_classes = {num_classes}; a classifier needs at least 2 classes (check the dataset's labels)")
+        raise UserError(
+            f"model {key}: num_classes = {num_classes}; "
+            "a classifier needs at least 2 classes (check the dataset's labels)"
+        )
     if int(image_size) < 1:
         raise UserError(f"model {key}: image_size = {image_size} must be a positive number of pixels")
     if small_input is None:
@@ -283,7 +245,10 @@ def _check_input_size(key: str, model: nn.Module, image_size: int, small_input: 
         return
     ok = next((s for s in (8, 16, 32, 64, 128, 256, 512) if s > image_size and runs(s)), None)
     hint = f"use images of at least {ok} px" if ok else "use larger images"
-    raise UserError(f"model {key} (small_input={small_input}): {image_size} px images are too small for its feature stack; {hint} (prepare --size)")
+    raise UserError(
+        f"model {key} (small_input={small_input}): {image_size} px images are too small "
+        f"for its feature stack; {hint} (prepare --size)"
+    )
 
 
 def target_layer(model: nn.Module) -> nn.Module:
@@ -291,7 +256,9 @@ def target_layer(model: nn.Module) -> nn.Module:
     inner = getattr(model, "_module", model)  # GradSampleModule and friends keep the model in _module
     name = getattr(inner, "gradcam_layer", None)
     if not isinstance(name, str):
-        raise UserError(f"{type(inner).__name__} names no Grad-CAM layer (gradcam_layer); build it with dpcam.models.create_model")
+        raise UserError(
+            f"{type(inner).__name__} names no Grad-CAM layer (gradcam_layer); build it with dpcam.models.create_model"
+        )
     try:
         return inner.get_submodule(name)
     except AttributeError:
@@ -325,7 +292,9 @@ class WeightsReport:
 
         parts = [f"weights {self.path}: loaded {len(self.loaded)} tensors"]
         if self.batchnorm:
-            parts.append(f"skipped {len(self.batchnorm)} BatchNorm tensors (no GroupNorm counterpart; GroupNorm kept at init)")
+            parts.append(
+                f"skipped {len(self.batchnorm)} BatchNorm tensors (no GroupNorm counterpart; GroupNorm kept at init)"
+            )
         if self.shape_mismatch:
             parts.append(f"skipped {len(self.shape_mismatch)} of another shape ({few(self.shape_mismatch)})")
         if self.unexpected:
@@ -346,12 +315,15 @@ def _state_dict_from(obj, path: Path) -> dict[str, torch.Tensor]:
             state = dict(obj)
             for prefix in _PREFIXES:
                 if all(k.startswith(prefix) for k in state):
-                    state = {k[len(prefix):]: v for k, v in state.items()}
+                    state = {k[len(prefix) :]: v for k, v in state.items()}
             return state
         for k in _WRAPPER_KEYS:
             if isinstance(obj.get(k), Mapping):
                 return _state_dict_from(obj[k], path)
-    raise UserError(f"--weights {path}: holds a {type(obj).__name__}, not a state dict of tensors; save one with torch.save(model.state_dict(), PATH)")
+    raise UserError(
+        f"--weights {path}: holds a {type(obj).__name__}, not a state dict of tensors; "
+        "save one with torch.save(model.state_dict(), PATH)"
+    )
 
 
 def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
@@ -368,12 +340,17 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
     """
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--weights {path}: no such file; give a local state dict saved with torch.save (nothing is downloaded)")
+        raise UserError(
+            f"--weights {path}: no such file; give a local state dict saved with torch.save (nothing is downloaded)"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
+    except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"--weights {path}: not a weights-only torch file ({first[:160]}); save it with torch.save(model.state_dict(), PATH)") from None
+        raise UserError(
+            f"--weights {path}: not a weights-only torch file ({first[:160]}); "
+            "save it with torch.save(model.state_dict(), PATH)"
+        ) from None
     state = _state_dict_from(obj, path)
     own = model.state_dict()
     modules = dict(model.named_modules())

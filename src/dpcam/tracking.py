@@ -13,8 +13,9 @@ import logging
 import os
 import signal
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -101,6 +102,7 @@ def run(
 
     previous = None
     if not nested:
+
         def _on_term(signum, frame):
             raise Terminated(f"received signal {signum}")
 
@@ -147,8 +149,13 @@ def log_model(model, input_example) -> str:
     import mlflow.pytorch
 
     # explicit requirements: MLflow's inference imports the model in a subprocess (~10 s per run)
-    info = mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=_requirements(),
-                                    serialization_format="pickle")
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        input_example=input_example,
+        pip_requirements=_requirements(),
+        serialization_format="pickle",
+    )
     return info.model_uri
 
 
@@ -174,6 +181,30 @@ def load_model(model_uri: str):
 def get_run(run_id: str):
     _setup()
     return MlflowClient().get_run(run_id)
+
+
+def run_name_of(run_id: str) -> str | None:
+    """The run name of an MLflow run id (None when the store has no such run)."""
+    try:
+        return get_run(run_id).info.run_name
+    except Exception:
+        return None
+
+
+def log_to_run(
+    run_id: str,
+    experiment: str,
+    metrics: dict[str, Any],
+    tags: dict[str, Any],
+    artifacts: list[Path],
+    artifact_path: str,
+) -> None:
+    """Add a later stage's metrics, tags and files to an existing run (the training's run of a model)."""
+    with run(experiment, "", run_id=run_id):
+        log_metrics(metrics)
+        set_tags(tags)
+        for path in artifacts:
+            log_artifact(path, artifact_path=artifact_path)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -231,10 +262,20 @@ def child_runs(parent_run_id: str) -> list[dict[str, Any]]:
     _setup()
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000)
-    return [{"run_id": r.info.run_id, "run_name": r.info.run_name, "status": r.info.status,
-             "params": dict(r.data.params), "metrics": dict(r.data.metrics), "tags": dict(r.data.tags)} for r in runs]
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000
+    )
+    return [
+        {
+            "run_id": r.info.run_id,
+            "run_name": r.info.run_name,
+            "status": r.info.status,
+            "params": dict(r.data.params),
+            "metrics": dict(r.data.metrics),
+            "tags": dict(r.data.tags),
+        }
+        for r in runs
+    ]
 
 
 def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:

@@ -16,8 +16,7 @@ from torchvision.models.resnet import BasicBlock as _TVBasicBlock
 from torchvision.models.vgg import cfgs as _vgg_cfgs
 from torchvision.models.vgg import make_layers as _vgg_make_layers
 
-from dpcam.models import IMAGENET_MEAN, IMAGENET_STD, Normalize, _out_of_place, group_norm
-
+from dpcam.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize, group_norm, out_of_place
 
 # --------------------------------------------------------------------------------------- resnet18
 
@@ -52,7 +51,7 @@ class ResNet18(_TVResNet):
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
             self.maxpool = nn.Identity()
         self.normalize = Normalize(mean, std)
-        _out_of_place(self)
+        out_of_place(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
@@ -79,7 +78,7 @@ class AlexNet(_TVAlexNet):
             for i in (2, 5, 12):
                 self.features[i].padding = 1
         self.normalize = Normalize(mean, std)
-        _out_of_place(self)
+        out_of_place(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""
@@ -103,7 +102,7 @@ class VGG16(_TVVGG):
         if small_input:
             self.features[23] = nn.Identity()
         self.normalize = Normalize(mean, std)
-        _out_of_place(self)
+        out_of_place(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) pixel space in [0, 1] → (B, num_classes) logits."""

@@ -123,7 +123,7 @@ def test_analytic_gaussian_hits_delta_and_matches_dp_accounting(eps, delta):
     acc = pld_privacy_accountant.PLDAccountant()
     acc.compose(GaussianDpEvent(noise_multiplier=sigma))
     assert acc.get_epsilon(delta) == pytest.approx(eps, rel=2e-3, abs=1e-3)
-    assert ldp.gaussian_epsilon(sigma, delta, 1.0) == pytest.approx(eps, rel=1e-9)
+    assert ldp.analytic_gaussian_epsilon(sigma, delta, 1.0) == pytest.approx(eps, rel=1e-9)
 
 
 def test_image_level_gaussian_epsilon_matches_pld_and_survives_huge_epsilon():
@@ -139,7 +139,7 @@ def test_image_level_gaussian_epsilon_matches_pld_and_survives_huge_epsilon():
     # 224 px: ε in the thousands, e^ε would overflow without log space
     big = mech.guarantee((224, 224, 3))["image_epsilon"]
     assert big is not None and 5000 < big < 7000
-    assert ldp.gaussian_epsilon(255.0 * 1e-4, 1e-5, 255.0) > 1e7  # tiny σ: huge but finite
+    assert ldp.analytic_gaussian_epsilon(255.0 * 1e-4, 1e-5, 255.0) > 1e7  # tiny σ: huge but finite
 
 
 # ---- mechanisms --------------------------------------------------------------------------
@@ -157,7 +157,9 @@ def test_mechanism_contract(name):
     src = ldp.NoiseSource(1)  # the batch split does not change the output
     halves = np.concatenate([mech.apply(images[:4], src), mech.apply(images[4:], src)])
     assert np.array_equal(out, halves)
-    assert np.array_equal(ldp.MECHANISMS[name].from_config(0.5, cfg(dp_pix={"b": 3})).apply(images, ldp.NoiseSource(1)), out)
+    assert np.array_equal(
+        ldp.MECHANISMS[name].from_config(0.5, cfg(dp_pix={"b": 3})).apply(images, ldp.NoiseSource(1)), out
+    )
     g = mech.guarantee((7, 8, 3))
     assert {"scope", "neighbours", "epsilon", "delta", "image_epsilon", "image_delta", "values", "words"} <= set(g)
     assert g["scope"] in ("per value", "per image", "none") and g["values"] == 7 * 8 * 3 and g["words"]
@@ -192,10 +194,13 @@ def test_singh_sikka_has_no_guarantee_in_plain_words():
     assert "no image-level guarantee" in g["words"] and "brightness" in g["words"]
 
 
-@pytest.mark.parametrize("name,draw", [
-    ("pixel-laplace", lambda m, src, shape: src.laplace(shape, 255 / m.epsilon)),
-    ("pixel-gaussian", lambda m, src, shape: src.gaussian(shape, m.sigma)),
-])
+@pytest.mark.parametrize(
+    "name,draw",
+    [
+        ("pixel-laplace", lambda m, src, shape: src.laplace(shape, 255 / m.epsilon)),
+        ("pixel-gaussian", lambda m, src, shape: src.gaussian(shape, m.sigma)),
+    ],
+)
 def test_per_value_mechanisms_add_independent_noise_to_every_value(name, draw):
     mech = ldp.MECHANISMS[name](30.0, delta=1e-5)
     images = grey(8, 6, 5)
@@ -213,8 +218,10 @@ def test_pixel_laplace_and_gaussian_guarantee_numbers():
     mech = ldp.MECHANISMS["pixel-gaussian"](1.0, delta=1e-5)
     assert mech.sigma == pytest.approx(255 * 3.7306, rel=1e-4)
     g = mech.guarantee((64, 64, 3))
-    assert g["epsilon"] == 1.0 and g["delta"] == 1e-5 and g["image_epsilon"] == pytest.approx(
-        ldp.gaussian_epsilon(mech.sigma, 1e-5, 255 * math.sqrt(n))
+    assert (
+        g["epsilon"] == 1.0
+        and g["delta"] == 1e-5
+        and g["image_epsilon"] == pytest.approx(ldp.analytic_gaussian_epsilon(mech.sigma, 1e-5, 255 * math.sqrt(n)))
     )
 
 
@@ -223,7 +230,7 @@ def _cell_means_by_loop(img, b):
     out = np.empty(img.shape, np.float64)
     for i in range(0, h, b):
         for j in range(0, w, b):
-            out[i:i + b, j:j + b] = img[i:i + b, j:j + b].reshape(-1, 3).mean(axis=0)
+            out[i : i + b, j : j + b] = img[i : i + b, j : j + b].reshape(-1, 3).mean(axis=0)
     return out
 
 
@@ -236,7 +243,7 @@ def test_dp_pix_is_constant_on_cells_and_uses_true_cell_means(h, w, b):
     noisy = ldp.MECHANISMS["dp-pix"](1.0, b=b).apply(images, ldp.NoiseSource(0))
     for i in range(0, h, b):
         for j in range(0, w, b):
-            cell = noisy[:, i:i + b, j:j + b].reshape(3, -1, 3)
+            cell = noisy[:, i : i + b, j : j + b].reshape(3, -1, 3)
             assert np.all(cell == cell[:, :1])
 
 
@@ -323,8 +330,10 @@ def test_derive_mechanisms_and_epsilons_get_independent_noise(tmp_path):
 
 def test_secure_derive_differs_between_runs_and_records_no_seed(tmp_path):
     src = write_source(tmp_path / "prep/tiny")
-    outs = [ldp.derive(src, "pixel-gaussian", 1, cfg(secure=True, seed=5), out_root=tmp_path / r, progress=False)
-            for r in ("a", "b")]
+    outs = [
+        ldp.derive(src, "pixel-gaussian", 1, cfg(secure=True, seed=5), out_root=tmp_path / r, progress=False)
+        for r in ("a", "b")
+    ]
     m = store.load_dataset(outs[0]).manifest
     assert m["secure"] is True and m["seed"] is None
     assert m["guarantee"]["delta"] == 1e-5 and m["mechanism"]["sigma"] > 255

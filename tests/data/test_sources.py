@@ -30,7 +30,7 @@ def save(path, arr=None, seed=0, fmt=None, **kw):
 def fundus(h=30, w=40, seed=0):
     """Bright retina-like content on a black border of 5 px left/right and 3 px top/bottom."""
     a = np.zeros((h, w, 3), np.uint8)
-    a[3:h - 3, 5:w - 5] = smooth(h - 6, w - 10, seed)
+    a[3 : h - 3, 5 : w - 5] = smooth(h - 6, w - 10, seed)
     return a
 
 
@@ -80,7 +80,12 @@ def test_layouts_list_labels_and_classes(tmp_path):
         (folder / "Thumbs.db").write_bytes(b"\0")  # non-image files are ignored
         items, classes = sources.list_items("catsdogs", root)
         assert classes == ["cat", "dog"]
-        assert [(p.name, y) for p, y in items] == [("cat.2.jpg", 0), ("cat.10.jpg", 0), ("dog.1.jpg", 1), ("dog.10.jpg", 1)]
+        assert [(p.name, y) for p, y in items] == [
+            ("cat.2.jpg", 0),
+            ("cat.10.jpg", 0),
+            ("dog.1.jpg", 1),
+            ("dog.10.jpg", 1),
+        ]
 
     for root, base in [(tmp_path / "pet1", tmp_path / "pet1"), (tmp_path / "pet2", tmp_path / "pet2" / "PetImages")]:
         save(base / "Cat" / "1.jpg")
@@ -283,17 +288,29 @@ def _csv(src, text):
 @pytest.mark.parametrize(
     "spoil, pattern",
     [
-        (lambda s: (s / "train_images/id01.png").unlink(),
-         r"train\.csv row 3 \(id_code 'id01'\): image .*id01\.png not found"),
-        (lambda s: _csv(s, "id_code,diagnosis\nid00,0\nid01,5\n"), r"train\.csv row 3 \(id_code 'id01'\): diagnosis '5' is not a grade 0-4"),
+        (
+            lambda s: (s / "train_images/id01.png").unlink(),
+            r"train\.csv row 3 \(id_code 'id01'\): image .*id01\.png not found",
+        ),
+        (
+            lambda s: _csv(s, "id_code,diagnosis\nid00,0\nid01,5\n"),
+            r"train\.csv row 3 \(id_code 'id01'\): diagnosis '5' is not a grade 0-4",
+        ),
         (lambda s: _csv(s, "id_code,diagnosis\nid00,0\nid01,x\n"), r"row 3 \(id_code 'id01'\): diagnosis 'x'"),
-        (lambda s: _csv(s, "id_code,diagnosis\nid00,0\nid01,1\nid00,2\n"),
-         r"train\.csv row 4 \(id_code 'id00'\): duplicate id_code, first seen in row 2"),
-        (lambda s: _csv(s, "id,diagnosis\nid00,0\n"), r"train\.csv: missing column\(s\) id_code \(header is id,diagnosis\)"),
+        (
+            lambda s: _csv(s, "id_code,diagnosis\nid00,0\nid01,1\nid00,2\n"),
+            r"train\.csv row 4 \(id_code 'id00'\): duplicate id_code, first seen in row 2",
+        ),
+        (
+            lambda s: _csv(s, "id,diagnosis\nid00,0\n"),
+            r"train\.csv: missing column\(s\) id_code \(header is id,diagnosis\)",
+        ),
         (lambda s: (s / "train.csv").unlink(), r"train\.csv: not found; the APTOS layout"),
         (lambda s: _csv(s, "id_code,diagnosis\n"), r"train\.csv: has no data rows"),
-        (lambda s: (s / "train_images/id02.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage"),
-         r"train\.csv row 4 \(id_code 'id02'\): .*id02\.png: "),
+        (
+            lambda s: (s / "train_images/id02.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage"),
+            r"train\.csv row 4 \(id_code 'id02'\): .*id02\.png: ",
+        ),
     ],
 )
 def test_bad_aptos_input_names_row_and_writes_nothing(tmp_path, spoil, pattern):
@@ -336,7 +353,9 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
 
     src = make_folder(tmp_path / "if")
     _truncate(src / "a" / "a0.png")
-    r = CliRunner().invoke(app, ["prepare", "--format", "imagefolder", "--source", str(src), "--dataset", "d", "--workers", "1"])
+    r = CliRunner().invoke(
+        app, ["prepare", "--format", "imagefolder", "--source", str(src), "--dataset", "d", "--workers", "1"]
+    )
     assert r.exit_code == 2
     lines = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "a0.png: cannot decode" in lines[0]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dpcam.data import store
-from tests.conftest import make_tiny
 from dpcam.errors import UserError
+from tests.conftest import make_tiny
 
 
 def write_tiny(path, n=20, size=8, masks=True):
@@ -80,7 +80,9 @@ def test_poisson_loader_handles_empty_and_varying_batches(tmp_path):
     from opacus.data_loader import DPDataLoader
 
     ds = write_tiny(tmp_path / "tiny", n=40)
-    loader = DPDataLoader.from_data_loader(ds.split("train").loader(batch_size=2), generator=torch.Generator().manual_seed(0))
+    loader = DPDataLoader.from_data_loader(
+        ds.split("train").loader(batch_size=2), generator=torch.Generator().manual_seed(0)
+    )
     sizes = [xb.shape[0] for xb, yb in loader for _ in range(1)]
     assert all(xb.ndim == 4 for xb, _ in loader)
     assert len(set(sizes)) > 1

@@ -104,8 +104,13 @@ def test_other_sizes():
 
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"size": 8}, "size = 8"), ({"lesion_scale": 0}, "lesion_scale = 0"), ({"seed": -1}, "seed = -1"),
-     ({"workers": -2}, "workers = -2"), ({"n": -1}, "n = -1")],
+    [
+        ({"size": 8}, "size = 8"),
+        ({"lesion_scale": 0}, "lesion_scale = 0"),
+        ({"seed": -1}, "seed = -1"),
+        ({"workers": -2}, "workers = -2"),
+        ({"n": -1}, "n = -1"),
+    ],
 )
 def test_bad_arguments_are_user_errors(kwargs, key):
     args = {"n": 5, "size": 32} | kwargs
@@ -114,8 +119,9 @@ def test_bad_arguments_are_user_errors(kwargs, key):
 
 
 def test_prepare_synthetic_writes_a_loadable_dataset():
-    cfg = PrepareConfig(dataset="syn-test", size=SIZE, seed=3, workers=1,
-                        synthetic={"n": N, "balance": "aptos", "lesion_scale": 1.0})
+    cfg = PrepareConfig(
+        dataset="syn-test", size=SIZE, seed=3, workers=1, synthetic={"n": N, "balance": "aptos", "lesion_scale": 1.0}
+    )
     out = synthetic.prepare_synthetic(cfg)
     assert out == Path("data/prepared/syn-test")
     ds = store.load_dataset(out)

@@ -98,7 +98,7 @@ def test_smallcnn_batch_equals_per_image_and_model_state_restored():
     assert maps.shape == (5, 32, 32) and target.shape == (5,) and probs.shape == (5, 3)
     assert float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
     assert torch.equal(maps.flatten(1).amax(1) > 0, maps.flatten(1).amax(1) == 1.0)  # scaled images reach 1
-    singles = [gradcam(model, x[i:i + 1]) for i in range(5)]
+    singles = [gradcam(model, x[i : i + 1]) for i in range(5)]
     torch.testing.assert_close(maps, torch.cat([s[0] for s in singles]), atol=1e-5, rtol=0)
     assert target.tolist() == [int(s[1]) for s in singles]
     with torch.no_grad():
@@ -125,7 +125,9 @@ def test_refuses_opacus_hooked_model():
     model = create_model("smallcnn", 2, 32, seed=0)
     gsm = GradSampleModule(model)
     x = torch.rand(2, 3, 32, 32)
-    with pytest.raises(UserError, match="without active Opacus hooks.*GradSampleModule with hooks enabled.*to_standard_module"):
+    with pytest.raises(
+        UserError, match="without active Opacus hooks.*GradSampleModule with hooks enabled.*to_standard_module"
+    ):
         gradcam(gsm, x)
     with pytest.raises(UserError, match="enabled Opacus grad-sample hooks"):
         gradcam(model, x)  # the inner model still has the wrapper's hooks attached
@@ -138,8 +140,16 @@ def test_refuses_opacus_hooked_model():
 def test_runs_inside_private_setup_hooks_off(mode):
     model = create_model("smallcnn", 2, 32, seed=0)
     data = TensorDataset(torch.rand(40, 3, 32, 32), torch.randint(0, 2, (40,)))
-    setup = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), DataLoader(data, batch_size=10),
-                         scheme="clip-only", delta=1e-3, max_grad_norm=1.0, epochs=1, grad_sample_mode=mode)
+    setup = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        DataLoader(data, batch_size=10),
+        scheme="clip-only",
+        delta=1e-3,
+        max_grad_norm=1.0,
+        epochs=1,
+        grad_sample_mode=mode,
+    )
     x = torch.rand(3, 3, 32, 32)
     with pytest.raises(UserError, match="Opacus"):
         gradcam(setup.plain_module, x)  # hooks enabled
@@ -180,7 +190,9 @@ def test_guided_gradcam_method():
     assert torch.equal(target, gradcam(model, x)[1])
     # Captum's GuidedGradCam for the predicted class, |.| summed over channels, min-max per image
     model.eval()
-    ref = GuidedGradCam(model, model.features.block4).attribute(x.clone().requires_grad_(), target=target, interpolate_mode="bilinear")
+    ref = GuidedGradCam(model, model.features.block4).attribute(
+        x.clone().requires_grad_(), target=target, interpolate_mode="bilinear"
+    )
     ref = ref.detach().abs().sum(1)
     lo = ref.flatten(1).amin(1)[:, None, None]
     hi = ref.flatten(1).amax(1)[:, None, None]

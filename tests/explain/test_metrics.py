@@ -143,8 +143,12 @@ def test_fraction_kept_model_gives_linear_curves_whatever_the_chunking():
     x = torch.ones(3, 2, 8, 8)
     maps = torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(0))
     target = torch.ones(3, dtype=torch.long)
-    results = [deletion_insertion(model, x, maps, target, steps=16, baseline=torch.zeros_like(x),
-                                  max_batch=mb, return_curves=True) for mb in (None, 1, 7, 1000)]
+    results = [
+        deletion_insertion(
+            model, x, maps, target, steps=16, baseline=torch.zeros_like(x), max_batch=mb, return_curves=True
+        )
+        for mb in (None, 1, 7, 1000)
+    ]
     d, i, dc, ic = results[0]
     frac = torch.linspace(0, 1, 17)[:, None].expand(17, 3)
     torch.testing.assert_close(dc, 1 - frac)
@@ -175,7 +179,9 @@ def test_default_baseline_is_the_blurred_image_and_probs_shortcut():
     torch.testing.assert_close(again[1], i)
 
 
-@pytest.mark.parametrize("shape, sigma, kernel", [((2, 3, 16, 16), 5.0, 11), ((1, 3, 32, 24), 1.5, 7), ((3, 1, 5, 5), 2.0, 11)])
+@pytest.mark.parametrize(
+    "shape, sigma, kernel", [((2, 3, 16, 16), 5.0, 11), ((1, 3, 32, 24), 1.5, 7), ((3, 1, 5, 5), 2.0, 11)]
+)
 def test_blur_baseline_is_torchvisions_gaussian_blur(shape, sigma, kernel):
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(5))
     k = min(kernel | 1, 2 * (min(shape[-2:]) - 1) + 1)  # shrunk to fit, as blur_baseline does
@@ -272,7 +278,9 @@ def test_degenerate_one_class_model():
     out = degenerate(probs, labels)
     assert out["degenerate"] is True
     assert out["majority_share"] == 1.0 and out["majority_class"] == 0 and out["pred_entropy"] == 0.0
-    assert any(r.startswith("one class") for r in out["reasons"]) and any(r.startswith("near chance") for r in out["reasons"])
+    assert any(r.startswith("one class") for r in out["reasons"]) and any(
+        r.startswith("near chance") for r in out["reasons"]
+    )
     assert not any(r.startswith("input-insensitive") for r in out["reasons"])
 
 
@@ -307,7 +315,7 @@ def test_degeneracy_stats_streaming_equals_one_shot():
     labels = torch.randint(0, 3, (50,), generator=gen)
     stats = DegeneracyStats(3)
     for k in range(0, 50, 7):
-        stats.add(probs[k:k + 7], labels[k:k + 7])
+        stats.add(probs[k : k + 7], labels[k : k + 7])
     restored = DegeneracyStats(3)
     restored.load_state_dict(stats.state_dict())
     one = degenerate(probs, labels)
@@ -321,8 +329,14 @@ def test_degeneracy_stats_streaming_equals_one_shot():
 
 
 def test_registry_names_errors_and_needs():
-    assert {"confidence", "deletion-insertion", "pointing-game", "energy-pointing-game", "map-agreement",
-            "randomisation"} <= set(METRICS)
+    assert {
+        "confidence",
+        "deletion-insertion",
+        "pointing-game",
+        "energy-pointing-game",
+        "map-agreement",
+        "randomisation",
+    } <= set(METRICS)
     with pytest.raises(UserError, match="unknown explanation metric 'nope'; known metrics: confidence"):
         get_metrics(["confidence", "nope"])
     batch = ExplainBatch(ProbModel(brightness), torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4), torch.tensor([1]))
@@ -350,8 +364,17 @@ def test_all_metrics_identical_whatever_the_batch_size():
             sl = slice(k, k + bs)
             maps, target, probs = gradcam(model, x[sl])
             rmaps, _, _ = gradcam(rand_model, x[sl], target=target)
-            batch = ExplainBatch(model, x[sl], maps, target, probs=probs, labels=labels[sl], masks=masks[sl],
-                                 reference_maps=reference[sl], random_maps=rmaps)
+            batch = ExplainBatch(
+                model,
+                x[sl],
+                maps,
+                target,
+                probs=probs,
+                labels=labels[sl],
+                masks=masks[sl],
+                reference_maps=reference[sl],
+                random_maps=rmaps,
+            )
             for metric in METRICS.values():
                 run.add(*metric(batch, **options.get(metric.name, {})))
         return run

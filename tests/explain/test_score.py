@@ -14,8 +14,17 @@ from tests.conftest import make_tiny
 
 
 def trained(scheme="none", **kw):
-    base = dict(dataset="tiny", model="smallcnn", epochs=3, batch_size=32, lr=0.1, device="cpu",
-                scheme=scheme, epsilon=2.0, delta=1e-3)
+    base = dict(
+        dataset="tiny",
+        model="smallcnn",
+        epochs=3,
+        batch_size=32,
+        lr=0.1,
+        device="cpu",
+        scheme=scheme,
+        epsilon=2.0,
+        delta=1e-3,
+    )
     cfg = TrainConfig(**{**base, **kw})
     train.run(cfg, progress=False)
     return cfg.run_name
@@ -46,8 +55,18 @@ def in_runs(runs, monkeypatch):
 def test_explain_writes_metrics_maps_and_pictures(in_runs):
     none, dp = in_runs
     r = score(dp, ExplainConfig(device="cpu", batch_size=16), progress=False)
-    for key in ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "masked_accuracy_pct", "deletion_auc",
-                "insertion_auc", "pointing_game", "energy_pointing_game", "map_agreement", "randomisation_agreement"):
+    for key in (
+        "avg_drop_pct",
+        "increase_conf_pct",
+        "masked_score_pct",
+        "masked_accuracy_pct",
+        "deletion_auc",
+        "insertion_auc",
+        "pointing_game",
+        "energy_pointing_game",
+        "map_agreement",
+        "randomisation_agreement",
+    ):
         assert isinstance(r[key], float), key
     assert 0 <= r["avg_drop_pct"] <= 100 and -1 <= r["map_agreement"] <= 1
     assert set(r["degeneracy"]) >= {"accuracy", "majority_share", "pred_entropy", "input_sensitivity", "degenerate"}
@@ -62,9 +81,13 @@ def test_explain_writes_metrics_maps_and_pictures(in_runs):
 
 
 def test_streaming_does_not_depend_on_batch_size(in_runs):
-    a = score(in_runs[1], ExplainConfig(device="cpu", batch_size=48, metrics=["confidence", "pointing-game"]), progress=False)
+    a = score(
+        in_runs[1], ExplainConfig(device="cpu", batch_size=48, metrics=["confidence", "pointing-game"]), progress=False
+    )
     maps_a = np.load(Path("metrics") / in_runs[1] / "maps.npy")
-    b = score(in_runs[1], ExplainConfig(device="cpu", batch_size=7, metrics=["confidence", "pointing-game"]), progress=False)
+    b = score(
+        in_runs[1], ExplainConfig(device="cpu", batch_size=7, metrics=["confidence", "pointing-game"]), progress=False
+    )
     assert a["avg_drop_pct"] == pytest.approx(b["avg_drop_pct"], abs=1e-4)
     assert a["pointing_game"] == pytest.approx(b["pointing_game"])
     assert np.array_equal(maps_a, np.load(Path("metrics") / in_runs[1] / "maps.npy"))

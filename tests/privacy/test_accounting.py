@@ -7,7 +7,6 @@ import pytest
 from dpcam.errors import UserError
 from dpcam.privacy import accounting as A
 
-
 # ----------------------------------------------------------------------------- Gaussian
 
 
@@ -148,12 +147,31 @@ def test_bad_inputs_are_user_errors(call):
 
 def test_privacy_report_is_json_safe():
     rep = A.PrivacyReport(
-        scheme="none", target_epsilon=None, epsilon=math.inf, delta=None, noise_multiplier=None,
-        max_grad_norm=None, sample_rate=None, steps=0, accountant=None, extra={"poisson_rate": 0.1},
+        scheme="none",
+        target_epsilon=None,
+        epsilon=math.inf,
+        delta=None,
+        noise_multiplier=None,
+        max_grad_norm=None,
+        sample_rate=None,
+        steps=0,
+        accountant=None,
+        extra={"poisson_rate": 0.1},
     )
     d = rep.as_dict()
     assert d["epsilon"] is None and d["poisson_rate"] == 0.1
-    for key in ("scheme", "target_epsilon", "epsilon", "delta", "noise_multiplier", "max_grad_norm", "sample_rate",
-                "steps", "accountant", "epsilon_rdp_check", "step_epsilon"):
+    for key in (
+        "scheme",
+        "target_epsilon",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "max_grad_norm",
+        "sample_rate",
+        "steps",
+        "accountant",
+        "epsilon_rdp_check",
+        "step_epsilon",
+    ):
         assert key in d
     json.dumps(d, allow_nan=False)

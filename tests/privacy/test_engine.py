@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpcam.errors import UserError
 from dpcam.privacy import accounting as A
-from dpcam.privacy.engine import make_private, poisson_plan
+from dpcam.privacy.engine import make_private
 from dpcam.privacy.laplace import LaplaceDPOptimizer, LaplaceLedger
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook")
@@ -27,8 +27,17 @@ def _parts(n=200, batch_size=20, seed=0):
 def _setup(scheme, *, n=200, batch_size=20, epochs=2, accountant="rdp", target=1.0, **kw):
     model, opt, loader = _parts(n, batch_size)
     return make_private(
-        model, opt, loader, scheme=scheme, target_epsilon=target, delta=DELTA, max_grad_norm=1.0, epochs=epochs,
-        accountant=accountant, noise_generator=torch.Generator().manual_seed(0), **kw,
+        model,
+        opt,
+        loader,
+        scheme=scheme,
+        target_epsilon=target,
+        delta=DELTA,
+        max_grad_norm=1.0,
+        epochs=epochs,
+        accountant=accountant,
+        noise_generator=torch.Generator().manual_seed(0),
+        **kw,
     )
 
 
@@ -145,8 +154,17 @@ def test_laplace_setup_uses_l1_optimizer_and_own_ledger():
 
 def test_plain_module_is_the_wrapped_model():
     model, opt, loader = _parts()
-    setup = make_private(model, opt, loader, scheme="gaussian", target_epsilon=1.0, delta=DELTA, max_grad_norm=1.0,
-                         epochs=1, accountant="rdp")
+    setup = make_private(
+        model,
+        opt,
+        loader,
+        scheme="gaussian",
+        target_epsilon=1.0,
+        delta=DELTA,
+        max_grad_norm=1.0,
+        epochs=1,
+        accountant="rdp",
+    )
     assert setup.module is not model and setup.plain_module is model
 
 
@@ -189,19 +207,21 @@ def test_incompatible_model_is_user_error():
     model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     _, _, loader = _parts()
     with pytest.raises(UserError, match="not compatible with Opacus"):
-        make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader, scheme="clip-only",
-                     delta=DELTA, max_grad_norm=1.0, epochs=1)
+        make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            loader,
+            scheme="clip-only",
+            delta=DELTA,
+            max_grad_norm=1.0,
+            epochs=1,
+        )
 
 
 def test_warns_when_delta_not_below_one_over_n():
     model, opt, loader = _parts(n=200)
     with pytest.warns(UserWarning, match="1/N"):
         make_private(model, opt, loader, scheme="clip-only", delta=1 / 100, max_grad_norm=1.0, epochs=1)
-
-
-def test_poisson_plan_matches_opacus_loader():
-    _, _, loader = _parts(n=93, batch_size=1)
-    assert poisson_plan(loader, 3) == (1 / 92, 92, 276)
 
 
 def test_hooks_off_runs_plain_module_without_per_sample_capture():

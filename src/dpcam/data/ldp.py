@@ -1,7 +1,7 @@
 """Local-DP image mechanisms (a registry by name), their guarantees, and `dpcam ldp` derivatives.
 
 Every mechanism maps uint8 images ``(B, H, W, C)`` (value range 255) to uint8 images of the same
-shape, drawing its noise from a :class:`NoiseSource`. The registered mechanisms (DESIGN.md §3):
+shape, drawing its noise from a :class:`NoiseSource`. The registered mechanisms (docs/privacy.md):
 
 - ``singh-sikka``: replica of the APTOS local-DP data of Naidu et al. (2021): ONE Laplace(255/ε)
   draw per image added to every value, rounded and clipped. No guarantee for the image content.
@@ -34,9 +34,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from dpcam.config import LdpConfig, format_eps
+from dpcam.config import LdpConfig
 from dpcam.data import store
 from dpcam.errors import UserError
+from dpcam.layout import LDP_ROOT, PREPARED_ROOT, format_eps, write_atomic, write_bytes
 
 VALUE_RANGE = 255.0
 #: values (H·W·C) noised per batch: bounds the float64 noise buffers to ~8 MiB each
@@ -191,7 +192,7 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
     return _bisect_log(f, lo, hi)
 
 
-def gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1.0) -> float:
+def analytic_gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1.0) -> float:
     """Smallest ε at which N(0, σ²) with L2 sensitivity Δ is (ε, δ)-DP (exact; ``inf`` if unbounded).
 
     Solves δ(ε) = δ by bisection (δ(ε) decreases in ε); 0 when δ(0) ≤ δ already. Finite for any
@@ -218,13 +219,13 @@ def gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1.0) -> fl
 # Mechanisms
 # --------------------------------------------------------------------------------------------
 
-MECHANISMS: dict[str, type["Mechanism"]] = {}
+MECHANISMS: dict[str, type[Mechanism]] = {}
 
 
 def register_mechanism(name: str):
     """Class decorator: register a :class:`Mechanism` subclass under ``name`` in ``MECHANISMS``."""
 
-    def deco(cls: type["Mechanism"]) -> type["Mechanism"]:
+    def deco(cls: type[Mechanism]) -> type[Mechanism]:
         if name in MECHANISMS:
             raise ValueError(f"mechanism {name!r} is already registered ({MECHANISMS[name].__name__})")
         cls.name = name
@@ -283,7 +284,7 @@ class Mechanism:
         self.m = int(m)
 
     @classmethod
-    def from_config(cls, epsilon: float, cfg: LdpConfig) -> "Mechanism":
+    def from_config(cls, epsilon: float, cfg: LdpConfig) -> Mechanism:
         return cls(epsilon, delta=cfg.delta, b=cfg.dp_pix.b, m=cfg.dp_pix.m)
 
     def params(self) -> dict[str, Any]:
@@ -344,7 +345,8 @@ class SinghSikka(Mechanism):
             "brightness_epsilon": self.epsilon,
             "values": n,
             "words": (
-                f"no image-level guarantee: one Laplace(255/ε) offset (ε = {format_eps(self.epsilon)}) is shared by all "
+                f"no image-level guarantee: one Laplace(255/ε) offset (ε = {format_eps(self.epsilon)}) "
+                "is shared by all "
                 f"{n} values of a {h}×{w}×{c} image, so it hides only the mean brightness (a uniform shift of up to "
                 "255 levels is ε-DP); any other change, such as a lesion, shows through unchanged, so the image "
                 "content has no ε at all, not even per value. Kept only to replicate the paper's APTOS LDP data."
@@ -396,7 +398,12 @@ class PixelGaussian(Mechanism):
         self.sigma = analytic_gaussian_sigma(self.epsilon, self.delta, VALUE_RANGE)
 
     def params(self) -> dict[str, Any]:
-        return {"delta": self.delta, "sigma": self.sigma, "sensitivity": VALUE_RANGE, "calibration": "analytic Gaussian (Balle & Wang 2018)"}
+        return {
+            "delta": self.delta,
+            "sigma": self.sigma,
+            "sensitivity": VALUE_RANGE,
+            "calibration": "analytic Gaussian (Balle & Wang 2018)",
+        }
 
     def apply(self, images: np.ndarray, noise: NoiseSource) -> np.ndarray:
         _check_images(images)
@@ -404,7 +411,7 @@ class PixelGaussian(Mechanism):
 
     def guarantee(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
         h, w, c, n = _n_values(image_shape)
-        image_eps = gaussian_epsilon(self.sigma, self.delta, VALUE_RANGE * math.sqrt(n))
+        image_eps = analytic_gaussian_epsilon(self.sigma, self.delta, VALUE_RANGE * math.sqrt(n))
         shown = f"{image_eps:.4g}" if math.isfinite(image_eps) else "unbounded (inf)"
         return {
             "scope": "per value",
@@ -444,7 +451,7 @@ class DpPix(Mechanism):
     """DP-Pix (Fan 2018): b×b cell means per channel plus Laplace noise; ε-DP for ≤ m changed pixels.
 
     Each cell-channel mean gets Laplace noise of scale C·255·m/(a·ε), a = the cell's pixel count
-    (b² for full cells), C = channels. Departure from DESIGN.md / Fan (grey images, 255·m/(b²ε)):
+    (b² for full cells), C = channels. Departure from Fan (grey images, 255·m/(b²ε)):
     a changed RGB pixel moves C cell-channel means by up to 255/a each, so the L1 sensitivity and
     the scale are C times larger. Images whose H or W is not a multiple of b get smaller edge
     cells (the last row/column of cells); their means are taken over the pixels they have, and
@@ -487,7 +494,9 @@ class DpPix(Mechanism):
         np.rint(means, out=means)
         np.clip(means, 0, VALUE_RANGE, out=means)
         cells = means.astype(np.uint8)
-        full = np.broadcast_to(cells[:, :, None, :, None, :], (bsz, nh, bh, nw, bw, c)).reshape(bsz, nh * bh, nw * bw, c)
+        full = np.broadcast_to(cells[:, :, None, :, None, :], (bsz, nh, bh, nw, bw, c)).reshape(
+            bsz, nh * bh, nw * bw, c
+        )
         return np.ascontiguousarray(full[:, :h, :w])
 
     def guarantee(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -559,18 +568,12 @@ def _samples_png(clean: np.ndarray, noised: np.ndarray, title: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def derive(
     dataset_dir: Path,
     mechanism: str,
     epsilon: float,
     cfg: LdpConfig,
-    out_root: Path = Path("data/ldp"),
+    out_root: Path = LDP_ROOT,
     progress: bool = True,
 ) -> Path:
     """Write the local-DP derivative ``out_root/<dataset>/<mechanism>-eps<ε>/`` of a prepared dataset.
@@ -584,32 +587,67 @@ def derive(
     ``cfg.secure`` it comes from OS entropy. Also writes ``samples.png`` (6 fixed images, clean
     above noised). Written atomically (``store.DatasetWriter``). Returns the output folder.
     """
-    from tqdm import tqdm
-
     if mechanism not in MECHANISMS:
         raise UserError(f"unknown mechanism {mechanism!r}; known: {', '.join(sorted(MECHANISMS))}")
     epsilon = _check_epsilon(epsilon, f"dpcam ldp {mechanism}")
     dataset_dir = Path(dataset_dir)
+    src = _clean_source(dataset_dir)
+    mech = MECHANISMS[mechanism].from_config(epsilon, cfg)
+    name = str(src.manifest.get("dataset") or dataset_dir.name)
+    out = Path(out_root) / name / f"{mechanism}-eps{format_eps(epsilon)}"
+    noise = _derivative_noise(mechanism, epsilon, cfg)
+    picks = _sample_indices(src.labels, 6)
+    n, h, w, _ = src.images.shape
+    with store.DatasetWriter(out, n, h, w, with_masks=src.masks is not None) as writer:
+        desc = f"{name} {mechanism} ε={format_eps(epsilon)}"
+        samples = _noise_into(writer, src, mech, noise, picks, desc, progress)
+        manifest = _derivative_manifest(name, dataset_dir, src, mechanism, mech, cfg, picks)
+        png = _samples_png(
+            np.asarray(src.images[picks]),
+            samples,
+            f"{name}: clean (top) vs {mechanism} eps={format_eps(epsilon)} (bottom)",  # the bitmap font has no ε
+        )
+        writer.finish(src.labels, {k: v.copy() for k, v in src.splits.items()}, manifest)
+    write_bytes(out / "samples.png", png)
+    return out
+
+
+def _clean_source(dataset_dir: Path) -> store.PreparedDataset:
+    """The prepared dataset at ``dataset_dir``; UserError when there is none or it is itself a derivative."""
     if not (dataset_dir / "manifest.json").is_file():
         raise UserError(f"{dataset_dir}: no prepared dataset here (no manifest.json); run `dpcam prepare` first")
     src = store.load_dataset(dataset_dir)
     if src.manifest.get("kind") == "ldp":
         raise UserError(
-            f"{dataset_dir}: is itself a local-DP derivative; derive from the prepared dataset in data/prepared/ instead"
+            f"{dataset_dir}: is itself a local-DP derivative; "
+            "derive from the prepared dataset in data/prepared/ instead"
         )
-    mech = MECHANISMS[mechanism].from_config(epsilon, cfg)
-    name = str(src.manifest.get("dataset") or dataset_dir.name)
-    out = Path(out_root) / name / f"{mechanism}-eps{format_eps(epsilon)}"
+    return src
+
+
+def _derivative_noise(mechanism: str, epsilon: float, cfg: LdpConfig) -> NoiseSource:
+    """The noise of one derivative: seeded by ``cfg.seed`` on the stream of (mechanism, ε), or secure."""
     stream = (zlib.crc32(mechanism.encode()), zlib.crc32(format_eps(epsilon).encode()))
-    noise = NoiseSource(None if cfg.secure else cfg.seed, secure=cfg.secure, stream=stream)
+    return NoiseSource(None if cfg.secure else cfg.seed, secure=cfg.secure, stream=stream)
+
+
+def _noise_into(
+    writer: store.DatasetWriter,
+    src: store.PreparedDataset,
+    mech: Mechanism,
+    noise: NoiseSource,
+    picks: np.ndarray,
+    desc: str,
+    progress: bool,
+) -> np.ndarray:
+    """Fill ``writer`` with the noised images of ``src`` (masks copied), batch by batch in order, so the
+    bytes do not depend on ``BATCH_VALUES``. Returns the noised images at ``picks``, uint8 (k, H, W, C)."""
+    from tqdm import tqdm
 
     n, h, w, c = src.images.shape
     per_batch = max(1, BATCH_VALUES // (h * w * c))
-    picks = _sample_indices(src.labels, 6)
     samples = np.empty((picks.size, h, w, c), np.uint8)
-    with store.DatasetWriter(out, n, h, w, with_masks=src.masks is not None) as writer, tqdm(
-        total=n, unit="img", desc=f"{name} {mechanism} ε={format_eps(epsilon)}", disable=None if progress else True
-    ) as bar:
+    with tqdm(total=n, unit="img", desc=desc, disable=None if progress else True) as bar:
         for start in range(0, n, per_batch):
             stop = min(n, start + per_batch)
             noised = mech.apply(np.asarray(src.images[start:stop]), noise)
@@ -619,39 +657,54 @@ def derive(
             inside = (picks >= start) & (picks < stop)
             samples[inside] = noised[picks[inside] - start]
             bar.update(stop - start)
-        manifest = {
-            "dataset": name,
-            "kind": "ldp",
-            "classes": src.classes,
-            "image_size": src.manifest.get("image_size", h),
-            "seed": None if cfg.secure else int(cfg.seed),
-            "secure": bool(cfg.secure),
-            "source": {"dataset_dir": str(dataset_dir), "manifest_checksums": src.manifest.get("checksums", {})},
-            "mechanism": {"name": mechanism, "epsilon": mech.epsilon, **mech.params()},
-            "guarantee": mech.guarantee((h, w, c)),
-            "sample_indices": picks.tolist(),
-        }
-        png = _samples_png(
-            np.asarray(src.images[picks]), samples,
-            f"{name}: clean (top) vs {mechanism} eps={format_eps(epsilon)} (bottom)",  # the bitmap font has no ε
-        )
-        writer.finish(src.labels, {k: v.copy() for k, v in src.splits.items()}, manifest)
-    _write_atomic(out / "samples.png", png)
-    return out
+    return samples
 
 
-def figure_ldp(
-    dataset: str, out: Path, root: Path = Path("data/ldp"), prepared: Path = Path("data/prepared")
-) -> Path:
+def _derivative_manifest(
+    name: str,
+    dataset_dir: Path,
+    src: store.PreparedDataset,
+    mechanism: str,
+    mech: Mechanism,
+    cfg: LdpConfig,
+    picks: np.ndarray,
+) -> dict[str, Any]:
+    """The manifest fields of a derivative (``store.DatasetWriter.finish`` adds counts and checksums)."""
+    _, h, w, c = src.images.shape
+    return {
+        "dataset": name,
+        "kind": "ldp",
+        "classes": src.classes,
+        "image_size": src.manifest.get("image_size", h),
+        "seed": None if cfg.secure else int(cfg.seed),
+        "secure": bool(cfg.secure),
+        "source": {"dataset_dir": str(dataset_dir), "manifest_checksums": src.manifest.get("checksums", {})},
+        "mechanism": {"name": mechanism, "epsilon": mech.epsilon, **mech.params()},
+        "guarantee": mech.guarantee((h, w, c)),
+        "sample_indices": picks.tolist(),
+    }
+
+
+def figure_ldp(dataset: str, out: Path, root: Path = LDP_ROOT, prepared: Path = PREPARED_ROOT) -> Path:
     """Clean-vs-ε grid PNG of every local-DP derivative of ``dataset`` found under ``root/<dataset>/``.
 
     One block of 4 rows per mechanism (the same 4 fixed images in every block): the clean image,
     then one column per ε in increasing order, labelled. Raises ``UserError`` when nothing has
     been derived, the prepared dataset is missing, or a derivative was made from other clean data.
     """
-    from matplotlib.figure import Figure
+    found = _find_derivatives(Path(root) / dataset, dataset)
+    clean_dir = Path(prepared) / dataset
+    if not (clean_dir / "manifest.json").is_file():
+        raise UserError(f"{clean_dir}: no prepared dataset {dataset!r}; run `dpcam prepare --dataset {dataset}` first")
+    clean = store.load_dataset(clean_dir)
+    picks = _sample_indices(clean.labels, 4)
+    blocks = _derivative_blocks(found, clean, clean_dir, picks, dataset)
+    fig = _grid_figure(dataset, clean, picks, blocks)
+    return write_atomic(Path(out), lambda tmp: fig.savefig(tmp, format="png"))
 
-    base = Path(root) / dataset
+
+def _find_derivatives(base: Path, dataset: str) -> dict[str, list[tuple[float, Path]]]:
+    """Mechanism name -> [(ε, folder)] of the derivatives under ``base``; UserError when there is none."""
     found: dict[str, list[tuple[float, Path]]] = {}
     for mpath in sorted(base.glob("*/manifest.json")):
         with open(mpath) as f:
@@ -661,13 +714,13 @@ def figure_ldp(
         found.setdefault(man["mechanism"]["name"], []).append((float(man["mechanism"]["epsilon"]), mpath.parent))
     if not found:
         raise UserError(f"{base}: no local-DP derivatives of {dataset!r}; run `dpcam ldp --dataset {dataset}` first")
-    clean_dir = Path(prepared) / dataset
-    if not (clean_dir / "manifest.json").is_file():
-        raise UserError(f"{clean_dir}: no prepared dataset {dataset!r}; run `dpcam prepare --dataset {dataset}` first")
-    clean = store.load_dataset(clean_dir)
+    return found
+
+
+def _derivative_blocks(found, clean: store.PreparedDataset, clean_dir: Path, picks: np.ndarray, dataset: str) -> list:
+    """[(mechanism, [(ε, images at picks)])], mechanisms by name and ε increasing; UserError for a
+    derivative whose source images are not ``clean``'s (by the checksum of images.npy)."""
     clean_sum = clean.manifest.get("checksums", {}).get("images.npy")
-    picks = _sample_indices(clean.labels, 4)
-    k = picks.size
     blocks = []
     for mech in sorted(found):
         cols = []
@@ -679,7 +732,14 @@ def figure_ldp(
                 )
             cols.append((eps, np.asarray(d.images[picks])))
         blocks.append((mech, cols))
+    return blocks
 
+
+def _grid_figure(dataset: str, clean: store.PreparedDataset, picks: np.ndarray, blocks: list):
+    """The matplotlib Figure of ``figure_ldp``: per block one row per pick, clean image then each ε."""
+    from matplotlib.figure import Figure
+
+    k = picks.size
     ncol = 1 + max(len(cols) for _, cols in blocks)
     nrow = k * len(blocks)
     fig = Figure(figsize=(1.25 * ncol + 0.6, 1.25 * nrow + 0.5), dpi=100, layout="constrained")
@@ -689,23 +749,22 @@ def figure_ldp(
         for r in range(k):
             row = bi * k + r
             panels = [("clean", clean_imgs[r])] + [(f"ε = {format_eps(e)}", imgs[r]) for e, imgs in cols]
-            for ci in range(ncol):
-                ax = axes[row, ci]
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if ci >= len(panels):
-                    ax.axis("off")
-                    continue
-                label, img = panels[ci]
-                ax.imshow(img, interpolation="nearest")
-                if r == 0:
-                    ax.set_title(label, fontsize=8)
+            _grid_row(axes[row], panels, titled=r == 0)
             cls = clean.classes[int(clean.labels[picks[r]])]
             axes[row, 0].set_ylabel(f"{mech}\n{cls}" if r == 0 else cls, fontsize=8)
     fig.suptitle(f"{dataset}: clean vs local-DP derivatives", fontsize=10)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
-    os.replace(tmp, out)
-    return out
+    return fig
+
+
+def _grid_row(axes, panels: list[tuple[str, np.ndarray]], titled: bool) -> None:
+    """Draw (label, image) ``panels`` into a row of ``axes``, titled when ``titled``; spare axes are hidden."""
+    for ci, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if ci >= len(panels):
+            ax.axis("off")
+            continue
+        label, img = panels[ci]
+        ax.imshow(img, interpolation="nearest")
+        if titled:
+            ax.set_title(label, fontsize=8)

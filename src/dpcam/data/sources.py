@@ -36,10 +36,11 @@ import sys
 import threading
 import warnings
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -120,9 +121,9 @@ def _images_in(folder: Path, recursive: bool) -> list[Path]:
     """Image files in ``folder`` (see module docstring), in natural order of their relative path."""
     found = folder.rglob("*") if recursive else folder.iterdir()
     files = [
-        p for p in found
-        if _is_image_name(p) and p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        p
+        for p in found
+        if _is_image_name(p) and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     ]
     return sorted(files, key=lambda p: _natural_key(p.relative_to(folder).as_posix()))
 
@@ -132,7 +133,9 @@ def _check_source(source: Path) -> Path:
     if not source.exists():
         raise UserError(f"source {str(source)!r} does not exist; point prepare.source (--source) at the dataset folder")
     if not source.is_dir():
-        raise UserError(f"source {str(source)!r} is not a folder; point prepare.source (--source) at the dataset folder")
+        raise UserError(
+            f"source {str(source)!r} is not a folder; point prepare.source (--source) at the dataset folder"
+        )
     return source
 
 
@@ -143,21 +146,51 @@ def list_aptos(source: Path) -> Listing:
     ``UserError`` naming the CSV row (spreadsheet numbering: the header is row 1). A row whose image
     is missing goes to ``missing``.
     """
-    source = _check_source(source)
+    csv_path, img_dir = _aptos_layout(_check_source(source))
+    by_stem = _aptos_images(img_dir)
+    items: list[Item] = []
+    context: dict[Path, str] = {}
+    missing: list[tuple[Path, str]] = []
+    seen: dict[str, int] = {}
+    for r, id_code, value in _aptos_rows(csv_path):
+        where = _check_aptos_row(csv_path, r, id_code, value, seen)
+        path = by_stem.get(id_code, img_dir / f"{id_code}.png")
+        context[path] = where
+        if path.stem in by_stem:
+            items.append(Item(path, int(value)))
+        else:
+            missing.append((path, f"{where}: image {path} not found"))
+    if not seen:
+        raise UserError(f"{csv_path}: has no data rows; it needs one row per image (id_code,diagnosis)")
+    return Listing(items, list(APTOS_CLASSES), context, missing)
+
+
+def _aptos_layout(source: Path) -> tuple[Path, Path]:
+    """``source/train.csv`` and ``source/train_images/``; UserError when either is absent."""
     csv_path = source / "train.csv"
     img_dir = source / "train_images"
     if not csv_path.is_file():
         raise UserError(f"{csv_path}: not found; the APTOS layout is <source>/train.csv + <source>/train_images/")
     if not img_dir.is_dir():
         raise UserError(f"{img_dir}: not found; the APTOS layout is <source>/train.csv + <source>/train_images/")
+    return csv_path, img_dir
+
+
+def _aptos_images(img_dir: Path) -> dict[str, Path]:
+    """The images of ``img_dir`` by stem; for a stem with several files a ``.png`` is preferred, else the first."""
     by_stem: dict[str, Path] = {}
     for p in _images_in(img_dir, recursive=False):
         if p.stem not in by_stem or p.suffix.lower() == ".png":
             by_stem[p.stem] = p
-    items: list[Item] = []
-    context: dict[Path, str] = {}
-    missing: list[tuple[Path, str]] = []
-    seen: dict[str, int] = {}
+    return by_stem
+
+
+def _aptos_rows(csv_path: Path) -> Iterator[tuple[int, str, str]]:
+    """``(row number, id_code, diagnosis)`` of each non-blank data row, cells stripped ("" when absent).
+
+    UserError for a header without ``id_code`` or ``diagnosis``, a file that is not UTF-8 (a BOM is
+    allowed) and a malformed CSV.
+    """
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
@@ -172,32 +205,27 @@ def list_aptos(source: Path) -> Listing:
             for row in reader:
                 if not any(cell.strip() for cell in row):
                     continue
-                r = reader.line_num
                 id_code = row[i_id].strip() if i_id < len(row) else ""
                 value = row[i_dx].strip() if i_dx < len(row) else ""
-                where = f"{csv_path} row {r} (id_code {id_code!r})"
-                if not id_code:
-                    raise UserError(f"{csv_path} row {r}: empty id_code; fill it in or delete the row")
-                if id_code in seen:
-                    raise UserError(
-                        f"{where}: duplicate id_code, first seen in row {seen[id_code]}; keep one row per image"
-                    )
-                seen[id_code] = r
-                if not re.fullmatch(r"[0-4]", value):
-                    raise UserError(f"{where}: diagnosis {value!r} is not a grade 0-4; fix the label")
-                path = by_stem.get(id_code, img_dir / f"{id_code}.png")
-                context[path] = where
-                if path.stem in by_stem:
-                    items.append(Item(path, int(value)))
-                else:
-                    missing.append((path, f"{where}: image {path} not found"))
+                yield reader.line_num, id_code, value
     except UnicodeDecodeError as e:
         raise UserError(f"{csv_path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except csv.Error as e:
         raise UserError(f"{csv_path}: not a valid CSV ({e}); fix the file") from None
-    if not seen:
-        raise UserError(f"{csv_path}: has no data rows; it needs one row per image (id_code,diagnosis)")
-    return Listing(items, list(APTOS_CLASSES), context, missing)
+
+
+def _check_aptos_row(csv_path: Path, r: int, id_code: str, value: str, seen: dict[str, int]) -> str:
+    """Where row ``r`` is (for messages), after checking its id_code (not empty, not in ``seen``, which
+    it joins) and its grade (0-4); UserError otherwise."""
+    where = f"{csv_path} row {r} (id_code {id_code!r})"
+    if not id_code:
+        raise UserError(f"{csv_path} row {r}: empty id_code; fill it in or delete the row")
+    if id_code in seen:
+        raise UserError(f"{where}: duplicate id_code, first seen in row {seen[id_code]}; keep one row per image")
+    seen[id_code] = r
+    if not re.fullmatch(r"[0-4]", value):
+        raise UserError(f"{where}: diagnosis {value!r} is not a grade 0-4; fix the label")
+    return where
 
 
 def list_catsdogs(source: Path) -> Listing:
@@ -215,7 +243,9 @@ def list_catsdogs(source: Path) -> Listing:
         items.append(Item(p, PET_CLASSES.index(kind)))
     for c, name in enumerate(PET_CLASSES):
         if not any(it.label == c for it in items):
-            raise UserError(f"{folder}: no {name}.*.jpg images; the Kaggle layout is <source>/train/cat.<n>.jpg, dog.<n>.jpg")
+            raise UserError(
+                f"{folder}: no {name}.*.jpg images; the Kaggle layout is <source>/train/cat.<n>.jpg, dog.<n>.jpg"
+            )
     return Listing(items, list(PET_CLASSES), {}, [])
 
 
@@ -237,7 +267,10 @@ def list_petimages(source: Path) -> Listing:
     folders = []
     for name in PET_CLASSES:
         if name not in subdirs:
-            raise UserError(f"{root}: no {name.capitalize()}/ folder; the PetImages layout is <source>/Cat/*.jpg, <source>/Dog/*.jpg")
+            raise UserError(
+                f"{root}: no {name.capitalize()}/ folder; "
+                "the PetImages layout is <source>/Cat/*.jpg, <source>/Dog/*.jpg"
+            )
         folders.append(subdirs[name])
     return Listing(_class_folder_items(folders), list(PET_CLASSES), {}, [])
 
@@ -248,7 +281,8 @@ def list_imagefolder(source: Path) -> Listing:
     folders = sorted((p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
     if len(folders) < 2:
         raise UserError(
-            f"{source}: found {len(folders)} class folder(s); an ImageFolder source needs one subfolder per class (at least 2)"
+            f"{source}: found {len(folders)} class folder(s); "
+            "an ImageFolder source needs one subfolder per class (at least 2)"
         )
     return Listing(_class_folder_items(folders), [p.name for p in folders], {}, [])
 
@@ -304,7 +338,9 @@ def _match_masks(items: list[Item], folder: Path) -> list[Path | None]:
             owner[it.path.stem] = it.path
         out.append(m)
     if not any(m is not None for m in out):
-        raise UserError(f"masks folder {folder}: no mask is named like any image (mask <stem>.png for image <stem>.jpg)")
+        raise UserError(
+            f"masks folder {folder}: no mask is named like any image (mask <stem>.png for image <stem>.jpg)"
+        )
     return out
 
 
@@ -382,7 +418,12 @@ def _fundus_bbox(im: Image.Image) -> tuple[int, int, int, int]:
     cols = np.flatnonzero(bright.sum(axis=0) >= max(1.0, FUNDUS_MIN_SHARE * bright.shape[0]))
     if rows.size == 0 or cols.size == 0:
         return 0, 0, im.width, im.height
-    return int(cols[0]) * k, int(rows[0]) * k, min(im.width, int(cols[-1]) * k + 1), min(im.height, int(rows[-1]) * k + 1)
+    return (
+        int(cols[0]) * k,
+        int(rows[0]) * k,
+        min(im.width, int(cols[-1]) * k + 1),
+        min(im.height, int(rows[-1]) * k + 1),
+    )
 
 
 def _square_box(w: int, h: int, bbox: tuple[int, int, int, int] | None) -> tuple[float, float, float, float]:
@@ -391,9 +432,9 @@ def _square_box(w: int, h: int, bbox: tuple[int, int, int, int] | None) -> tuple
         side = min(w, h)
         cx, cy = w / 2, h / 2
     else:
-        l, t, r, b = bbox
-        side = max(r - l, b - t)
-        cx, cy = (l + r) / 2, (t + b) / 2
+        left, t, r, b = bbox
+        side = max(r - left, b - t)
+        cx, cy = (left + r) / 2, (t + b) / 2
     return cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2
 
 
@@ -423,7 +464,9 @@ def _decode(path: Path, size: int, fundus: bool, mask_path: Path | None) -> tupl
                 if im.format == "JPEG":
                     need = size * (2 if fundus else 1)
                     if min(ow, oh) >= 2 * need:
-                        drafted = im.draft("RGB", (math.ceil(ow * need / min(ow, oh)), math.ceil(oh * need / min(ow, oh))))
+                        drafted = im.draft(
+                            "RGB", (math.ceil(ow * need / min(ow, oh)), math.ceil(oh * need / min(ow, oh)))
+                        )
                         if drafted is not None:
                             scale = ow / drafted[1][2]
                 im.load()
@@ -509,7 +552,9 @@ def _decoded(tasks: list[tuple], workers: int, chunksize: int) -> Iterator[Itera
     if workers <= 1:
         yield map(_work, tasks)
         return
-    ex = ProcessPoolExecutor(workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS,))
+    ex = ProcessPoolExecutor(
+        workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(Image.MAX_IMAGE_PIXELS,)
+    )
     try:
         yield ex.map(_work, tasks, chunksize=chunksize)
     finally:
@@ -545,7 +590,7 @@ def _preprocessing_words(fundus: bool, size: int) -> str:
     )
 
 
-def prepare_source(cfg: "PrepareConfig", progress: bool = True) -> Path:
+def prepare_source(cfg: PrepareConfig, progress: bool = True) -> Path:
     """Decode a real source into ``data/prepared/<cfg.dataset>/`` and return that folder.
 
     Arrays: images uint8 (N, size, size, 3); labels int64 (N,) of the kept items in listing order;
@@ -557,77 +602,23 @@ def prepare_source(cfg: "PrepareConfig", progress: bool = True) -> Path:
     skipped). Structural problems (missing CSV, duplicate id_code, bad label, empty class folder)
     always abort.
     """
-    from dpcam.config import PREPARED_ROOT
+    from dpcam.layout import PREPARED_ROOT
 
-    fmt = cfg.format
-    if cfg.source is None:
-        raise UserError(f"prepare.source is required for format {fmt!r}: set it to the dataset folder")
-    listing = _listing(fmt, cfg.source)
-    if listing.missing and not cfg.skip_bad:
-        raise UserError(f"{listing.missing[0][1]}; add the image or delete the row, or rerun with --skip-bad")
-    items = listing.items
-    skipped = [{"file": str(p), "reason": msg} for p, msg in listing.missing]
-    if not items:
-        raise UserError(f"{cfg.source}: every listed image is missing ({len(skipped)}); check prepare.source")
-    masks = _match_masks(items, cfg.masks) if cfg.masks is not None else None
-    fundus = fmt == "aptos"
+    listing, skipped = _usable_listing(cfg)
+    masks = _match_masks(listing.items, cfg.masks) if cfg.masks is not None else None
+    fundus = cfg.format == "aptos"
     size = int(cfg.size)
-    n = len(items)
-    tasks = [(it.path, masks[i] if masks else None, size, fundus) for i, it in enumerate(items)]
+    n = len(listing.items)
+    tasks = [(it.path, masks[i] if masks else None, size, fundus) for i, it in enumerate(listing.items)]
     out_dir = PREPARED_ROOT / cfg.dataset
-    workers = _n_workers(cfg.workers, n)
-    kept_labels: list[int] = []
-    n_masked = 0
     with store.DatasetWriter(out_dir, n, size, size, with_masks=masks is not None) as writer:
-        chunksize = max(1, min(32, n // (workers * 8)))
-        done = 0
-        with _decoded(tasks, workers, chunksize) as results, _Progress(
-            total=n, desc=f"prepare {cfg.dataset}", unit="img", file=sys.stderr, disable=None if progress else True, dynamic_ncols=True
-        ) as bar:
-            try:
-                for i, res in enumerate(results):
-                    done = i + 1
-                    bar.update()
-                    if res[0] == "bad":
-                        _, bad_file, reason = res
-                        if not cfg.skip_bad:
-                            where = listing.context.get(items[i].path)
-                            prefix = f"{where}: " if where else ""
-                            raise UserError(
-                                f"{prefix}{bad_file}: {reason}; replace or remove the file, or rerun with --skip-bad"
-                            )
-                        skipped.append({"file": str(bad_file), "reason": reason})
-                        continue
-                    _, image, mask = res
-                    k = len(kept_labels)
-                    writer.images[k] = image
-                    if writer.masks is not None:
-                        if mask is not None:
-                            writer.masks[k] = mask
-                            n_masked += 1
-                        else:
-                            writer.masks[k] = 0
-                    kept_labels.append(items[i].label)
-            except BrokenProcessPool:
-                raise UserError(
-                    f"a decoding process died (an image decoder crashed, or memory ran out) after {done} of {n} "
-                    f"images, near {items[min(done, n - 1)].path}; rerun with --workers 1 to find the file"
-                ) from None
-        kept = len(kept_labels)
-        if kept == 0:
-            raise UserError(
-                f"{cfg.source}: all {len(skipped)} images are bad (first: {skipped[0]['file']}: {skipped[0]['reason']}); "
-                "nothing to prepare"
-            )
-        if skipped:
-            log.warning("skipped %d of %d images (bad or missing); see 'skipped' in %s/manifest.json",
-                        len(skipped), n + len(listing.missing), out_dir)
-        labels = np.asarray(kept_labels, dtype=np.int64)
+        kept_labels, n_masked = _decode_into(writer, tasks, listing, cfg, skipped, progress)
+        labels = _kept_labels(kept_labels, skipped, cfg.source, n + len(listing.missing), out_dir)
         splits = store.stratified_split(labels, cfg.split.model_dump(), cfg.seed)
         manifest = {
             "dataset": cfg.dataset,
             "kind": "prepared",
-            "source": {"format": fmt, "path": str(cfg.source), "files": n + len(listing.missing)},
+            "source": {"format": cfg.format, "path": str(cfg.source), "files": n + len(listing.missing)},
             "classes": listing.classes,
             "image_size": size,
             "seed": cfg.seed,
@@ -636,13 +627,116 @@ def prepare_source(cfg: "PrepareConfig", progress: bool = True) -> Path:
             "skipped": skipped,
             "masks": n_masked if masks is not None else None,
         }
-        if kept == n:
+        if labels.size == n:
             return writer.finish(labels, splits, manifest)
-        with store.DatasetWriter(out_dir, kept, size, size, with_masks=masks is not None) as compact:
-            step = max(1, (64 << 20) // (size * size * 3))  # copy ~64 MiB at a time
-            for s in range(0, kept, step):
-                e = min(kept, s + step)
-                compact.images[s:e] = writer.images[s:e]
-                if compact.masks is not None:
-                    compact.masks[s:e] = writer.masks[s:e]
-            return compact.finish(labels, splits, manifest)
+        return _compacted(writer, out_dir, labels, splits, manifest)
+
+
+def _usable_listing(cfg: PrepareConfig) -> tuple[Listing, list[dict[str, str]]]:
+    """The listing of ``cfg.source`` and its missing images as ``skipped`` records ({file, reason}).
+
+    UserError when there is no source, when an image is missing and ``cfg.skip_bad`` is off, and when
+    every image is missing.
+    """
+    if cfg.source is None:
+        raise UserError(f"prepare.source is required for format {cfg.format!r}: set it to the dataset folder")
+    listing = _listing(cfg.format, cfg.source)
+    if listing.missing and not cfg.skip_bad:
+        raise UserError(f"{listing.missing[0][1]}; add the image or delete the row, or rerun with --skip-bad")
+    skipped = [{"file": str(p), "reason": msg} for p, msg in listing.missing]
+    if not listing.items:
+        raise UserError(f"{cfg.source}: every listed image is missing ({len(skipped)}); check prepare.source")
+    return listing, skipped
+
+
+def _decode_into(
+    writer: store.DatasetWriter,
+    tasks: list[tuple],
+    listing: Listing,
+    cfg: PrepareConfig,
+    skipped: list[dict[str, str]],
+    progress: bool,
+) -> tuple[list[int], int]:
+    """Decode ``tasks`` (one per listed item, see ``_work``) into ``writer``'s first rows, in order.
+
+    A bad image raises (``_skip_or_raise``) or is appended to ``skipped``. Returns the labels of the
+    kept images and how many of them got a mask. A dead worker process is one UserError line.
+    """
+    items, n = listing.items, len(tasks)
+    workers = _n_workers(cfg.workers, n)
+    chunksize = max(1, min(32, n // (workers * 8)))
+    kept_labels: list[int] = []
+    n_masked = done = 0
+    with (
+        _decoded(tasks, workers, chunksize) as results,
+        _Progress(
+            total=n,
+            desc=f"prepare {cfg.dataset}",
+            unit="img",
+            file=sys.stderr,
+            disable=None if progress else True,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
+        try:
+            for i, res in enumerate(results):
+                done = i + 1
+                bar.update()
+                if res[0] == "bad":
+                    skipped.append(_skip_or_raise(res[1], res[2], cfg.skip_bad, listing.context.get(items[i].path)))
+                    continue
+                n_masked += _store_decoded(writer, len(kept_labels), res[1], res[2])
+                kept_labels.append(items[i].label)
+        except BrokenProcessPool:
+            raise UserError(
+                f"a decoding process died (an image decoder crashed, or memory ran out) after {done} of {n} "
+                f"images, near {items[min(done, n - 1)].path}; rerun with --workers 1 to find the file"
+            ) from None
+    return kept_labels, n_masked
+
+
+def _skip_or_raise(bad_file: Path, reason: str, skip_bad: bool, where: str | None) -> dict[str, str]:
+    """The ``skipped`` record of a bad image, or (without ``skip_bad``) its UserError, prefixed by ``where``."""
+    if not skip_bad:
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}{bad_file}: {reason}; replace or remove the file, or rerun with --skip-bad")
+    return {"file": str(bad_file), "reason": reason}
+
+
+def _store_decoded(writer: store.DatasetWriter, k: int, image: np.ndarray, mask: np.ndarray | None) -> int:
+    """Write a decoded image (and its mask, zeros without one) to row ``k``; 1 when a mask was stored, else 0."""
+    writer.images[k] = image
+    if writer.masks is None:
+        return 0
+    writer.masks[k] = 0 if mask is None else mask
+    return int(mask is not None)
+
+
+def _kept_labels(
+    kept_labels: list[int], skipped: list[dict[str, str]], source: Path, files: int, out_dir: Path
+) -> np.ndarray:
+    """The kept labels as int64; UserError when nothing was kept; a warning when something was skipped."""
+    if not kept_labels:
+        raise UserError(
+            f"{source}: all {len(skipped)} images are bad (first: {skipped[0]['file']}: {skipped[0]['reason']}); "
+            "nothing to prepare"
+        )
+    if skipped:
+        log.warning(
+            "skipped %d of %d images (bad or missing); see 'skipped' in %s/manifest.json", len(skipped), files, out_dir
+        )
+    return np.asarray(kept_labels, dtype=np.int64)
+
+
+def _compacted(full: store.DatasetWriter, out_dir: Path, labels: np.ndarray, splits, manifest) -> Path:
+    """Copy the first ``len(labels)`` rows of ``full`` into a writer of that size and finish it (the
+    dataset of a run that skipped images); ``full`` is left to be discarded."""
+    kept, size = labels.size, full.images.shape[1]
+    with store.DatasetWriter(out_dir, kept, size, size, with_masks=full.masks is not None) as compact:
+        step = max(1, (64 << 20) // (size * size * 3))  # copy ~64 MiB at a time
+        for s in range(0, kept, step):
+            e = min(kept, s + step)
+            compact.images[s:e] = full.images[s:e]
+            if compact.masks is not None:
+                compact.masks[s:e] = full.masks[s:e]
+        return compact.finish(labels, splits, manifest)

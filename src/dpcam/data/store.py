@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from dpcam.errors import UserError
+from dpcam.layout import replace_dir, temp_dir
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -49,11 +48,7 @@ class DatasetWriter:
 
     def __init__(self, out_dir: str | Path, n: int, height: int, width: int, with_masks: bool):
         self.out_dir = Path(out_dir)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a shared dataset must be readable by the team
+        self._tmp = temp_dir(self.out_dir)
         self.images = np.lib.format.open_memmap(
             self._tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, height, width, 3)
         )
@@ -64,7 +59,7 @@ class DatasetWriter:
         )
         self._done = False
 
-    def __enter__(self) -> "DatasetWriter":
+    def __enter__(self) -> DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -91,7 +86,9 @@ class DatasetWriter:
         self.images = self.masks = None  # close the memmaps before hashing and renaming
         np.save(self._tmp / "labels.npy", labels)
         np.savez(self._tmp / "splits.npz", **{k: splits[k] for k in SPLITS})
-        files = ["images.npy", "labels.npy", "splits.npz"] + (["masks.npy"] if (self._tmp / "masks.npy").exists() else [])
+        files = ["images.npy", "labels.npy", "splits.npz"] + (
+            ["masks.npy"] if (self._tmp / "masks.npy").exists() else []
+        )
         manifest = dict(manifest)
         manifest.setdefault("format_version", FORMAT_VERSION)
         manifest["count"] = int(n)
@@ -103,7 +100,7 @@ class DatasetWriter:
         with open(self._tmp / "manifest.json", "w") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
             f.write("\n")
-        _replace_dir(self._tmp, self.out_dir)
+        replace_dir(self._tmp, self.out_dir)
         self._done = True
         return self.out_dir
 
@@ -114,20 +111,7 @@ def _per_class(labels: np.ndarray, manifest: dict[str, Any]) -> dict[str, int]:
     return {str(c): int(k) for c, k in zip(classes, counts)}
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move ``src`` to ``dst``; an existing ``dst`` is swapped out first and removed after."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def stratified_split(
-    labels: np.ndarray, fractions: dict[str, float], seed: int
-) -> dict[str, np.ndarray]:
+def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
     """Split indices per class in the given fractions (train/val/test), deterministically by seed.
 
     Each class is shuffled and cut at rounded cumulative fractions, so every split keeps the class
@@ -169,7 +153,7 @@ class PreparedDataset:
     def image_size(self) -> int:
         return int(self.images.shape[1])
 
-    def split(self, name: str, with_masks: bool = False) -> "ImageDataset":
+    def split(self, name: str, with_masks: bool = False) -> ImageDataset:
         if name not in self.splits:
             raise UserError(f"{self.path}: no split {name!r}; splits are {', '.join(self.splits)}")
         return ImageDataset(self, self.splits[name], with_masks=with_masks)
@@ -202,7 +186,7 @@ class ImageDataset:
     """torch ``Dataset`` over one split: items are ``(x, y)`` (or ``(x, y, mask)``).
 
     ``x`` is float32 (3, H, W) in pixel space [0, 1] (models normalise internally, so Grad-CAM
-    masking happens in pixel space as DESIGN.md §3 defines); ``y`` is an int64 scalar; ``mask`` is
+    masking happens in pixel space as docs/metrics.md defines); ``y`` is an int64 scalar; ``mask`` is
     float32 (H, W) in {0, 1}. ``__getitems__`` fetches a whole batch with one fancy index, so a
     DataLoader never decodes or loops per image.
     """
@@ -241,10 +225,12 @@ class ImageDataset:
         m = torch.from_numpy(np.ascontiguousarray(self.ds.masks[sorted_idx][inv])).float()
         return x, y, m
 
-    def subset(self, n: int, seed: int = 0) -> "ImageDataset":
+    def subset(self, n: int, seed: int = 0) -> ImageDataset:
         """``n`` images of this split drawn without replacement by ``seed`` (kept in file order)."""
         if not 1 <= n <= len(self):
-            raise UserError(f"{self.ds.path}: cannot take {n} images from a split of {len(self)}; choose 1..{len(self)}")
+            raise UserError(
+                f"{self.ds.path}: cannot take {n} images from a split of {len(self)}; choose 1..{len(self)}"
+            )
         pick = np.random.default_rng(seed).choice(len(self), size=n, replace=False)
         return ImageDataset(self.ds, np.sort(self.indices[pick]), with_masks=self.with_masks)
 

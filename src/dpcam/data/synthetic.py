@@ -45,12 +45,14 @@ layers (retina, shading, macula, light, blur, noise) by broadcasting. Chunks go 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -165,14 +167,37 @@ assert LESION_COUNTS[..., 1].max(0).tolist() == [_MA_MAX, _HE_MAX, _EX_MAX, _CWS
 # Global scalars: name -> (low, high) of a uniform draw. Lengths: R in units of the image size S;
 # cx, cy offsets from the frame centre in S; disc and macula geometry in R.
 _GLOBALS = {
-    "R": (0.45, 0.53), "cx": (-0.015, 0.015), "cy": (-0.015, 0.015), "side": (0, 1),
-    "dr": (0.115, 0.14), "ddx": (0.55, 0.66), "ddy": (-0.08, 0.08), "cup": (0.3, 0.55),
-    "mdx": (0.0, 0.1), "mdy": (-0.06, 0.06), "mr": (0.14, 0.22), "mstr": (0.15, 0.35),
-    "br": (0.72, 0.9), "bg": (0.28, 0.42), "bb": (0.09, 0.18), "edge": (0.1, 0.3),
-    "tlo": (0.04, 0.10), "tmid": (0.015, 0.04),
-    "dcr": (0.95, 1.0), "dcg": (0.76, 0.88), "dcb": (0.42, 0.58), "vop": (0.75, 0.92), "aop": (0.6, 0.85),
-    "gain": (0.78, 1.12), "castr": (0.93, 1.07), "castg": (0.92, 1.08), "castb": (0.87, 1.13),
-    "vig": (0.2, 0.5), "grad": (0.0, 0.25), "psi": (0.0, 2 * math.pi), "sigma": (0.008, 0.03),
+    "R": (0.45, 0.53),
+    "cx": (-0.015, 0.015),
+    "cy": (-0.015, 0.015),
+    "side": (0, 1),
+    "dr": (0.115, 0.14),
+    "ddx": (0.55, 0.66),
+    "ddy": (-0.08, 0.08),
+    "cup": (0.3, 0.55),
+    "mdx": (0.0, 0.1),
+    "mdy": (-0.06, 0.06),
+    "mr": (0.14, 0.22),
+    "mstr": (0.15, 0.35),
+    "br": (0.72, 0.9),
+    "bg": (0.28, 0.42),
+    "bb": (0.09, 0.18),
+    "edge": (0.1, 0.3),
+    "tlo": (0.04, 0.10),
+    "tmid": (0.015, 0.04),
+    "dcr": (0.95, 1.0),
+    "dcg": (0.76, 0.88),
+    "dcb": (0.42, 0.58),
+    "vop": (0.75, 0.92),
+    "aop": (0.6, 0.85),
+    "gain": (0.78, 1.12),
+    "castr": (0.93, 1.07),
+    "castg": (0.92, 1.08),
+    "castb": (0.87, 1.13),
+    "vig": (0.2, 0.5),
+    "grad": (0.0, 0.25),
+    "psi": (0.0, 2 * math.pi),
+    "sigma": (0.008, 0.03),
     "blur": (0.0, 0.22),  # defocus: weight of each neighbour in a separable 3-tap blur
 }
 
@@ -247,9 +272,46 @@ class _Chunk:
 
 
 def _geometry(d: dict[str, np.ndarray], grades: np.ndarray, size: int, lesion_scale: float) -> _Chunk:
-    """Turn the stacked draws ``d`` (each (B, ...)) of images with ``grades`` (B,) into a chunk."""
+    """Turn the stacked draws ``d`` (each (B, ...)) of images with ``grades`` (B,) into a chunk.
+
+    Steps: the global scalars in pixels (``_pixel_globals``), the vessel tree, the lesion counts,
+    then each kind of lesion and the look-alikes. No step draws a random number: all come from ``d``.
+    """
     S = float(size)
-    g = {k: _lerp(lo, hi, d["glob"][:, j]) for j, (k, (lo, hi)) in enumerate(_GLOBALS.items())}
+    g = _pixel_globals(d["glob"], S)
+    centre, disc, macula = (np.stack([g[x], g[y]], -1) for x, y in (("cx", "cy"), ("dx", "dy"), ("mx", "my")))
+    segs, seg_img, trunk_pts, trunk_n = _vessel_tree(d, S, disc, g["side"])
+    k = _lesion_counts(d["count"], grades)
+    eye = _Eye(g, S, S / 64.0 * lesion_scale, k, centre, disc, macula, trunk_pts, trunk_n)
+    blobs = [
+        _microaneurysms(d, eye),
+        _haemorrhages(d, eye),
+        _exudates(d, eye),
+        _cotton_wool_spots(d, eye),
+        *_look_alikes(d, eye),
+    ]
+    nv_rows, nv_img = _neovascular_tufts(d, eye)
+    gf = {name: np.asarray(v, _F) for name, v in g.items()}
+    return _Chunk(
+        gf,
+        np.concatenate([segs, nv_rows]),
+        np.concatenate([seg_img, nv_img]),
+        np.concatenate([b[0] for b in blobs]),
+        np.concatenate([b[1] for b in blobs]),
+        d["tex_lo"].astype(_F),
+        d["tex_mid"].astype(_F),
+        d["noise"],
+    )
+
+
+def _pixel_globals(glob: np.ndarray, S: float) -> dict[str, np.ndarray]:
+    """The scalars of ``_GLOBALS`` from their uniforms ``glob`` (B, len(_GLOBALS)), float64 (B,) each.
+
+    Lengths become pixels (R from units of S, disc and macula sizes from units of R); ``cx``, ``cy``
+    become the retina's centre, ``side`` -1 or +1 (disc left or right, a right eye); adds the optic
+    disc centre ``dx``, ``dy`` and the macula centre ``mx``, ``my``.
+    """
+    g = {k: _lerp(lo, hi, glob[:, j]) for j, (k, (lo, hi)) in enumerate(_GLOBALS.items())}
     R = g["R"] = g["R"] * S
     g["cx"] = (S - 1) / 2 + g["cx"] * S
     g["cy"] = (S - 1) / 2 + g["cy"] * S
@@ -258,94 +320,124 @@ def _geometry(d: dict[str, np.ndarray], grades: np.ndarray, size: int, lesion_sc
     g["dx"], g["dy"] = g["cx"] + side * g["ddx"] * R, g["cy"] + g["ddy"] * R
     g["mx"], g["my"] = g["cx"] - side * g["mdx"] * R, g["cy"] + g["mdy"] * R
     g["mr"] = g["mr"] * R
-    centre = np.stack([g["cx"], g["cy"]], -1)
-    disc = np.stack([g["dx"], g["dy"]], -1)
-    macula = np.stack([g["mx"], g["my"]], -1)
+    return g
 
-    segs, seg_img, trunk_pts, trunk_n = _vessel_tree(d, S, disc, side)
-    u = S / 64.0 * lesion_scale
+
+def _lesion_counts(cu: np.ndarray, grades: np.ndarray) -> np.ndarray:
+    """Lesions per kind, int64 (B, 5): uniform in ``LESION_COUNTS[grade]`` from the uniforms cu (B, 5)."""
     lo, hi = LESION_COUNTS[grades, :, 0], LESION_COUNTS[grades, :, 1]
-    k = lo + np.floor(d["count"] * (hi - lo + 1)).astype(np.int64)  # (B, 5) lesions per kind
-    avoid_r = 1.6 * g["dr"]
-    blobs = []
+    return lo + np.floor(cu * (hi - lo + 1)).astype(np.int64)
 
-    # microaneurysms: tiny round dark-red dots
-    p = _place(d["ma_pos"], centre, 0.75 * R, disc, avoid_r, S)
-    r = u * _lerp(0.45, 0.9, d["ma"][..., 0])
-    blobs.append(_blob_rows(np.arange(_MA_MAX) < k[:, :1], p, r, r, 0 * r, 0.0, _lerp(0.4, 0.85, d["ma"][..., 1]), _MA))
 
-    # haemorrhages: dot-blot / flame blotches of 1-3 ellipses
-    p = _place(d["he_pos"], centre, 0.8 * R, disc, avoid_r, S)  # (B, 10, 2)
+class _Eye(NamedTuple):
+    """What the lesion and look-alike steps of ``_geometry`` share, for a chunk of B images.
+
+    ``g`` the global scalars (``_pixel_globals``); ``S`` the image size and ``u`` the lesion unit
+    (``S / 64 * lesion_scale``), in pixels; ``k`` int (B, 5) lesions per kind (``LESION_KINDS``);
+    ``centre``, ``disc``, ``macula`` (B, 2); ``trunk_pts`` (B, 8, N+1, 2) and ``trunk_n`` int (B, 8)
+    the vessel trunks (``_vessel_tree``). Each step returns rows as ``_blob_rows`` or ``_seg_rows``.
+    """
+
+    g: dict[str, np.ndarray]
+    S: float
+    u: float
+    k: np.ndarray
+    centre: np.ndarray
+    disc: np.ndarray
+    macula: np.ndarray
+    trunk_pts: np.ndarray
+    trunk_n: np.ndarray
+
+
+def _microaneurysms(d, e: _Eye):
+    """Tiny round dark-red dots."""
+    p = _place(d["ma_pos"], e.centre, 0.75 * e.g["R"], e.disc, 1.6 * e.g["dr"], e.S)
+    r = e.u * _lerp(0.45, 0.9, d["ma"][..., 0])
+    return _blob_rows(np.arange(_MA_MAX) < e.k[:, :1], p, r, r, 0 * r, 0.0, _lerp(0.4, 0.85, d["ma"][..., 1]), _MA)
+
+
+def _haemorrhages(d, e: _Eye):
+    """Dot-blot / flame blotches of 1-3 ellipses."""
+    R = e.g["R"]
+    p = _place(d["he_pos"], e.centre, 0.8 * R, e.disc, 1.6 * e.g["dr"], e.S)  # (B, 10, 2)
     hu = d["he"]
     m = 1 + np.floor(hu[:, :, 0, 3] * 3)  # sub-blobs per haemorrhage
-    a = u * _lerp(1.0, 2.2, hu[..., 0])
+    a = e.u * _lerp(1.0, 2.2, hu[..., 0])
     spread = (0.7 * a * (m[..., None] > 1))[..., None]
-    ps = _inside(p[:, :, None, :] + d["he_z"] * spread, centre, 0.9 * R)
-    exists = (np.arange(_HE_MAX) < k[:, 1:2])[..., None] & (np.arange(_HE_SUB) < m[..., None])
+    ps = _inside(p[:, :, None, :] + d["he_z"] * spread, e.centre, 0.9 * R)
+    exists = (np.arange(_HE_MAX) < e.k[:, 1:2])[..., None] & (np.arange(_HE_SUB) < m[..., None])
     op = np.broadcast_to(_lerp(0.55, 0.9, hu[:, :, 1:2, 3]), a.shape)
-    blobs.append(_blob_rows(exists, ps, a, a * _lerp(0.45, 1.0, hu[..., 1]), math.pi * hu[..., 2], 0.3, op, _HE))
+    return _blob_rows(exists, ps, a, a * _lerp(0.45, 1.0, hu[..., 1]), math.pi * hu[..., 2], 0.3, op, _HE)
 
-    # hard exudates: clusters of 2-7 small bright-yellow spots around the posterior pole
-    p = _place(d["ex_pos"], macula, 0.55 * R, disc, 1.8 * g["dr"], S)
+
+def _exudates(d, e: _Eye):
+    """Hard exudates: clusters of 2-7 small bright-yellow spots around the posterior pole."""
+    p = _place(d["ex_pos"], e.macula, 0.55 * e.g["R"], e.disc, 1.8 * e.g["dr"], e.S)
     eu = d["ex"]
     m = 2 + np.floor(eu[:, :, 0, 4] * 6)
-    ps = _inside(p[:, :, None, :] + d["ex_z"] * (2.4 * u), centre, 0.9 * R)
-    r = u * _lerp(0.45, 1.0, eu[..., 0])
-    exists = (np.arange(_EX_MAX) < k[:, 2:3])[..., None] & (np.arange(_EX_SUB) < m[..., None])
-    blobs.append(_blob_rows(exists, ps, r, r * _lerp(0.7, 1.0, eu[..., 1]), math.pi * eu[..., 2], 0.0,
-                            _lerp(0.5, 0.9, eu[..., 3]), _EX))
+    ps = _inside(p[:, :, None, :] + d["ex_z"] * (2.4 * e.u), e.centre, 0.9 * e.g["R"])
+    r = e.u * _lerp(0.45, 1.0, eu[..., 0])
+    exists = (np.arange(_EX_MAX) < e.k[:, 2:3])[..., None] & (np.arange(_EX_SUB) < m[..., None])
+    return _blob_rows(
+        exists, ps, r, r * _lerp(0.7, 1.0, eu[..., 1]), math.pi * eu[..., 2], 0.0, _lerp(0.5, 0.9, eu[..., 3]), _EX
+    )
 
-    # cotton-wool spots: soft pale patches of 2-3 lobes along an arcade
+
+def _cotton_wool_spots(d, e: _Eye):
+    """Soft pale patches of 2-3 lobes along an arcade."""
     cu = d["cws"]
-    p = _on_trunks(trunk_pts, trunk_n, cu[:, :, 0, 4], cu[:, :, 0, 5]) + d["cws_z"][:, :, 0] * (2.0 * u)
+    p = _on_trunks(e.trunk_pts, e.trunk_n, cu[:, :, 0, 4], cu[:, :, 0, 5]) + d["cws_z"][:, :, 0] * (2.0 * e.u)
     m = 2 + np.floor(cu[:, :, 1, 4] * 2)
-    ps = _inside(p[:, :, None, :] + d["cws_z"][:, :, 1:] * (1.0 * u), centre, 0.9 * R)
-    a = u * _lerp(1.1, 2.0, cu[..., 0])
-    exists = (np.arange(_CWS_MAX) < k[:, 3:4])[..., None] & (np.arange(_CWS_SUB) < m[..., None])
+    ps = _inside(p[:, :, None, :] + d["cws_z"][:, :, 1:] * (1.0 * e.u), e.centre, 0.9 * e.g["R"])
+    a = e.u * _lerp(1.1, 2.0, cu[..., 0])
+    exists = (np.arange(_CWS_MAX) < e.k[:, 3:4])[..., None] & (np.arange(_CWS_SUB) < m[..., None])
     op = np.broadcast_to(_lerp(0.3, 0.55, cu[:, :, :1, 3]), a.shape)
-    blobs.append(_blob_rows(exists, ps, a, a * _lerp(0.6, 1.0, cu[..., 1]), math.pi * cu[..., 2], 0.7, op, _CWS))
+    return _blob_rows(exists, ps, a, a * _lerp(0.6, 1.0, cu[..., 1]), math.pi * cu[..., 2], 0.7, op, _CWS)
 
-    # neovascular tufts: tangles of thin looping vessels at the disc margin or along an arcade
+
+def _neovascular_tufts(d, e: _Eye):
+    """Tangles of thin looping vessels at the disc margin or along an arcade (segment rows)."""
+    g, u = e.g, e.u
     nu, lu = d["nv"], d["nv_loop"]
     ang = 2 * math.pi * nu[..., 1]
-    at_disc = disc[:, None] + (g["dr"][:, None] * _lerp(0.9, 1.3, nu[..., 2]))[..., None] * np.stack(
+    at_disc = e.disc[:, None] + (g["dr"][:, None] * _lerp(0.9, 1.3, nu[..., 2]))[..., None] * np.stack(
         [np.cos(ang), np.sin(ang)], -1
     )
-    on_arcade = _on_trunks(trunk_pts, trunk_n, nu[..., 3], nu[..., 4]) + d["nv_z"] * (1.5 * u)
-    p = _inside(np.where((nu[..., 0] < 0.5)[..., None], at_disc, on_arcade), centre, 0.85 * R)  # (B, 3, 2)
+    on_arcade = _on_trunks(e.trunk_pts, e.trunk_n, nu[..., 3], nu[..., 4]) + d["nv_z"] * (1.5 * u)
+    p = _inside(np.where((nu[..., 0] < 0.5)[..., None], at_disc, on_arcade), e.centre, 0.85 * g["R"])  # (B, 2, 2)
     lz = d["nv_loop_z"]
     starts = p[:, :, None, :] + lz[..., :2] * (1.0 * u)
     n = 5 + np.floor(lu[..., 2] * 4).astype(np.int64)
     curv = np.where(lu[..., 1] < 0.5, -0.7, 0.7)
-    pts, _, hw, valid = _walk(starts, 2 * math.pi * lu[..., 0], curv, n, 1.1 * u, 0.45 * u, 0.3 * u,
-                              0.45 * lz[..., 2:])
+    pts, _, hw, valid = _walk(starts, 2 * math.pi * lu[..., 0], curv, n, 1.1 * u, 0.45 * u, 0.3 * u, 0.45 * lz[..., 2:])
     m = 3 + np.floor(nu[..., 5] * 3)  # loops per tuft
-    exists = (np.arange(_NV_MAX) < k[:, 4:5])[..., None] & (np.arange(_NV_LOOPS) < m[..., None])
-    rows, img = _seg_rows(pts, hw, valid & exists[..., None], _NV)
-    segs, seg_img = np.concatenate([segs, rows]), np.concatenate([seg_img, img])
+    exists = (np.arange(_NV_MAX) < e.k[:, 4:5])[..., None] & (np.arange(_NV_LOOPS) < m[..., None])
+    return _seg_rows(pts, hw, valid & exists[..., None], _NV)
 
-    # look-alikes in any grade (not lesions, not in the mask), sized by the image only
-    v = S / 64.0
-    pu = d["pig"]  # pigment dots: small, dark brown
-    p = _place(d["pig_pos"], centre, 0.85 * R, disc, avoid_r, S)
+
+def _look_alikes(d, e: _Eye) -> list:
+    """Features of healthy eyes too, not lesions (not in the mask), sized by the image only: pigment
+    dots (small, dark brown), drusen (small, faint pale yellow) and nerve-fibre sheen (broad, faint
+    pale streaks along an arcade), 0..max of each. Returns their three ``_blob_rows`` results."""
+    R, avoid_r, v = e.g["R"], 1.6 * e.g["dr"], e.S / 64.0
+    pu = d["pig"]
+    p = _place(d["pig_pos"], e.centre, 0.85 * R, e.disc, avoid_r, e.S)
     r = v * _lerp(0.5, 0.9, pu[..., 1])
     exists = np.arange(_PIG_MAX) < np.floor(pu[:, :1, 0] * (_PIG_MAX + 1))
-    blobs.append(_blob_rows(exists, p, r, r, 0 * r, 0.0, _lerp(0.3, 0.6, pu[..., 2]), _PIG))
-    du = d["dru"]  # drusen: small, faint pale yellow
-    p = _place(d["dru_pos"], macula, 0.6 * R, disc, avoid_r, S)
+    pigment = _blob_rows(exists, p, r, r, 0 * r, 0.0, _lerp(0.3, 0.6, pu[..., 2]), _PIG)
+    du = d["dru"]
+    p = _place(d["dru_pos"], e.macula, 0.6 * R, e.disc, avoid_r, e.S)
     r = v * _lerp(0.5, 1.0, du[..., 1])
     exists = np.arange(_DRU_MAX) < np.floor(du[:, :1, 0] * (_DRU_MAX + 1))
-    blobs.append(_blob_rows(exists, p, r, r, 0 * r, 0.0, _lerp(0.2, 0.45, du[..., 2]), _DRU))
-    su = d["sheen"]  # nerve-fibre sheen: broad, faint pale streaks along an arcade
-    p = _inside(_on_trunks(trunk_pts, trunk_n, su[..., 1], su[..., 2]) + d["sheen_z"] * (1.5 * v), centre, 0.9 * R)
+    drusen = _blob_rows(exists, p, r, r, 0 * r, 0.0, _lerp(0.2, 0.45, du[..., 2]), _DRU)
+    su = d["sheen"]
+    p = _inside(
+        _on_trunks(e.trunk_pts, e.trunk_n, su[..., 1], su[..., 2]) + d["sheen_z"] * (1.5 * v), e.centre, 0.9 * R
+    )
     a = v * _lerp(2.0, 4.0, su[..., 3])
     exists = np.arange(_SHEEN_MAX) < np.floor(su[:, :1, 0] * (_SHEEN_MAX + 1))
-    blobs.append(_blob_rows(exists, p, a, a * 0.45, math.pi * su[..., 4], 0.8, _lerp(0.1, 0.25, su[..., 5]), _SHEEN))
-
-    blob_rows = np.concatenate([b[0] for b in blobs])
-    blob_img = np.concatenate([b[1] for b in blobs])
-    gf = {k2: np.asarray(v, _F) for k2, v in g.items()}
-    return _Chunk(gf, segs, seg_img, blob_rows, blob_img, d["tex_lo"].astype(_F), d["tex_mid"].astype(_F), d["noise"])
+    sheen = _blob_rows(exists, p, a, a * 0.45, math.pi * su[..., 4], 0.8, _lerp(0.1, 0.25, su[..., 5]), _SHEEN)
+    return [pigment, drusen, sheen]
 
 
 def _vessel_tree(d, S: float, disc: np.ndarray, side: np.ndarray):
@@ -366,8 +458,9 @@ def _vessel_tree(d, S: float, disc: np.ndarray, side: np.ndarray):
     turn = np.where(temporal, _lerp(1.5, 2.1, tu[..., 2]) * vert * side[:, None], _lerp(-0.5, 0.5, tu[..., 2]))
     hw0 = 0.0095 * S * np.where(vein, _lerp(0.95, 1.1, tu[..., 3]), _lerp(0.7, 0.85, tu[..., 3]))
     start = np.broadcast_to(disc[:, None, :], (side.size, 8, 2))
-    pts, theta, hw, valid = _walk(start, ang, turn / n, n, step, hw0, hw0 * _lerp(0.3, 0.45, tu[..., 4]),
-                                  0.1 * d["trunk_z"])
+    pts, theta, hw, valid = _walk(
+        start, ang, turn / n, n, step, hw0, hw0 * _lerp(0.3, 0.45, tu[..., 4]), 0.1 * d["trunk_z"]
+    )
     chan = np.broadcast_to(np.where(vein, _VEIN, _ARTERY), n.shape)
     rows = [_seg_rows(pts, hw, valid, chan)]
     level = (pts, theta, hw, n, chan)
@@ -396,9 +489,17 @@ def _branches(parent, bu, bz, kmin: int, kmax: int, step: float):
     h0 = np.take_along_axis(hw, j, 2) * _lerp(0.55, 0.8, bu[..., 4])
     nn = np.maximum(3, np.round((n[..., None] - j) * _lerp(0.4, 0.9, bu[..., 5]))).astype(np.int64)
     nn = np.where(exists, nn, 0)
-    flat = lambda x: x.reshape(B, P * K, *x.shape[3:])  # noqa: E731
-    cp, ct, ch, _ = _walk(flat(start), flat(angle), flat(_lerp(-0.08, 0.08, bu[..., 6])), flat(nn), step,
-                          flat(h0), flat(h0 * _lerp(0.3, 0.5, bu[..., 7])), 0.12 * bz)
+    flat = lambda x: x.reshape(B, P * K, *x.shape[3:])
+    cp, ct, ch, _ = _walk(
+        flat(start),
+        flat(angle),
+        flat(_lerp(-0.08, 0.08, bu[..., 6])),
+        flat(nn),
+        step,
+        flat(h0),
+        flat(h0 * _lerp(0.3, 0.5, bu[..., 7])),
+        0.12 * bz,
+    )
     return cp, ct, ch, flat(nn), np.repeat(chan, K, 1)
 
 
@@ -588,34 +689,51 @@ def _render(c: _Chunk, size: int) -> tuple[np.ndarray, np.ndarray]:
 
     Full-frame layers (retina, shading, macula, light, noise) are broadcast over (B, H, W); the
     disc, vessels and lesions are splatted from patches and composited at their pixels only. The
-    image is built channel-first, (3, B, H, W), so numpy's inner loops run along rows.
+    image is built channel-first, (3, B, H, W), so numpy's inner loops run along rows. Steps:
+    ``_retina``, ``_albedo``, ``_patches``, ``_composite``, ``_defocus``, ``_expose``.
     """
-    H = size
-    B = c.noise.shape[0]
-    g = c.g
-    G = {k: v[:, None, None] for k, v in g.items()}
+    G = {k: v[:, None, None] for k, v in c.g.items()}
+    ex, ey, retina, t2 = _retina(G, size)
+    img = _albedo(c, G, t2, size)
+    optic, vess, les, cover = _patches(c, size)
+    _composite(img, retina, optic, vess, les, c.g)
+    img = _defocus(img, G["blur"][None])
+    out = _expose(img, c.noise, G, ex, ey, retina, t2)
+    masks = ((cover >= MASK_COVERAGE) & (retina >= 0.5)).astype(np.uint8)
+    return out, masks
+
+
+def _retina(G: dict[str, np.ndarray], H: int):
+    """Pixel offsets ex, ey from the retina's centre, the retina's anti-aliased coverage and the squared
+    radius in units of R (t2), each float32 (B, H, W). ``G``: the chunk's scalars shaped (B, 1, 1)."""
     yy, xx = np.mgrid[0:H, 0:H].astype(_F)
     ex, ey = xx - G["cx"], yy - G["cy"]
     r = np.sqrt(ex * ex + ey * ey)
     retina = np.minimum(np.maximum(G["R"] + _F(0.5) - r, 0), 1)
     t2 = r * r / (G["R"] * G["R"])
+    return ex, ey, retina, t2
 
-    # albedo: warm base darkening towards the rim, low- and mid-frequency texture, darker macula
+
+def _albedo(c: _Chunk, G: dict[str, np.ndarray], t2: np.ndarray, H: int) -> np.ndarray:
+    """The bare retina, float32 (3, B, H, W): a warm base darkening towards the rim, low- and
+    mid-frequency texture, a darker macula."""
+    yy, xx = np.mgrid[0:H, 0:H].astype(_F)
     shade = (1 - G["edge"] * t2) * (1 + G["tlo"] * _upsample(c.tex_lo, H) + G["tmid"] * _upsample(c.tex_mid, H))
     mdx, mdy = xx - G["mx"], yy - G["my"]
     shade *= 1 - G["mstr"] * np.exp(-(mdx * mdx + mdy * mdy) / (G["mr"] * G["mr"]))
-    img = np.stack([shade * G["br"], shade * G["bg"], shade * G["bb"]])  # (3, B, H, W)
+    return np.stack([shade * G["br"], shade * G["bg"], shade * G["bb"]])
 
-    # patches: disc and cup (soft round blobs), vessels and neovascular tufts (segments),
-    # lesions (blobs); ``cover`` collects lesion coverage for the mask
-    discs = np.zeros((B, 8), _F)
-    discs[:, 0], discs[:, 1], discs[:, 2], discs[:, 3], discs[:, 5] = g["dx"], g["dy"], g["dr"], g["dr"], 0.25
-    cups = discs.copy()
-    cups[:, 2] = cups[:, 3] = g["cup"] * g["dr"]
-    cups[:, 5] = 0.5
-    optic = np.zeros((B * 2, H, H), _F)
-    ox, oy, cov = _blob_coverage(np.concatenate([discs, cups]))
-    _splat(optic, np.concatenate([np.arange(B) * 2, np.arange(B) * 2 + 1]), ox, oy, cov)
+
+def _patches(c: _Chunk, H: int):
+    """Splat the chunk's patches: optic disc and cup (soft round blobs), vessels and neovascular tufts
+    (segments), lesions and look-alikes (blobs).
+
+    Returns optic (B, 2, H, W) (disc, cup), vess (B, 3, H, W) by segment channel, les (B, 7, H, W)
+    by blob channel (coverage times opacity) and cover (B, H, W): the coverage by lesions (lesion
+    blobs and neovascular segments), which makes the mask.
+    """
+    B = c.noise.shape[0]
+    optic = _optic_disc(c.g, B, H)
     vess = np.zeros((B * 3, H, H), _F)
     les = np.zeros((B * 7, H, H), _F)
     cover = np.zeros((B, H, H), _F)
@@ -633,51 +751,80 @@ def _render(c: _Chunk, size: int) -> tuple[np.ndarray, np.ndarray]:
         _splat(cover, c.blob_img[lesion], ox[lesion], oy[lesion], cov[..., lesion])
         cov *= c.blobs[:, 6]
         _splat(les, c.blob_img * 7 + ch, ox, oy, cov)
-    optic, vess, les = optic.reshape(B, 2, H, H), vess.reshape(B, 3, H, H), les.reshape(B, 7, H, H)
-    flat = img.reshape(3, -1)
-    inside = retina.reshape(-1)
+    return optic.reshape(B, 2, H, H), vess.reshape(B, 3, H, H), les.reshape(B, 7, H, H), cover
 
-    def layer(alpha, col, opacity=None, multiply=False):
-        """Composite alpha (B, H, W) with colour col (3,) or (B, 3) at its non-zero pixels only."""
-        a = alpha.reshape(-1)
-        nz = np.flatnonzero(a > 0)  # (a bool test first: nonzero on floats is slow)
-        w = a[nz] * inside[nz]
-        col = np.asarray(col, _F)
-        if col.ndim == 2 or opacity is not None:
-            b = nz // (H * H)
-            col = col[b].T if col.ndim == 2 else col[:, None]
-            w = w * opacity[b] if opacity is not None else w
-        else:
-            col = col[:, None]
-        if multiply:  # darken towards ``col`` times the background (vessels keep the local shade)
-            flat[:, nz] *= 1 - w * (1 - col)
-        else:  # paint ``col`` over
-            sub = flat[:, nz]
-            sub += w * (col - sub)
-            flat[:, nz] = sub
 
-    layer(optic[:, 0], np.stack([g["dcr"], g["dcg"], g["dcb"]], -1))
-    layer(optic[:, 1], (1.0, 0.95, 0.8), np.full(B, 0.7, _F))
-    layer(les[:, _SHEEN], (1.0, 0.92, 0.82))
-    layer(les[:, _PIG], (0.3, 0.14, 0.06))
-    layer(les[:, _DRU], (0.95, 0.82, 0.5))
-    layer(vess[:, _ARTERY], (0.66, 0.4, 0.45), g["aop"], multiply=True)
-    layer(vess[:, _VEIN], (0.42, 0.2, 0.26), g["vop"], multiply=True)
-    layer(vess[:, _NV], (0.62, 0.05, 0.07), np.full(B, 0.95, _F))
-    layer(les[:, _HE], (0.34, 0.05, 0.04))
-    layer(les[:, _MA], (0.36, 0.05, 0.04))
-    layer(les[:, _CWS], (0.93, 0.88, 0.76))
-    layer(les[:, _EX], (0.98, 0.88, 0.42))
+def _optic_disc(g: dict[str, np.ndarray], B: int, H: int) -> np.ndarray:
+    """Coverage of the optic discs (planes 2i) and their cups (planes 2i + 1), float32 (2B, H, W)."""
+    discs = np.zeros((B, 8), _F)
+    discs[:, 0], discs[:, 1], discs[:, 2], discs[:, 3], discs[:, 5] = g["dx"], g["dy"], g["dr"], g["dr"], 0.25
+    cups = discs.copy()
+    cups[:, 2] = cups[:, 3] = g["cup"] * g["dr"]
+    cups[:, 5] = 0.5
+    optic = np.zeros((B * 2, H, H), _F)
+    ox, oy, cov = _blob_coverage(np.concatenate([discs, cups]))
+    _splat(optic, np.concatenate([np.arange(B) * 2, np.arange(B) * 2 + 1]), ox, oy, cov)
+    return optic
 
-    # defocus: separable 3-tap blur [b, 1 - 2b, b] with edges repeated
-    b = G["blur"][None]
+
+def _composite(img, retina, optic, vess, les, g: dict[str, np.ndarray]) -> None:
+    """Paint the layers of ``_patches`` onto ``img`` (3, B, H, W) in place, back to front, weighted by
+    the retina's coverage (``_layer``); vessels darken the local shade, everything else paints over."""
+    B = optic.shape[0]
+    paint = functools.partial(_layer, img.reshape(3, -1), retina.reshape(-1))
+    paint(optic[:, 0], np.stack([g["dcr"], g["dcg"], g["dcb"]], -1))
+    paint(optic[:, 1], (1.0, 0.95, 0.8), np.full(B, 0.7, _F))
+    paint(les[:, _SHEEN], (1.0, 0.92, 0.82))
+    paint(les[:, _PIG], (0.3, 0.14, 0.06))
+    paint(les[:, _DRU], (0.95, 0.82, 0.5))
+    paint(vess[:, _ARTERY], (0.66, 0.4, 0.45), g["aop"], multiply=True)
+    paint(vess[:, _VEIN], (0.42, 0.2, 0.26), g["vop"], multiply=True)
+    paint(vess[:, _NV], (0.62, 0.05, 0.07), np.full(B, 0.95, _F))
+    paint(les[:, _HE], (0.34, 0.05, 0.04))
+    paint(les[:, _MA], (0.36, 0.05, 0.04))
+    paint(les[:, _CWS], (0.93, 0.88, 0.76))
+    paint(les[:, _EX], (0.98, 0.88, 0.42))
+
+
+def _layer(flat, inside, alpha, col, opacity=None, multiply=False) -> None:
+    """Composite alpha (B, H, W) with colour col (3,) or (B, 3) at its non-zero pixels only.
+
+    ``flat`` the image (3, B·H·W), changed in place; ``inside`` (B·H·W,) the retina's coverage, which
+    weights alpha; ``opacity`` (B,) per image or None.
+    """
+    a = alpha.reshape(-1)
+    nz = np.flatnonzero(a > 0)  # (a bool test first: nonzero on floats is slow)
+    w = a[nz] * inside[nz]
+    col = np.asarray(col, _F)
+    if col.ndim == 2 or opacity is not None:
+        b = nz // (alpha.shape[1] * alpha.shape[2])
+        col = col[b].T if col.ndim == 2 else col[:, None]
+        w = w * opacity[b] if opacity is not None else w
+    else:
+        col = col[:, None]
+    if multiply:  # darken towards ``col`` times the background (vessels keep the local shade)
+        flat[:, nz] *= 1 - w * (1 - col)
+    else:  # paint ``col`` over
+        sub = flat[:, nz]
+        sub += w * (col - sub)
+        flat[:, nz] = sub
+
+
+def _defocus(img: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Separable 3-tap blur [b, 1 - 2b, b] of img (3, B, H, H) with edges repeated; b (1, B, 1, 1)."""
+    H = img.shape[2]
     for axis in (2, 3):
         lo = np.concatenate([img.take([0], axis), img.take(np.arange(H - 1), axis)], axis)
         hi = np.concatenate([img.take(np.arange(1, H), axis), img.take([H - 1], axis)], axis)
         img = img * (1 - 2 * b) + (lo + hi) * b
+    return img
 
-    # illumination (vignetting, a tilted light gradient, gain and colour cast), the dark frame
-    # outside the retina, sensor noise; then to 0..255
+
+def _expose(img, noise, G: dict[str, np.ndarray], ex, ey, retina, t2) -> np.ndarray:
+    """Illumination (vignetting, a tilted light gradient, gain and colour cast), the dark frame outside
+    the retina and sensor noise (``noise`` (B, 3, H, W)), then to uint8 (B, H, W, 3); uses img
+    (3, B, H, W) as scratch."""
+    _, B, H, _ = img.shape
     tilt = (ex * np.cos(G["psi"]) + ey * np.sin(G["psi"])) / G["R"]
     light = (255 * G["gain"]) * (1 - G["vig"] * t2) * (1 + G["grad"] * tilt) * retina
     dark = (1 - retina) * _F(255 * 0.012) + _F(0.5)
@@ -687,11 +834,10 @@ def _render(c: _Chunk, size: int) -> tuple[np.ndarray, np.ndarray]:
         ch = img[k]
         ch *= light * G[cast]
         ch += dark
-        ch += c.noise[:, k] * grain
+        ch += noise[:, k] * grain
         np.clip(ch, 0, 255, out=ch)
         out[..., k] = ch
-    masks = ((cover >= MASK_COVERAGE) & (retina >= 0.5)).astype(np.uint8)
-    return out, masks
+    return out
 
 
 def _render_range(task) -> tuple[int, np.ndarray, np.ndarray]:
@@ -736,7 +882,11 @@ def _pool(procs: int):
 
 
 def iter_chunks(
-    labels: np.ndarray, size: int = 64, seed: int = 0, lesion_scale: float = 1.0, workers: int = 0,
+    labels: np.ndarray,
+    size: int = 64,
+    seed: int = 0,
+    lesion_scale: float = 1.0,
+    workers: int = 0,
     progress: bool = False,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Render the images of ``labels`` (int (n,) grades) chunk by chunk, in order.
@@ -755,8 +905,14 @@ def iter_chunks(
     procs = min(workers or _cores(), len(tasks))
     from tqdm import tqdm
 
-    with tqdm(total=n, desc=f"synthetic-fundus {size}px", unit="img", file=sys.stderr,
-              disable=None if progress else True, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=n,
+        desc=f"synthetic-fundus {size}px",
+        unit="img",
+        file=sys.stderr,
+        disable=None if progress else True,
+        dynamic_ncols=True,
+    ) as bar:
         if procs <= 1:
             for task in tasks:
                 out = _render_range(task)
@@ -770,8 +926,13 @@ def iter_chunks(
 
 
 def generate(
-    n: int, size: int = 64, seed: int = 0, balance="uniform", lesion_scale: float = 1.0,
-    workers: int = 0, progress: bool = False,
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    balance="uniform",
+    lesion_scale: float = 1.0,
+    workers: int = 0,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Generate ``n`` synthetic fundus images with grades and lesion masks.
 
@@ -789,15 +950,15 @@ def generate(
     return images, labels, masks
 
 
-def prepare_synthetic(cfg: "PrepareConfig") -> Path:
+def prepare_synthetic(cfg: PrepareConfig) -> Path:
     """Generate ``cfg.synthetic.n`` images into ``data/prepared/<cfg.dataset>/`` and return it.
 
     Chunks stream into the writer's memory-mapped arrays, so only one chunk is held in RAM.
     The stratified split and the generator both use ``cfg.seed``. The folder is written
     atomically by ``store.DatasetWriter``.
     """
-    from dpcam.config import PREPARED_ROOT
     from dpcam.data import store
+    from dpcam.layout import PREPARED_ROOT
 
     syn = cfg.synthetic
     labels = make_labels(syn.n, syn.balance, cfg.seed)
@@ -841,7 +1002,7 @@ def prepare_synthetic(cfg: "PrepareConfig") -> Path:
 
 def sample_grid(
     images: np.ndarray, labels: np.ndarray, masks: np.ndarray, per_grade: int = 4, scale: int | None = None
-) -> "Image.Image":
+) -> Image.Image:
     """A sample grid: one row per grade, ``per_grade`` examples each as image + mask overlay.
 
     images uint8 (n, H, W, 3), labels int (n,), masks uint8 (n, H, W). Tiles are upscaled by
@@ -883,18 +1044,22 @@ def sample_grid(
 
 
 def save_sample_grid(
-    path: str | Path = "docs/img/synthetic-grid.png", size: int = 64, per_grade: int = 4, seed: int = 0,
+    path: str | Path = "docs/img/synthetic-grid.png",
+    size: int = 64,
+    per_grade: int = 4,
+    seed: int = 0,
     lesion_scale: float = 1.0,
 ) -> Path:
     """Generate ``per_grade`` images of each grade and write their ``sample_grid`` PNG to ``path``."""
+    from dpcam.layout import write_atomic
+
     images, labels, masks = generate(GRADES * per_grade, size, seed, "uniform", lesion_scale, workers=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sample_grid(images, labels, masks, per_grade).save(path, optimize=True)
-    return path
+    grid = sample_grid(images, labels, masks, per_grade)
+    return write_atomic(Path(path), lambda tmp: grid.save(tmp, optimize=True))  # tmp keeps the suffix: same format
 
 
 if __name__ == "__main__":  # python -m dpcam.data.synthetic [PNG] [SIZE]: regenerate the README grid
-    out = save_sample_grid(*(sys.argv[1:2] or ["docs/img/synthetic-grid.png"]),
-                           *([int(sys.argv[2])] if len(sys.argv) > 2 else []))
+    out = save_sample_grid(
+        *(sys.argv[1:2] or ["docs/img/synthetic-grid.png"]), *([int(sys.argv[2])] if len(sys.argv) > 2 else [])
+    )
     print(f"wrote {out}")

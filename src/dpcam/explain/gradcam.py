@@ -1,4 +1,4 @@
-"""Batched Grad-CAM maps through Captum, on the plain model (DESIGN.md §3 "Grad-CAM map").
+"""Batched Grad-CAM maps through Captum, on the plain model (docs/metrics.md, "Grad-CAM map").
 
 :func:`gradcam` turns a pixel-space batch ``x`` of shape ``(B, C, H, W)`` (float in [0, 1], the
 input dpcam models take) into
@@ -39,7 +39,7 @@ disabled hooks return at once in eval mode; leftover ``_forward_counter`` attrib
 Methods (:data:`METHODS`, extensible with :func:`register_method`):
 
 ``gradcam``
-    DESIGN.md §3 exactly (above).
+    docs/metrics.md exactly (above).
 ``guided-gradcam``
     Captum ``GuidedGradCam`` (guided backpropagation × the bilinearly upsampled ReLU Grad-CAM
     map), reduced over input channels by the sum of absolute values, then min–max scaled like
@@ -67,7 +67,9 @@ log = logging.getLogger(__name__)
 
 # A method: (model, layer, x (B,C,H,W), target (B,) long or None) ->
 #   (raw maps (B,H,W) float, unscaled; logits (B,num_classes) detached; target (B,) long)
-Method = Callable[[nn.Module, nn.Module, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Method = Callable[
+    [nn.Module, nn.Module, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
 METHODS: dict[str, Method] = {}
 
 
@@ -140,7 +142,9 @@ def opacus_state(model: nn.Module, *, active_only: bool = True) -> str | None:
             owner = _hook_owner(hook)
             if isinstance(owner, hooks_cls) and on(owner):
                 state = "enabled " if active_only else ""
-                return f"module {name or type(m).__name__!r} has {state}Opacus grad-sample hooks ({type(owner).__name__})"
+                return (
+                    f"module {name or type(m).__name__!r} has {state}Opacus grad-sample hooks ({type(owner).__name__})"
+                )
     if not active_only:
         for m in model.modules():
             if hasattr(m, "autograd_grad_sample_hooks"):
@@ -298,7 +302,7 @@ def gradcam(
             images), a sequence or a ``(B,)`` tensor (e.g. the true labels).
         layer: the Grad-CAM layer: None → the model's registered ``gradcam_layer``
             (:func:`dpcam.models.target_layer`), or a module, or a dotted submodule name.
-        method: a name in :data:`METHODS` (``gradcam`` is DESIGN.md §3's map).
+        method: a name in :data:`METHODS` (``gradcam`` is the map of docs/metrics.md).
 
     Returns:
         maps: float32 ``(B, H, W)`` in [0, 1], per-image min–max scaled (constant → zeros).
@@ -316,7 +320,10 @@ def gradcam(
     if x.dim() != 4:
         raise ValueError(f"gradcam expects images of shape (B, C, H, W); got {tuple(x.shape)}")
     if torch.is_inference_mode_enabled():
-        raise UserError("Grad-CAM needs gradients but was called inside torch.inference_mode(); call it outside (torch.no_grad is fine)")
+        raise UserError(
+            "Grad-CAM needs gradients but was called inside torch.inference_mode(); "
+            "call it outside (torch.no_grad is fine)"
+        )
     check_plain(model)
     layer_module = resolve_layer(model, layer)
     t = _as_target(target, x.shape[0], x.device)
@@ -358,6 +365,9 @@ def random_init_copy(model: nn.Module, seed: int) -> nn.Module:
             else:
                 untouched += [f"{name}.{p}" if name else p for p, _ in m.named_parameters(recurse=False)]
     if untouched:
-        log.warning("random_init_copy: %d parameters have no reset_parameters() and keep their trained values: %s",
-                    len(untouched), ", ".join(untouched[:6]))
+        log.warning(
+            "random_init_copy: %d parameters have no reset_parameters() and keep their trained values: %s",
+            len(untouched),
+            ", ".join(untouched[:6]),
+        )
     return clone

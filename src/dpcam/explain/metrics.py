@@ -1,4 +1,4 @@
-"""Explanation metrics of DESIGN.md §3 as pure, batched tensor functions, plus streaming helpers.
+"""Explanation metrics (docs/metrics.md) as pure, batched tensor functions, plus streaming helpers.
 
 Shapes (every function accepts tensors on any device; results live on ``x``'s / ``maps``' device):
 
@@ -59,7 +59,7 @@ def _forward_probs(model: nn.Module, x: torch.Tensor, max_batch: int | None = No
     out = []
     with evaluating(model), torch.no_grad():
         for i in range(0, n, max(step, 1)):
-            out.append(torch.softmax(model(x[i:i + step]).float(), dim=1))
+            out.append(torch.softmax(model(x[i : i + step]).float(), dim=1))
     return torch.cat(out) if out else x.new_zeros((0, 0))
 
 
@@ -102,7 +102,7 @@ def confidence_drop(
 ) -> dict[str, torch.Tensor]:
     """Average Drop, Increase in Confidence, masked score and masked accuracy, per image.
 
-    Y_i = p(c_i | x_i) and O_i = p(c_i | x̃_i) with x̃ = x ⊙ L(x) in pixel space (DESIGN.md §3;
+    Y_i = p(c_i | x_i) and O_i = p(c_i | x̃_i) with x̃ = x ⊙ L(x) in pixel space (docs/metrics.md;
     Chattopadhay et al. 2018, Grad-CAM++, eqs. 20–21). ``probs`` (softmax on ``x``, ``(B, C)``)
     gives Y without a forward pass; otherwise ``x`` is run through the model too.
 
@@ -131,14 +131,18 @@ def confidence_drop(
         "masked_score_pct": 100.0 * o,
     }
     if labels is not None:
-        out["masked_accuracy_pct"] = 100.0 * (masked_probs.argmax(dim=1) == labels.to(x.device).long().reshape(-1)).float()
+        out["masked_accuracy_pct"] = (
+            100.0 * (masked_probs.argmax(dim=1) == labels.to(x.device).long().reshape(-1)).float()
+        )
     return out
 
 
 # -------------------------------------------------------------------- deletion / insertion (RISE)
 
 
-def blur_baseline(x: torch.Tensor, sigma: float = DEFAULT_BLUR_SIGMA, kernel_size: int = DEFAULT_BLUR_KERNEL) -> torch.Tensor:
+def blur_baseline(
+    x: torch.Tensor, sigma: float = DEFAULT_BLUR_SIGMA, kernel_size: int = DEFAULT_BLUR_KERNEL
+) -> torch.Tensor:
     """Gaussian blur of ``x`` ``(B, C, H, W)`` with reflect padding; same shape.
 
     torchvision's ``gaussian_blur`` (same kernel, padding and depthwise convolution; the tests pin
@@ -191,8 +195,8 @@ def deletion_insertion(
     from ``x``. The curve is p(c | image_k) over the fraction k / K ∈ [0, 1] (K + 1 points) and
     the AUC is its trapezoid area, in [0, 1]. Lower deletion / higher insertion is better.
 
-    Departures from RISE: removed pixels become the **blurred** image for deletion too (DESIGN.md
-    §3; RISE deletes to black), the blur is torchvision's (reflect padding; RISE zero-pads), and
+    Departures from RISE: removed pixels become the **blurred** image for deletion too
+    (docs/metrics.md; RISE deletes to black), the blur is torchvision's (reflect padding; RISE zero-pads), and
     the curve has K + 1 points at equal fractions rather than a fixed pixel count per step.
 
     Cost: the K − 1 interior steps of both curves are forwarded as one stack of 2(K − 1)·B
@@ -226,7 +230,11 @@ def deletion_insertion(
     ranks = saliency_ranks(maps)[:, None]  # (B, 1, H, W)
     counts = torch.round(torch.arange(k_steps + 1, dtype=torch.float64) * n_pix / k_steps).long().to(x.device)
 
-    p_x = _target_prob(probs.to(x.device).float(), target) if probs is not None else _target_prob(_forward_probs(model, x, max_batch), target)
+    p_x = (
+        _target_prob(probs.to(x.device).float(), target)
+        if probs is not None
+        else _target_prob(_forward_probs(model, x, max_batch), target)
+    )
     p_base = _target_prob(_forward_probs(model, base, max_batch), target)
 
     # Interior jobs: (is_deletion, k) for k = 1..K-1 of both curves; each job is B images.
@@ -237,13 +245,13 @@ def deletion_insertion(
     interior = torch.empty(job_k.numel(), b, device=x.device)
     with evaluating(model), torch.no_grad():
         for j in range(0, job_k.numel(), per_chunk):
-            m = counts[job_k[j:j + per_chunk]].view(-1, 1, 1, 1, 1)
-            d = job_del[j:j + per_chunk].view(-1, 1, 1, 1, 1)
+            m = counts[job_k[j : j + per_chunk]].view(-1, 1, 1, 1, 1)
+            d = job_del[j : j + per_chunk].view(-1, 1, 1, 1, 1)
             keep = (ranks[None] < m) ^ d  # keep the original pixel: inserted ones / not yet deleted
             imgs = torch.where(keep, x[None], base[None]).flatten(0, 1)
             n_jobs = m.shape[0]
             p = torch.softmax(model(imgs).float(), dim=1).view(n_jobs, b, -1)
-            interior[j:j + n_jobs] = p.gather(2, target.view(1, b, 1).expand(n_jobs, b, 1)).squeeze(2)
+            interior[j : j + n_jobs] = p.gather(2, target.view(1, b, 1).expand(n_jobs, b, 1)).squeeze(2)
     n_in = k_steps - 1
     deletion = torch.cat([p_x[None], interior[:n_in], p_base[None]])
     insertion = torch.cat([p_base[None], interior[n_in:], p_x[None]])
@@ -268,7 +276,9 @@ def default_tolerance(height: int, width: int) -> int:
     return int(round(POINTING_TOLERANCE_AT_224 * min(height, width) / 224))
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pointing_game(
+    maps: torch.Tensor, masks: torch.Tensor, tolerance: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pointing game (Zhang et al. 2016) on lesion masks.
 
     A hit when the map's maximum lies inside the mask dilated by ``tolerance`` pixels.
@@ -312,7 +322,9 @@ def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
     flat = maps.flatten(1).float()
     inside = (flat * (masks.to(maps.device).flatten(1) > 0)).sum(1)
     total = flat.sum(1)
-    return torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    return torch.where(
+        total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total)
+    )
 
 
 # ------------------------------------------------------------------------------- map agreement
@@ -369,7 +381,9 @@ class RunningMean:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, values: Mapping[str, torch.Tensor], valid: Mapping[str, torch.Tensor] | torch.Tensor | None = None) -> "RunningMean":
+    def add(
+        self, values: Mapping[str, torch.Tensor], valid: Mapping[str, torch.Tensor] | torch.Tensor | None = None
+    ) -> RunningMean:
         for key, v in values.items():
             v = v.detach().reshape(-1).double()
             ok = valid.get(key) if isinstance(valid, Mapping) else valid
@@ -379,7 +393,7 @@ class RunningMean:
             self.counts[key] = self.counts.get(key, 0) + int(v.numel())
         return self
 
-    def merge(self, other: "RunningMean") -> "RunningMean":
+    def merge(self, other: RunningMean) -> RunningMean:
         for key, s in other.sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + s
             self.counts[key] = self.counts.get(key, 0) + other.counts[key]
@@ -428,11 +442,13 @@ class DegeneracyStats:
         self.prob_sum = torch.zeros(c, dtype=torch.float64)
         self.prob_sq_sum = torch.zeros(c, dtype=torch.float64)
 
-    def add(self, probs: torch.Tensor, labels: torch.Tensor) -> "DegeneracyStats":
+    def add(self, probs: torch.Tensor, labels: torch.Tensor) -> DegeneracyStats:
         p = probs.detach().double().cpu()
         y = labels.detach().long().reshape(-1).cpu()
         if p.dim() != 2 or p.shape[1] != self.num_classes or p.shape[0] != y.numel():
-            raise ValueError(f"probs must be (B, {self.num_classes}) and labels (B,); got {tuple(p.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"probs must be (B, {self.num_classes}) and labels (B,); got {tuple(p.shape)} and {tuple(y.shape)}"
+            )
         pred = p.argmax(dim=1)
         self.n += int(y.numel())
         self.correct += int((pred == y).sum())
@@ -445,7 +461,9 @@ class DegeneracyStats:
     def result(self) -> dict[str, Any]:
         """The :func:`degenerate` dict for everything added so far."""
         if self.n == 0:
-            raise UserError("degeneracy check on 0 images: the test split is empty; prepare the dataset with a test split")
+            raise UserError(
+                "degeneracy check on 0 images: the test split is empty; prepare the dataset with a test split"
+            )
         n, c = self.n, self.num_classes
         accuracy = self.correct / n
         chance = max(1.0 / c, float(self.label_counts.max()) / n)
@@ -464,11 +482,15 @@ class DegeneracyStats:
         if accuracy <= chance + CHANCE_MARGIN:
             reasons.append(f"near chance: accuracy {accuracy:.3f} <= chance {chance:.3f} + {CHANCE_MARGIN}")
         if majority_share >= majority_limit:
-            reasons.append(f"one class for most predictions: {majority_share:.1%} of predictions are class {majority_class} "
-                           f"(limit {majority_limit:.1%}; its share of labels {label_share:.1%})")
+            reasons.append(
+                f"one class for most predictions: {majority_share:.1%} of predictions are class {majority_class} "
+                f"(limit {majority_limit:.1%}; its share of labels {label_share:.1%})"
+            )
         if input_sensitivity < INPUT_SENSITIVITY_MIN:
-            reasons.append(f"input-insensitive: softmax outputs vary by {input_sensitivity:.4f} (RMS) across images "
-                           f"< {INPUT_SENSITIVITY_MIN}")
+            reasons.append(
+                f"input-insensitive: softmax outputs vary by {input_sensitivity:.4f} (RMS) across images "
+                f"< {INPUT_SENSITIVITY_MIN}"
+            )
         return {
             "n": n,
             "accuracy": accuracy,
@@ -483,9 +505,15 @@ class DegeneracyStats:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "n": self.n, "correct": self.correct,
-                "pred_counts": self.pred_counts.clone(), "label_counts": self.label_counts.clone(),
-                "prob_sum": self.prob_sum.clone(), "prob_sq_sum": self.prob_sq_sum.clone()}
+        return {
+            "num_classes": self.num_classes,
+            "n": self.n,
+            "correct": self.correct,
+            "pred_counts": self.pred_counts.clone(),
+            "label_counts": self.label_counts.clone(),
+            "prob_sum": self.prob_sum.clone(),
+            "prob_sq_sum": self.prob_sq_sum.clone(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.__init__(int(state["num_classes"]))
@@ -603,7 +631,9 @@ def get_metrics(names: Sequence[str]) -> list[Metric]:
 
 
 def _confidence(batch: ExplainBatch, max_batch: int | None = None):
-    out = confidence_drop(batch.model, batch.x, batch.maps, batch.target, batch.labels, probs=batch.probs, max_batch=max_batch)
+    out = confidence_drop(
+        batch.model, batch.x, batch.maps, batch.target, batch.labels, probs=batch.probs, max_batch=max_batch
+    )
     values = {k: out[k] for k in ("avg_drop_pct", "increase_conf_pct", "masked_score_pct")}
     valid = {}
     if "masked_accuracy_pct" in out:
@@ -614,10 +644,24 @@ def _confidence(batch: ExplainBatch, max_batch: int | None = None):
     return values, valid
 
 
-def _deletion_insertion(batch: ExplainBatch, steps: int = DEFAULT_STEPS, blur_sigma: float = DEFAULT_BLUR_SIGMA,
-                        blur_kernel: int = DEFAULT_BLUR_KERNEL, max_batch: int | None = None):
-    d, i = deletion_insertion(batch.model, batch.x, batch.maps, batch.target, steps, blur_sigma,
-                              blur_kernel=blur_kernel, probs=batch.probs, max_batch=max_batch)
+def _deletion_insertion(
+    batch: ExplainBatch,
+    steps: int = DEFAULT_STEPS,
+    blur_sigma: float = DEFAULT_BLUR_SIGMA,
+    blur_kernel: int = DEFAULT_BLUR_KERNEL,
+    max_batch: int | None = None,
+):
+    d, i = deletion_insertion(
+        batch.model,
+        batch.x,
+        batch.maps,
+        batch.target,
+        steps,
+        blur_sigma,
+        blur_kernel=blur_kernel,
+        probs=batch.probs,
+        max_batch=max_batch,
+    )
     return {"deletion_auc": d, "insertion_auc": i}, {}
 
 
@@ -627,7 +671,9 @@ def _pointing(batch: ExplainBatch, tolerance: int | None = None):
 
 
 def _energy(batch: ExplainBatch):
-    return {"energy_pointing_game": energy_pointing_game(batch.maps, batch.masks)}, {"energy_pointing_game": has_mask(batch.masks)}
+    return {"energy_pointing_game": energy_pointing_game(batch.maps, batch.masks)}, {
+        "energy_pointing_game": has_mask(batch.masks)
+    }
 
 
 def _agreement(batch: ExplainBatch):
@@ -640,23 +686,59 @@ def _randomisation(batch: ExplainBatch):
     return {"randomisation_agreement": rho}, {"randomisation_agreement": torch.isfinite(rho)}
 
 
-register_metric(Metric(
-    "confidence", _confidence, ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "masked_accuracy_pct"),
-    options=("max_batch",),
-    description="Average Drop %, Increase in Confidence %, masked score % and masked accuracy % (one forward of x̃)"))
-register_metric(Metric(
-    "deletion-insertion", _deletion_insertion, ("deletion_auc", "insertion_auc"),
-    options=("steps", "blur_sigma", "blur_kernel", "max_batch"),
-    description="RISE deletion and insertion AUC over K steps to/from the blurred image"))
-register_metric(Metric(
-    "pointing-game", _pointing, ("pointing_game",), needs=("masks",), options=("tolerance",),
-    description="share of maps whose maximum lies in the (dilated) lesion mask; images with lesions only"))
-register_metric(Metric(
-    "energy-pointing-game", _energy, ("energy_pointing_game",), needs=("masks",),
-    description="share of the map's energy inside the lesion mask; images with lesions only"))
-register_metric(Metric(
-    "map-agreement", _agreement, ("map_agreement",), needs=("reference_maps",),
-    description="Spearman correlation with the non-private run's maps of the same images"))
-register_metric(Metric(
-    "randomisation", _randomisation, ("randomisation_agreement",), needs=("random_maps",),
-    description="Spearman correlation with the maps of a re-initialised copy (Adebayo et al.; high = maps ignore the model)"))
+register_metric(
+    Metric(
+        "confidence",
+        _confidence,
+        ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "masked_accuracy_pct"),
+        options=("max_batch",),
+        description="Average Drop %, Increase in Confidence %, masked score % and masked accuracy % (one forward of x̃)",
+    )
+)
+register_metric(
+    Metric(
+        "deletion-insertion",
+        _deletion_insertion,
+        ("deletion_auc", "insertion_auc"),
+        options=("steps", "blur_sigma", "blur_kernel", "max_batch"),
+        description="RISE deletion and insertion AUC over K steps to/from the blurred image",
+    )
+)
+register_metric(
+    Metric(
+        "pointing-game",
+        _pointing,
+        ("pointing_game",),
+        needs=("masks",),
+        options=("tolerance",),
+        description="share of maps whose maximum lies in the (dilated) lesion mask; images with lesions only",
+    )
+)
+register_metric(
+    Metric(
+        "energy-pointing-game",
+        _energy,
+        ("energy_pointing_game",),
+        needs=("masks",),
+        description="share of the map's energy inside the lesion mask; images with lesions only",
+    )
+)
+register_metric(
+    Metric(
+        "map-agreement",
+        _agreement,
+        ("map_agreement",),
+        needs=("reference_maps",),
+        description="Spearman correlation with the non-private run's maps of the same images",
+    )
+)
+register_metric(
+    Metric(
+        "randomisation",
+        _randomisation,
+        ("randomisation_agreement",),
+        needs=("random_maps",),
+        description="Spearman correlation with the maps of a re-initialised copy "
+        "(Adebayo et al.; high = maps ignore the model)",
+    )
+)

@@ -3,15 +3,14 @@
 Streams the test split in batches (running sums out, maps straight to a float16 memory-mapped
 file), so memory stays bounded for any test-set size. Writes, atomically:
 
-- ``explain.json``: the metric means, the model's degeneracy dict beside them, what was skipped
-  and why;
+- ``explain.json`` (:class:`~dpcam.records.ExplainRecord`): the metric means, the model's
+  degeneracy check beside them, what was skipped and why;
 - ``maps.npy`` float16 ``(N, H, W)`` and ``map_indices.npy`` int64 ``(N,)`` (indices into the run's
   dataset), for re-analysis without recomputing;
 - ``cams.png``: input, map and overlay of the first test images;
 
 into ``metrics/<run>/`` (a single run) or ``metrics/<family>/<run>/`` (a grid run, ``score_family``),
-
-and logs the metrics and pictures to the training's MLflow run.
+and logs the metrics and pictures to the training's MLflow run. Definitions: docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -19,66 +18,56 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dpcam.config import ExplainConfig
+from dpcam import layout
+from dpcam.config import ExplainConfig, GridConfig
 from dpcam.data.store import load_dataset
 from dpcam.errors import UserError
+from dpcam.records import Degeneracy, ExplainRecord
 
 log = logging.getLogger("dpcam.explain")
-METRICS_ROOT = Path("metrics")
-
-
-def resolve_run(run: str) -> str:
-    """A run name under models/, or the run name of an MLflow run id."""
-    from dpcam.train import run_dir
-
-    if (run_dir(run) / "model.json").is_file():
-        return run
-    if len(run) == 32 and all(c in "0123456789abcdef" for c in run):
-        from dpcam import tracking
-
-        try:
-            name = tracking.get_run(run).info.run_name
-        except Exception:  # noqa: BLE001 - any lookup failure is "no such run"
-            name = None
-        if name and (run_dir(name) / "model.json").is_file():
-            return name
-    have = sorted(p.parent.name for p in Path("models").glob("**/model.json"))
-    hint = f"trained runs: {', '.join(have[:8])}" if have else "no run is trained yet"
-    raise UserError(f"unknown run {run!r} (no models/{run}/model.json and no MLflow run of that id; {hint}); run `dpcam train` first")
 
 
 def reference_run(spec: dict[str, Any]) -> str | None:
     """The non-private run of the same dataset, model and seed (None for the non-private run itself)."""
     cfg = spec["config"]
-    name = f"none-epsinf-{cfg['model']}-s{cfg['seed']}"
+    name = layout.reference_name(cfg["model"], cfg["seed"])
     if cfg["scheme"] == "none" and cfg.get("name") in (None, name):
         return None
     return name
 
 
-def metrics_dir(name: str) -> Path:
-    """``metrics/<name>/`` or ``metrics/<family>/<name>/``, whichever holds explain.json (the former if neither)."""
-    for path in (METRICS_ROOT / name, *sorted(METRICS_ROOT.glob(f"*/{name}"))):
-        if (path / "explain.json").is_file():
-            return path
-    return METRICS_ROOT / name
+@dataclass
+class _Scoring:
+    """What scoring one run needs: its model, data, the metrics to compute and the models to compare with."""
+
+    name: str
+    cfg: ExplainConfig
+    model: torch.nn.Module
+    spec: dict[str, Any]
+    data: Any
+    test: Any
+    n: int
+    metrics: list
+    reference: torch.nn.Module | None = None
+    randomised: torch.nn.Module | None = None
+    notes: list[str] = field(default_factory=list)
 
 
-def score(run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
-    """Score ``run``'s explanations on its test split; write them to ``out`` (default ``metrics/<run>/``)."""
-    from tqdm.auto import tqdm
+def _prepare(run: str, cfg: ExplainConfig) -> _Scoring:
+    """Load the run and check everything a user can get wrong before any output is started."""
+    from dpcam import tracking
+    from dpcam.explain.gradcam import METHODS, random_init_copy, resolve_layer
+    from dpcam.explain.metrics import get_metrics
+    from dpcam.train import load_model, resolve_device
 
-    from dpcam.explain.gradcam import METHODS, gradcam, random_init_copy, resolve_layer
-    from dpcam.explain.metrics import DegeneracyStats, ExplainBatch, RunningMean, get_metrics
-    from dpcam.train import load_model, resolve_device, run_dir
-
-    name = resolve_run(run)
+    name = layout.resolve_run(run, tracking.run_name_of)
     metrics = get_metrics(cfg.metrics)
     if cfg.method.lower() not in METHODS:
         raise UserError(f"unknown explanation method {cfg.method!r}; known methods: {', '.join(sorted(METHODS))}")
@@ -87,8 +76,8 @@ def score(run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | No
     device = resolve_device(cfg.device)
     model.to(device)
     data = load_dataset(spec["data_dir"])
-    want_masks = any("masks" in m.needs for m in metrics)
     notes: list[str] = []
+    want_masks = any("masks" in m.needs for m in metrics)
     if want_masks and data.masks is None:
         notes.append(f"{data.path} has no lesion masks: pointing-game metrics skipped")
         metrics = [m for m in metrics if "masks" not in m.needs]
@@ -96,107 +85,135 @@ def score(run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | No
     n = len(test) if cfg.max_images is None else min(cfg.max_images, len(test))
     if n == 0:
         raise UserError(f"{data.path}: the test split is empty; prepare the dataset with a test split")
-
-    reference = None
+    s = _Scoring(name, cfg, model, spec, data, test, n, metrics, notes=notes)
     if any("reference_maps" in m.needs for m in metrics):
-        ref_name = reference_run(spec)
-        if ref_name is None:
-            notes.append("map agreement skipped: this is the non-private run")
-        elif not (run_dir(ref_name) / "model.json").is_file():
-            notes.append(f"map agreement skipped: the non-private run {ref_name} is not trained")
-        else:
-            reference = load_model(ref_name)[0].to(device)
-        if reference is None:
-            metrics = [m for m in metrics if "reference_maps" not in m.needs]
-    randomised = random_init_copy(model, cfg.seed) if any("random_maps" in m.needs for m in metrics) else None
+        s.reference = _reference(s, load_model, device)
+    if any("random_maps" in m.needs for m in s.metrics):
+        s.randomised = random_init_copy(model, cfg.seed)
+    return s
 
-    out = Path(out) if out is not None else METRICS_ROOT / name
-    out.mkdir(parents=True, exist_ok=True)
-    tmp_maps = out / f".maps.npy.tmp-{os.getpid()}"
-    size = data.image_size
-    maps_file = np.lib.format.open_memmap(tmp_maps, mode="w+", dtype=np.float16, shape=(n, size, size))
-    sums, degeneracy = RunningMean(), DegeneracyStats(data.num_classes)
+
+def _reference(s: _Scoring, load_model, device) -> torch.nn.Module | None:
+    """The non-private run's model for map agreement, or None with a note (and the metric dropped)."""
+    ref_name = reference_run(s.spec)
+    reference = None
+    if ref_name is None:
+        s.notes.append("map agreement skipped: this is the non-private run")
+    elif not layout.is_trained(ref_name):
+        s.notes.append(f"map agreement skipped: the non-private run {ref_name} is not trained")
+    else:
+        reference = load_model(ref_name)[0].to(device)
+    if reference is None:
+        s.metrics = [m for m in s.metrics if "reference_maps" not in m.needs]
+    return reference
+
+
+def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
+    """Score the test images batch by batch; maps go to ``maps_file``. Returns (RunningMean, DegeneracyStats)."""
+    from tqdm.auto import tqdm
+
+    from dpcam.explain.gradcam import gradcam
+    from dpcam.explain.metrics import DegeneracyStats, ExplainBatch, RunningMean
+
+    cfg, device = s.cfg, next(s.model.parameters()).device
+    sums, degeneracy = RunningMean(), DegeneracyStats(s.data.num_classes)
     options = {"deletion-insertion": {"steps": cfg.steps}, "pointing-game": {"tolerance": cfg.tolerance}}
-    done = 0
+    bar = tqdm(total=s.n, desc=f"explain {s.name}", disable=None if progress else True, leave=False)
+    for start in range(0, s.n, cfg.batch_size):
+        pos = np.arange(start, min(s.n, start + cfg.batch_size))
+        batch = s.test.batch(pos)
+        x, y = batch[0].to(device), batch[1].to(device)
+        masks = batch[2].to(device) if len(batch) > 2 else None
+        target = y if cfg.target == "label" else None
+        maps, target, probs = gradcam(s.model, x, target=target, layer=cfg.layer, method=cfg.method)
+        other = {
+            k: gradcam(m, x, target=target, layer=cfg.layer, method=cfg.method)[0] if m is not None else None
+            for k, m in (("reference_maps", s.reference), ("random_maps", s.randomised))
+        }
+        eb = ExplainBatch(s.model, x, maps, target, probs=probs, labels=y, masks=masks, **other)
+        for metric in s.metrics:
+            values, valid = metric(eb, **{k: v for k, v in options.get(metric.name, {}).items() if v is not None})
+            sums.add(values, valid)
+        degeneracy.add(probs, y)
+        maps_file[pos] = maps.cpu().numpy().astype(np.float16)
+        bar.update(len(pos))
+    bar.close()
+    return sums, degeneracy
+
+
+def _write_maps(s: _Scoring, out: Path, progress: bool):
+    """Stream into a temporary ``maps.npy`` renamed into place at the end; also ``map_indices.npy``."""
+    size = s.data.image_size
+    tmp = out / f".maps.npy.tmp-{os.getpid()}"
+    maps_file = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(s.n, size, size))
     try:
-        bar = tqdm(total=n, desc=f"explain {name}", disable=None if progress else True, leave=False)
-        for start in range(0, n, cfg.batch_size):
-            pos = np.arange(start, min(n, start + cfg.batch_size))
-            batch = test.batch(pos)
-            x, y = batch[0].to(device), batch[1].to(device)
-            masks = batch[2].to(device) if len(batch) > 2 else None
-            target = y if cfg.target == "label" else None
-            maps, target, probs = gradcam(model, x, target=target, layer=cfg.layer, method=cfg.method)
-            ref_maps = gradcam(reference, x, target=target, layer=cfg.layer, method=cfg.method)[0] if reference is not None else None
-            rnd_maps = gradcam(randomised, x, target=target, layer=cfg.layer, method=cfg.method)[0] if randomised is not None else None
-            eb = ExplainBatch(model, x, maps, target, probs=probs, labels=y, masks=masks,
-                              reference_maps=ref_maps, random_maps=rnd_maps)
-            for metric in metrics:
-                values, valid = metric(eb, **{k: v for k, v in options.get(metric.name, {}).items() if v is not None})
-                sums.add(values, valid)
-            degeneracy.add(probs, y)
-            maps_file[pos] = maps.cpu().numpy().astype(np.float16)
-            done += len(pos)
-            bar.update(len(pos))
-        bar.close()
+        sums, degeneracy = _stream(s, maps_file, progress)
         maps_file.flush()
         del maps_file
-        os.replace(tmp_maps, out / "maps.npy")
+        os.replace(tmp, out / "maps.npy")
     except BaseException:
-        tmp_maps.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    np.save(out / "map_indices.npy", test.indices[:n])
+    layout.write_atomic(out / "map_indices.npy", lambda p: np.save(p, s.test.indices[: s.n]))  # p ends in .npy
+    return sums, degeneracy
 
-    result: dict[str, Any] = {
-        "run_name": name,
-        "dataset": spec["dataset"],
-        "data_dir": spec["data_dir"],
-        "method": cfg.method,
-        "target": cfg.target,
-        "images": n,
-        **{k: v for k, v in sums.result().items()},
-        "degeneracy": degeneracy.result(),
-        "notes": notes,
-    }
-    result["degenerate"] = result["degeneracy"]["degenerate"]
-    result["accuracy"] = result["degeneracy"]["accuracy"]
-    for note in notes:
-        log.warning("%s: %s", name, note)
-    if result["degenerate"]:
-        log.warning("%s: degenerate model (%s): its explanation metrics are not meaningful",
-                    name, "; ".join(result["degeneracy"]["reasons"]))
 
+def score(run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | None = None) -> ExplainRecord:
+    """Score ``run``'s explanations on its test split; write them to ``out`` (default ``metrics/<run>/``)."""
+    s = _prepare(run, cfg)
+    out = Path(out) if out is not None else layout.METRICS_ROOT / s.name
+    out.mkdir(parents=True, exist_ok=True)
+    sums, degeneracy = _write_maps(s, out, progress)
+    deg = Degeneracy(**degeneracy.result())
+    record = ExplainRecord(
+        run_name=s.name,
+        dataset=s.spec["dataset"],
+        data_dir=s.spec["data_dir"],
+        method=cfg.method,
+        target=cfg.target,
+        images=s.n,
+        **sums.result(),
+        degeneracy=deg,
+        notes=s.notes,
+        degenerate=deg.degenerate,
+        accuracy=deg.accuracy,
+    )
+    for note in s.notes:
+        log.warning("%s: %s", s.name, note)
+    if record.degenerate:
+        log.warning(
+            "%s: degenerate model (%s): its explanation metrics are not meaningful", s.name, "; ".join(deg.reasons)
+        )
     grid = out / "cams.png"
-    save_cams_grid(grid, test.batch(np.arange(min(cfg.grid_images, n)))[0], np.load(out / "maps.npy", mmap_mode="r"),
-                   title=f"{name}: Grad-CAM on test images" + ("  [DEGENERATE MODEL]" if result["degenerate"] else ""))
-    _write_json(out / "explain.json", result)
-    _log_to_mlflow(name, result, [grid, out / "explain.json"])
-    return result
+    save_cams_grid(
+        grid,
+        s.test.batch(np.arange(min(cfg.grid_images, s.n)))[0],
+        np.load(out / "maps.npy", mmap_mode="r"),
+        title=f"{s.name}: Grad-CAM on test images" + ("  [DEGENERATE MODEL]" if record.degenerate else ""),
+    )
+    record.write(out / layout.EXPLAIN_JSON)
+    _log_to_mlflow(record, [grid, out / layout.EXPLAIN_JSON])
+    return record
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
-def _log_to_mlflow(name: str, result: dict[str, Any], artifacts: list[Path]) -> None:
+def _log_to_mlflow(record: ExplainRecord, artifacts: list[Path]) -> None:
     from dpcam import tracking
 
-    from dpcam.train import training_run_id
-
-    run_id = training_run_id(name)
+    run_id = layout.training_run_id(record.run_name)
     if not run_id:
+        log.warning("%s: no MLflow run id in its train.json; results are in files only", record.run_name)
         return
-    numbers = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    numbers["degenerate"] = float(result["degenerate"])
-    numbers["majority_share"] = result["degeneracy"]["majority_share"]
-    numbers["input_sensitivity"] = result["degeneracy"]["input_sensitivity"]
-    with tracking.run(result["dataset"], name, run_id=run_id):
-        tracking.log_metrics(numbers)
-        tracking.set_tags({"dpcam.degenerate": result["degenerate"]})
-        for path in artifacts:
-            tracking.log_artifact(path, artifact_path="explain")
+    numbers = {
+        k: v
+        for k, v in record.to_json().items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "schema"
+    }
+    numbers.update(
+        degenerate=float(record.degenerate),
+        majority_share=record.degeneracy.majority_share,
+        input_sensitivity=record.degeneracy.input_sensitivity,
+    )
+    tracking.log_to_run(run_id, record.dataset, numbers, {"dpcam.degenerate": record.degenerate}, artifacts, "explain")
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -228,10 +245,8 @@ def save_cams_grid(path: Path, x: torch.Tensor, maps: np.ndarray, title: str) ->
                 ax.set_title(label, fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    layout.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -245,32 +260,20 @@ def figure_cams(runs: list[str], out: Path, images: int = 6) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dpcam.train import run_dir
+    from dpcam import tracking
 
-    names = [resolve_run(r) for r in runs]
-    cols = []
-    for name in names:
-        folder = metrics_dir(name)
-        if not (folder / "maps.npy").is_file():
-            raise UserError(f"run {name!r} has no saved maps ({folder}/maps.npy); run `dpcam explain {name}` first")
-        info = json.loads((folder / "explain.json").read_text())
-        train_json = run_dir(name) / "train.json"
-        train = json.loads(train_json.read_text()) if train_json.is_file() else {}
-        eps = train.get("epsilon")
-        cols.append({"name": name, "eps": float("inf") if eps is None else float(eps), "info": info,
-                     "maps": np.load(folder / "maps.npy", mmap_mode="r"), "idx": np.load(folder / "map_indices.npy"),
-                     "data": load_dataset(info["data_dir"])})
-    cols.sort(key=lambda c: c["eps"])
+    cols = sorted((_cams_column(layout.resolve_run(r, tracking.run_name_of)) for r in runs), key=lambda c: c["eps"])
     common = cols[0]["idx"]
     for c in cols[1:]:
         common = common[np.isin(common, c["idx"])]
     chosen = common[:images]
     if chosen.size == 0:
         raise UserError("the runs share no scored test image; explain them on the same dataset split")
-    fig, axes = plt.subplots(len(chosen), len(cols) + 1, figsize=(1.9 * (len(cols) + 1), 1.9 * len(chosen) + 0.5), squeeze=False)
+    fig, axes = plt.subplots(
+        len(chosen), len(cols) + 1, figsize=(1.9 * (len(cols) + 1), 1.9 * len(chosen) + 0.5), squeeze=False
+    )
     for i, idx in enumerate(chosen):
-        base = np.asarray(cols[0]["data"].images[idx], dtype=np.float32) / 255
-        axes[i][0].imshow(base)
+        axes[i][0].imshow(np.asarray(cols[0]["data"].images[idx], dtype=np.float32) / 255)
         for j, c in enumerate(cols, start=1):
             k = int(np.flatnonzero(c["idx"] == idx)[0])
             img = np.asarray(c["data"].images[idx], dtype=np.float32) / 255
@@ -285,23 +288,33 @@ def figure_cams(runs: list[str], out: Path, images: int = 6) -> Path:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    layout.write_atomic(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
-def score_family(family: str, grid, cfg: ExplainConfig, *, progress: bool = True) -> list[dict[str, Any]]:
+def _cams_column(name: str) -> dict[str, Any]:
+    folder = layout.metrics_dir(name)
+    if not (folder / "maps.npy").is_file():
+        raise UserError(f"run {name!r} has no saved maps ({folder}/maps.npy); run `dpcam explain {name}` first")
+    info = json.loads((folder / layout.EXPLAIN_JSON).read_text())
+    train_json = layout.run_dir(name) / layout.TRAIN_JSON
+    eps = (json.loads(train_json.read_text()) if train_json.is_file() else {}).get("epsilon")
+    return {
+        "name": name,
+        "eps": float("inf") if eps is None else float(eps),
+        "info": info,
+        "maps": np.load(folder / "maps.npy", mmap_mode="r"),
+        "idx": np.load(folder / "map_indices.npy"),
+        "data": load_dataset(info["data_dir"]),
+    }
+
+
+def score_family(family: str, grid: GridConfig, cfg: ExplainConfig, *, progress: bool = True) -> list[ExplainRecord]:
     """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all)."""
-    import shutil
+    from dpcam.families import family_runs, fresh
 
-    from dpcam.config import family_runs
-
-    results = []
-    for spec in family_runs(grid, family, METRICS_ROOT, trained=True):
-        if spec.metrics_dir.exists():
-            shutil.rmtree(spec.metrics_dir)
-        results.append(score(spec.name, cfg, progress=progress, out=spec.metrics_dir))
-    return results
+    return [
+        score(s.name, cfg, progress=progress, out=fresh(s.metrics_dir))
+        for s in family_runs(grid, family, layout.METRICS_ROOT, trained=True)
+    ]

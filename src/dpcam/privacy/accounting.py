@@ -23,14 +23,16 @@ import functools
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import dp_accounting as dpa
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.privacy_accountant import NeighboringRelation, PrivacyAccountant
 
 from dpcam.errors import UserError
+from dpcam.privacy.events import history_event, run_event
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,9 @@ def _gaussian_history(history, delta: float) -> tuple[list[tuple[float, float, i
     return history, None
 
 
-def gaussian_epsilon_history(history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "prv") -> float:
+def gaussian_epsilon_history(
+    history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "prv"
+) -> float:
     """ε at ``delta`` of a sequence of Poisson-subsampled Gaussian steps, by an Opacus accountant.
 
     ``history`` is Opacus's accountant history: ``[(noise_multiplier σ, sample_rate q, steps), ...]``.
@@ -127,7 +131,9 @@ def gaussian_epsilon_history(history: Sequence[tuple[float, float, int]], delta:
     return float(acc.get_epsilon(delta=delta))
 
 
-def gaussian_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv") -> float:
+def gaussian_epsilon(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str = "prv"
+) -> float:
     """ε at ``delta`` of ``steps`` Poisson-subsampled Gaussian steps (noise σ·C, L2 clip C), by Opacus.
 
     ``accountant``: ``prv`` (Gopi et al., an upper bound, default), ``rdp``, or ``gdp`` (Opacus warns:
@@ -162,15 +168,17 @@ def gaussian_epsilon_rdp_dp_accounting_history(history: Sequence[tuple[float, fl
     absl_logger.setLevel(logging.ERROR)
     try:
         acc = dpa.rdp.RdpAccountant()
-        for s, q, t in history:
-            acc.compose(dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(s)), t))
+        acc.compose(history_event("gaussian", history))
         return float(acc.get_epsilon(delta))
     finally:
         absl_logger.setLevel(level)
 
 
-def calibrate_gaussian(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv") -> float:
-    """Smallest σ (to 0.5 % of the target ε) whose ε after ``steps`` steps at rate ``sample_rate`` is ≤ ``target_epsilon``.
+def calibrate_gaussian(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """Smallest σ (to 0.5 % of the target ε) whose ε after ``steps`` steps at rate ``sample_rate``
+    is ≤ ``target_epsilon``.
 
     Uses ``opacus.accountants.utils.get_noise_multiplier`` (bisection; it returns the upper end of its
     bracket, so ε(σ) ≤ target). Raises UserError when no σ ≤ 10⁶ reaches the target.
@@ -206,7 +214,8 @@ def calibrate_gaussian(target_epsilon: float, delta: float, sample_rate: float, 
 def _unreachable(target_epsilon: float, delta: float, sample_rate: float, steps: int, param: str) -> str:
     return (
         f"target ε={target_epsilon:g} at δ={delta:g} cannot be reached in {steps} steps at sample rate "
-        f"{sample_rate:.4g} with any {param} ≤ {MAX_NOISE_MULTIPLIER:g}; raise ε, or train fewer epochs / use smaller batches"
+        f"{sample_rate:.4g} with any {param} ≤ {MAX_NOISE_MULTIPLIER:g}; "
+        "raise ε, or train fewer epochs / use smaller batches"
     )
 
 
@@ -272,15 +281,6 @@ def _pld_discretization(history: Sequence[tuple[float, float, int]], delta: floa
     return _snap_down(min(largest_step / _PLD_STEP_FRACTION, bound / _PLD_TOTAL_FRACTION))
 
 
-def _laplace_event(history: Sequence[tuple[float, float, int]]):
-    events = [
-        dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(float(q), dpa.LaplaceDpEvent(float(lam))), int(t))
-        for lam, q, t in history
-        if t > 0
-    ]
-    return events[0] if len(events) == 1 else dpa.ComposedDpEvent(events)
-
-
 def laplace_epsilon_history(
     history: Sequence[tuple[float, float, int]], delta: float, value_discretization_interval: float | None = None
 ) -> float:
@@ -304,12 +304,16 @@ def laplace_epsilon_history(
         return math.inf
     vdi = value_discretization_interval or _pld_discretization(history, delta)
     acc = PLDAccountant(value_discretization_interval=vdi)
-    acc.compose(_laplace_event(history))
+    acc.compose(history_event("laplace", history))
     return float(acc.get_epsilon(delta))
 
 
 def laplace_epsilon(
-    noise_multiplier: float, sample_rate: float, steps: int, delta: float, value_discretization_interval: float | None = None
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    value_discretization_interval: float | None = None,
 ) -> float:
     """ε at ``delta`` of ``steps`` Poisson-subsampled Laplace steps (L1 clip C, noise scale λC), by PLD.
 
@@ -336,7 +340,7 @@ def calibrate_laplace(target_epsilon: float, delta: float, sample_rate: float, s
     _check_sample_rate(sample_rate)
     _check_steps(steps, allow_zero=False)
 
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def eps(lam: float) -> float:
         return laplace_epsilon(lam, sample_rate, steps, delta)
 
@@ -361,7 +365,7 @@ def calibrate_laplace(target_epsilon: float, delta: float, sample_rate: float, s
     # keeps ε well within rtol of the target.
     lam = dpa.calibrate_dp_mechanism(
         AutoGridLaplacePLDAccountant,
-        lambda lam: dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(sample_rate, dpa.LaplaceDpEvent(lam)), steps),
+        lambda lam: run_event("laplace", lam, sample_rate, steps),
         target_epsilon,
         delta,
         bracket_interval=dpa.ExplicitBracketInterval(lo, hi),
@@ -411,7 +415,7 @@ class AutoGridLaplacePLDAccountant(PrivacyAccountant):
 
 @dataclass
 class PrivacyReport:
-    """What a training run records about its privacy (DESIGN.md §5, metrics/<run>/train.json).
+    """What a training run records about its privacy (train.json; docs/privacy.md).
 
     ``epsilon`` is spent so far (steps actually taken); ``inf`` when the run is not private.
     ``epsilon_rdp_check``: dp_accounting RDP ε (Gaussian), independent of Opacus.
@@ -441,4 +445,3 @@ class PrivacyReport:
         extra = d.pop("extra")
         d.update(extra)
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-

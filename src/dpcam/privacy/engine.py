@@ -1,4 +1,4 @@
-"""Make a model, optimizer and data loader private for one privacy scheme (DESIGN.md §3).
+"""Make a model, optimizer and data loader private for one privacy scheme (docs/privacy.md).
 
 ``make_private(...)`` returns a ``PrivateSetup``: the objects to train with, the privacy ledger of the
 steps actually taken (Opacus's accountant for ``gaussian``/``clip-only``, ``LaplaceLedger`` for
@@ -18,9 +18,10 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -33,25 +34,20 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from dpcam.errors import UserError
+from dpcam.names import CLIPPED_SCHEMES, GRAD_SAMPLE_MODES, SCHEMES
 from dpcam.privacy import accounting
 from dpcam.privacy.laplace import LEDGER_MECHANISM, LaplaceDPOptimizer, LaplaceLedger
+from dpcam.privacy.plan import poisson_plan
 
 logger = logging.getLogger(__name__)
 
-SCHEMES = ("none", "clip-only", "gaussian", "laplace", "ldp")
-DP_SCHEMES = ("clip-only", "gaussian", "laplace")  # schemes that clip per example: Opacus + Poisson sampling
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")
 L1_CLIPPING = "l1"  # the clipping name DPCamPrivacyEngine maps to LaplaceDPOptimizer
 
 __all__ = [
-    "DP_SCHEMES",
-    "GRAD_SAMPLE_MODES",
-    "SCHEMES",
     "DPCamPrivacyEngine",
     "LaplaceLedger",
     "PrivateSetup",
     "make_private",
-    "poisson_plan",
 ]
 
 
@@ -93,7 +89,9 @@ class DPCamPrivacyEngine(PrivacyEngine):
         if distributed:
             raise UserError("the laplace scheme does not support distributed training; train on one device")
         if grad_sample_mode.startswith("ghost"):
-            raise UserError("the laplace scheme needs per-example gradients (L1 norms); use grad_sample_mode hooks, ew or functorch")
+            raise UserError(
+                "the laplace scheme needs per-example gradients (L1 norms); use grad_sample_mode hooks, ew or functorch"
+            )
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
         generator = self.secure_rng if self.secure_mode else noise_generator
@@ -109,19 +107,10 @@ class DPCamPrivacyEngine(PrivacyEngine):
         )
 
 
-def poisson_plan(data_loader: DataLoader, epochs: int) -> tuple[float, int, int]:
-    """(q, steps per epoch, planned steps) exactly as Opacus will sample and account them.
-
-    Opacus's DPDataLoader samples at q₀ = 1/len(loader) and yields int(1/q₀) batches per epoch; its
-    accountant hook counts each step at q = 1/len(DPDataLoader) = 1/int(1/q₀) (≥ q₀, conservative).
-    """
-    q0 = 1 / len(data_loader)
-    steps_per_epoch = int(1 / q0)
-    return 1 / steps_per_epoch, steps_per_epoch, epochs * steps_per_epoch
-
-
 def _is_poisson(loader: Any) -> bool:
-    return isinstance(loader, DPDataLoader) or isinstance(getattr(loader, "batch_sampler", None), UniformWithReplacementSampler)
+    return isinstance(loader, DPDataLoader) or isinstance(
+        getattr(loader, "batch_sampler", None), UniformWithReplacementSampler
+    )
 
 
 @dataclass
@@ -141,14 +130,14 @@ class PrivateSetup:
     optimizer: torch.optim.Optimizer
     data_loader: DataLoader
     criterion: Any
-    target_epsilon: Optional[float] = None
-    delta: Optional[float] = None
-    max_grad_norm: Optional[float] = None
-    noise_multiplier: Optional[float] = None
-    sample_rate: Optional[float] = None
-    steps_planned: Optional[int] = None
-    accountant: Optional[str] = None
-    engine: Optional[PrivacyEngine] = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    max_grad_norm: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps_planned: int | None = None
+    accountant: str | None = None
+    engine: PrivacyEngine | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ objects
@@ -156,11 +145,12 @@ class PrivateSetup:
     @property
     def is_dp(self) -> bool:
         """True for the schemes trained with per-example clipping (clip-only, gaussian, laplace)."""
-        return self.scheme in DP_SCHEMES
+        return self.scheme in CLIPPED_SCHEMES
 
     @property
     def plain_module(self) -> nn.Module:
-        """The underlying ``nn.Module`` without the GradSampleModule wrapper (Opacus hooks stay on it: see ``hooks_off``)."""
+        """The underlying ``nn.Module`` without the GradSampleModule wrapper
+        (Opacus hooks stay on it: see ``hooks_off``)."""
         m = self.module
         return m._module if isinstance(m, AbstractGradSampleModule) else m
 
@@ -213,7 +203,8 @@ class PrivateSetup:
     # ------------------------------------------------------------------ privacy
 
     def epsilon(self) -> float:
-        """ε spent so far at δ, from the ledger of steps actually taken; ``inf`` when not private, 0.0 before any step."""
+        """ε spent so far at δ, from the ledger of steps actually taken;
+        ``inf`` when not private, 0.0 before any step."""
         if self.scheme == "gaussian":
             return accounting.gaussian_epsilon_history(self.ledger.history, self.delta, self.accountant)
         if self.scheme == "laplace":
@@ -228,9 +219,12 @@ class PrivateSetup:
         if self.ledger is None:
             return {"history": [], "mechanism": "none"}
         state = self.ledger.state_dict()
-        return {"history": [(float(s), float(q), int(t)) for s, q, t in state["history"]], "mechanism": state["mechanism"]}
+        return {
+            "history": [(float(s), float(q), int(t)) for s, q, t in state["history"]],
+            "mechanism": state["mechanism"],
+        }
 
-    def load_state_dict(self, state: Optional[dict[str, Any]]) -> None:
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """Restore the ledger of an interrupted run into this fresh setup (never resets one that counted steps).
 
         Raises UserError for a DP scheme when ``state`` is missing or empty, is another mechanism's
@@ -274,10 +268,14 @@ class PrivateSetup:
             extra=dict(self.extra),
         )
         if self.scheme == "gaussian":
-            rep.epsilon_rdp_check = accounting.gaussian_epsilon_rdp_dp_accounting_history(self.ledger.history, self.delta)
+            rep.epsilon_rdp_check = accounting.gaussian_epsilon_rdp_dp_accounting_history(
+                self.ledger.history, self.delta
+            )
         elif self.scheme == "laplace":
             rep.step_epsilon = accounting.laplace_step_epsilon(self.noise_multiplier)
-            rep.step_epsilon_amplified = accounting.laplace_amplified_step_epsilon(self.noise_multiplier, self.sample_rate)
+            rep.step_epsilon_amplified = accounting.laplace_amplified_step_epsilon(
+                self.noise_multiplier, self.sample_rate
+            )
             rep.epsilon_composition_bound = accounting.laplace_composition_bound(self.ledger.history, self.delta)
         return rep.as_dict()
 
@@ -308,13 +306,13 @@ def make_private(
     data_loader: DataLoader,
     *,
     scheme: str,
-    target_epsilon: Optional[float] = None,
-    delta: Optional[float] = None,
-    max_grad_norm: Optional[float] = None,
-    epochs: Optional[int] = None,
+    target_epsilon: float | None = None,
+    delta: float | None = None,
+    max_grad_norm: float | None = None,
+    epochs: int | None = None,
     accountant: str = "prv",
     grad_sample_mode: str = "hooks",
-    noise_generator: Optional[torch.Generator] = None,
+    noise_generator: torch.Generator | None = None,
     secure_mode: bool = False,
     poisson_sampling: bool = True,
     criterion: Any = None,
@@ -340,16 +338,76 @@ def make_private(
         raise UserError(f"unknown privacy scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
     accounting.check_accountant(accountant)
     criterion = nn.CrossEntropyLoss() if criterion is None else criterion
-    if scheme not in DP_SCHEMES:
-        return PrivateSetup(scheme=scheme, module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion)
+    if scheme not in CLIPPED_SCHEMES:
+        return PrivateSetup(
+            scheme=scheme, module=module, optimizer=optimizer, data_loader=data_loader, criterion=criterion
+        )
+    target_epsilon, delta, max_grad_norm = _validate(
+        scheme, target_epsilon, delta, max_grad_norm, epochs, grad_sample_mode, poisson_sampling, data_loader
+    )
+    sample_rate, steps_per_epoch, steps_planned = poisson_plan(len(data_loader), epochs)
+    noise, clipping, ledger_name, accountant_name = _calibrate(
+        scheme, target_epsilon, delta, sample_rate, steps_planned, accountant
+    )
+    if noise_generator is not None and secure_mode:
+        raise UserError("a seeded noise generator cannot be used in secure mode; drop the seed or secure mode")
+    engine = _new_engine(ledger_name, secure_mode)
+    dp_module, dp_optimizer, criterion, dp_loader = _wrap(
+        engine,
+        module,
+        optimizer,
+        criterion,
+        data_loader,
+        noise=noise,
+        max_grad_norm=max_grad_norm,
+        clipping=clipping,
+        noise_generator=noise_generator,
+        grad_sample_mode=grad_sample_mode,
+    )
+    if len(dp_loader) != steps_per_epoch or not math.isclose(1 / len(dp_loader), sample_rate):
+        raise RuntimeError(  # internal: our plan must match what Opacus built and accounts
+            f"Poisson plan mismatch: planned {steps_per_epoch} batches at q={sample_rate}, "
+            f"Opacus built {len(dp_loader)}"
+        )
+    return PrivateSetup(
+        scheme=scheme,
+        module=dp_module,
+        optimizer=dp_optimizer,
+        data_loader=dp_loader,
+        criterion=criterion,
+        target_epsilon=None if scheme == "clip-only" else target_epsilon,
+        delta=float(delta),
+        max_grad_norm=max_grad_norm,
+        noise_multiplier=float(noise),
+        sample_rate=sample_rate,
+        steps_planned=steps_planned,
+        accountant=accountant_name,
+        engine=engine,
+        extra={"poisson_rate": float(dp_loader.sample_rate), "grad_sample_mode": grad_sample_mode},
+    )
 
-    # ---- validation
+
+def _validate(
+    scheme: str,
+    target_epsilon,
+    delta,
+    max_grad_norm,
+    epochs,
+    grad_sample_mode: str,
+    poisson_sampling: bool,
+    data_loader: DataLoader,
+) -> tuple[float | None, float, float]:
+    """Check a clipped scheme's settings (one-line UserErrors); warn when δ ≥ 1/N. Returns (ε, δ, C) as floats."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise UserError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
     if scheme == "laplace" and grad_sample_mode == "ghost":
-        raise UserError("the laplace scheme needs per-example gradients (L1 norms); use grad_sample_mode hooks, ew or functorch")
+        raise UserError(
+            "the laplace scheme needs per-example gradients (L1 norms); use grad_sample_mode hooks, ew or functorch"
+        )
     if not poisson_sampling:
-        raise UserError(f"scheme {scheme!r} requires Poisson sampling (its ε assumes it); do not turn poisson_sampling off")
+        raise UserError(
+            f"scheme {scheme!r} requires Poisson sampling (its ε assumes it); do not turn poisson_sampling off"
+        )
     max_grad_norm = _check_positive(max_grad_norm, "clipping bound C (max_grad_norm)", "use e.g. 1.0")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise UserError(f"epochs must be an integer ≥ 1, got {epochs!r}")
@@ -363,44 +421,47 @@ def make_private(
     if n == 0 or len(data_loader) == 0:
         raise UserError("the training set is empty; prepare a dataset with training images")
     if delta >= 1 / n:
-        msg = f"δ={delta:g} ≥ 1/N = {1 / n:.3g} for N={n} training examples: this guarantee allows leaking one example outright; use δ < 1/N"
+        msg = (
+            f"δ={delta:g} ≥ 1/N = {1 / n:.3g} for N={n} training examples: "
+            "this guarantee allows leaking one example outright; use δ < 1/N"
+        )
         logger.warning(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return target_epsilon, float(delta), max_grad_norm
 
-    # ---- calibrate for what Opacus will sample and account
-    sample_rate, steps_per_epoch, steps_planned = poisson_plan(data_loader, epochs)
+
+def _calibrate(
+    scheme: str, target_epsilon, delta: float, sample_rate: float, steps: int, accountant: str
+) -> tuple[float, str, str, str | None]:
+    """(noise multiplier, Opacus clipping mode, ledger name, accountant name) of a clipped scheme for its plan."""
     if scheme == "gaussian":
-        noise, clipping, ledger_name, accountant_name = (
-            accounting.calibrate_gaussian(target_epsilon, delta, sample_rate, steps_planned, accountant),
+        return (
+            accounting.calibrate_gaussian(target_epsilon, delta, sample_rate, steps, accountant),
             "flat",
             accountant,
             accountant,
         )
-    elif scheme == "laplace":
-        noise, clipping, ledger_name, accountant_name = (
-            accounting.calibrate_laplace(target_epsilon, delta, sample_rate, steps_planned),
+    if scheme == "laplace":
+        return (
+            accounting.calibrate_laplace(target_epsilon, delta, sample_rate, steps),
             L1_CLIPPING,
             LEDGER_MECHANISM,
             accounting.LAPLACE_ACCOUNTANT,
         )
-    else:  # clip-only: the Opacus accountant just counts steps (σ = 0, ε = ∞)
-        noise, clipping, ledger_name, accountant_name, target_epsilon = 0.0, "flat", "rdp", None, None
+    return 0.0, "flat", "rdp", None  # clip-only: the Opacus accountant just counts steps (σ = 0, ε = ∞)
 
-    engine = _new_engine(ledger_name, secure_mode)
-    if noise_generator is not None and secure_mode:
-        raise UserError("a seeded noise generator cannot be used in secure mode; drop the seed or secure mode")
+
+def _wrap(engine: DPCamPrivacyEngine, module, optimizer, criterion, data_loader, **kwargs):
+    """Opacus' make_private: (module, optimizer, criterion, Poisson loader); one line for an incompatible model."""
     try:
         out = engine.make_private(
             module=module,
             optimizer=optimizer,
             criterion=criterion,
             data_loader=data_loader,
-            noise_multiplier=noise,
-            max_grad_norm=max_grad_norm,
+            noise_multiplier=kwargs.pop("noise"),
             poisson_sampling=True,
-            clipping=clipping,
-            noise_generator=noise_generator,
-            grad_sample_mode=grad_sample_mode,
+            **kwargs,
         )
     except UnsupportedModuleError as err:
         problems = "; ".join(str(e) for e in (err.args[0] if err.args and isinstance(err.args[0], list) else err.args))
@@ -408,28 +469,7 @@ def make_private(
             f"model is not compatible with Opacus ({problems}); use a model from the dpcam registry "
             "(BatchNorm replaced by GroupNorm, no in-place ops on activations)"
         ) from err
-    if grad_sample_mode == "ghost":
-        dp_module, dp_optimizer, criterion, dp_loader = out
-    else:
-        dp_module, dp_optimizer, dp_loader = out
-
-    if len(dp_loader) != steps_per_epoch or not math.isclose(1 / len(dp_loader), sample_rate):
-        raise RuntimeError(  # internal: our plan must match what Opacus built and accounts
-            f"Poisson plan mismatch: planned {steps_per_epoch} batches at q={sample_rate}, Opacus built {len(dp_loader)}"
-        )
-    return PrivateSetup(
-        scheme=scheme,
-        module=dp_module,
-        optimizer=dp_optimizer,
-        data_loader=dp_loader,
-        criterion=criterion,
-        target_epsilon=target_epsilon,
-        delta=float(delta),
-        max_grad_norm=max_grad_norm,
-        noise_multiplier=float(noise),
-        sample_rate=sample_rate,
-        steps_planned=steps_planned,
-        accountant=accountant_name,
-        engine=engine,
-        extra={"poisson_rate": float(dp_loader.sample_rate), "grad_sample_mode": grad_sample_mode},
-    )
+    if kwargs["grad_sample_mode"] == "ghost":
+        return out
+    dp_module, dp_optimizer, dp_loader = out
+    return dp_module, dp_optimizer, criterion, dp_loader

@@ -18,7 +18,6 @@ guarantee.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from opacus.accountants import IAccountant, register_accountant
@@ -32,7 +31,7 @@ LEDGER_MECHANISM = "laplace-pld"
 
 
 def generate_laplace_noise(
-    scale: float, reference: torch.Tensor, generator: Optional[torch.Generator] = None
+    scale: float, reference: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """i.i.d. Laplace(0, ``scale``) noise shaped like ``reference`` (same dtype and device).
 

@@ -1,0 +1,442 @@
+"""The sections of params.yaml as validated models; their defaults are params.yaml's values.
+
+One model per stage section (prepare, ldp, train, explain, grid, audit, search). Every default
+equals the shipped params.yaml (a test holds them together), so a key a user deletes means what
+the shipped file says, never something else. Validators read only leaf registries of names
+(:mod:`dpcam.names`), never a stage, so this module imports nothing heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from dpcam import names
+from dpcam.layout import LDP_ROOT, PREPARED_ROOT, SEARCH_REPORT, format_eps, run_name
+
+DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _eps_literal(v: Any) -> Any:
+    # DVC builds output paths from the literal YAML value (``1.0`` -> "eps1.0") while dpcam
+    # writes ``format_eps`` ("eps1"); refusing whole floats keeps the two names identical.
+    if isinstance(v, float) and v.is_integer():
+        raise ValueError(
+            f"write whole numbers without '.0' ({int(v)}), because DVC names output folders from the literal value"
+        )
+    return v
+
+
+def _eps_positive(v: float) -> float:
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError("ε must be a finite number > 0")
+    return v
+
+
+def _one_of(registry: tuple[str, ...], what: str):
+    def check(name: str) -> str:
+        if name not in registry:
+            raise ValueError(f"unknown {what}; known: {', '.join(sorted(registry))}")
+        return name
+
+    return check
+
+
+Mechanism = Annotated[str, AfterValidator(_one_of(names.MECHANISMS, "mechanism"))]
+Epsilon = Annotated[float, BeforeValidator(_eps_literal), AfterValidator(_eps_positive)]
+
+
+def _known_model(name: str) -> str:
+    if name.lower() not in names.MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(names.MODELS))}")
+    return name.lower()
+
+
+ModelName = Annotated[str, AfterValidator(_known_model)]
+
+
+# ------------------------------------------------------------------------------------- prepare
+
+
+class SplitConfig(Section):
+    train: float = Field(0.7, ge=0, le=1)
+    val: float = Field(0.1, ge=0, le=1)
+    test: float = Field(0.2, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(f"the split fractions train + val + test must sum to 1 (they sum to {total:g})")
+        if self.train <= 0:
+            raise ValueError("train must be > 0 (the training split cannot be empty)")
+        return self
+
+
+class SyntheticConfig(Section):
+    """Generator settings of the built-in synthetic-fundus dataset."""
+
+    n: int = Field(12000, ge=10, description="number of images")
+    balance: Literal["uniform", "aptos"] | list[float] = Field(
+        "uniform", description="class shares of grades 0-4: uniform, aptos (skewed) or 5 numbers"
+    )
+    lesion_scale: float = Field(2.0, gt=0, le=10, description="multiplies every lesion's size")
+
+    @field_validator("balance")
+    @classmethod
+    def _balance(cls, v):
+        if isinstance(v, list):
+            if len(v) != 5 or any(x < 0 for x in v) or sum(v) <= 0:
+                raise ValueError(f"{v}: give 5 non-negative shares (grades 0-4), 'uniform' or 'aptos'")
+        return v
+
+
+class PrepareConfig(Section):
+    dataset: str = Field("synthetic-fundus", pattern=DATASET_NAME)
+    format: Literal[names.FORMATS] = "synthetic"  # type: ignore[valid-type]
+    source: Path | None = None
+    masks: Path | None = Field(None, description="optional folder of binary masks named like the images")
+    size: int = Field(32, ge=16, le=1024)
+    seed: int = 0
+    split: SplitConfig = SplitConfig()
+    skip_bad: bool = False
+    workers: int = Field(0, ge=0, description="decode processes; 0 = one per core")
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @model_validator(mode="after")
+    def _source(self) -> PrepareConfig:
+        if self.format != "synthetic":
+            if self.source is None:
+                raise ValueError(f"source is required for format {self.format!r}: set it to the dataset folder")
+            if not self.source.exists():
+                raise ValueError(f"source = {str(self.source)!r}: does not exist; point it at the dataset folder")
+        if self.masks is not None and not self.masks.is_dir():
+            raise ValueError(f"masks = {str(self.masks)!r}: not a folder; point it at a folder of mask images")
+        return self
+
+
+# ------------------------------------------------------------------------------------- ldp
+
+
+class DpPixConfig(Section):
+    b: int = Field(4, ge=1, description="cell size in pixels")
+    m: int = Field(1, ge=1, description="neighbouring images differ in at most m pixels")
+
+
+class LdpConfig(Section):
+    mechanisms: list[Mechanism] = Field(default_factory=lambda: ["singh-sikka", "dp-pix"])
+    epsilons: list[Epsilon] = Field(default_factory=lambda: [0.25, 0.5, 1])
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ of pixel-gaussian (per value)")
+    seed: int = 0
+    secure: bool = False
+    dp_pix: DpPixConfig = DpPixConfig()
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+class TrainConfig(Section):
+    """One training run (schemes and their guarantees: docs/privacy.md)."""
+
+    dataset: str = Field("synthetic-fundus", pattern=DATASET_NAME)
+    ldp: str | None = Field(
+        None, pattern=DATASET_NAME, description="train on data/ldp/<dataset>/<ldp>, e.g. singh-sikka-eps0.5"
+    )
+    model: ModelName = "smallcnn"
+    weights: Path | None = None
+    small_input: bool | None = None
+    scheme: Literal[names.SCHEMES] = "gaussian"  # type: ignore[valid-type]
+    epsilon: float | None = Field(1.0, description="target ε of gaussian/laplace")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip: float = Field(1.0, gt=0, description="per-example clipping bound C (L2; L1 for laplace)")
+    accountant: Literal[names.GAUSSIAN_ACCOUNTANTS] = "prv"  # type: ignore[valid-type]
+    grad_sample_mode: Literal[names.GRAD_SAMPLE_MODES] = "hooks"  # type: ignore[valid-type]
+    optimizer: Literal[names.OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
+    lr: float = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal[names.SCHEDULES] = "cosine"  # type: ignore[valid-type]
+    step_size: int = Field(5, ge=1, description="epochs between decays of the step schedule")
+    gamma: float = Field(0.5, gt=0, le=1, description="decay factor of the step schedule")
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(512, ge=1, description="expected batch size (Poisson sampling for DP runs)")
+    train_size: int | None = Field(None, ge=10, description="train on this many training images (None = all)")
+    eval_batch_size: int = Field(512, ge=1)
+    seed: int = 0
+    device: Literal[names.DEVICES] = "auto"  # type: ignore[valid-type]
+    keep_best: bool = True
+    name: str | None = Field(
+        None, pattern=DATASET_NAME, description="run name (default <scheme>-eps<ε>-<model>-s<seed>)"
+    )
+
+    @model_validator(mode="after")
+    def _scheme(self) -> TrainConfig:
+        if self.scheme in names.NOISED_SCHEMES:
+            if self.epsilon is None or not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+                raise ValueError(f"epsilon = {self.epsilon!r}: scheme {self.scheme!r} needs a finite target ε > 0")
+        if self.scheme == "ldp" and not self.ldp:
+            raise ValueError("ldp is required for scheme 'ldp': name a derivative such as singh-sikka-eps0.5")
+        if self.ldp and self.scheme != "ldp":
+            raise ValueError(f"ldp = {self.ldp!r}: training on local-DP data is scheme 'ldp', not {self.scheme!r}")
+        return self
+
+    @property
+    def target_epsilon(self) -> float | None:
+        return self.epsilon if self.scheme in names.NOISED_SCHEMES else None
+
+    @property
+    def run_name(self) -> str:
+        return self.name or run_name(self.scheme, self.model, self.seed, epsilon=self.target_epsilon, ldp=self.ldp)
+
+    @property
+    def data_dir(self) -> Path:
+        return LDP_ROOT / self.dataset / self.ldp if self.ldp else PREPARED_ROOT / self.dataset
+
+
+# ------------------------------------------------------------------------------------- explain
+
+
+class ExplainConfig(Section):
+    """Grad-CAM scoring of a trained run (definitions: docs/metrics.md)."""
+
+    method: str = Field("gradcam", description="gradcam | guided-gradcam")
+    target: Literal["prediction", "label"] = "prediction"
+    metrics: list[str] = Field(default_factory=lambda: list(names.EXPLAIN_METRICS))
+    max_images: int | None = Field(200, ge=1, description="score at most this many test images (None = all)")
+    batch_size: int = Field(128, ge=1)
+    steps: int = Field(8, ge=2, le=256, description="deletion/insertion steps K")
+    layer: str | None = Field(
+        None, description="Grad-CAM layer (dotted module name); None = the model's registered layer"
+    )
+    tolerance: int | None = Field(
+        None, ge=0, description="pointing-game tolerance in pixels (None = 15 px at 224 px, scaled)"
+    )
+    grid_images: int = Field(6, ge=1, le=32)
+    seed: int = Field(0, description="seed of the re-initialised model of the randomisation check")
+    device: Literal[names.DEVICES] = "auto"  # type: ignore[valid-type]
+
+
+# ------------------------------------------------------------------------------------- grid
+
+
+class NonPrivateConfig(Section):
+    """Optimiser of the runs without clipping (none, ldp): DP-SGD's large lr would diverge there."""
+
+    optimizer: Literal[names.OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
+    lr: float = Field(0.03, gt=0)
+    batch_size: int = Field(256, ge=1)
+
+
+class ClipSweepConfig(Section):
+    """The paper's Figure 6b: Gaussian runs at one ε with other clipping bounds C."""
+
+    epsilon: Epsilon = 1
+    clips: list[Epsilon] = Field(default_factory=lambda: [0.1, 10])
+
+
+class TrainSizesConfig(Section):
+    """DP needs data: the same runs on the first N training images of each size."""
+
+    sizes: list[Annotated[int, Field(ge=10)]] = Field(default_factory=lambda: [2000])
+    gaussian: list[Epsilon] = Field(default_factory=lambda: [1, 10])
+    none: bool = True
+
+
+class GridConfig(Section):
+    """The runs `dvc repro` trains and `dpcam report` tabulates (families: dpcam.families)."""
+
+    name: str = Field("quick", pattern=DATASET_NAME, description="grid tag of the MLflow runs")
+    models: list[ModelName] = Field(default_factory=lambda: ["smallcnn"])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    gaussian: list[Epsilon] = Field(default_factory=lambda: [0.5, 1, 5, 10])
+    laplace: list[Epsilon] = Field(default_factory=lambda: [1, 5, 10])
+    laplace_clip: float = Field(100, gt=0, description="L1 clipping bound of the laplace runs")
+    laplace_lr: float = Field(0.75, gt=0)
+    baselines: list[Literal["none", "clip-only"]] = Field(default_factory=lambda: ["none", "clip-only"])
+    ldp: list[Annotated[str, Field(pattern=DATASET_NAME)]] = Field(
+        default_factory=lambda: ["singh-sikka-eps0.25", "singh-sikka-eps0.5", "singh-sikka-eps1", "dp-pix-eps1"],
+        description="local-DP derivatives to train on, e.g. singh-sikka-eps0.5",
+    )
+    clip_sweep: ClipSweepConfig = ClipSweepConfig()
+    train_sizes: TrainSizesConfig = TrainSizesConfig()
+    nonprivate: NonPrivateConfig = NonPrivateConfig()
+
+
+# ------------------------------------------------------------------------------------- audit
+
+
+def _known_attacks(v: list[str]) -> list[str]:
+    if not v:
+        raise ValueError(f"give at least one attack; known: {', '.join(names.ATTACKS)}")
+    unknown = [a for a in v if a not in names.ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attack {unknown[0]!r}; known: {', '.join(names.ATTACKS)}")
+    if len(set(v)) != len(v):
+        raise ValueError("attacks repeat; list each once")
+    return v
+
+
+class AuditConfig(Section):
+    """The ``audit`` section: membership-inference audit of a trained run."""
+
+    max_per_group: int = Field(
+        1000, ge=10, description="members and non-members sampled, each (≤ train and test split sizes)"
+    )
+    attacks: Annotated[list[str], AfterValidator(_known_attacks)] = Field(default_factory=lambda: list(names.ATTACKS))
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="joint Clopper-Pearson level of the ε bound and the check"
+    )
+    pld_curve: bool = Field(
+        True, description="check DP runs against their PLD trade-off curve, not only the (ε, δ) line"
+    )
+    layer: str | None = Field(
+        None, description="Grad-CAM layer (dotted module name); None = the model's registered layer"
+    )
+    batch_size: int = Field(128, ge=1)
+    seed: int = Field(0, description="seed of the member / non-member samples and their halves")
+    device: Literal[names.DEVICES] = "auto"  # type: ignore[valid-type]
+
+
+# ------------------------------------------------------------------------------------- search
+
+
+def _search_range(kind: str):
+    """Validator of a ``[low, high]`` search range (``kind``: "log" float > 0, or "int" ≥ 1)."""
+
+    def check(v: list) -> list:
+        if len(v) == 0:
+            raise ValueError("empty range; give [low, high]")
+        if len(v) != 2:
+            raise ValueError(f"a range is two numbers [low, high], got {len(v)}")
+        low, high = v
+        if kind == "int" and (low < 1 or high < 1):
+            raise ValueError("both ends must be whole numbers >= 1")
+        if kind == "log" and not (low > 0 and math.isfinite(high)):
+            raise ValueError("both ends must be finite numbers > 0 (the range is searched on a log scale)")
+        if low > high:
+            raise ValueError(f"inverted range (low {low:g} > high {high:g}); write [low, high]")
+        return v
+
+    return check
+
+
+def _search_choices(v: list) -> list:
+    if len(v) == 0:
+        raise ValueError("empty list of choices; give at least one")
+    if len(set(v)) != len(v):
+        raise ValueError("choices repeat; list each once")
+    return v
+
+
+def _search_models(v: list | None) -> list | None:
+    if v is None:
+        return v
+    _search_choices(v)
+    unknown = [m for m in v if m not in names.MODELS]
+    if unknown:
+        raise ValueError(f"unknown model {unknown[0]!r}; known: {', '.join(sorted(names.MODELS))}")
+    return v
+
+
+def _search_objective(name: str) -> str:
+    if name not in names.OBJECTIVES:
+        raise ValueError(f"unknown objective metric; known: {', '.join(names.OBJECTIVES)}")
+    return name
+
+
+LogRange = Annotated[list[float], AfterValidator(_search_range("log"))]
+IntRange = Annotated[list[int], AfterValidator(_search_range("int"))]
+
+
+class SearchConfig(Section):
+    """``dpcam search``: Optuna multi-objective search (ε ↓, validation accuracy ↑, explanation quality ↑).
+
+    Trials start from the ``train`` section and override what is searched; explanations are scored
+    as the ``explain`` section says (method, target, steps, tolerance) on validation images. Ranges
+    are ``[low, high]`` (``low == high`` fixes the value); float ranges are searched on a log scale.
+    """
+
+    objective: Annotated[str, AfterValidator(_search_objective)] = "masked_score_pct"
+    sampler: Literal[names.SEARCH_SAMPLERS] = "nsga2"  # type: ignore[valid-type]
+    seed: int = 0
+    trials: int = Field(30, ge=0, description="trials this process runs (the mean number for a random count)")
+    trials_distribution: Literal["fixed", "poisson", "geometric"] = Field(
+        "fixed", description="random number of trials (sampler random only) for the Papernot-Steinke bound"
+    )
+    max_trials: int | None = Field(None, ge=1, description="stop once the study has this many finished trials")
+    timeout: float | None = Field(None, gt=0, description="seconds; stop starting new trials after this")
+    storage: str = Field("sqlite:///mlruns/optuna.db", min_length=1, description="any SQLAlchemy URL")
+    study_name: str | None = Field(None, pattern=DATASET_NAME, description="default dpcam-<dataset>")
+    population: int = Field(8, ge=2, description="NSGA-II generation size; TPE's random start-up trials")
+    schemes: Annotated[list[Literal["gaussian", "laplace"]], AfterValidator(_search_choices)] = Field(
+        default_factory=lambda: ["gaussian", "laplace"]
+    )
+    models: Annotated[list[str] | None, AfterValidator(_search_models)] = Field(
+        None, description="models to search over (null = train.model)"
+    )
+    epsilon: LogRange = Field(default_factory=lambda: [0.5, 10], description="target ε")
+    clip: LogRange = Field(default_factory=lambda: [0.1, 10], description="L2 clipping bound C (gaussian)")
+    lr: LogRange = Field(default_factory=lambda: [0.1, 3], description="learning rate (gaussian)")
+    laplace_clip: LogRange = Field(default_factory=lambda: [10, 1000], description="L1 clipping bound C (laplace)")
+    laplace_lr: LogRange = Field(default_factory=lambda: [0.05, 2], description="learning rate (laplace)")
+    epochs: IntRange = Field(default_factory=lambda: [2, 6])
+    batch_size: Annotated[list[Annotated[int, Field(ge=1)]], AfterValidator(_search_choices)] = Field(
+        default_factory=lambda: [128, 256, 512], description="expected batch sizes (choices)"
+    )
+    explain_images: int = Field(256, ge=1, description="validation images scored per trial")
+    heartbeat: int = Field(30, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period: int | None = Field(
+        None, ge=1, description="a trial silent this long is failed (default 2 x heartbeat)"
+    )
+    max_retry: int = Field(2, ge=0, description="retries of a trial whose worker died")
+    out: Path = Field(SEARCH_REPORT, description="folder of the front table and plots")
+
+    @model_validator(mode="after")
+    def _random_count(self) -> SearchConfig:
+        if self.trials_distribution != "fixed" and self.sampler != "random":
+            raise ValueError(
+                f"trials_distribution = {self.trials_distribution!r} needs sampler 'random' "
+                f"(the Papernot-Steinke bound is for random search), not {self.sampler!r}"
+            )
+        if self.trials_distribution != "fixed" and self.trials < 1:
+            raise ValueError(f"trials = {self.trials}: a {self.trials_distribution} number of trials needs a mean >= 1")
+        return self
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "prepare": PrepareConfig,
+    "ldp": LdpConfig,
+    "train": TrainConfig,
+    "explain": ExplainConfig,
+    "grid": GridConfig,
+    "audit": AuditConfig,
+    "search": SearchConfig,
+}
+
+__all__ = [
+    "DATASET_NAME",
+    "SECTIONS",
+    "AuditConfig",
+    "ClipSweepConfig",
+    "DpPixConfig",
+    "Epsilon",
+    "ExplainConfig",
+    "GridConfig",
+    "LdpConfig",
+    "NonPrivateConfig",
+    "PrepareConfig",
+    "SearchConfig",
+    "Section",
+    "SplitConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "TrainSizesConfig",
+    "format_eps",
+]

@@ -1,0 +1,385 @@
+"""Run families: the grid of the study as a registry, one definition per family.
+
+A family is a group of runs that answer one question of the paper (the ε = ∞ baselines, Gaussian
+DP-SGD across ε, Laplace, local DP, the clipping sweep, training-set sizes). Its definition, in
+one place, is read by every stage:
+
+- ``runs(grid, model, seed)``: its runs (:class:`RunSpec`), named as :func:`dpcam.layout.run_name` names them;
+- ``train(grid)``: what its runs change in the ``train`` section besides what each run varies;
+- ``grid_keys`` / ``train_keys``: the ``grid.*`` params keys its runs and their training read (DVC
+  stage params; :mod:`dpcam.pipeline` writes dvc.yaml from this registry);
+- ``table`` / ``title`` / ``columns``: its table of the report, and the columns it lays its runs out in.
+
+A new family is one :func:`register_family` call. Like Opacus's accountant registry, families are
+registered by name in :data:`FAMILIES`, in the order stages and the report walk them.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from dpcam import names
+from dpcam.config import GridConfig, TrainConfig
+from dpcam.errors import UserError
+from dpcam.layout import AUDITS_ROOT, METRICS_ROOT, MODEL_JSON, MODELS_ROOT, format_eps, grid_dir, run_name
+
+INF = math.inf
+
+
+class RunSpec(BaseModel):
+    """One run of the grid: its name (models/<family>/<name>/ ...) and what it varies."""
+
+    name: str
+    family: str
+    scheme: str
+    model: str
+    seed: int
+    epsilon: float | None = None  # target ε (None = ∞ for none/clip-only; the data's ε for ldp)
+    ldp: str | None = None
+    clip: float | None = None  # set when the run sweeps the clipping bound
+    train_size: int | None = None
+
+    @property
+    def model_dir(self) -> Path:
+        """``models/<family>/<run>/``: model.pt, model.json and train.json (the train stage's output)."""
+        return grid_dir(MODELS_ROOT, self.family, self.name)
+
+    @property
+    def metrics_dir(self) -> Path:
+        """``metrics/<family>/<run>/``: explain.json, maps.npy, map_indices.npy, cams.png."""
+        return grid_dir(METRICS_ROOT, self.family, self.name)
+
+    @property
+    def audit_dir(self) -> Path:
+        """``audits/<family>/<run>/``: audit.json and roc.png."""
+        return grid_dir(AUDITS_ROOT, self.family, self.name)
+
+
+def spec(family: str, scheme: str, model: str, seed: int, **varies: Any) -> RunSpec:
+    """A RunSpec named from what it varies (``epsilon`` only names noised schemes)."""
+    eps = varies.get("epsilon") if scheme in names.NOISED_SCHEMES else None
+    name = run_name(
+        scheme,
+        model,
+        seed,
+        epsilon=eps,
+        ldp=varies.get("ldp"),
+        clip=varies.get("clip"),
+        train_size=varies.get("train_size"),
+    )
+    return RunSpec(name=name, family=family, scheme=scheme, model=model, seed=seed, **varies)
+
+
+# ------------------------------------------------------------------------------------ report columns
+
+
+@dataclass
+class Column:
+    """One column of a family's table: the runs (seeds) it pools, its plot position ``x`` (ε, C; ∞ =
+    non-private) and the line it belongs to in the figures (``group``: scheme, mechanism or size).
+
+    ``runs`` are the report's run objects: anything with ``spec``, ``value(key)`` and ``degenerate``.
+    """
+
+    label: str
+    runs: list
+    x: float
+    group: str
+
+    def values(self, key: str) -> list[float]:
+        return [v for r in self.runs if (v := r.value(key)) is not None]
+
+    @property
+    def degenerate(self) -> bool:
+        return any(r.degenerate for r in self.runs)
+
+
+def pick(runs: Iterable, **attrs) -> list:
+    """The runs whose spec has every attribute given."""
+    return [r for r in runs if all(getattr(r.spec, k) == v for k, v in attrs.items())]
+
+
+def eps_column(eps: float, runs: list, group: str, prefix: str = "") -> Column:
+    label = prefix + ("ε = ∞" if eps == INF else f"ε = {format_eps(eps)}")
+    return Column(label, runs, eps, group)
+
+
+# (mine: the family's runs of one model, model_runs: every run of that model, grid) -> columns
+Columns = Callable[[list, list, GridConfig], list[Column]]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str
+    table: str  # file stem of its report table
+    runs: Callable[[GridConfig, str, int], list[RunSpec]]
+    columns: Columns
+    grid_keys: tuple[str, ...]  # grid.<key> that decide its runs
+    train_keys: tuple[str, ...] = ()  # further grid.<key> its training reads
+    train: Callable[[GridConfig], dict[str, Any]] = field(default=lambda grid: {})
+    data: str = "prepared"  # the data its runs train on: prepared | ldp
+    reference: bool = True  # its explanations are compared with the baseline's (map agreement)
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    if family.name in FAMILIES:
+        raise ValueError(f"family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise UserError(f"unknown grid family {name!r}; families: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+# ------------------------------------------------------------------------------------ the families
+
+
+def _baseline_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+    words = {"none": "none (no clipping, no noise)", "clip-only": "clip-only (clipping, no noise)"}
+    return [Column(words[s], pick(mine, scheme=s), INF, s) for s in grid.baselines]
+
+
+def _none_of(model_runs: list) -> list:
+    return pick(model_runs, family="baseline", scheme="none")
+
+
+def _eps_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+    family = mine[0].spec.family
+    eps = sorted({r.spec.epsilon for r in mine})
+    return [eps_column(e, pick(mine, epsilon=e), family) for e in eps] + [eps_column(INF, _none_of(model_runs), "none")]
+
+
+def _ldp_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+    def key(name: str) -> tuple[str, float]:
+        r = pick(mine, ldp=name)[0]
+        return name.rsplit("-eps", 1)[0], r.spec.epsilon if r.spec.epsilon is not None else INF
+
+    cols = []
+    for name in sorted({r.spec.ldp for r in mine}, key=key):
+        mech, e = key(name)
+        if e == INF:  # a derivative name without a readable ε: tabulated, not plotted
+            cols.append(Column(name, pick(mine, ldp=name), math.nan, mech))
+        else:
+            cols.append(Column(f"{mech} ε = {format_eps(e)}", pick(mine, ldp=name), e, mech))
+    return cols + [Column("no LDP (ε = ∞)", _none_of(model_runs), INF, "none")]
+
+
+def _clip_sweep_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+    main = pick(model_runs, family="gaussian", epsilon=grid.clip_sweep.epsilon)
+    cols = [
+        Column(f"C = {format_eps(c)}", pick(mine, clip=c), c, "gaussian") for c in sorted({r.spec.clip for r in mine})
+    ]
+    if main:
+        c = main[0].value("max_grad_norm")
+        c = math.nan if c is None else c
+        cols.append(Column(f"C = {format_eps(c)} (main run)", main, c, "gaussian"))
+    return sorted(cols, key=lambda col: col.x)
+
+
+def _train_size_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+    sizes = sorted({r.spec.train_size for r in mine})
+    full = [r for r in model_runs if r.spec.family in ("gaussian", "baseline")]
+    n_full = next((int(v) for r in full if (v := r.value("train_size"))), None)
+    full_label = f"n = {n_full} (all)" if n_full else "n = all"
+    cols = []
+    for e in sorted({r.spec.epsilon for r in mine if r.spec.epsilon is not None}) + (
+        [INF] if pick(mine, scheme="none") else []
+    ):
+        scheme = "none" if e == INF else "gaussian"
+        for n in sizes:
+            cols.append(
+                eps_column(
+                    e,
+                    pick(mine, scheme=scheme, epsilon=None if e == INF else e, train_size=n),
+                    f"n = {n}",
+                    prefix=f"n = {n}, ",
+                )
+            )
+        main = _none_of(model_runs) if e == INF else pick(model_runs, family="gaussian", epsilon=e)
+        cols.append(eps_column(e, main, full_label, prefix=f"{full_label}, "))
+    return cols
+
+
+def _ldp_epsilon(name: str) -> float | None:
+    eps = name.rsplit("-eps", 1)[-1]
+    return float(eps) if eps.replace(".", "", 1).isdigit() else None
+
+
+register_family(
+    Family(
+        "baseline",
+        "Baselines: non-private vs clipping only",
+        "table6_baselines",
+        runs=lambda grid, model, seed: [spec("baseline", s, model, seed) for s in grid.baselines],
+        columns=_baseline_columns,
+        grid_keys=("baselines",),
+        train_keys=("nonprivate",),
+        reference=False,
+    )
+)
+register_family(
+    Family(
+        "gaussian",
+        "Table 1: global DP, Gaussian DP-SGD",
+        "table1_gaussian",
+        runs=lambda grid, model, seed: [spec("gaussian", "gaussian", model, seed, epsilon=e) for e in grid.gaussian],
+        columns=_eps_columns,
+        grid_keys=("gaussian",),
+    )
+)
+register_family(
+    Family(
+        "laplace",
+        "Table 2: global DP, Laplace (L1 clip)",
+        "table2_laplace",
+        runs=lambda grid, model, seed: [spec("laplace", "laplace", model, seed, epsilon=e) for e in grid.laplace],
+        columns=_eps_columns,
+        grid_keys=("laplace",),
+        train_keys=("laplace_clip", "laplace_lr"),
+        train=lambda grid: {"clip": grid.laplace_clip, "lr": grid.laplace_lr},
+    )
+)
+register_family(
+    Family(
+        "ldp",
+        "Local DP: training on noised images",
+        "table3_ldp",
+        runs=lambda grid, model, seed: [
+            spec("ldp", "ldp", model, seed, ldp=d, epsilon=_ldp_epsilon(d)) for d in grid.ldp
+        ],
+        columns=_ldp_columns,
+        grid_keys=("ldp",),
+        train_keys=("nonprivate",),
+        data="ldp",
+    )
+)
+register_family(
+    Family(
+        "clip-sweep",
+        "Clipping bound C at fixed ε",
+        "table4_clip_sweep",
+        runs=lambda grid, model, seed: [
+            spec("clip-sweep", "gaussian", model, seed, epsilon=grid.clip_sweep.epsilon, clip=c)
+            for c in grid.clip_sweep.clips
+        ],
+        columns=_clip_sweep_columns,
+        grid_keys=("clip_sweep",),
+    )
+)
+register_family(
+    Family(
+        "train-size",
+        "Training-set size (DP needs more data)",
+        "table5_train_size",
+        runs=lambda grid, model, seed: [
+            r
+            for n in grid.train_sizes.sizes
+            for r in ([spec("train-size", "none", model, seed, train_size=n)] if grid.train_sizes.none else [])
+            + [spec("train-size", "gaussian", model, seed, epsilon=e, train_size=n) for e in grid.train_sizes.gaussian]
+        ],
+        columns=_train_size_columns,
+        grid_keys=("train_sizes",),
+        train_keys=("nonprivate",),
+    )
+)
+
+
+# ------------------------------------------------------------------------------------ the grid
+
+
+def grid_runs(grid: GridConfig) -> list[RunSpec]:
+    """Every run of the grid: per model, per seed, family by family."""
+    return [
+        r for model in grid.models for seed in grid.seeds for f in FAMILIES.values() for r in f.runs(grid, model, seed)
+    ]
+
+
+def family_runs(grid: GridConfig, family: str, root: Path, *, trained: bool = False) -> list[RunSpec]:
+    """The runs of ``family`` for a stage writing ``root/<family>/``: one door for train, explain and audit.
+
+    Unknown family -> UserError; a family without runs gets an empty ``root/<family>/`` (the DVC stage's
+    output); ``trained`` checks every run's model exists before the stage writes anything.
+    """
+    get_family(family)
+    specs = [s for s in grid_runs(grid) if s.family == family]
+    if not specs:  # e.g. no ldp runs in this profile
+        (Path(root) / family).mkdir(parents=True, exist_ok=True)
+    for s in specs if trained else []:
+        if not (s.model_dir / MODEL_JSON).is_file():
+            raise UserError(
+                f"grid run {s.name}: no trained model at {s.model_dir}; run `dpcam train --family {family}` first"
+            )
+    return specs
+
+
+def fresh(folder: Path) -> Path:
+    """``folder`` emptied of what an earlier (possibly interrupted) stage left there: a stage's run
+    folder is rebuilt from scratch, never continued from another configuration's files."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    return folder
+
+
+def train_overrides(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
+    """What run ``s`` changes in the ``train`` section: what it varies, its family's settings, and for
+    runs without clipping the ``grid.nonprivate`` optimiser (DP-SGD's large lr diverges unclipped)."""
+    over: dict[str, Any] = {
+        "scheme": s.scheme,
+        "model": s.model,
+        "seed": s.seed,
+        "name": s.name,
+        "ldp": s.ldp,
+        "train_size": s.train_size,
+    }
+    if s.scheme in names.NOISED_SCHEMES:
+        over["epsilon"] = s.epsilon
+    over.update(FAMILIES[s.family].train(grid))
+    if s.clip is not None:
+        over["clip"] = s.clip
+    if s.scheme in names.UNCLIPPED_SCHEMES:
+        over.update(grid.nonprivate.model_dump())
+    return over
+
+
+def run_config(s: RunSpec, grid: GridConfig, base: TrainConfig) -> TrainConfig:
+    """The TrainConfig of one grid run: the train section with what the run and its family change."""
+    return TrainConfig.model_validate({**base.model_dump(), **train_overrides(s, grid)})
+
+
+# keys a grid run always sets itself; the CLI refuses them as flags with --family
+RUN_KEYS = ("scheme", "model", "seed", "name", "ldp", "train_size", "epsilon")
+
+
+def check_flags(family: str, grid: GridConfig, flags: dict[str, Any]) -> None:
+    """Refuse (one line) a ``dpcam train --family`` flag that the grid sets for some run of ``family``:
+    it would be silently lost for that run."""
+    for s in family_runs(grid, family, MODELS_ROOT):
+        for key in set(train_overrides(s, grid)) - set(RUN_KEYS):
+            if flags.get(key) is not None:
+                flag = "--" + key.replace("_", "-")
+                raise UserError(
+                    f"{flag}: the grid sets {key} for run {s.name} of family {family} "
+                    f"(grid.{_source(s, key)}); change it there in params.yaml, or train one run without --family"
+                )
+
+
+def _source(s: RunSpec, key: str) -> str:
+    if key in ("optimizer", "lr", "batch_size") and s.scheme in names.UNCLIPPED_SCHEMES:
+        return f"nonprivate.{key}"
+    if s.family == "clip-sweep" and key == "clip":
+        return "clip_sweep.clips"
+    return {"clip": "laplace_clip", "lr": "laplace_lr"}.get(key, key) if s.family == "laplace" else key

@@ -1,0 +1,335 @@
+"""Typed stage records: what train, explain and audit write (train.json, explain.json, audit.json).
+
+The stages build these models and write them; report, CLI and search read them back by attribute,
+so renaming a key is a validation error at the writer and an attribute error at every reader, not a
+blank table cell. Every record carries ``schema`` (its format version). A file written before the
+version field existed loads as version 1; a file that does not validate is refused with one line
+naming it and how to make it again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
+
+from dpcam.errors import UserError
+from dpcam.layout import write_json
+
+SCHEMA = 1  # the record format this dpcam writes
+
+
+def _finite(v: Any) -> Any:
+    """∞ and NaN become None (JSON null) at any depth."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
+
+
+class Part(BaseModel):
+    """A record or a part of one. Attribute access is the typed way to read it; ``r["key"]``,
+    ``"key" in r`` and ``r.get`` read its JSON form (what the file holds), for code written against dicts.
+
+    ``_omit_if_none``: fields left out of the JSON when None (a metric that was skipped), as the
+    stages always wrote them.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+    _omit_if_none: tuple[str, ...] = ()
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler, info):
+        d = handler(self)
+        for key in self._omit_if_none:
+            field = type(self).model_fields[key]
+            name = field.alias if (info.by_alias and field.alias) else key
+            if d.get(name) is None:
+                d.pop(name, None)
+        return _finite(d) if info.mode == "json" else d
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_json()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_json()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_json().get(key, default)
+
+    def keys(self):
+        return self.to_json().keys()
+
+    def __iter__(self):  # a mapping iterates its keys (pydantic's own (name, value) pairs: model_dump)
+        return iter(self.to_json())
+
+    def __len__(self) -> int:
+        return len(self.to_json())
+
+    def items(self):
+        return self.to_json().items()
+
+
+class Record(Part):
+    """A stage record: a ``schema`` version, written atomically as JSON."""
+
+    schema_version: int = Field(SCHEMA, alias="schema")
+
+    def write(self, path: Path) -> Path:
+        """Write the record atomically as JSON."""
+        return write_json(path, self.to_json())
+
+    def value(self, key: str) -> float | None:
+        """Field ``key`` as a finite float (None when null, NaN or not a number); KeyError for a field it has not."""
+        if key not in type(self).model_fields:
+            raise KeyError(f"{type(self).__name__} has no field {key!r}")
+        v = getattr(self, key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return None
+        return float(v)
+
+
+R = TypeVar("R", bound=Record)
+
+
+def read(cls: type[R], path: Path, what: str = "") -> R:
+    """Load a record; a missing, unreadable or invalid file is a one-line UserError naming it."""
+    who = f"{what}: " if what else ""
+    hint = "run its stage again (`dvc repro`, or the dpcam command that writes it)"
+    if not Path(path).is_file():
+        raise UserError(f"{who}missing {path}; {hint}")
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{who}{path} is not valid JSON ({e}); {hint}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{who}{path} is not a JSON object; {hint}")
+    version = data.get("schema", 1)
+    if version != SCHEMA:
+        raise UserError(f"{who}{path} has record schema {version!r}, this dpcam reads {SCHEMA}; {hint}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{who}{path} is not a {cls.__name__} (key {key}: {err['msg']}); {hint}") from None
+
+
+# ------------------------------------------------------------------------------------ train.json
+
+
+class TrainRecord(Record):
+    """One training run: its data, scheme and privacy accounting, its training and test metrics."""
+
+    _omit_if_none = ("run_name", "profile", "poisson_rate", "grad_sample_mode", "mlflow_run_id", "mlflow_model_uri")
+
+    run_name: str | None = None
+    profile: str | None = None
+    dataset: str
+    ldp: str | None = None
+    ldp_guarantee: dict[str, Any] | None = None
+    model: str
+    scheme: str
+    # privacy (privacy.accounting.PrivacyReport; docs/privacy.md)
+    target_epsilon: float | None = None
+    epsilon: float | None = None  # achieved, at delta; None = ∞ (not private)
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float | None = None
+    sample_rate: float | None = None
+    steps: int
+    accountant: str | None = None
+    epsilon_rdp_check: float | None = None
+    epsilon_composition_bound: float | None = None
+    step_epsilon: float | None = None
+    step_epsilon_amplified: float | None = None
+    steps_planned: int | None = None
+    poisson_rate: float | None = None
+    grad_sample_mode: str | None = None
+    # training
+    epochs: int
+    train_size: int
+    best_epoch: int
+    val_accuracy: float
+    test_accuracy: float
+    test_macro_f1: float
+    test_qwk: float
+    test_pred_histogram: list[int]
+    test_majority_share: float
+    train_seconds: float
+    device: str
+    collapsed: bool
+    # tracking
+    mlflow_run_id: str | None = None
+    mlflow_model_uri: str | None = None
+
+
+# ------------------------------------------------------------------------------------ explain.json
+
+
+class Degeneracy(Part):
+    """The degenerate-model check (explain.metrics.DegeneracyStats; docs/metrics.md)."""
+
+    n: int
+    accuracy: float
+    chance: float
+    majority_class: int
+    majority_share: float
+    pred_entropy: float
+    pred_histogram: list[int]
+    input_sensitivity: float
+    degenerate: bool
+    reasons: list[str]
+
+
+class ExplainRecord(Record):
+    """One run's explanations scored on its test images: metric means, the degeneracy check beside them."""
+
+    _omit_if_none = (
+        "avg_drop_pct",
+        "increase_conf_pct",
+        "masked_score_pct",
+        "masked_accuracy_pct",
+        "deletion_auc",
+        "insertion_auc",
+        "pointing_game",
+        "energy_pointing_game",
+        "map_agreement",
+        "randomisation_agreement",
+    )
+
+    run_name: str
+    dataset: str
+    data_dir: str
+    method: str
+    target: str
+    images: int
+    avg_drop_pct: float | None = None
+    increase_conf_pct: float | None = None
+    masked_score_pct: float | None = None
+    masked_accuracy_pct: float | None = None
+    deletion_auc: float | None = None
+    insertion_auc: float | None = None
+    pointing_game: float | None = None
+    energy_pointing_game: float | None = None
+    map_agreement: float | None = None
+    randomisation_agreement: float | None = None
+    degeneracy: Degeneracy
+    notes: list[str] = Field(default_factory=list)
+    degenerate: bool
+    accuracy: float
+
+
+# ------------------------------------------------------------------------------------ audit.json
+
+
+class AuditPrivacy(Part):
+    scheme: str | None
+    epsilon: float | None
+    delta: float
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    accountant: str | None = None
+
+
+class AttackMetrics(Part):
+    """One attack's metrics on the evaluation half (audit module docstring)."""
+
+    auc: float
+    balanced_accuracy: float
+    balanced_accuracy_oracle: float
+    tpr_at_fpr_0_01: float = Field(alias="tpr_at_fpr_0.01")
+    tpr_at_fpr_0_001: float = Field(alias="tpr_at_fpr_0.001")
+    epsilon_lb: float
+    threshold: float | None
+    tp: int
+    fp: int
+    tpr: float
+    fpr: float
+    tpr_lo: float
+    fpr_hi: float
+    member_when: str | None = None
+
+
+class CheckRow(Part):
+    allowed_tpr_line: float
+    within_line: bool
+    allowed_tpr_pld: float | None
+    within_pld: bool | None
+    violation: bool
+
+
+class AuditCheck(Part):
+    _omit_if_none = ("pld_epsilon_at_delta", "violations", "reason")
+
+    done: bool
+    bound: str | None
+    per_attack: dict[str, CheckRow]
+    confidence: float
+    pld_epsilon_at_delta: float | None = None
+    violations: list[str] | None = None
+    reason: str | None = None
+
+
+class AuditRecord(Record):
+    """One run's membership-inference audit and its check against the run's guarantee."""
+
+    _omit_if_none = (
+        "mia_auc_loss",
+        "mia_auc_loss_calibrated",
+        "mia_auc_gradcam_variance",
+        "mia_auc_gradcam_entropy",
+        "mia_auc_input_gradient",
+        "mia_epsilon_lb_loss",
+        "mia_epsilon_lb_loss_calibrated",
+        "mia_epsilon_lb_gradcam_variance",
+        "mia_epsilon_lb_gradcam_entropy",
+        "mia_epsilon_lb_input_gradient",
+    )
+
+    run_name: str
+    dataset: str
+    data_dir: str
+    privacy: AuditPrivacy
+    members: int
+    non_members: int
+    selection_members: int
+    selection_non_members: int
+    evaluation_members: int
+    evaluation_non_members: int
+    fpr_resolution: float
+    member_accuracy: float
+    non_member_accuracy: float
+    member_loss: float
+    non_member_loss: float
+    seed: int
+    confidence: float
+    per_attack_confidence: float
+    explained_class: str
+    attacks: dict[str, AttackMetrics]
+    mia_auc: float
+    mia_auc_loss: float | None = None
+    mia_auc_loss_calibrated: float | None = None
+    mia_auc_gradcam_variance: float | None = None
+    mia_auc_gradcam_entropy: float | None = None
+    mia_auc_input_gradient: float | None = None
+    mia_epsilon_lb: float
+    mia_epsilon_lb_loss: float | None = None
+    mia_epsilon_lb_loss_calibrated: float | None = None
+    mia_epsilon_lb_gradcam_variance: float | None = None
+    mia_epsilon_lb_gradcam_entropy: float | None = None
+    mia_epsilon_lb_input_gradient: float | None = None
+    epsilon_lb_max_detectable: float
+    check: AuditCheck
+    violation: bool
+    notes: list[str] = Field(default_factory=list)

@@ -1,0 +1,72 @@
+"""The report's inputs: every grid run with its typed stage records (train, explain, audit)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpcam import records
+from dpcam.config import GridConfig
+from dpcam.errors import UserError
+from dpcam.families import RunSpec, grid_runs
+from dpcam.layout import AUDIT_JSON, EXPLAIN_JSON, TRAIN_JSON
+from dpcam.records import AuditRecord, ExplainRecord, Record, TrainRecord
+
+# the Grad-CAM maps of a run (metrics/<family>/<run>/): the CAM figures read them
+MAP_FILES = ("maps.npy", "map_indices.npy")
+# where Run.value looks a key up, first record class that has the field wins
+LOOKUP: tuple[tuple[str, type[Record]], ...] = (
+    ("explain", ExplainRecord),
+    ("audit", AuditRecord),
+    ("train", TrainRecord),
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One grid run with its stage records: ``train`` (train.json), ``explain`` (explain.json) and
+    ``audit`` (audit.json; None when the run has not been audited)."""
+
+    spec: RunSpec
+    train: TrainRecord
+    explain: ExplainRecord
+    audit: AuditRecord | None = None
+
+    def value(self, key: str) -> float | None:
+        """Field ``key`` of the explain record, else the audit record, else the train record, as a finite
+        float (None when null, NaN, not a number, or an audit field of a run not audited).
+
+        KeyError when no record class has the field (a misspelled table row is an error, not a blank).
+        """
+        for attr, cls in LOOKUP:
+            if key in cls.model_fields:
+                record = getattr(self, attr)
+                return None if record is None else record.value(key)
+        raise KeyError(f"no stage record ({', '.join(c.__name__ for _, c in LOOKUP)}) has a field {key!r}")
+
+    @property
+    def degenerate(self) -> bool:
+        return bool(self.explain.degenerate or self.train.collapsed)
+
+
+def load_run(spec: RunSpec) -> Run:
+    """One grid run's records; UserError naming the first missing or invalid file (audit.json is optional)."""
+    who = f"grid run {spec.name}"
+    train = records.read(TrainRecord, spec.model_dir / TRAIN_JSON, who)
+    explain = records.read(ExplainRecord, spec.metrics_dir / EXPLAIN_JSON, who)
+    for name in MAP_FILES:
+        if not (spec.metrics_dir / name).is_file():
+            raise UserError(
+                f"{who}: missing {spec.metrics_dir / name}; run `dvc repro` (or dpcam train/explain for it) first"
+            )
+    audit_json = spec.audit_dir / AUDIT_JSON
+    audit = records.read(AuditRecord, audit_json, who) if audit_json.is_file() else None
+    return Run(spec, train, explain, audit)
+
+
+def load_runs(grid: GridConfig) -> list[Run]:
+    """Every run of ``grid`` with its train.json, explain.json and (if present) audit.json; UserError naming
+    the first missing required file or the first unreadable one.
+
+    Also checks that each run's ``maps.npy`` and ``map_indices.npy`` exist (the Grad-CAM grids read them).
+    """
+    return [load_run(spec) for spec in grid_runs(grid)]

@@ -1,0 +1,93 @@
+"""The report stage: build the whole report in a temporary folder next to ``reports/``, then swap in its entries."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dpcam.config import GridConfig
+from dpcam.errors import UserError
+from dpcam.layout import REPORTS_ROOT, swap_in, temp_dir, write_text
+from dpcam.report.figures import FIGURE_NAMES, draw_figures
+from dpcam.report.flat import write_flat_files
+from dpcam.report.page import render_html
+from dpcam.report.runs import Run, load_runs
+from dpcam.report.tables import build_tables, write_tables
+
+# the report's own entries under out/: only these are replaced
+OWNED = ("index.html", "tables", "figures", "plots", "runs.csv", "metrics.json")
+FOLDERS = ("tables", "figures", "plots")
+
+
+def report(grid: GridConfig, out: Path = REPORTS_ROOT, *, cam_images: int = 4) -> dict[str, Any]:
+    """Write the report of ``grid`` under ``out`` (see :mod:`dpcam.report`); returns a summary.
+
+    Summary: ``{"out", "index", "runs", "tables", "figures", "skipped"}`` (paths as strings,
+    ``runs`` the number of runs, ``skipped`` one line per table/figure left out). Raises
+    ``UserError`` (before writing anything) when a run's train.json, explain.json or maps are missing.
+    """
+    runs = load_runs(grid)
+    if not runs:
+        raise UserError(
+            "params.yaml: the grid section has no runs (grid.models or grid.seeds is empty); list at least one"
+        )
+    out = Path(out)
+    tmp = temp_dir(out)
+    try:
+        summary = _build(grid, runs, out, tmp, cam_images)
+        for name in OWNED:
+            swap_in(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return summary
+
+
+def _build(grid: GridConfig, runs: list[Run], out: Path, tmp: Path, cam_images: int) -> dict[str, Any]:
+    """Every entry of the report into ``tmp`` (``out``: the report being replaced, for what it keeps)."""
+    for d in FOLDERS:
+        (tmp / d).mkdir()
+    tables, notes = build_tables(runs, grid)
+    written_tables = write_tables(tables, tmp / "tables")
+    write_flat_files(runs, grid, tmp)
+    figures, skipped = draw_figures(grid, tables, tmp / "figures", cam_images)
+    notes += skipped
+    _keep_other_figures(out / "figures", tmp / "figures")
+    page = render_html(
+        grid,
+        runs,
+        tables,
+        figures,
+        notes,
+        _ldp_pictures(runs, out, tmp),
+        search=(out / "search" / "index.html").is_file(),
+    )
+    write_text(tmp / "index.html", page)
+    return {
+        "out": str(out),
+        "index": str(out / "index.html"),
+        "runs": len(runs),
+        "tables": written_tables,
+        "figures": [src for src, _ in figures],
+        "skipped": notes,
+    }
+
+
+def _keep_other_figures(old: Path, new: Path) -> None:
+    """figures/ is replaced as a whole: copy the pictures other commands put there (e.g. `dpcam figure cams`)."""
+    if not old.is_dir():
+        return
+    for p in old.iterdir():
+        if p.is_file() and p.name not in FIGURE_NAMES and not p.name.startswith("."):
+            shutil.copy2(p, new / p.name)
+
+
+def _ldp_pictures(runs: list[Run], out: Path, tmp: Path) -> list[tuple[str, str]]:
+    """(src, caption) of the ldp-figure stage's picture of each dataset, where it is (out/ or figures/)."""
+    extra = []
+    for ds in sorted({r.train.dataset for r in runs if r.train.dataset}):
+        for rel in (f"ldp-{ds}.png", f"figures/ldp-{ds}.png"):
+            if (tmp / rel).is_file() or (rel == f"ldp-{ds}.png" and (out / rel).is_file()):
+                extra.append((rel, f"Local-DP derivatives of {ds}: clean images and their noised versions per ε"))
+                break
+    return extra

@@ -1,0 +1,86 @@
+"""The report's tables on the tiny hand-written grid: cells checked against hand-computed numbers."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from dpcam import report as rep
+from dpcam.families import grid_runs
+from tests.report.fakes import T_975_1, md_row, read_csv
+
+
+def test_report_tables_match_hand_computed_values(in_built):
+    grid, summary = in_built
+    assert (
+        summary["runs"] == len(grid_runs(grid)) == 16
+    )  # 2 seeds × (2 baselines + 2 gaussian + laplace + ldp + clip + size)
+    t1 = Path("reports/tables/table1_gaussian.md").read_text()
+    header = md_row(t1, "smallcnn", "metric")
+    assert header == ["metric", "ε = 1", "ε = 5", "ε = ∞"]
+    assert md_row(t1, "smallcnn", "Test accuracy")[1] == "0.600 ± 1.271"
+    # Average Drop 20 / 30: mean 25, half-width 12.706 · 7.0711 / 1.4142 = 63.53
+    assert md_row(t1, "smallcnn", "Average Drop")[1] == "25.00 ± 63.53"
+    # map agreement is absent for the non-private run: a dash, not a number
+    assert md_row(t1, "smallcnn", "Map agreement")[3] == "—"
+    # the CSV holds the same numbers unrounded
+    rows = read_csv("reports/tables/table1_gaussian.csv")
+    acc = next(r for r in rows if r["column"] == "ε = 1" and r["metric"] == "test_accuracy")
+    assert float(acc["mean"]) == pytest.approx(0.6) and float(acc["ci95"]) == pytest.approx(T_975_1 * 0.1)
+    assert acc["n"] == "2" and acc["runs"] == "gaussian-eps1-smallcnn-s0 gaussian-eps1-smallcnn-s1"
+    inf = next(r for r in rows if r["column"] == "ε = ∞" and r["metric"] == "map_agreement")
+    assert inf["mean"] == "" and inf["n"] == "0" and inf["x"] == "inf"
+
+    # other tables: their columns
+    assert md_row(Path("reports/tables/table2_laplace.md").read_text(), "smallcnn", "metric")[1:] == [
+        "ε = 5 †",
+        "ε = ∞",
+    ]
+    assert md_row(Path("reports/tables/table3_ldp.md").read_text(), "smallcnn", "metric")[1:] == [
+        "singh-sikka ε = 0.5",
+        "no LDP (ε = ∞)",
+    ]
+    assert md_row(Path("reports/tables/table4_clip_sweep.md").read_text(), "smallcnn", "metric")[1:] == [
+        "C = 0.1",
+        "C = 1 (main run)",
+    ]
+    assert md_row(Path("reports/tables/table5_train_size.md").read_text(), "smallcnn", "metric")[1:] == [
+        "n = 100, ε = 5",
+        "n = 28 (all), ε = 5",
+    ]
+    assert md_row(Path("reports/tables/table6_baselines.md").read_text(), "smallcnn", "metric")[1:] == [
+        "none (no clipping, no noise)",
+        "clip-only (clipping, no noise)",
+    ]
+    # the audit column group: loss-attack AUC 0.52 / 0.56 -> 0.540 ± 12.706 · 0.028284 / 1.4142 = 0.254
+    assert md_row(t1, "smallcnn", "MIA AUC (loss)")[1] == "0.540 ± 0.254"
+    assert md_row(t1, "smallcnn", "Empirical ε lower bound")[1] == "0.20 ± 1.27"
+    assert md_row(t1, "smallcnn", "MIA AUC (Grad-CAM entropy)")[1:] == ["0.530 ± 0.000"] * 3
+    lb = next(r for r in rows if r["column"] == "ε = 1" and r["metric"] == "mia_epsilon_lb")
+    assert float(lb["mean"]) == pytest.approx(0.2) and float(lb["ci95"]) == pytest.approx(
+        T_975_1 * math.sqrt(0.02) / math.sqrt(2)
+    )
+    # partly audited table (ldp runs not audited, its ε = ∞ baseline column is): a dash where audit.json is missing
+    assert md_row(Path("reports/tables/table3_ldp.md").read_text(), "smallcnn", "MIA AUC (loss)")[1:] == [
+        "—",
+        "0.500 ± 0.000",
+    ]
+    # the clip-sweep's main column is the Gaussian ε = 1 run: same accuracy cell
+    assert (
+        md_row(Path("reports/tables/table4_clip_sweep.md").read_text(), "smallcnn", "Test accuracy")[2]
+        == "0.600 ± 1.271"
+    )
+
+
+def test_degenerate_runs_are_marked(in_built):
+    t2 = Path("reports/tables/table2_laplace.md").read_text()
+    assert "ε = 5 †" in t2 and rep.DEGENERATE_NOTE in t2
+    assert "†" not in Path("reports/tables/table1_gaussian.md").read_text()
+    page = Path("reports/index.html").read_text()
+    assert "laplace-eps5-smallcnn-s1: near chance: fake" in page
+    metrics = json.loads(Path("reports/metrics.json").read_text())
+    assert metrics["laplace"]["laplace-eps5-smallcnn-s1"]["degenerate"] is True
+    assert metrics["laplace"]["laplace-eps5-smallcnn-s0"]["degenerate"] is False
+    runs = {r["run"]: r for r in read_csv("reports/runs.csv")}
+    assert runs["laplace-eps5-smallcnn-s1"]["degenerate"] == "1"
