@@ -28,8 +28,8 @@ paper: $(STAMP)
 
 ## Run the test suite (installs what it needs into .venv first).
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -p no:cacheprovider
 
 ## Benchmarks (slow; results go into docs/benchmarks.md by hand).

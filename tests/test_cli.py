@@ -63,3 +63,16 @@ def test_broken_params_file_is_one_line():
     Path("params.yaml").write_text("prepare: [\n")
     res = invoke("prepare")
     assert res.exit_code == 2 and res.output.startswith("error: params.yaml:")
+
+
+def test_search_epochs_option_overrides_the_range(monkeypatch):
+    import dpcam.search
+
+    seen = {}
+    monkeypatch.setattr(dpcam.search, "search", lambda cfg, base, explain, echo: seen.setdefault("cfg", cfg))
+    res = invoke("search", "--trials", "0", "--epochs", "1", "3")
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].epochs == [1, 3]
+    res = invoke("search", "--epochs", "3", "1")
+    assert res.exit_code == 2
+    assert res.output.strip().startswith("error: --epochs: search.epochs = [3, 1]: inverted range"), res.output

@@ -121,3 +121,45 @@ def test_bad_flag_values_name_the_flag():
         config.load_section("ldp", {"epsilons": [-2]}, path)
     with pytest.raises(UserError, match=r"^--n: prepare.synthetic.n = 3"):
         config.load_section("prepare", {"synthetic.n": 3}, path)
+
+
+@pytest.mark.parametrize(
+    "section, data, overrides, expected",
+    [
+        (
+            "grid",
+            {"grid": {"ldp": ["singh-sikka-eps1", "../x/y"]}},
+            None,
+            "params.yaml: grid.ldp[1] = '../x/y': not a plain name; use letters, digits, '_', '.' and '-' "
+            "(starting with a letter or digit), not a path",
+        ),
+        ("grid", {"grid": {"ldp": ["a/b"]}}, None, "params.yaml: grid.ldp[0] = 'a/b': not a plain name"),
+        ("train", {"train": {}}, {"scheme": "ldp", "ldp": "../../x"}, "--ldp: train.ldp = '../../x': not a plain name"),
+        ("train", {"train": {}}, {"name": "/tmp/run"}, "--name: train.name = '/tmp/run': not a plain name"),
+        ("prepare", {"prepare": {"dataset": ".."}}, None, "params.yaml: prepare.dataset = '..': not a plain name"),
+        ("search", {"search": {"study_name": "a/b"}}, None, "params.yaml: search.study_name = 'a/b': not a plain"),
+    ],
+)
+def test_a_path_where_a_name_belongs_is_one_clean_line_naming_the_key(section, data, overrides, expected):
+    """Failed before: the raw pydantic text "String should match pattern '^[A-Za-z0-9]...'"."""
+    msg = error_of(section, data, overrides)
+    assert msg.startswith(expected) and "pattern" not in msg
+
+
+def test_cli_refuses_an_ldp_path_and_an_unknown_model_before_any_run_starts():
+    """`dpcam train --ldp ../../x` would write model files outside the project; an unknown model left a FAILED
+    MLflow run. Both are refused by config: one line, exit 2, no MLflow store, no model folder."""
+    from typer.testing import CliRunner
+
+    from dpcam.cli import app
+
+    for args, message in (
+        (["train", "--scheme", "ldp", "--ldp", "../../x"], "--ldp: train.ldp = '../../x': not a plain name"),
+        (["train", "--model", "nope"], "--model: train.model = 'nope': unknown model 'nope'; known models: "),
+        (["train", "--scheme", "ldp", "--ldp", "/abs/x"], "--ldp: train.ldp = '/abs/x': not a plain name"),
+    ):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2, res.output
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), res.output
+    assert sorted(p.name for p in Path(".").iterdir()) == [], "no mlruns/, models/ or data/ was created"

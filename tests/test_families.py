@@ -45,12 +45,12 @@ def test_grid_config_applies_what_each_family_varies():
 def test_every_run_is_named_by_what_it_varies_and_belongs_to_a_registered_family():
     grid = GridConfig()
     runs = grid_runs(grid)
-    assert len({r.name for r in runs}) == len(runs) == 18
+    assert len({r.name for r in runs}) == len(runs) == 2 * 3 + 4 * 3 + 3 + 4 + 2 + 3  # headline families: 3 seeds
     assert {r.family for r in runs} == set(families.FAMILIES)
     assert [r.name for r in runs][:3] == [
         "none-epsinf-smallcnn-s0",
         "clip-only-epsinf-smallcnn-s0",
-        "gaussian-eps0.5-smallcnn-s0",
+        "none-epsinf-smallcnn-s1",
     ]
 
 
@@ -77,3 +77,15 @@ def test_flags_the_grid_leaves_alone_are_accepted():
 def test_unknown_family_is_one_line():
     with pytest.raises(UserError, match="unknown grid family 'gausian'; families: baseline, gaussian"):
         families.family_runs(_grid(), "gausian", families.MODELS_ROOT)
+
+
+def test_family_seeds_and_the_protocol():
+    grid = _grid(seeds=[0, 1], family_seeds={"laplace": [7]}, protocol="same")
+    runs = grid_runs(grid)
+    assert {r.seed for r in runs if r.family == "laplace"} == {7} and {
+        r.seed for r in runs if r.family == "gaussian"
+    } == {0, 1}
+    none = families.run_config(next(r for r in runs if r.scheme == "none"), grid, cfg(lr=0.5))
+    assert none.lr == 0.5 and none.optimizer == "sgd"  # protocol same: the train section's recipe for every ε
+    with pytest.raises(ValueError, match="unknown family 'lapalce'"):
+        _grid(family_seeds={"lapalce": [0]})

@@ -46,3 +46,71 @@ def test_run_folders_are_found_in_their_family():
     assert layout.resolve_run("r") == "r"
     with pytest.raises(UserError, match="unknown run 'q'.*trained runs: r"):
         layout.resolve_run("q")
+
+
+@pytest.mark.parametrize("name", ["../models/r", "/abs/models/r", "..", ".", "a/b", "", ".hidden", "r\nx"])
+def test_run_names_are_names_not_paths(name):
+    """A path would put outputs outside metrics/ or audits/ (e.g. into another run's model folder)."""
+    for find in (layout.run_dir, layout.metrics_dir, layout.audit_dir, layout.resolve_run):
+        with pytest.raises(UserError, match="is not a run name") as e:
+            find(name)
+        assert "\n" not in str(e.value)
+    assert layout.is_name("gaussian-eps0.5-smallcnn-s0") and not layout.is_name(name)
+
+
+@pytest.mark.parametrize("run", ["../models/r", "ABS"])
+def test_explain_and_audit_refuse_a_path_for_a_run(run):
+    """Failed before: `dpcam explain ../models/r` found models/../models/r and wrote metrics/../models/r, i.e.
+    into the run's model folder (an absolute path likewise anywhere)."""
+    from typer.testing import CliRunner
+
+    from dpcam.cli import app
+
+    (layout.MODELS_ROOT / "r").mkdir(parents=True)
+    (layout.MODELS_ROOT / "r" / "model.json").write_text("{}")
+    run = str(Path("models/r").resolve()) if run == "ABS" else run
+    before = sorted(os.listdir("models/r"))
+    for command in (["explain", run, "--device", "cpu"], ["audit", run, "--device", "cpu"]):
+        res = CliRunner().invoke(app, command)
+        assert res.exit_code == 2, res.output
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is not a run name" in errors[0] and "not a path" in errors[0], res.output
+    assert sorted(os.listdir("models/r")) == before and not Path("metrics").exists() and not Path("audits").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_a_writer_removes_the_temporary_folders_dead_processes_left():
+    """kill -9 during a write leaves .NAME.tmp-<pid>-<host>-XXXX (dataset-sized for prepare); the next writer of
+    NAME removes those of dead pids on this machine, and nothing that a live process or another machine owns."""
+    host = layout._host_tag()
+    root = Path("data/prepared")
+    dead, live = _dead_pid(), os.getppid()
+    stale = root / f".d.tmp-{dead}-{host}-abc_1234"
+    stale_file = root / f".d.tmp-{dead}-{host}.json"
+    stale_old = root / f".d.old-{dead}-{host}"
+    keep = [
+        root / f".d.tmp-{live}-{host}-abcd1234",  # a live writer
+        root / f".d.tmp-{dead}-otherhost-abcd1234",  # another machine's: its pid cannot be checked here
+        root / f".dx.tmp-{dead}-{host}-abcd1234",  # another target
+        root / ".d.tmp-abcd1234",  # named before owners were recorded
+    ]
+    for folder in (stale, stale_old, *keep):
+        folder.mkdir(parents=True)
+        (folder / "images.npy").write_bytes(b"x" * 1000)
+    stale_file.write_text("{}")
+    tmp = layout.temp_dir(root / "d")
+    assert tmp.name.startswith(f".d.tmp-{os.getpid()}-{host}-")
+    assert not stale.exists() and not stale_file.exists() and not stale_old.exists()
+    assert all(folder.is_dir() for folder in keep)
+    layout.write_json(root / "d.json", {})  # a file's writer does the same for its temporary siblings
+    (root / f".d.json.tmp-{dead}-{host}.json").write_text("half")
+    layout.write_json(root / "d.json", {})
+    assert not (root / f".d.json.tmp-{dead}-{host}.json").exists()

@@ -210,7 +210,7 @@ def test_unknown_model_and_bad_sizes_are_user_errors():
     with pytest.raises(UserError, match="at least 2 classes"):
         create_model("smallcnn", 1)
     with pytest.raises(UserError, match="too small.*at least 8 px"):
-        create_model("smallcnn", NUM_CLASSES, 4)
+        create_model("smallcnn", NUM_CLASSES, 2)  # three blocks: 4 px still leaves a 1×1 map
     with pytest.raises(UserError, match="too small.*at least 64 px"):
         create_model("alexnet", NUM_CLASSES, 48, small_input=False)
 

@@ -46,3 +46,98 @@ def test_params_are_flattened_and_non_finite_metrics_skipped():
     r = tracking.get_run(run_id)
     assert r.data.params == {"a.b": "1", "c": ""}
     assert r.data.metrics == {"acc": 0.5}
+
+
+def _listing(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_loading_a_logged_model_leaves_the_store_untouched():
+    """MLflow downloads a models:/ URI in place for a local store and writes registered_model_meta there."""
+    import torch
+
+    model = torch.nn.Linear(4, 2)
+    with tracking.run("exp", "m"):
+        uri = tracking.log_model(model, input_example=torch.rand(2, 4).numpy())
+    artifacts = _listing(Path("mlruns/artifacts"))
+    loaded = tracking.load_model(uri)
+    assert _listing(Path("mlruns/artifacts")) == artifacts
+    x = torch.rand(3, 4)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_a_signal_that_mlflow_swallows_still_ends_the_run_killed(monkeypatch):
+    """SIGTERM inside an MLflow call that catches every Exception (as signature inference does) is held
+    back until the call returns, then raised: the run ends KILLED, not FINISHED."""
+    import signal
+
+    import mlflow
+
+    real = mlflow.log_metrics
+
+    def swallowing(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler runs between bytecodes: here, inside the try
+                pass
+        except Exception:
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", swallowing)
+    seen = {}
+    with pytest.raises(tracking.Terminated, match="SIGTERM"):
+        with tracking.run("exp", "t") as run_id:
+            seen["id"] = run_id
+            tracking.log_metrics({"a": 1.0})
+            seen["after"] = True  # not reached: the signal is raised when log_metrics returns
+    r = tracking.get_run(seen["id"])
+    assert r.info.status == "KILLED" and r.data.metrics == {"a": 1.0} and "after" not in seen
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone with it
+    with tracking.run("exp", "next") as again:  # nothing of the signal is left for the next run
+        pass
+    assert tracking.get_run(again).info.status == "FINISHED"
+
+
+def test_a_signal_dropped_by_code_in_the_run_still_ends_it_killed():
+    import signal
+
+    with pytest.raises(tracking.Terminated):
+        with tracking.run("exp", "t") as run_id:
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):
+                    pass
+            except BaseException:
+                pass
+    assert tracking.get_run(run_id).info.status == "KILLED"
+
+
+def test_a_read_only_store_is_one_line_before_any_work():
+    from dpcam.errors import UserError
+    from tests.readonly import read_only
+
+    with tracking.run("exp", "first"):
+        pass
+    with read_only(Path("mlruns/mlflow.db")):
+        with pytest.raises(
+            UserError, match=r"^MLflow tracking store sqlite:///.*mlflow\.db: cannot start a run"
+        ) as err:
+            with tracking.run("exp", "second"):
+                raise AssertionError("the block must not run")
+    assert "\n" not in str(err.value)
+
+
+def test_a_read_only_artifact_folder_is_refused_before_the_run_starts():
+    from dpcam.errors import UserError
+    from tests.readonly import read_only
+
+    Path("note.txt").write_text("x")
+    with tracking.run("exp", "first"):
+        tracking.log_artifact("note.txt")
+    with read_only(Path("mlruns/artifacts")):
+        with pytest.raises(UserError, match=r"^MLflow artifact folder .*mlruns/artifacts: cannot write \("):
+            with tracking.run("exp", "second"):
+                raise AssertionError("the block must not run")
+    runs = tracking.MlflowClient().search_runs([tracking._experiment_id("exp")])
+    assert [r.info.run_name for r in runs] == ["first"]  # no FAILED run left behind

@@ -161,7 +161,7 @@ def test_failed_and_killed_runs_never_end_finished(tiny, monkeypatch):
         return real_fit(c, **kw)
 
     monkeypatch.setattr(train, "fit", terminated_fit)
-    with pytest.raises(Exception, match="signal"):
+    with pytest.raises(tracking.Terminated, match="signal 15"):
         train.run(cfg(scheme="none", epochs=1, name="term"), progress=False)
     assert _status(seen["id"]) == "KILLED"
 
@@ -336,3 +336,315 @@ def test_a_gaussian_run_on_cuda_is_accounted_as_on_the_cpu(tiny):
     cpu = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1), progress=False).metrics
     gpu = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1, device="cuda"), progress=False).metrics
     assert gpu.device == "cuda" and gpu.steps == cpu.steps and gpu.epsilon == cpu.epsilon
+
+
+# ------------------------------------------------------------------------------------ what MLflow shows
+
+
+def _mlflow_grid(root: Path) -> dict[str, str]:
+    """Train a small grid into ``root`` (its own folder and store); {run name: MLflow run id}."""
+    from dpcam.config import LdpConfig
+    from dpcam.data.ldp import derive
+
+    derive(make_tiny(), "singh-sikka", 1, LdpConfig())
+    real_validate = train._validate
+
+    def last_epoch_worse(t, epoch, loss):  # the selected (best) epoch is not the last one
+        row = real_validate(t, epoch, loss)
+        if epoch == t.cfg.epochs - 1 and t.cfg.name == "declining":
+            row["val_accuracy"] = 0.0
+        return row
+
+    runs = [
+        cfg(scheme="none", epochs=2),
+        cfg(scheme="clip-only", epochs=1),
+        cfg(scheme="gaussian", epsilon=1, delta=1e-3, epochs=2, name="declining"),
+        cfg(scheme="gaussian", epsilon=2, delta=1e-3, epochs=1),
+        cfg(scheme="laplace", epsilon=1, delta=1e-3, clip=5.0, epochs=1),
+        cfg(scheme="ldp", ldp="singh-sikka-eps1", epochs=1),
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "_validate", last_epoch_worse)
+        return {c.run_name: train.run(c, progress=False, grid="g").mlflow_run_id for c in runs}
+
+
+@pytest.fixture(scope="module")
+def mlflow_grid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grid")
+    here = Path.cwd()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        os.chdir(root)
+        try:
+            ids = _mlflow_grid(root)
+        finally:
+            os.chdir(here)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    return root, ids, client
+
+
+def _search(client, filter_string: str = "", order_by: list[str] | None = None):
+    exp = client.get_experiment_by_name("tiny")
+    return client.search_runs([exp.experiment_id], filter_string=filter_string, order_by=order_by)
+
+
+def test_mlflow_shows_train_json_values(mlflow_grid):
+    """Every metric MLflow shows (its latest value: UI, compare view, search_runs) under a train.json key
+    has train.json's value; the per-epoch curve has its own key."""
+    root, ids, client = mlflow_grid
+    runs = _search(client)
+    assert sorted(r.info.run_name for r in runs) == sorted(ids)
+    declining = next(r for r in runs if r.info.run_name == "declining")
+    saved = json.loads((root / "models/declining/train.json").read_text())
+    assert declining.data.metrics["val_accuracy"] == saved["val_accuracy"] > 0.0  # not the last epoch's 0.0
+    for r in runs:
+        saved = json.loads((root / "models" / r.info.run_name / "train.json").read_text())
+        shared = set(r.data.metrics) & set(saved)
+        assert {"val_accuracy", "test_accuracy", "test_qwk", "steps", "best_epoch"} <= shared, r.info.run_name
+        for key in shared:
+            assert r.data.metrics[key] == saved[key], (r.info.run_name, key, r.data.metrics[key], saved[key])
+        curve = client.get_metric_history(r.info.run_id, "val_accuracy_epoch")
+        assert [m.step for m in curve] == list(range(1, saved["epochs"] + 1))
+    assert declining.data.metrics["val_accuracy_epoch"] == 0.0  # the curve's latest: the last epoch
+
+
+def test_mlflow_params_say_what_each_run_did(mlflow_grid):
+    """ε = 1 filters to the DP runs at ε = 1; ∞ is 'inf'; clip only on clipped runs; the data's ε for LDP."""
+    _, ids, client = mlflow_grid
+    names = lambda runs: sorted(r.info.run_name for r in runs)
+    assert names(_search(client, "params.epsilon = '1'")) == ["declining", "laplace-eps1-smallcnn-s0"]
+    assert names(_search(client, "params.epsilon = 'inf'")) == [
+        "clip-only-epsinf-smallcnn-s0",
+        "none-epsinf-smallcnn-s0",
+    ]
+    assert names(_search(client, "params.clip = '1.0'")) == [
+        "clip-only-epsinf-smallcnn-s0",
+        "declining",
+        "gaussian-eps2-smallcnn-s0",
+    ]
+    by_name = {r.info.run_name: r for r in _search(client)}
+    ldp = by_name["ldp-singh-sikka-eps1-smallcnn-s0"]
+    assert "epsilon" not in ldp.data.params and "clip" not in ldp.data.params and "delta" not in ldp.data.params
+    assert ldp.data.params["ldp_epsilon"] == "1" and ldp.data.params["ldp_scope"] == "none"
+    assert ldp.data.metrics["ldp_epsilon"] == 1.0
+    none = by_name["none-epsinf-smallcnn-s0"]
+    assert not {"clip", "delta", "accountant", "grad_sample_mode"} & set(none.data.params)
+    assert "accountant" not in by_name["laplace-eps1-smallcnn-s0"].data.params
+    # a numeric ε that sorts: the DP runs first, by target; ∞ is not a metric (MLflow stores it as 1.8e308)
+    ordered = _search(client, "metrics.target_epsilon > 0", order_by=["metrics.target_epsilon ASC"])
+    assert [r.data.metrics["target_epsilon"] for r in ordered] == [1.0, 1.0, 2.0]
+    for r in by_name.values():
+        noised = r.data.params["scheme"] in ("gaussian", "laplace")
+        assert ("epsilon" in r.data.metrics) == noised and ("delta" in r.data.metrics) == noised, r.info.run_name
+    gaussian = [set(r.data.metrics) for r in by_name.values() if r.data.params["scheme"] == "gaussian"]
+    assert gaussian[0] == gaussian[1]  # the same keys on every run where the values exist
+
+
+# ------------------------------------------------------------------------------------ one process per run folder
+
+
+TRAIN_ARGS = [
+    "--dataset",
+    "tiny",
+    "--scheme",
+    "gaussian",
+    "--epsilon",
+    "2",
+    "--delta",
+    "1e-3",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+]
+
+
+def test_a_second_process_on_a_live_run_is_refused_naming_it(tiny):
+    """A live run with a checkpoint looked "interrupted": --resume joined two processes in one MLflow run."""
+    import subprocess
+    import sys
+    import time
+
+    args = [*TRAIN_ARGS, "--epochs", "500", "--name", "live"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpcam", "train", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ckpt = Path("models/live/checkpoint.pt")
+    try:
+        deadline = time.time() + 120
+        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert ckpt.exists() and proc.poll() is None
+        for extra in ([], ["--resume"]):
+            res = CliRunner().invoke(app, ["train", *args, *extra])
+            assert res.exit_code == 2, res.output
+            lines = res.output.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error: run 'live' is being trained right now"), lines
+            assert f"by process {proc.pid} on " in lines[0] and "models/live/.train.lock" in lines[0]
+        assert proc.poll() is None  # the live one goes on
+    finally:
+        proc.kill()
+        proc.wait()
+    # the lock went with the process: now it is an interrupted run
+    res = CliRunner().invoke(app, ["train", *args])
+    assert res.exit_code == 2 and "pass --resume" in res.output
+
+
+def test_run_family_leaves_a_live_runs_folder_alone(tiny):
+    folder = Path("models/gaussian/gaussian-eps2-smallcnn-s0")
+    folder.mkdir(parents=True)
+    (folder / "checkpoint.pt").write_bytes(b"the live run's")
+    with train.run_lock(folder, "gaussian-eps2-smallcnn-s0"):
+        with pytest.raises(UserError, match=f"is being trained right now by process {os.getpid()}"):
+            train.run_family("gaussian", _grid(), cfg(scheme="gaussian", epochs=1), progress=False)
+        assert (folder / "checkpoint.pt").read_bytes() == b"the live run's"
+    assert not (folder / train.LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------ SIGTERM
+
+
+def test_sigterm_mid_epoch_is_one_line_exit_143_killed_and_resumable(tiny, monkeypatch):
+    real = train._train_epoch
+
+    def second_epoch_terminated(t, epoch, progress):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # raised here, at the start of the second epoch
+        return real(t, epoch, progress)
+
+    monkeypatch.setattr(train, "_train_epoch", second_epoch_terminated)
+    args = ["train", *TRAIN_ARGS, "--epochs", "2", "--name", "t"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 143, res.output
+    assert res.stderr.strip().splitlines() == [
+        "error: terminated by signal 15 (SIGTERM); the unfinished stage's outputs were not written; "
+        "--resume continues it from its last finished epoch"
+    ]
+    ckpt = torch.load("models/t/checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and _status(ckpt["mlflow_run_id"]) == "KILLED"
+    assert not Path("models/t/train.json").exists()
+    monkeypatch.setattr(train, "_train_epoch", real)
+    res = CliRunner().invoke(app, [*args, "--resume"])
+    assert res.exit_code == 0, res.output
+    assert _status(ckpt["mlflow_run_id"]) == "FINISHED"
+
+
+def test_sigterm_while_mlflow_logs_the_model_ends_killed(tiny, monkeypatch):
+    """MLflow runs the model inside `except Exception` (signature inference): the signal must not die there."""
+    import mlflow.pytorch
+
+    real = mlflow.pytorch._PyTorchWrapper.predict
+
+    def predict_terminated(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.pytorch._PyTorchWrapper, "predict", predict_terminated)
+    res = CliRunner().invoke(app, ["train", *TRAIN_ARGS, "--epochs", "1", "--name", "t"])
+    assert res.exit_code == 143, res.output
+    assert res.stderr.strip().splitlines()[-1].startswith("error: terminated by signal 15 (SIGTERM)")
+    run_id = torch.load("models/t/checkpoint.pt", weights_only=True)["mlflow_run_id"]
+    assert _status(run_id) == "KILLED"
+
+
+# ------------------------------------------------------------------------------------ faults: one line each
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "a pickled module", "another model's weights"])
+def test_a_damaged_model_file_is_one_line_naming_it(tiny, damage):
+    from dpcam.data.store import load_dataset
+    from dpcam.models import create_model
+
+    model, out = create_model("smallcnn", 2, 16), Path("models/r")
+    out.mkdir(parents=True)
+    train.save_model(model, cfg(scheme="none"), load_dataset(tiny), out)
+    weights = out / "model.pt"
+    if damage == "garbage":
+        weights.write_bytes(b"not a model")
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "a pickled module":
+        torch.save(model, weights)  # torch's own message would suggest weights_only=False
+    else:
+        torch.save({"fc.weight": torch.zeros(3, 3)}, weights)
+    with pytest.raises(UserError) as err:
+        train.load_model("r")
+    msg = str(err.value)
+    assert msg.startswith(f"{weights}: ") and "\n" not in msg and "weights_only" not in msg, msg
+    if damage == "garbage":  # the explain and audit stages load through train.load_model
+        for stage in ("explain", "audit"):
+            res = CliRunner().invoke(app, [stage, "r", "--device", "cpu"])
+            assert res.exit_code == 2, res.output
+            assert res.output.strip().splitlines() == [f"error: {msg}"]
+
+
+@pytest.mark.parametrize("folder", ["models", "models/ro"])
+def test_a_read_only_output_folder_is_refused_before_training(tiny, monkeypatch, folder):
+    from tests.readonly import read_only
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    Path(folder).mkdir(parents=True)
+    with read_only(Path(folder)):
+        res = CliRunner().invoke(app, ["train", *TRAIN_ARGS, "--epochs", "1", "--name", "ro"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {folder} is not writable"), lines
+
+
+@pytest.mark.parametrize(
+    "paths, message",
+    [
+        (["mlruns/mlflow.db"], "error: MLflow tracking store sqlite:///"),
+        (["mlruns/mlflow.db", "mlruns"], "error: MLflow artifact folder "),
+    ],
+)
+def test_a_read_only_mlflow_store_is_refused_before_training(tiny, monkeypatch, paths, message):
+    from tests.readonly import read_only
+
+    with tracking.run("tiny", "earlier"):
+        pass
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train, "fit", no_training)
+    with read_only(*map(Path, paths)):
+        res = CliRunner().invoke(app, ["train", *TRAIN_ARGS, "--epochs", "1", "--name", "ro"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert not Path("models").exists()  # nothing half written
+
+
+def test_a_batch_size_above_n_is_said(tiny):
+    with pytest.warns(UserWarning, match=r"batch size 1000 is more than the 144 training images; using 144"):
+        m = train.fit(
+            cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1, batch_size=1000), progress=False
+        ).metrics
+    assert m.sample_rate == 1.0
+
+
+def test_cli_warnings_are_one_line_each(tiny):
+    """δ ≥ 1/N was printed twice (a log record and a warning with its source line); the clamp not at all."""
+    import subprocess
+    import sys
+
+    args = ["--dataset", "tiny", "--scheme", "gaussian", "--epsilon", "2", "--delta", "0.01", "--epochs", "1"]
+    out = subprocess.run(
+        [sys.executable, "-m", "dpcam", "train", *args, "--batch-size", "1000", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stderr.splitlines()
+    delta = [line for line in lines if "1/N" in line]
+    clamp = [line for line in lines if "batch size 1000" in line]
+    assert len(delta) == 1 and delta[0].startswith("warning: δ=0.01 ≥ 1/N"), lines
+    assert len(clamp) == 1 and clamp[0].startswith("warning: gaussian-eps2-smallcnn-s0: batch size 1000"), lines
+    assert not [line for line in lines if "warnings.warn" in line or "make_private(" in line]

@@ -1,13 +1,16 @@
 """The `dpcam` command line: one command per stage; parse, load config, call the stage.
 
 Every command reads its defaults from params.yaml (``--params`` picks another file) and its flags
-override them. A failure the user can fix prints one ``error:`` line and exits with code 2.
+override them. A failure the user can fix prints one ``error:`` line and exits with code 2; Ctrl-C
+prints one line and exits 130, SIGTERM during a tracked run one line and 143 (its MLflow run ends
+KILLED). Warnings print as one ``warning:`` line each.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 
 import typer
@@ -28,8 +31,16 @@ app.add_typer(figure_app, name="figure")
 _state: dict[str, Path | None] = {"params": None}  # None: ./params.yaml, whose absence means the shipped defaults
 
 
+def _interruptions() -> tuple[type[BaseException], ...]:
+    """Ctrl-C, and SIGTERM inside a tracked run (``tracking.Terminated``; looked up only once
+    tracking is loaded, so commands without MLflow do not import it)."""
+    tracking = sys.modules.get("dpcam.tracking")
+    return (KeyboardInterrupt, tracking.Terminated) if tracking is not None else (KeyboardInterrupt,)
+
+
 def _user_errors(fn):
-    """Turn a UserError into one line on stderr and exit code 2 (no traceback)."""
+    """Turn a UserError into one line on stderr and exit code 2, an interruption into one line and
+    exit 130 (Ctrl-C) or 143 (SIGTERM): no traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -38,8 +49,18 @@ def _user_errors(fn):
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except _interruptions() as e:
+            code = getattr(e, "exit_code", 130)
+            what = str(e) if code != 130 else "interrupted"
+            resume = "; --resume continues it from its last finished epoch" if fn.__name__ == "train" else ""
+            typer.echo(f"error: {what}; the unfinished stage's outputs were not written{resume}", err=True)
+            raise typer.Exit(code) from None
 
     return wrapper
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
 
 
 @app.callback()
@@ -318,9 +339,13 @@ def _echo_audited(r) -> None:
     else:
         verdict = "within " + ("the PLD trade-off curve" if check.bound.startswith("pld") else "the (ε, δ) line")
     loss = f" (loss {r.mia_auc_loss:.3f})" if r.mia_auc_loss is not None else ""
+    checked = check.epsilon_replace_one
+    against = "∞" if eps is None else f"{eps:.3g} (add/remove)"
+    if checked is not None:
+        against += f", {checked:.3g} replace-one (checked)"
     typer.echo(
         f"{r.run_name}: MIA AUC {r.mia_auc:.3f}{loss}, empirical ε ≥ {r.mia_epsilon_lb:.3g} "
-        f"({100 * r.confidence:.0f}%) vs ε = {'∞' if eps is None else f'{eps:.3g}'}; {verdict}",
+        f"({100 * r.confidence:.0f}%) vs ε = {against}; {verdict}",
         err=r.violation,
     )
 
@@ -385,6 +410,9 @@ def search(
     ),
     seed: int | None = typer.Option(None, help="sampler seed"),
     max_trials: int | None = typer.Option(None, help="stop once the study has this many complete trials"),
+    epochs: tuple[int, int] | None = typer.Option(
+        None, metavar="LOW HIGH", help="range of training epochs searched (overrides search.epochs)"
+    ),
     device: str | None = typer.Option(None, help="auto|cpu|cuda"),
 ) -> None:
     """Optuna search over DP-SGD settings: the Pareto front of ε, accuracy and explanation quality (reports/search/)."""
@@ -401,6 +429,7 @@ def search(
             "objective": objective,
             "seed": seed,
             "max_trials": max_trials,
+            "epochs": list(epochs) if epochs else None,
         },
         _state["params"],
     )
@@ -433,8 +462,9 @@ def profile(
 
 
 def main() -> None:
+    warnings.formatwarning = _one_line_warning  # "warning: <text>", not the source line of the call
     try:
         app()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside a command (typer turns one inside a command into exit 130)
         typer.echo("error: interrupted; outputs of the unfinished stage were not written", err=True)
         sys.exit(130)

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dpcam import names
-from dpcam.config import GridConfig, TrainConfig
+from dpcam.config import GridConfig, NonPrivateConfig, TrainConfig
 from dpcam.errors import UserError
 from dpcam.layout import AUDITS_ROOT, METRICS_ROOT, MODEL_JSON, MODELS_ROOT, format_eps, grid_dir, run_name
 
@@ -302,9 +302,13 @@ register_family(
 
 
 def grid_runs(grid: GridConfig) -> list[RunSpec]:
-    """Every run of the grid: per model, per seed, family by family."""
+    """Every run of the grid: per model, family by family, per seed of the family (``grid.seeds_of``)."""
     return [
-        r for model in grid.models for seed in grid.seeds for f in FAMILIES.values() for r in f.runs(grid, model, seed)
+        r
+        for model in grid.models
+        for f in FAMILIES.values()
+        for seed in grid.seeds_of(f.name)
+        for r in f.runs(grid, model, seed)
     ]
 
 
@@ -350,7 +354,7 @@ def train_overrides(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
     over.update(FAMILIES[s.family].train(grid))
     if s.clip is not None:
         over["clip"] = s.clip
-    if s.scheme in names.UNCLIPPED_SCHEMES:
+    if s.scheme in names.UNCLIPPED_SCHEMES and grid.protocol == "tuned":
         over.update(grid.nonprivate.model_dump())
     return over
 
@@ -378,7 +382,7 @@ def check_flags(family: str, grid: GridConfig, flags: dict[str, Any]) -> None:
 
 
 def _source(s: RunSpec, key: str) -> str:
-    if key in ("optimizer", "lr", "batch_size") and s.scheme in names.UNCLIPPED_SCHEMES:
+    if key in NonPrivateConfig.model_fields and s.scheme in names.UNCLIPPED_SCHEMES:
         return f"nonprivate.{key}"
     if s.family == "clip-sweep" and key == "clip":
         return "clip_sweep.clips"

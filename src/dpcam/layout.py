@@ -13,7 +13,10 @@ The one module that knows the project's file layout::
 
 Every file a stage writes goes through :func:`write_atomic` (a temporary sibling renamed into
 place) and every folder through :func:`staged_dir` / :func:`replace_dir`, so an interrupted stage
-never leaves a half-written output where a reader would look.
+never leaves a half-written output where a reader would look. Temporary names carry their owner
+(``.<name>.tmp-<pid>-<host>…``), and the next writer of the same output removes what a dead owner
+left (:func:`remove_stale`). Run, dataset and derivative names are plain names (:func:`check_name`),
+never paths, so ``<root>/<name>`` stays inside its root.
 """
 
 from __future__ import annotations
@@ -21,7 +24,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +86,26 @@ def reference_name(model: str, seed: int) -> str:
 
 # ------------------------------------------------------------------------------------ run folders
 
+# A run, dataset or derivative name: one plain path component (no "/", never "." or ".."), so that
+# root / name stays inside root. config.sections.DATASET_NAME is this pattern.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def is_name(name: str) -> bool:
+    """True when ``name`` is a plain name (:data:`NAME_PATTERN`), not a path."""
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+def check_name(name: str, what: str = "run") -> str:
+    """``name`` when it is a plain name; a one-line UserError otherwise (a path would leave the project's folders)."""
+    if not is_name(name):
+        raise UserError(
+            f"{what} {name!r} is not a {what} name: give a plain name (letters, digits, '_', '.', '-', starting "
+            "with a letter or digit), not a path"
+        )
+    return name
+
 
 def grid_dir(root: Path, family: str, name: str) -> Path:
     """``<root>/<family>/<name>/``: a grid run's folder under one of the stage roots."""
@@ -88,7 +113,12 @@ def grid_dir(root: Path, family: str, name: str) -> Path:
 
 
 def _find(root: Path, name: str, marker: str) -> Path:
-    """``root/<name>/`` or ``root/<family>/<name>/``, whichever holds ``marker`` (the former if neither)."""
+    """``root/<name>/`` or ``root/<family>/<name>/``, whichever holds ``marker`` (the former if neither).
+
+    ``name`` must be a plain run name (:func:`check_name`): a path such as ``../models/x`` or
+    ``/abs/x`` would point outside ``root``.
+    """
+    check_name(name)
     for path in (root / name, *sorted(root.glob(f"*/{name}"))):
         if (path / marker).is_file():
             return path
@@ -116,12 +146,14 @@ def is_trained(name: str) -> bool:
 
 def resolve_run(run: str, name_of_run_id: Callable[[str], str | None] | None = None) -> str:
     """A run name under models/, or (with ``name_of_run_id``, e.g. ``tracking.run_name_of``) the run name
-    of an MLflow run id; UserError listing the trained runs otherwise."""
+    of an MLflow run id; UserError listing the trained runs otherwise, and for anything that is not a
+    plain name (a path: its outputs would land outside metrics/ or audits/, e.g. in another run's folder)."""
+    check_name(run)
     if is_trained(run):
         return run
     if name_of_run_id is not None and len(run) == 32 and all(c in "0123456789abcdef" for c in run):
         name = name_of_run_id(run)
-        if name and is_trained(name):
+        if name and is_name(name) and is_trained(name):
             return name
     have = sorted(p.parent.name for p in MODELS_ROOT.glob(f"**/{MODEL_JSON}"))
     hint = f"trained runs: {', '.join(have[:8])}" if have else "no run is trained yet"
@@ -148,18 +180,73 @@ def search_trial_dir(study: str, number: int) -> Path:
 # ------------------------------------------------------------------------------------ atomic writes
 
 
-def _tmp_sibling(path: Path, tag: str = "tmp") -> Path:
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}{path.suffix}")
+def _host_tag() -> str:
+    """This machine's name as a tag of temporary names (letters, digits, '_'; at most 24 characters)."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname())[:24] or "host"
+
+
+def _owner() -> str:
+    """``<pid>-<host>``: who owns a temporary file or folder, so a later writer can tell a dead one's leftovers."""
+    return f"{os.getpid()}-{_host_tag()}"
+
+
+def tmp_sibling(path: Path, tag: str = "tmp") -> Path:
+    """``.<name>.<tag>-<pid>-<host><suffix>`` next to ``path``: a temporary sibling that :func:`remove_stale` knows."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{tag}-{_owner()}{path.suffix}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process (or a number we cannot test): keep its files
+    return True
+
+
+def remove_stale(target: Path) -> list[Path]:
+    """Remove the temporary siblings of ``target`` (``.<name>.tmp-<pid>-<host>…``, ``.<name>.old-…``) that a
+    process of this machine left when it died (kill -9, power loss); returns what was removed.
+
+    Only leftovers whose owner pid is no longer alive **on this machine** are removed: a live writer's
+    folder is never touched, and a folder of another machine sharing the file system (or of another
+    container) is left alone, because its pid cannot be checked here. Leftovers named before owners
+    were recorded (``.<name>.tmp-XXXXXXXX``) are not recognised and stay.
+    """
+    target = Path(target)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:tmp|old)-(\d+)-([A-Za-z0-9_]+)(?:[-.].*)?")
+    host, removed = _host_tag(), []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m is None or m.group(2) != host or _alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        removed.append(p)
+    return removed
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place; returns ``path``.
 
-    The temporary file is removed when ``write`` fails, so ``path`` is either the old file or the new one.
+    The temporary file is removed when ``write`` fails, so ``path`` is either the old file or the new one;
+    those a killed process left (kill -9) are removed by the next write of ``path`` (:func:`remove_stale`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
+    remove_stale(path)
+    tmp = tmp_sibling(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -193,7 +280,7 @@ def replace_dir(src: Path, dst: Path) -> None:
     """Move folder ``src`` to ``dst``; an existing ``dst`` is swapped out first and removed after."""
     old = None
     if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        old = dst.with_name(f".{dst.name}.old-{_owner()}")
         os.replace(dst, old)
     os.replace(src, dst)
     if old is not None:
@@ -210,13 +297,17 @@ def swap_in(src: Path, dst: Path) -> None:
 
 
 def temp_dir(near: Path) -> Path:
-    """A new empty folder next to ``near`` (same file system, so renames are atomic), mode as the umask allows.
+    """A new empty folder ``.<name>.tmp-<pid>-<host>-XXXXXXXX`` next to ``near`` (same file system, so
+    renames are atomic), mode as the umask allows.
 
-    ``tempfile.mkdtemp`` makes 0700; a dataset or report shared by a team must be readable by it.
+    First removes the temporary folders of ``near`` that dead processes of this machine left
+    (:func:`remove_stale`: a prepare killed with -9 leaves a dataset-sized one). ``tempfile.mkdtemp``
+    makes 0700; a dataset or report shared by a team must be readable by it.
     """
     near = Path(near)
     near.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.tmp-", dir=near.parent))
+    remove_stale(near)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.tmp-{_owner()}-", dir=near.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)

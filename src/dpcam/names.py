@@ -22,6 +22,10 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
+# families.FAMILIES: the run families of the grid
+FAMILIES = ("baseline", "gaussian", "laplace", "ldp", "clip-sweep", "train-size")
+HEADLINE_FAMILIES = ("baseline", "gaussian")  # the ε = ∞ reference and Gaussian DP-SGD: the study's answer
+
 # models.MODELS
 MODELS = ("smallcnn", "resnet18", "alexnet", "vgg16")
 

@@ -175,6 +175,8 @@ def stages() -> dict[str, Any]:
                 "grid.name",
                 "grid.models",
                 "grid.seeds",
+                "grid.family_seeds",
+                "grid.protocol",
                 *_grid(f.grid_keys + f.train_keys),
             ],
             "outs": [f"models/{f.name}"],
@@ -184,14 +186,20 @@ def stages() -> dict[str, Any]:
         out[f"explain-{f.name}"] = {
             "cmd": f"dpcam explain --family {f.name}",
             "deps": [*refs, *import_closure(ENTRIES["explain"])],
-            "params": ["explain", "grid.models", "grid.seeds", *_grid(f.grid_keys)],
+            "params": ["explain", "grid.models", "grid.seeds", "grid.family_seeds", *_grid(f.grid_keys)],
             "outs": [f"metrics/{f.name}"],
         }
     out["audit"] = {
         # one process for the grid: each process spends ~8 s importing torch, Captum, MLflow
         "cmd": "dpcam audit --grid",
         "deps": [*(f"models/{f.name}" for f in FAMILIES.values()), *import_closure(ENTRIES["audit"])],
-        "params": ["audit", "grid.models", "grid.seeds", *_grid(k for f in FAMILIES.values() for k in f.grid_keys)],
+        "params": [
+            "audit",
+            "grid.models",
+            "grid.seeds",
+            "grid.family_seeds",
+            *_grid(k for f in FAMILIES.values() for k in f.grid_keys),
+        ],
         "outs": [f"audits/{f.name}" for f in FAMILIES.values()],
     }
     out["report"] = {

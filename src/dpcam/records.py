@@ -168,6 +168,9 @@ class TrainRecord(Record):
     train_seconds: float
     device: str
     collapsed: bool
+    val_curve: list[float] = Field(default_factory=list)  # validation accuracy after each epoch
+    undertrained: bool | None = None  # validation accuracy still rising at the end (train.undertrained)
+    versions: dict[str, str] = Field(default_factory=dict)  # torch, opacus, ... the run was trained with
     # tracking
     mlflow_run_id: str | None = None
     mlflow_model_uri: str | None = None
@@ -202,9 +205,11 @@ class ExplainRecord(Record):
         "deletion_auc",
         "insertion_auc",
         "pointing_game",
+        "pointing_game_random",
         "energy_pointing_game",
         "map_agreement",
         "randomisation_agreement",
+        "reference_run",
     )
 
     run_name: str
@@ -213,6 +218,7 @@ class ExplainRecord(Record):
     method: str
     target: str
     images: int
+    reference_run: str | None = None  # the run map agreement compared with
     avg_drop_pct: float | None = None
     increase_conf_pct: float | None = None
     masked_score_pct: float | None = None
@@ -220,6 +226,7 @@ class ExplainRecord(Record):
     deletion_auc: float | None = None
     insertion_auc: float | None = None
     pointing_game: float | None = None
+    pointing_game_random: float | None = None  # the pointing game of a random map: the chance level
     energy_pointing_game: float | None = None
     map_agreement: float | None = None
     randomisation_agreement: float | None = None
@@ -233,6 +240,8 @@ class ExplainRecord(Record):
 
 
 class AuditPrivacy(Part):
+    """The guarantee train.json records: ε at δ for add-or-remove-one neighbours (``relation``)."""
+
     scheme: str | None
     epsilon: float | None
     delta: float
@@ -240,6 +249,7 @@ class AuditPrivacy(Part):
     sample_rate: float | None = None
     steps: int | None = None
     accountant: str | None = None
+    relation: str = "add-or-remove-one"  # the relation train.json's ε is stated for (Opacus, dp_accounting)
 
 
 class AttackMetrics(Part):
@@ -262,23 +272,46 @@ class AttackMetrics(Part):
 
 
 class CheckRow(Part):
-    allowed_tpr_line: float
+    """One attack's checked point against the bounds of ``AuditCheck.relation`` (audit module docstring)."""
+
+    _omit_if_none = ("allowed_tpr_add_remove",)
+
+    allowed_tpr_line: float  # the (ε, δ) line of the checked relation
     within_line: bool
-    allowed_tpr_pld: float | None
+    allowed_tpr_pld: float | None  # the trade-off curve of the checked relation
     within_pld: bool | None
     violation: bool
+    allowed_tpr_add_remove: float | None = None  # what the add/remove curve would allow: for comparison only
 
 
 class AuditCheck(Part):
-    _omit_if_none = ("pld_epsilon_at_delta", "violations", "reason")
+    """The check of every attack against the run's guarantee, for the neighbouring relation of the experiment."""
+
+    _omit_if_none = (
+        "pld_epsilon_at_delta",
+        "violations",
+        "reason",
+        "relation",
+        "relation_reason",
+        "epsilon_replace_one",
+        "delta_replace_one",
+        "curve",
+        "lines",
+    )
 
     done: bool
     bound: str | None
     per_attack: dict[str, CheckRow]
     confidence: float
-    pld_epsilon_at_delta: float | None = None
+    pld_epsilon_at_delta: float | None = None  # the add/remove PLD's ε at δ, beside train.json's ε
     violations: list[str] | None = None
     reason: str | None = None
+    relation: str | None = None  # the neighbouring relation the bounds are for: "replace-one"
+    relation_reason: str | None = None
+    epsilon_replace_one: float | None = None  # the ε of the checked (ε, δ) line
+    delta_replace_one: float | None = None  # its δ (the run's δ; (1 + e^ε)·δ under plain group privacy)
+    curve: str | None = None  # how the checked trade-off curve (or line) was obtained
+    lines: list[list[float]] | None = None  # every replace-one (ε, δ) pair of the checked line
 
 
 class AuditRecord(Record):

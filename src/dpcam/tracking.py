@@ -4,15 +4,23 @@ Tracking URI ``sqlite:///mlruns/mlflow.db`` unless ``MLFLOW_TRACKING_URI`` is se
 server works the same way); artifacts of the local default go to ``mlruns/artifacts``. One
 experiment per dataset. A run that raises ends FAILED, one stopped by SIGTERM or Ctrl-C ends
 KILLED; only a run that returns ends FINISHED.
+
+Signals: inside a run SIGTERM raises :class:`Terminated` (a ``BaseException``, so no library's
+``except Exception`` swallows it). While an MLflow call of this module is in progress (a model
+being logged, a metric being written) the signal is only recorded and raised when the call
+returns: MLflow catches broad exceptions in places (signature inference runs the model inside
+``except Exception``), and a store write cut in half helps nobody. Either way the run ends KILLED.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +33,62 @@ from dpcam.errors import UserError
 
 for _name in ("mlflow", "alembic", "sqlalchemy"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# it logs every database error with its traceback before raising it; the raised error is enough
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
-class Terminated(Exception):
-    """Raised inside a run when the process receives SIGTERM."""
+class Terminated(BaseException):
+    """Raised inside a run when the process receives SIGTERM (the CLI exits 143 with one line).
+
+    A ``BaseException`` like ``KeyboardInterrupt``: ``except Exception`` blocks (MLflow has broad
+    ones) let it through.
+    """
+
+    exit_code = 143
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        self.signum = int(signum)
+        super().__init__(f"terminated by signal {self.signum} ({signal.Signals(self.signum).name})")
+
+
+# the last SIGTERM received inside a run and not yet seen out of it: raised at once outside MLflow
+# calls, when the call returns inside one, and again at the run's end if code in between dropped it
+_signals: dict[str, Any] = {"busy": 0, "pending": None}
+
+
+def _on_term(signum, frame) -> None:
+    _signals["pending"] = signum
+    if not _signals["busy"]:
+        raise Terminated(signum)
+
+
+def _raise_pending() -> None:
+    signum = _signals["pending"]
+    if signum is not None and not _signals["busy"]:
+        _signals["pending"] = None
+        raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold a SIGTERM back while MLflow works; raise it (Terminated) once the block has returned."""
+    _signals["busy"] += 1
+    try:
+        yield
+    finally:
+        _signals["busy"] -= 1
+    _raise_pending()
+
+
+def _shielded(fn):
+    """Run ``fn`` (an MLflow call) with SIGTERM deferred to its return."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _signals_deferred():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def tracking_uri() -> str:
@@ -67,6 +127,44 @@ def _experiment_id(name: str) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
+def _masked(uri: str) -> str:
+    """``uri`` with a password replaced by ``***``."""
+    import re
+
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", uri)
+
+
+def _store_error(e: BaseException, doing: str) -> UserError:
+    """One line for a tracking store dpcam cannot use (read-only, unreachable, not a store)."""
+    reason = _masked((str(e).strip().splitlines() or [type(e).__name__])[0][:300])
+    return UserError(
+        f"MLflow tracking store {_masked(tracking_uri())}: cannot {doing} ({reason}); make it writable, "
+        "or set MLFLOW_TRACKING_URI to a store you can write"
+    )
+
+
+def _check_artifacts_writable(experiment_id: str) -> None:
+    """Refuse, before any work, an experiment whose local artifact folder cannot be written (models go there)."""
+    from urllib.parse import unquote, urlparse
+
+    location = MlflowClient().get_experiment(experiment_id).artifact_location or ""
+    parsed = urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return  # a remote artifact store: its own errors are its own
+    folder = Path(unquote(parsed.path) if parsed.scheme == "file" else location).absolute()
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), None)
+    if existing is None:
+        return
+    try:  # a folder made and removed in the deepest one that exists: nothing is left behind
+        os.rmdir(tempfile.mkdtemp(prefix=".dpcam-probe-", dir=existing))
+    except OSError as e:
+        where = "" if existing == folder else f" (in {existing}, where it is to be made)"
+        raise UserError(
+            f"MLflow artifact folder {folder}: cannot write{where} ({e.strerror or type(e).__name__}); "
+            "fix its permissions, or set MLFLOW_TRACKING_URI to a store you can write"
+        ) from None
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -84,8 +182,19 @@ def run(
     tags: dict[str, Any] | None = None,
     nested: bool = False,
 ) -> Iterator[str]:
-    """Start (or, with ``run_id``, resume) an MLflow run; yield its id; end it with the right status."""
-    exp_id = _experiment_id(experiment)
+    """Start (or, with ``run_id``, resume) an MLflow run; yield its id; end it with the right status.
+
+    A store that cannot be written (read-only sqlite file or folder, unreachable server) is a
+    UserError here, before the caller does any work. Outside nested runs SIGTERM raises
+    :class:`Terminated` in the block (deferred while an MLflow call is in progress); the run then
+    ends KILLED, also when the signal was caught and dropped by code inside the block.
+    """
+    try:
+        exp_id = _experiment_id(experiment)
+    except UserError:
+        raise
+    except Exception as e:
+        raise _store_error(e, "open or create the experiment") from None
     if run_id is not None:
         try:
             MlflowClient().get_run(run_id)
@@ -94,50 +203,73 @@ def run(
                 f"MLflow run {run_id} (from the checkpoint) is not in {tracking_uri()}; "
                 "set MLFLOW_TRACKING_URI to the store it was logged to, or train without --resume"
             ) from None
-    active = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else run_name, nested=nested)
+    _check_artifacts_writable(exp_id)
     base_tags = {"dpcam.version": dpcam.__version__}
     if commit := git_commit():
         base_tags["git.commit"] = commit
-    mlflow.set_tags({**base_tags, **(tags or {})})
 
-    previous = None
+    installed, previous = False, None
     if not nested:
-
-        def _on_term(signum, frame):
-            raise Terminated(f"received signal {signum}")
-
-        previous = signal.signal(signal.SIGTERM, _on_term)
-    status = "FAILED"
+        previous, installed = signal.signal(signal.SIGTERM, _on_term), True
+    status, active = "FAILED", None
     try:
+        with _signals_deferred():
+            try:
+                active = mlflow.start_run(
+                    run_id=run_id, experiment_id=exp_id, run_name=None if run_id else run_name, nested=nested
+                )
+                mlflow.set_tags({**base_tags, **(tags or {})})
+            except Exception as e:
+                raise _store_error(e, "start a run") from None
         yield active.info.run_id
         status = "FINISHED"
-    except (Terminated, KeyboardInterrupt):
+    except (Terminated, KeyboardInterrupt) as e:
         status = "KILLED"
+        if isinstance(e, Terminated):
+            _signals["pending"] = None  # on its way out: not to be raised twice
         raise
     finally:
-        mlflow.end_run(status)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        _signals["busy"] += 1
+        try:
+            if _signals["pending"] is not None:
+                status = "KILLED"  # a signal came in and the code it interrupted did not let it out
+            if active is not None:
+                try:
+                    mlflow.end_run(status)
+                except Exception:
+                    if status == "FINISHED":
+                        raise
+                    # the run is failing already: its own error says more than the store's
+        finally:
+            _signals["busy"] -= 1
+            if installed:
+                signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        _raise_pending()
 
 
+@_shielded
 def log_params(params: dict[str, Any]) -> None:
     """Log flat params (nested dicts become dotted keys); values already logged must not change."""
     flat = _flatten(params)
     mlflow.log_params({k: ("" if v is None else v) for k, v in flat.items()})
 
 
+@_shielded
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)}, step=step)
 
 
+@_shielded
 def set_tags(tags: dict[str, Any]) -> None:
     mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+@_shielded
 def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
+@_shielded
 def log_model(model, input_example) -> str:
     """Log a torch module so ``mlflow.pytorch.load_model`` loads it; returns the model URI.
 
@@ -172,10 +304,21 @@ def _requirements() -> list[str]:
 
 
 def load_model(model_uri: str):
+    """Load a logged model (``models:/...``, ``runs:/...``) into memory, leaving the tracking store as it was.
+
+    MLflow downloads the model first; without a destination it works in place for a local store
+    and writes a ``registered_model_meta`` file into the store's artifacts. Here the download goes
+    to a temporary folder, removed once the model is in memory.
+
+    Security: logged models are pickles (see :func:`log_model`): loading one runs code from the
+    store. Load only from a store you trust; ``dpcam.train.load_model`` (the state dict in
+    ``models/<run>/model.pt``, read with ``weights_only=True``) is the safe path.
+    """
     import mlflow.pytorch
 
     _setup()
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    with tempfile.TemporaryDirectory(prefix="dpcam-model-") as tmp:
+        return mlflow.pytorch.load_model(model_uri, dst_path=tmp, map_location="cpu")
 
 
 def get_run(run_id: str):
@@ -199,12 +342,32 @@ def log_to_run(
     artifacts: list[Path],
     artifact_path: str,
 ) -> None:
-    """Add a later stage's metrics, tags and files to an existing run (the training's run of a model)."""
-    with run(experiment, "", run_id=run_id):
-        log_metrics(metrics)
-        set_tags(tags)
-        for path in artifacts:
-            log_artifact(path, artifact_path=artifact_path)
+    """Add a later stage's metrics, tags and files to an existing run (the training's run of a model).
+
+    Through the client, without reopening the run: the training run keeps its status (FINISHED) whatever
+    happens to the later stage.
+    """
+    _log_to_run(run_id, metrics, tags, artifacts, artifact_path)
+
+
+@_shielded
+def _log_to_run(
+    run_id: str, metrics: dict[str, Any], tags: dict[str, Any], artifacts: list[Path], artifact_path: str
+) -> None:
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    _setup()
+    client = MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
+    for path in artifacts:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -278,6 +441,7 @@ def child_runs(parent_run_id: str) -> list[dict[str, Any]]:
     ]
 
 
+@_shielded
 def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
     """Log every file of ``folder`` under ``artifact_path`` of the active run."""
     mlflow.log_artifacts(str(folder), artifact_path=artifact_path)

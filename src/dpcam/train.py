@@ -4,17 +4,31 @@
 out; search calls it); ``run`` is the stage shell that adds MLflow and writes ``models/<run>/``
 (weights, how to rebuild them, ``train.json``); ``run_family`` trains every run of one family of
 the grid in one process.
+
+A run holds a lock on its folder (``models/<run>/.train.lock``, ``flock``) from before its first
+check to its last write: a second process training the same run name is refused with one line
+naming the live one, instead of both writing into one folder (and one MLflow run with --resume).
+
+What MLflow gets (:func:`mlflow_params`, :func:`mlflow_metrics`): the settings that applied to the
+run (ε = ``inf`` for the non-private schemes, the clipping bound only for clipped ones, the data's
+ε for LDP runs under ``ldp_epsilon``), train.json's numbers as metrics with the same values, and
+the per-epoch curves under their own keys (``val_accuracy_epoch`` at steps 1..E, so the
+``val_accuracy`` MLflow shows is the selected epoch's, as in train.json).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
+import os
+import shutil
+import socket
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,15 +41,24 @@ from dpcam import layout
 from dpcam.config import GridConfig, TrainConfig
 from dpcam.data.store import PreparedDataset, load_dataset
 from dpcam.errors import UserError
-from dpcam.families import check_flags, family_runs, fresh, run_config
-from dpcam.names import CLIPPED_SCHEMES
+from dpcam.families import check_flags, family_runs, run_config
+from dpcam.names import CLIPPED_SCHEMES, NOISED_SCHEMES
 from dpcam.records import TrainRecord
 
 log = logging.getLogger("dpcam.train")
 
 COLLAPSE_SHARE = 0.9  # a model predicting one class for ≥ 90% of the test set is collapsed
+UNDERTRAINED_Z = 2.0  # a last-epoch record by more than this many standard errors: still rising
 # settings that may differ between a checkpoint and the run resuming it
 _RESUMABLE = {"device", "eval_batch_size", "keep_best", "name"}
+LOCK_FILE = ".train.lock"  # in the run's folder while a process trains it
+# per-epoch MLflow metric keys (steps 1..E) of the history's rows; none of them is a train.json key
+EPOCH_METRICS = {
+    "train_loss": "train_loss",
+    "val_accuracy": "val_accuracy_epoch",
+    "epsilon_spent": "epsilon_spent",
+    "lr": "lr",
+}
 
 
 @dataclass
@@ -43,6 +66,24 @@ class FitResult:
     model: nn.Module  # the plain module (no Opacus hooks), best-validation weights when keep_best
     metrics: TrainRecord
     history: list[dict[str, float]]
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # test: index, pred, label
+
+
+PREDICTIONS = "predictions.npz"
+VERSIONED = ("torch", "opacus", "captum", "dp-accounting", "dpcam")
+
+
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a run's numbers depend on (recorded in train.json)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in VERSIONED:
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def resolve_device(device: str) -> torch.device:
@@ -190,6 +231,14 @@ def _start(cfg: TrainConfig) -> _Training:
     optimizer = _make_optimizer(cfg, model.parameters())
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    if cfg.batch_size > len(train):
+        warnings.warn(
+            f"{cfg.run_name}: batch size {cfg.batch_size} is more than the {len(train)} training images; "
+            f"using {len(train)}: every step sees the whole training set"
+            + (" (sampling rate q = 1: no amplification by subsampling)" if cfg.scheme in CLIPPED_SCHEMES else ""),
+            UserWarning,
+            stacklevel=3,
+        )
     loader = train.loader(batch_size=min(cfg.batch_size, len(train)), shuffle=True, generator=sampler_gen)
     setup = make_private(
         model,
@@ -298,8 +347,25 @@ def _save_checkpoint(t: _Training, epoch: int, path: Path, extra_state: dict[str
     )
 
 
-def _finish(t: _Training, seconds: float) -> TrainRecord:
-    """Best-validation weights back in, test metrics, privacy report: the run's record."""
+def undertrained(curve: list[float], n_val: int, z: float = UNDERTRAINED_Z) -> bool:
+    """Whether validation accuracy was still rising at the end of training.
+
+    The rule: the last epoch beats the best of all earlier epochs by more than ``z`` standard errors
+    of a difference of two validation accuracies, sqrt(2 p (1 − p) / n_val) at the last epoch's
+    accuracy p. A run whose final epoch is still a clear record has not converged: more epochs
+    would likely change its numbers. (A cosine schedule's last epochs run at a small learning rate,
+    so a converged cosine run gains little in its very last epoch.) One epoch: never undertrained
+    by this rule, as nothing earlier exists to compare with.
+    """
+    if len(curve) < 2:
+        return False
+    p = curve[-1]
+    se = math.sqrt(2 * max(p * (1 - p), 1e-12) / max(n_val, 1))
+    return curve[-1] - max(curve[:-1]) > z * se
+
+
+def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.ndarray]]:
+    """Best-validation weights back in, test metrics, privacy report: the run's record and its test predictions."""
     cfg, plain = t.cfg, t.setup.plain_module
     if cfg.keep_best and t.best["state"] is not None:
         plain.load_state_dict(t.best["state"])
@@ -319,6 +385,9 @@ def _finish(t: _Training, seconds: float) -> TrainRecord:
         train_seconds=seconds,
         device=t.device.type,
         collapsed=False,
+        val_curve=[row["val_accuracy"] for row in t.history],
+        undertrained=undertrained([row["val_accuracy"] for row in t.history], len(t.splits[1])),
+        versions=library_versions(),
     )
     record.collapsed = record.test_majority_share >= COLLAPSE_SHARE
     if record.collapsed:
@@ -327,7 +396,7 @@ def _finish(t: _Training, seconds: float) -> TrainRecord:
             f"for {record.test_majority_share:.0%} of the test set",
             stacklevel=3,
         )
-    return record
+    return record, {"index": t.splits[2].indices, "pred": test_pred, "label": test_true}
 
 
 def fit(
@@ -368,8 +437,8 @@ def fit(
                 f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
                 f"val_acc {row['val_accuracy']:.3f} ε {row['epsilon_spent']:.4g}"
             )
-    record = _finish(t, time.perf_counter() - started)
-    return FitResult(t.setup.release(), record, t.history)  # no Opacus hooks left on the returned model
+    record, predictions = _finish(t, time.perf_counter() - started)
+    return FitResult(t.setup.release(), record, t.history, predictions)  # no Opacus hooks left on the returned model
 
 
 # ------------------------------------------------------------------------------------ saved models
@@ -392,16 +461,42 @@ def save_model(model: nn.Module, cfg: TrainConfig, data: PreparedDataset, out: P
 
 
 def load_model(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained run's plain model (eval mode) from models/<run>/."""
+    """Rebuild a trained run's plain model (eval mode) from models/<run>/.
+
+    The safe way to load a dpcam model: the weights are a state dict read with
+    ``weights_only=True`` (no code runs). A missing, corrupt or mismatched ``model.pt`` or
+    ``model.json`` is a one-line UserError naming the file.
+    """
     from dpcam.models import create_model
 
     path = Path(run) if Path(run).is_dir() else layout.run_dir(str(run))
-    if not (path / "model.pt").is_file() or not (path / layout.MODEL_JSON).is_file():
+    weights, described = path / "model.pt", path / layout.MODEL_JSON
+    if not weights.is_file() or not described.is_file():
         raise UserError(f"run {str(run)!r}: no trained model at {path}/model.pt; run `dpcam train` for it first")
-    spec = json.loads((path / layout.MODEL_JSON).read_text())
-    model = create_model(spec["model"], spec["num_classes"], spec["image_size"], small_input=spec["small_input"])
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+    again = "train the run again (`dpcam train`, or `dvc repro` for a grid run)"
+    try:
+        spec = json.loads(described.read_text())
+        kind, classes, size, small = spec["model"], spec["num_classes"], spec["image_size"], spec["small_input"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{described}: not a readable dpcam model description ({_reason(e)}); {again}") from None
+    model = create_model(kind, classes, size, small_input=small)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds for a damaged file; its text suggests weights_only=False
+        raise UserError(f"{weights}: not a readable dpcam model file ({type(e).__name__}); {again}") from None
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise UserError(
+            f"{weights}: the weights do not fit the {kind} that {described.name} describes ({_reason(e)}); {again}"
+        ) from None
     return model.eval(), spec
+
+
+def _reason(e: BaseException) -> str:
+    """An exception's first line, short."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -420,12 +515,21 @@ def run(
 
     ``out`` gets model.pt, model.json and train.json. ``grid`` tags the MLflow run (``dpcam.grid``)
     so the runs of one study filter together in the UI; ``profile`` (params.yaml's ``profile``) is
-    recorded in train.json and tagged ``dpcam.profile``.
+    recorded in train.json and tagged ``dpcam.profile``. The folder is locked for the whole run
+    (:func:`run_lock`): made (and found writable) before anything else, refused while another
+    process trains it.
     """
+    out = Path(out) if out is not None else layout.MODELS_ROOT / cfg.run_name
+    with run_lock(out, cfg.run_name):
+        return _run_locked(cfg, out, resume=resume, progress=progress, grid=grid, profile=profile)
+
+
+def _run_locked(
+    cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, grid: str | None, profile: str | None
+) -> TrainRecord:
     from dpcam import tracking
 
     name = cfg.run_name
-    out = Path(out) if out is not None else layout.MODELS_ROOT / name
     checkpoint = out / layout.CHECKPOINT
     run_id = _resumed_run_id(checkpoint, cfg, name, out, resume)
     data = open_data(cfg)
@@ -438,10 +542,10 @@ def run(
     tags.update({k: v for k, v in (("dpcam.grid", grid), ("dpcam.profile", profile)) if v})
     with tracking.run(cfg.dataset, name, run_id=run_id, tags=tags) as mlflow_id:
         if run_id is None:
-            tracking.log_params(cfg.model_dump(mode="json"))
+            tracking.log_params(mlflow_params(cfg, data))
 
         def on_epoch(epoch: int, row: dict[str, float]) -> None:
-            tracking.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            tracking.log_metrics({EPOCH_METRICS[k]: v for k, v in row.items() if k in EPOCH_METRICS}, step=epoch)
 
         result = fit(
             cfg,
@@ -453,7 +557,9 @@ def run(
         )
         record = result.metrics.model_copy(update={"run_name": name, "mlflow_run_id": mlflow_id, "profile": profile})
         save_model(result.model, cfg, data, out)
-        tracking.log_metrics({k: v for k, v in record.to_json().items() if k != "schema"})
+        # every test prediction, for paired differences between runs (report.verdict)
+        layout.write_atomic(out / PREDICTIONS, lambda p: np.savez(p, **result.predictions))
+        tracking.log_metrics(mlflow_metrics(record, data))
         tracking.set_tags({"dpcam.collapsed": record.collapsed, "dpcam.accountant": record.accountant})
         example = data.split("test").batch([0, 1])[0].numpy()
         clean, _ = load_model(out)  # rebuilt from the saved files: no Opacus hooks, proves the save reloads
@@ -462,6 +568,160 @@ def run(
         tracking.log_artifact(out / layout.TRAIN_JSON)
     checkpoint.unlink()  # finished: the model and metrics are the run's outputs now
     return record
+
+
+def _ldp_mechanism(data: PreparedDataset) -> tuple[str | None, float | None, dict[str, Any]]:
+    """(mechanism name, its ε, its guarantee) of an LDP derivative's manifest."""
+    mech = data.manifest.get("mechanism") or {}
+    eps = mech.get("epsilon")
+    return mech.get("name"), float(eps) if isinstance(eps, (int, float)) else None, data.manifest.get("guarantee") or {}
+
+
+def mlflow_params(cfg: TrainConfig, data: PreparedDataset) -> dict[str, Any]:
+    """The run's settings as MLflow params: only those that applied to it.
+
+    ``epsilon``: the target ε as in run names (``1``, ``0.5``) for gaussian/laplace, ``inf`` for
+    none and clip-only, absent for ldp (no DP-SGD; the data's ε is ``ldp_epsilon``, with
+    ``ldp_mechanism`` and ``ldp_scope``: what that ε protects). ``delta`` only where it enters an
+    (ε, δ) guarantee (gaussian, laplace); ``clip`` and ``grad_sample_mode`` only for clipped schemes;
+    ``accountant`` only for gaussian (laplace has its own, logged as the ``dpcam.accountant`` tag).
+    """
+    params = cfg.model_dump(mode="json")
+    for key in ("epsilon", "delta", "clip", "accountant", "grad_sample_mode"):
+        params.pop(key)
+    if cfg.scheme in NOISED_SCHEMES:
+        params.update(epsilon=layout.format_eps(cfg.epsilon), delta=cfg.delta)
+    elif cfg.scheme != "ldp":
+        params["epsilon"] = "inf"
+    if cfg.scheme in CLIPPED_SCHEMES:
+        params.update(clip=cfg.clip, grad_sample_mode=cfg.grad_sample_mode)
+    if cfg.scheme == "gaussian":
+        params["accountant"] = cfg.accountant
+    if cfg.scheme == "ldp":
+        mechanism, eps, guarantee = _ldp_mechanism(data)
+        params.update(
+            ldp_mechanism=mechanism,
+            ldp_epsilon=layout.format_eps(eps) if eps is not None else None,
+            ldp_scope=guarantee.get("scope"),
+        )
+    return params
+
+
+def mlflow_metrics(record: TrainRecord, data: PreparedDataset) -> dict[str, Any]:
+    """train.json's numbers as MLflow metrics (same keys, same values), plus ``ldp_epsilon`` for LDP runs.
+
+    ∞ is left out (ε of a non-private run: MLflow's SQL stores would show it as 1.8e308; the param
+    ``epsilon = inf`` says it); ``delta`` only where it enters an (ε, δ) guarantee.
+    """
+    out = {k: v for k, v in record.to_json().items() if k != "schema"}
+    if record.scheme not in NOISED_SCHEMES:
+        out.pop("delta", None)
+    if record.scheme == "ldp":
+        _, eps, guarantee = _ldp_mechanism(data)
+        out.update(ldp_epsilon=eps, ldp_image_epsilon=guarantee.get("image_epsilon"))
+    return out
+
+
+# ------------------------------------------------------------------------------------ the run folder's lock
+
+
+@contextlib.contextmanager
+def run_lock(folder: Path, name: str) -> Iterator[None]:
+    """Make ``folder`` and hold an exclusive lock on ``folder/.train.lock`` for the block.
+
+    One line (UserError) when the folder cannot be made or written (before any training), or when
+    another process holds the lock (naming its pid and host). The lock file is removed on the way
+    out; a killed process's stale file is harmless (the kernel dropped its lock). Folders this
+    call made are removed again when they are left empty. No-op where ``fcntl`` is missing.
+    """
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        _remove_empty(made)
+        raise UserError(_unwritable(made[-1].parent if made else folder, folder, e)) from None
+    try:
+        fd = _lock(folder / LOCK_FILE, name)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
+        yield
+    finally:
+        if fd is not None:
+            (folder / LOCK_FILE).unlink(missing_ok=True)  # still holding it: a waiter re-checks the path
+            os.close(fd)
+        _remove_empty(made)
+
+
+def _unwritable(blocked: Path, folder: Path, e: OSError) -> str:
+    return (
+        f"{blocked} is not writable ({e.strerror or type(e).__name__}); the run's checkpoint, model and "
+        f"train.json go to {folder}: fix its permissions (or run dpcam from a folder you can write)"
+    )
+
+
+def _lock(path: Path, name: str) -> int | None:
+    """The locked file descriptor of ``path`` (our pid and host written in it); None without fcntl."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    for _ in range(100):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed by a run that just ended empty-handed
+            path.parent.mkdir(parents=True, exist_ok=True)
+            continue
+        except OSError as e:
+            raise UserError(_unwritable(path.parent, path.parent, e)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = f"process {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "a process"
+            stop = f"stop it (kill {holder[0]})" if holder else "stop it"
+            raise UserError(
+                f"run {name!r} is being trained right now by {who} ({path} is locked); wait for it to finish, "
+                f"or {stop} and continue it with --resume"
+            ) from None
+        except OSError as e:  # a file system without flock: train unlocked rather than not at all
+            warnings.warn(
+                f"{path}: cannot lock ({e.strerror}); two processes training {name} would clash", stacklevel=4
+            )
+            os.close(fd)
+            return None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:  # not a file its last holder removed between our open and our lock
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            return fd
+        os.close(fd)
+    raise UserError(f"{path}: could not take the run's lock (it keeps changing hands); try again")
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _empty_folder(folder: Path) -> None:
+    """Remove everything in ``folder`` but its lock file (a grid run's folder is rebuilt from scratch)."""
+    for entry in folder.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _resumed_run_id(checkpoint: Path, cfg: TrainConfig, name: str, out: Path, resume: bool) -> str | None:
@@ -497,7 +757,11 @@ def run_family(
     check_flags(family, grid, flags or {})
     specs = family_runs(grid, family, layout.MODELS_ROOT)
     cfgs = [run_config(s, grid, base) for s in specs]  # every config is validated before anything is trained
-    return [
-        run(cfg, progress=progress, grid=grid.name, out=fresh(s.model_dir), profile=profile)
-        for s, cfg in zip(specs, cfgs)
-    ]
+    records = []
+    for s, cfg in zip(specs, cfgs):
+        with run_lock(s.model_dir, cfg.run_name):  # locked before it is emptied: a live run's folder is left alone
+            _empty_folder(s.model_dir)
+            records.append(
+                _run_locked(cfg, s.model_dir, resume=False, progress=progress, grid=grid.name, profile=profile)
+            )
+    return records

@@ -45,8 +45,15 @@ def runs(tmp_path_factory):
     old = os.getcwd()
     os.chdir(root)
     try:
-        prepare_synthetic(PrepareConfig(dataset="fundus", size=32, synthetic={"n": 200}, split=FUNDUS_SPLIT, workers=1))
-        overfit = trained("overfit", scheme="none", epochs=60, optimizer="adam", lr=3e-3, batch_size=30)
+        prepare_synthetic(
+            PrepareConfig(
+                dataset="fundus", size=32, synthetic={"n": 200, "lesion_scale": 2.0}, split=FUNDUS_SPLIT, workers=1
+            )
+        )
+        # small batches, constant lr: the 3-block smallcnn memorises its 60 training images (loss ~0.1)
+        overfit = trained(
+            "overfit", scheme="none", epochs=100, optimizer="adam", lr=1e-2, batch_size=10, schedule="constant"
+        )
         dp = trained("dp", scheme="gaussian", epsilon=1.0, delta=1e-3, epochs=3, batch_size=10, lr=0.5)
     finally:
         os.chdir(old)
@@ -96,10 +103,20 @@ def test_dp_model_stays_within_its_bound(in_runs, caplog):
     assert r["violation"] is False and not caplog.records
     assert r["check"]["bound"] == "pld-curve+eps-delta-line" and r["check"]["violations"] == []
     assert all(row["within_line"] and row["within_pld"] for row in r["check"]["per_attack"].values())
-    assert r["mia_epsilon_lb"] <= r["privacy"]["epsilon"]
+    # checked for the replace-one relation of the experiment, the add/remove curve only recorded beside it
+    check = r["check"]
+    assert check["relation"] == "replace-one" and r["privacy"]["relation"] == "add-or-remove-one"
+    assert check["epsilon_replace_one"] > 1.3 * r["privacy"]["epsilon"] and check["delta_replace_one"] == 1e-3
+    assert all(row["allowed_tpr_add_remove"] <= row["allowed_tpr_pld"] for row in check["per_attack"].values())
+    assert r["mia_epsilon_lb"] <= check["epsilon_replace_one"]
+    detectable = any("largest ε these sample sizes can show" in n for n in r["notes"])
+    assert detectable == (check["epsilon_replace_one"] >= r["epsilon_lb_max_detectable"])
     # the profile rebuilt from σ, q and steps gives back the accountant's ε (PRV) to ~1 %
     assert r["check"]["pld_epsilon_at_delta"] == pytest.approx(r["privacy"]["epsilon"], rel=0.03)
-    assert _mlflow_run(dp).data.tags["dpcam.audit_check"] == "pld-curve+eps-delta-line"
+    logged = _mlflow_run(dp).data
+    assert logged.tags["dpcam.audit_check"] == "pld-curve+eps-delta-line"
+    assert logged.tags["dpcam.audit_relation"] == "replace-one"
+    assert logged.metrics["mia_check_epsilon_replace_one"] == pytest.approx(check["epsilon_replace_one"])
 
 
 def test_a_model_that_beats_its_claimed_epsilon_is_reported_loudly(in_runs, caplog):
@@ -132,7 +149,14 @@ def test_a_model_that_beats_its_claimed_epsilon_is_reported_loudly(in_runs, capl
 def test_audit_family_mirrors_the_explain_stage(in_runs):
     overfit, _ = in_runs
     grid = GridConfig(
-        baselines=["none"], gaussian=[], laplace=[], clip_sweep={"clips": []}, ldp=[], train_sizes={"sizes": []}
+        family_seeds={},
+        seeds=[0],
+        baselines=["none"],
+        gaussian=[],
+        laplace=[],
+        clip_sweep={"clips": []},
+        ldp=[],
+        train_sizes={"sizes": []},
     )
     with pytest.raises(UserError, match="grid run none-epsinf-smallcnn-s0: no trained model"):
         A.audit_family("baseline", grid, cfg())
@@ -150,7 +174,14 @@ def test_audit_family_mirrors_the_explain_stage(in_runs):
 def test_audit_grid_checks_every_model_before_writing(in_runs):
     overfit, _ = in_runs
     grid = GridConfig(
-        baselines=["none"], gaussian=[1], laplace=[], clip_sweep={"clips": []}, ldp=[], train_sizes={"sizes": []}
+        family_seeds={},
+        seeds=[0],
+        baselines=["none"],
+        gaussian=[1],
+        laplace=[],
+        clip_sweep={"clips": []},
+        ldp=[],
+        train_sizes={"sizes": []},
     )
     for folder in ("models/baseline", "audits/baseline"):  # the runs fixture is shared with the family test
         shutil.rmtree(folder, ignore_errors=True)
@@ -159,7 +190,14 @@ def test_audit_grid_checks_every_model_before_writing(in_runs):
         A.audit_grid(grid, cfg(attacks=["loss"]))
     assert not Path("audits/baseline/none-epsinf-smallcnn-s0").exists()  # nothing half written
     grid = GridConfig(
-        baselines=["none"], gaussian=[], laplace=[], clip_sweep={"clips": []}, ldp=[], train_sizes={"sizes": []}
+        family_seeds={},
+        seeds=[0],
+        baselines=["none"],
+        gaussian=[],
+        laplace=[],
+        clip_sweep={"clips": []},
+        ldp=[],
+        train_sizes={"sizes": []},
     )
     [r] = A.audit_grid(grid, cfg(attacks=["loss"]))
     assert (

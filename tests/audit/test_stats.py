@@ -126,5 +126,5 @@ def test_check_points_flags_a_hand_made_violation():
     assert per["bad"]["violation"] is True and per["bad"]["allowed_tpr_line"] == pytest.approx(math.e * 0.01 + 1e-5)
     # inside the (ε, δ) line but outside a (tighter) profile curve: still a violation
     profile = (np.array([0.1]), np.array([1e-5]))
-    per = A.check_points({"p": (0.2, 0.4)}, epsilon=1.0, delta=1e-5, profile=profile)["p"]
+    per = A.check_points({"p": (0.2, 0.4)}, epsilon=1.0, delta=1e-5, curve=profile)["p"]
     assert per["within_line"] and not per["within_pld"] and per["violation"]

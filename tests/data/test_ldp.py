@@ -29,8 +29,8 @@ def write_source(path, n=24, h=8, w=8, masks=True, name="tiny", seed=0):
     return path
 
 
-def grey(n, h=6, w=6, value=128):
-    return np.full((n, h, w, 3), value, np.uint8)
+def grey(n, h=6, w=6, value=128, channels=3):
+    return np.full((n, h, w, channels), value, np.uint8)
 
 
 SOURCES = {
@@ -163,7 +163,7 @@ def test_mechanism_contract(name):
     g = mech.guarantee((7, 8, 3))
     assert {"scope", "neighbours", "epsilon", "delta", "image_epsilon", "image_delta", "values", "words"} <= set(g)
     assert g["scope"] in ("per value", "per image", "none") and g["values"] == 7 * 8 * 3 and g["words"]
-    json.dumps({"params": mech.params(), "guarantee": g}, allow_nan=False)  # strict JSON
+    json.dumps({"params": mech.params((7, 8, 3)), "guarantee": g}, allow_nan=False)  # strict JSON
     assert mech.name == name
     with pytest.raises(UserError, match="ε"):
         ldp.MECHANISMS[name](0.0)
@@ -259,7 +259,32 @@ def test_dp_pix_noise_scale_per_cell_including_edge_cells():
     noise = ldp.NoiseSource(4).laplace((5, 2, 2, 3), scale[None, :, :, None])
     cells = np.clip(np.rint(128 + noise), 0, 255).astype(np.uint8)
     assert np.array_equal(out[:, ::b, ::b], cells)
-    assert mech.params()["scale"] == 3 * 255 * m / (b * b * eps)
+    p = mech.params((h, w, 3))
+    assert p["scale"] == 3 * 255 * m / (b * b * eps) and p["channels"] == 3 and p["cell_pixels"] == 16
+    assert p["edge_cells"] == [
+        {"pixels": a, "cells": 1, "scale": pytest.approx(3 * 255 * m / (a * eps))} for a in (6, 8, 12)
+    ]
+
+
+@pytest.mark.parametrize("c", [1, 4])
+def test_dp_pix_reports_the_noise_scale_of_the_images_channel_count(c):
+    """The recorded scale, the manifest's parameters and the words follow the image's C (not 3), as the noise
+    drawn does, and name the edge cells."""
+    eps, b = c * 255 / (16 * 10.0), 4  # full 4×4 cells get scale C·255/(16ε) = 10: mid-grey never clips in practice
+    mech = ldp.MECHANISMS["dp-pix"](eps, b=b)
+    p = mech.params((8, 8, c))
+    assert p["scale"] == pytest.approx(10.0) and p["channels"] == c and p["edge_cells"] == []
+    assert f"C = {c} channel" in p["scale_formula"]
+    out = mech.apply(grey(4000, 8, 8, channels=c), ldp.NoiseSource(2))
+    resid = out[:, ::4, ::4].astype(np.float64) - 128
+    assert abs(np.abs(resid).mean() / p["scale"] - 1) < 0.02  # the noise actually drawn has the recorded scale
+    g = mech.guarantee((8, 8, c))
+    assert f"8×8×{c}" in g["words"] and f"{p['scale']:.4g}" in g["words"] and "edge cells" not in g["words"]
+    g = mech.guarantee((10, 9, c))  # edge cells: rows of 2 pixels, a column of 1
+    edges = mech.params((10, 9, c))["edge_cells"]
+    assert [(e["pixels"], e["cells"]) for e in edges] == [(2, 1), (4, 2), (8, 2)]
+    assert "edge cells" in g["words"] and f"{edges[0]['scale']:.4g}" in g["words"]
+    assert g["values"] == 10 * 9 * c
 
 
 def test_dp_pix_empirical_noise_scale():

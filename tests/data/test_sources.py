@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +439,43 @@ def test_dead_worker_is_one_error_line_not_a_hang(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"a decoding process died .*; rerun with --workers 1"):
         prep("imagefolder", src, workers=2)
     assert not (OUT / "d").exists() and not any(OUT.glob(".d*"))
+
+
+def _bytes_name(folder: Path, name: bytes) -> Path:
+    """``folder / name`` for a name that is not valid UTF-8 (decoded with surrogate escapes, as os.listdir does)."""
+    path = folder / os.fsdecode(name)
+    try:
+        path.write_text("not an image")
+    except (OSError, UnicodeEncodeError):
+        pytest.skip("this file system refuses names that are not valid UTF-8")
+    return path
+
+
+def test_file_and_folder_names_that_are_not_utf8_are_recorded_escaped(tmp_path):
+    """Failed before: UnicodeEncodeError writing manifest.json after decoding everything (a traceback)."""
+    src = make_folder(tmp_path / "if", classes=("a", "b"), per_class=3)
+    _bytes_name(src / "a", b"bad\xff.png")
+    (src / os.fsdecode(b"c\xfe")).mkdir()
+    for i in range(3):
+        save(src / os.fsdecode(b"c\xfe") / f"c{i}.png", seed=40 + i)
+    prep("imagefolder", src, skip_bad=True)
+    m = json.loads((OUT / "d" / "manifest.json").read_text(encoding="utf-8"))
+    assert [s["file"] for s in m["skipped"]] == [f"{src}/a/bad\\xff.png"]
+    assert m["classes"] == ["a", "b", "c\\xfe"] and m["count"] == 9
+    assert sorted(p.name for p in OUT.iterdir()) == ["d"]
+
+
+def test_a_bad_file_whose_name_is_not_utf8_is_one_printable_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from dpcam.cli import app
+
+    src = make_folder(tmp_path / "if")
+    _bytes_name(src / "b", b"z\xff.png")
+    r = CliRunner().invoke(
+        app, ["prepare", "--format", "imagefolder", "--source", str(src), "--dataset", "d", "--workers", "1"]
+    )
+    assert r.exit_code == 2, r.output
+    (line,) = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert "z\\xff.png: not an image" in line and "--skip-bad" in line
+    assert not (OUT / "d").exists()

@@ -120,3 +120,26 @@ def test_subset_draws_distinct_images_of_the_split_reproducibly():
     assert set(a.indices) <= set(train.indices)
     with pytest.raises(UserError, match="cannot take 999 images"):
         train.subset(999)
+
+
+def test_a_prepare_killed_with_sigkill_leaves_nothing_the_next_one_keeps(tmp_path):
+    """kill -9 mid-write leaves the dataset-sized temporary folder; the next writer of the dataset removes it
+    (failed before: .tiny.tmp-XXXX stayed for good, named without its owner)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal; from dpcam.data import store; "
+        "w = store.DatasetWriter('data/prepared/tiny', 50, 32, 32, with_masks=False); w.images[:] = 7; "
+        "w.images.flush(); os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    root = tmp_path / "data/prepared"
+    (left,) = root.glob(".tiny.tmp-*")
+    assert (left / "images.npy").stat().st_size >= 50 * 32 * 32 * 3
+    make_tiny()
+    assert sorted(p.name for p in root.iterdir()) == ["tiny"]

@@ -111,7 +111,7 @@ def test_smallcnn_batch_equals_per_image_and_model_state_restored():
 
 
 def test_works_under_no_grad_and_with_layer_by_name():
-    model = create_model("smallcnn", 2, 32, seed=0)
+    model = create_model("smallcnn", 2, 32, seed=0, widths=(8, 16, 32, 32))
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         a = gradcam(model, x)[0]
@@ -183,7 +183,7 @@ def test_bad_inputs():
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_guided_gradcam_method():
     assert {"gradcam", "guided-gradcam"} <= set(METHODS)
-    model = create_model("smallcnn", 3, 32, seed=0)
+    model = create_model("smallcnn", 3, 32, seed=0, widths=(8, 16, 32, 32))
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     maps, target, probs = gradcam(model, x, method="guided-gradcam")
     assert maps.shape == (3, 32, 32) and float(maps.min()) >= 0 and float(maps.max()) == 1.0

@@ -150,3 +150,77 @@ def test_missing_model_file_is_reported(in_runs, tmp_path):
     Path("models/broken/model.json").write_text("{}")
     with pytest.raises(UserError, match="no trained model"):
         score("broken", ExplainConfig(device="cpu"))
+
+
+def _recompute(name: str, cfg: ExplainConfig, batch_size: int) -> dict[str, float]:
+    """Every metric of explain.json from maps.npy + map_indices.npy + the models + the dataset, by the public
+    metric functions (not the stage's code): the saved float16 maps are what the metrics see."""
+    import torch
+
+    from dpcam.data.store import ImageDataset, load_dataset
+    from dpcam.explain.gradcam import gradcam, random_init_copy
+    from dpcam.explain.metrics import (
+        RunningMean,
+        as_saved,
+        confidence_drop,
+        deletion_insertion,
+        energy_pointing_game,
+        has_mask,
+        map_agreement,
+        pointing_game,
+        predict_probs,
+    )
+    from dpcam.train import load_model
+
+    folder = Path("metrics") / name
+    saved = torch.from_numpy(np.load(folder / "maps.npy").astype(np.float32))
+    idx = np.load(folder / "map_indices.npy")
+    model, spec = load_model(name)
+    images = ImageDataset(load_dataset(spec["data_dir"]), idx, with_masks=True)  # the saved images, in order
+    reference = load_model("none-epsinf-smallcnn-s0")[0]
+    randomised = random_init_copy(model, cfg.seed)
+    run = RunningMean()
+    for start in range(0, idx.size, batch_size):
+        sl = slice(start, start + batch_size)
+        x, y, masks = images.batch(np.arange(idx.size)[sl])
+        maps = saved[sl]
+        probs = predict_probs(model, x)
+        target = probs.argmax(1)
+        c = confidence_drop(model, x, maps, target, y, probs=probs)
+        d, i = deletion_insertion(model, x, maps, target, steps=cfg.steps, probs=probs)
+        hits, valid = pointing_game(maps, masks)
+        ref = as_saved(gradcam(reference, x, target=target)[0])
+        rnd = as_saved(gradcam(randomised, x, target=target)[0])
+        agreement, randomisation = map_agreement(maps, ref), map_agreement(maps, rnd)
+        values = {k: c[k] for k in ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "masked_accuracy_pct")}
+        values |= {"deletion_auc": d, "insertion_auc": i, "pointing_game": hits}
+        values |= {"energy_pointing_game": energy_pointing_game(maps, masks)}
+        values |= {"map_agreement": agreement, "randomisation_agreement": randomisation}
+        lesions = has_mask(masks)
+        ok = {"pointing_game": valid, "energy_pointing_game": lesions}
+        ok |= {"map_agreement": torch.isfinite(agreement), "randomisation_agreement": torch.isfinite(randomisation)}
+        run.add(values, ok)
+    return run.result()
+
+
+def test_every_explain_number_is_recomputed_exactly_from_the_saved_maps(in_runs):
+    """The metrics see the float16 maps the stage saves, and the means are exact sums: maps.npy, map_indices.npy,
+    the models and the dataset give explain.json's numbers to the last bit. Failed before: the metrics saw the
+    float32 maps (e.g. avg_drop_pct 7.231930 in the file, 7.232224 from the saved maps)."""
+    none, dp = in_runs
+    cfg = ExplainConfig(device="cpu", batch_size=16)
+    record = score(dp, cfg, progress=False)
+    written = json.loads((Path("metrics") / dp / "explain.json").read_text())
+    again = _recompute(dp, cfg, cfg.batch_size)  # the stage's batches: the model's forward is the same computation
+    assert len(again) == 10 and all(isinstance(written[k], float) for k in again)
+    for key, value in again.items():
+        assert written[key] == value and record[key] == value, key  # exactly, not approximately
+    # other batches: the metrics of the maps alone are still exact (the sums do not depend on the batching); the
+    # model's float32 forward may round differently for another batch size (on this CPU it does not, here)
+    for batch_size in (5, 48):
+        other = _recompute(dp, cfg, batch_size)
+        for key, value in other.items():
+            if key in ("pointing_game", "energy_pointing_game"):
+                assert written[key] == value, key
+            else:
+                assert written[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

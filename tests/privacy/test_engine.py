@@ -224,6 +224,20 @@ def test_warns_when_delta_not_below_one_over_n():
         make_private(model, opt, loader, scheme="clip-only", delta=1 / 100, max_grad_norm=1.0, epochs=1)
 
 
+def test_the_delta_warning_is_given_once(caplog, recwarn):
+    """One warning (the CLI prints it as one line), not also a log record of the same text."""
+    import logging
+    import warnings
+
+    model, opt, loader = _parts(n=200)
+    warnings.simplefilter("always")
+    with caplog.at_level(logging.DEBUG):
+        make_private(model, opt, loader, scheme="clip-only", delta=1 / 100, max_grad_norm=1.0, epochs=1)
+    assert [str(w.message) for w in recwarn.list if "1/N" in str(w.message)] != []
+    assert len([w for w in recwarn.list if "1/N" in str(w.message)]) == 1
+    assert not [r for r in caplog.records if "1/N" in r.getMessage()]
+
+
 def test_hooks_off_runs_plain_module_without_per_sample_capture():
     setup = _setup("clip-only")
     x = torch.randn(4, 5)

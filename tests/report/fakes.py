@@ -22,6 +22,7 @@ def fake_grid(**kw) -> GridConfig:
         "ldp": ["singh-sikka-eps0.5"],
         "clip_sweep": {"epsilon": 1, "clips": [0.1]},
         "train_sizes": {"sizes": [100], "gaussian": [5], "none": False},
+        "family_seeds": {},  # every family on every seed
     }
     return GridConfig(**{**base, **kw})
 
@@ -224,8 +225,22 @@ def write_fake_runs(grid: GridConfig, degenerate=("laplace-eps5-smallcnn-s1",), 
         rng = np.random.default_rng(k)
         np.save(spec.metrics_dir / "maps.npy", rng.random((test_idx.size, 16, 16)).astype(np.float16))
         np.save(spec.metrics_dir / "map_indices.npy", test_idx.astype(np.int64))
+        write_fake_per_image(spec, explain, test_idx, rng)
         if spec.family in audits:
             write_fake_audit(spec, k)
+
+
+def write_fake_per_image(spec, explain: dict, test_idx: np.ndarray, rng) -> None:
+    """per_image.npz (each metric: its explain.json mean plus zero-mean noise) and predictions.npz."""
+    n = test_idx.size
+    keys = [k for k, v in explain.items() if isinstance(v, float) and k not in ("accuracy",)]
+    noise = rng.normal(0, 1, n)
+    noise -= noise.mean()
+    values = {k: np.full(n, explain[k]) + 0.01 * noise for k in keys}
+    np.savez(spec.metrics_dir / "per_image.npz", index=test_idx.astype(np.int64), **values)
+    labels = np.arange(n) % 2
+    pred = np.where(rng.random(n) < 0.8, labels, 1 - labels)
+    np.savez(spec.model_dir / "predictions.npz", index=test_idx.astype(np.int64), pred=pred, label=labels)
 
 
 def read_csv(path: str) -> list[dict[str, str]]:

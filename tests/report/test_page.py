@@ -53,7 +53,8 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     g1 = metrics["gaussian"]["gaussian-eps1-smallcnn-s0"]
     assert g1["test_accuracy"] == 0.5 and g1["epsilon"] == pytest.approx(0.99) and g1["degenerate"] is False
     assert "map_agreement" not in metrics["baseline"]["none-epsinf-smallcnn-s0"]  # missing stays missing
-    assert set(metrics) == {"baseline", "gaussian", "laplace", "ldp", "clip-sweep", "train-size"}
+    assert list(metrics)[0] == "verdict"  # `dvc metrics show` opens with the answer
+    assert set(metrics) == {"verdict", "baseline", "gaussian", "laplace", "ldp", "clip-sweep", "train-size"}
 
     acc = read_csv("reports/plots/accuracy_vs_eps.csv")
     assert len(acc) == 2 * (2 + 1 + 2)  # seeds × (gaussian ε + laplace ε + baselines)

@@ -18,7 +18,7 @@ def test_report_tables_match_hand_computed_values(in_built):
     )  # 2 seeds × (2 baselines + 2 gaussian + laplace + ldp + clip + size)
     t1 = Path("reports/tables/table1_gaussian.md").read_text()
     header = md_row(t1, "smallcnn", "metric")
-    assert header == ["metric", "ε = 1", "ε = 5", "ε = ∞"]
+    assert header == ["metric", "ε = 1 (n = 2)", "ε = 5 (n = 2)", "ε = ∞ (n = 2)"]  # seeds per cell
     assert md_row(t1, "smallcnn", "Test accuracy")[1] == "0.600 ± 1.271"
     # Average Drop 20 / 30: mean 25, half-width 12.706 · 7.0711 / 1.4142 = 63.53
     assert md_row(t1, "smallcnn", "Average Drop")[1] == "25.00 ± 63.53"
@@ -34,24 +34,24 @@ def test_report_tables_match_hand_computed_values(in_built):
 
     # other tables: their columns
     assert md_row(Path("reports/tables/table2_laplace.md").read_text(), "smallcnn", "metric")[1:] == [
-        "ε = 5 †",
-        "ε = ∞",
+        "ε = 5 (n = 2) †",
+        "ε = ∞ (n = 2)",
     ]
     assert md_row(Path("reports/tables/table3_ldp.md").read_text(), "smallcnn", "metric")[1:] == [
-        "singh-sikka ε = 0.5",
-        "no LDP (ε = ∞)",
+        "singh-sikka ε = 0.5 (n = 2)",
+        "no LDP (ε = ∞) (n = 2)",
     ]
     assert md_row(Path("reports/tables/table4_clip_sweep.md").read_text(), "smallcnn", "metric")[1:] == [
-        "C = 0.1",
-        "C = 1 (main run)",
+        "C = 0.1 (n = 2)",
+        "C = 1 (main run) (n = 2)",
     ]
     assert md_row(Path("reports/tables/table5_train_size.md").read_text(), "smallcnn", "metric")[1:] == [
-        "n = 100, ε = 5",
-        "n = 28 (all), ε = 5",
+        "n = 100, ε = 5 (n = 2)",
+        "n = 28 (all), ε = 5 (n = 2)",
     ]
     assert md_row(Path("reports/tables/table6_baselines.md").read_text(), "smallcnn", "metric")[1:] == [
-        "none (no clipping, no noise)",
-        "clip-only (clipping, no noise)",
+        "none (no clipping, no noise) (n = 2)",
+        "clip-only (clipping, no noise) (n = 2)",
     ]
     # the audit column group: loss-attack AUC 0.52 / 0.56 -> 0.540 ± 12.706 · 0.028284 / 1.4142 = 0.254
     assert md_row(t1, "smallcnn", "MIA AUC (loss)")[1] == "0.540 ± 0.254"
@@ -75,7 +75,7 @@ def test_report_tables_match_hand_computed_values(in_built):
 
 def test_degenerate_runs_are_marked(in_built):
     t2 = Path("reports/tables/table2_laplace.md").read_text()
-    assert "ε = 5 †" in t2 and rep.DEGENERATE_NOTE in t2
+    assert "ε = 5 (n = 2) †" in t2 and rep.DEGENERATE_NOTE in t2
     assert "†" not in Path("reports/tables/table1_gaussian.md").read_text()
     page = Path("reports/index.html").read_text()
     assert "laplace-eps5-smallcnn-s1: near chance: fake" in page

@@ -16,7 +16,7 @@ The package, along the method's seams:
 - :mod:`dpcam.audit.stage`: the stage (``audit_run`` as a chain of named steps, families, the grid);
 - :mod:`dpcam.audit.plot`: roc.png.
 
-The privacy profile δ(ε') the check uses is :func:`dpcam.privacy.profile.privacy_profile`.
+The trade-off curves the check uses are :func:`dpcam.privacy.profile.trade_off`.
 
 Data. Members are the training images the run actually used (its train split, or the
 ``train_size`` subset that ``train.fit`` drew with seed 0); non-members are the test split, which
@@ -54,28 +54,46 @@ chosen on the data it is reported on (choosing a threshold on the same data is o
 - ``tpr_at_fpr_0.01`` / ``tpr_at_fpr_0.001``: the largest TPR among the evaluation ROC's points with
   FPR ≤ 1% / 0.1% (Carlini et al. 2022). With fewer than 1000 non-members FPR 0.1% cannot be
   resolved and the value is the TPR at FPR = 0 (``fpr_resolution`` = 1 / non-members).
-- ``epsilon_lb``: an empirical ε lower bound. For a threshold t with TP of n₁ members and FP of n₀
-  non-members flagged, Clopper–Pearson intervals give TPR_lo (lower end) and FPR_hi (upper end);
-  (ε, δ)-DP implies TPR ≤ e^ε·FPR + δ and 1 − FPR ≤ e^ε·(1 − TPR) + δ, so
+- ``epsilon_lb``: an empirical ε lower bound, for the replace-one relation of the experiment (below).
+  For a threshold t with TP of n₁ members and FP of n₀ non-members flagged, Clopper–Pearson
+  intervals give TPR_lo (lower end) and FPR_hi (upper end); (ε, δ)-DP implies TPR ≤ e^ε·FPR + δ
+  and 1 − FPR ≤ e^ε·(1 − TPR) + δ, so
   ``ε_lb = max(log((TPR_lo − δ) / FPR_hi), log((1 − FPR_hi − δ) / (1 − TPR_lo)), 0)``. Both terms use
   the conservative ends (the lower bound of TNR is 1 − FPR_hi and the upper bound of FNR is
   1 − TPR_lo). The threshold maximises this on the selection half and the bound is computed on the
   evaluation half. Intervals are two-sided at level ``1 − (1 − confidence) / k`` for k attacks
   (Bonferroni), so every attack's bound *and their maximum* hold with probability ≥ ``confidence``.
-  ``epsilon_lb_max_detectable`` is the largest bound these sample sizes could show at all.
+  ``epsilon_lb_max_detectable`` is the largest bound these sample sizes could show at all: every
+  evaluation member flagged and no non-member, ``log((TPR_lo − δ) / FPR_hi)`` with TPR_lo = (α/2)^{1/n₁}
+  and FPR_hi = 1 − (α/2)^{1/n₀} (about 4.5 at 500/500 evaluation members/non-members with 5
+  attacks at 95 %). A run whose replace-one ε is above it cannot be caught by the line; audit.json
+  notes so.
+
+The neighbouring relation. A member is a training image and a non-member a test image of the same
+model, so an attack's (FPR, TPR) compares training with a candidate z against training with
+another image z′ in its place: a **replace-one** experiment. The ε a run records (train.json,
+Opacus, dp_accounting) is for **add-or-remove-one** neighbours, and a replace-one neighbour is two
+add/remove steps away, so checking against it would raise false violations and the "probability at
+most 1 − confidence" statement would not follow. The check therefore uses the run's replace-one
+bounds (``check.relation = "replace-one"``, ``check.epsilon_replace_one``; the add/remove ones are
+recorded beside them for comparison, ``per_attack.*.allowed_tpr_add_remove``).
 
 The check (runs with a finite achieved ε in train.json: gaussian, laplace). Each attack's checked
 point is its conservative (FPR_hi, TPR_lo) at the ε-threshold above. It must lie inside the
-trade-off region the run's guarantee allows:
+trade-off region the run's replace-one guarantee allows:
 
-- the (ε, δ) line: TPR ≤ e^ε·FPR + δ and 1 − FPR ≤ e^ε·(1 − TPR) + δ, with the ε and δ of train.json;
-- where the run records σ (or λ), q and steps: the tighter curve of its privacy profile,
-  ``TPR ≤ min over ε' of min(e^{ε'}·FPR + δ(ε'), 1 − e^{−ε'}·(1 − FPR − δ(ε')))`` with δ(ε') from
-  dp_accounting's pessimistic PLD of the Poisson-subsampled Gaussian (Laplace) mechanism composed
-  ``steps`` times (add-or-remove neighbours, both directions), on a grid of ε'. Any grid gives a
-  valid (if looser) curve, and the accountant's own (ε, δ) is one of its points. The profile's
-  own ε at δ is compared with the recorded ε too: more than 5% above it is an accounting
-  discrepancy, logged as a warning and noted in audit.json.
+- the (ε, δ) line: TPR ≤ e^ε·FPR + δ and 1 − FPR ≤ e^ε·(1 − TPR) + δ for two replace-one pairs
+  (``check.lines``): the replace-one ε at the run's δ of the PLD rebuilt from train.json's σ (λ), q
+  and steps, and (2ε, (1 + e^ε)·δ), what group privacy gives from train.json's claimed add/remove
+  (ε, δ), so a train.json that claims less than its σ, q and steps give is still held to its claim
+  (without σ, q or steps, that pair alone);
+- where the run records σ (or λ), q and steps (and ``audit.pld_curve``): the replace-one trade-off
+  curve (:func:`dpcam.privacy.profile.trade_off`): for the Gaussian, dp_accounting's pessimistic
+  PLD with ``NeighboringRelation.REPLACE_ONE``; for the Laplace mechanism, which dp_accounting
+  cannot account under replace-one when subsampled, each step's remove and add legs composed
+  (group privacy in f-DP form), then the steps composed by PLD. ``TPR ≤ curve(FPR)``. The
+  add/remove profile's own ε at δ is compared with the recorded ε too: more than 5% above it is an
+  accounting discrepancy, logged as a warning and noted in audit.json.
 
 The allowed region only grows when FPR grows or TPR falls, so if the true (FPR, TPR) is inside,
 the conservative point is too; under the guarantee a violation is reported with probability at

@@ -23,7 +23,7 @@ from dpcam.config import AuditConfig, GridConfig
 from dpcam.errors import UserError
 from dpcam.families import FAMILIES, family_runs, fresh
 from dpcam.layout import AUDIT_JSON, AUDITS_ROOT, TRAIN_JSON
-from dpcam.privacy.profile import privacy_profile, profile_epsilon
+from dpcam.privacy.profile import ADD_REMOVE, REPLACE_ONE, TradeOff, trade_off
 from dpcam.records import AuditCheck, AuditPrivacy, AuditRecord, TrainRecord
 
 log = logging.getLogger("dpcam.audit")
@@ -31,6 +31,12 @@ log = logging.getLogger("dpcam.audit")
 ROC_PNG = "roc.png"
 ACCOUNTING_RTOL = 1.05  # warn when the rebuilt PLD's ε exceeds the recorded ε by more than 5 %
 PROFILE_SCHEMES = ("gaussian", "laplace")  # DP-SGD schemes with a privacy profile (and a recorded ε)
+RELATION_REASON = (
+    "members are training images and non-members test images of one model, so an attack's (FPR, TPR) compares "
+    "training with a candidate against training with another image in its place: a replace-one experiment. "
+    "train.json's ε is for add-or-remove-one neighbours (Opacus, dp_accounting); checking against it would raise "
+    "false violations, so the line and curve here are the run's replace-one (ε, δ) and trade-off curve"
+)
 MLFLOW_METRICS = ("auc", "balanced_accuracy", "epsilon_lb", "tpr_at_fpr_0.01", "tpr_at_fpr_0.001")  # per attack
 CAVEAT = (
     "Clopper-Pearson intervals treat the sampled members and non-members as independent draws; they are "
@@ -85,11 +91,11 @@ def audit_run(run: str, cfg: AuditConfig, *, out: Path | None = None, progress: 
     privacy = _privacy(t)
     level = 1 - (1 - cfg.confidence) / len(cfg.attacks)  # Bonferroni: every attack's bound holds jointly
     results = _attack(t, signals, cfg.attacks, privacy.delta, level)
-    check, profile = _check(t, cfg, results, privacy)
+    check, curves = _check(t, cfg, results, privacy)
     record = _record(t, cfg, signals, privacy, level, results, check)
     if record.violation:
         _report_violation(record)
-    _write(record, results, profile, Path(out) if out is not None else AUDITS_ROOT / t.name)
+    _write(record, results, curves, Path(out) if out is not None else AUDITS_ROOT / t.name)
     return record
 
 
@@ -161,39 +167,69 @@ def _attack(
     return results
 
 
+@dataclass
+class _Curves:
+    """The bounds of one run: its replace-one curve (checked) and add/remove curve (for comparison)."""
+
+    replace_one: TradeOff | None
+    add_remove: TradeOff | None
+    lines: list[tuple[float, float]]  # the replace-one (ε, δ) pairs of the checked line, the run's own first
+    checked: bool  # whether the replace-one curve is checked (audit.pld_curve), besides the line
+
+
 def _check(
     t: _Target, cfg: AuditConfig, results: dict[str, AttackResult], privacy: AuditPrivacy
-) -> tuple[AuditCheck, tuple[np.ndarray, np.ndarray] | None]:
-    """Each attack's conservative point against the (ε, δ) line and the privacy-profile curve; the profile used."""
+) -> tuple[AuditCheck, _Curves | None]:
+    """Each attack's conservative point against the run's replace-one (ε, δ) line and trade-off curve."""
     check: dict[str, Any] = {"done": False, "bound": None, "per_attack": {}, "confidence": cfg.confidence}
     if privacy.epsilon is None:
         check["reason"] = _unchecked(t, privacy.scheme)
         return AuditCheck.model_validate(check), None
-    profile = _profile(t, privacy, check) if cfg.pld_curve else None
+    curves = _curves(t, cfg, privacy, check)
+    reference = curves.add_remove or (np.array([privacy.epsilon]), np.array([privacy.delta]))
     per = check_points(
         {a: (r.metrics["fpr_hi"], r.metrics["tpr_lo"]) for a, r in results.items()},
-        privacy.epsilon,
-        privacy.delta,
-        profile,
+        [e for e, _ in curves.lines],
+        [d for _, d in curves.lines],
+        curves.replace_one if curves.checked else None,
+        reference,
     )
+    (eps, delta), *_ = curves.lines
     check.update(
         done=True,
-        bound="pld-curve+eps-delta-line" if profile is not None else "eps-delta-line",
+        bound="pld-curve+eps-delta-line" if curves.checked else "eps-delta-line",
         per_attack=per,
         violations=[a for a, row in per.items() if row["violation"]],
+        relation=REPLACE_ONE,
+        relation_reason=RELATION_REASON,
+        epsilon_replace_one=eps,
+        delta_replace_one=delta,
+        lines=[list(pair) for pair in curves.lines],
     )
-    return AuditCheck.model_validate(check), profile
+    return AuditCheck.model_validate(check), curves
 
 
-def _profile(t: _Target, p: AuditPrivacy, check: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The run's privacy profile rebuilt from σ (λ), q and steps, its ε at δ compared with the recorded ε;
-    None (with a note) when train.json lacks them."""
+def _curves(t: _Target, cfg: AuditConfig, p: AuditPrivacy, check: dict[str, Any]) -> _Curves:
+    """The run's replace-one bounds.
+
+    The line: the replace-one ε at δ of the PLD rebuilt from train.json's σ (λ), q and steps, and the pair
+    group privacy gives from train.json's claimed add/remove (ε, δ), (2ε, (1 + e^ε)·δ), so a train.json
+    claiming less than its mechanism gives is still held to its claim (without σ, q or steps: that pair
+    only, with a note). The curve: the replace-one trade-off curve of the same PLD. Also the add/remove
+    PLD's ε at δ beside the recorded ε (a warning and a note when it is more than 5 % above).
+    """
+    claimed = _group_line(p.epsilon, p.delta)
     sigma, q, steps = p.noise_multiplier, p.sample_rate, p.steps
     if not (p.scheme in PROFILE_SCHEMES and sigma and q and steps):
-        t.notes.append("privacy-profile curve skipped: train.json lacks σ, q or steps; checked the (ε, δ) line only")
-        return None
-    profile = privacy_profile(p.scheme, float(sigma), float(q), int(steps), p.delta, p.epsilon)
-    check["pld_epsilon_at_delta"] = pld_eps = profile_epsilon(profile, p.delta)
+        t.notes.append(
+            "privacy-profile curve skipped: train.json lacks σ, q or steps; checked the replace-one (ε, δ) line "
+            "that group privacy gives from the recorded add/remove (ε, δ): (2ε, (1 + e^ε)·δ)"
+        )
+        check["curve"] = "none: group privacy of train.json's add/remove (ε, δ), (2ε, (1 + e^ε)·δ), as the line"
+        return _Curves(None, None, [claimed], checked=False)
+    args = (p.scheme, float(sigma), float(q), int(steps), p.delta, p.epsilon)
+    add_remove = trade_off(*args, relation=ADD_REMOVE)
+    check["pld_epsilon_at_delta"] = pld_eps = add_remove.epsilon(p.delta)
     if pld_eps is not None and pld_eps > ACCOUNTING_RTOL * p.epsilon + 1e-3:
         why = (
             f"the PLD rebuilt from σ/λ = {sigma:g}, q = {q:.4g}, {steps} steps gives ε = {pld_eps:.4g} at "
@@ -201,7 +237,21 @@ def _profile(t: _Target, p: AuditPrivacy, check: dict[str, Any]) -> tuple[np.nda
         )
         log.warning("%s: %s", t.name, why)
         t.notes.append(why)
-    return profile
+    replace_one = trade_off(*args, relation=REPLACE_ONE)
+    check["curve"] = replace_one.method
+    eps = replace_one.epsilon(p.delta)
+    if eps is None:  # the profile's grid does not reach δ (not seen): the claim's group-privacy pair alone
+        t.notes.append(f"the replace-one profile does not reach δ = {p.delta:g}; the line is (2ε, (1 + e^ε)·δ)")
+        return _Curves(replace_one, add_remove, [claimed], cfg.pld_curve)
+    return _Curves(replace_one, add_remove, [(eps, p.delta), claimed], cfg.pld_curve)
+
+
+def _group_line(epsilon: float, delta: float) -> tuple[float, float]:
+    """Replace-one (ε, δ) from add/remove (ε, δ): two add/remove steps, (2ε, (1 + e^ε)·δ).
+
+    H_{e^{2ε}}(P‖R) ≤ H_{e^ε}(P‖Q) + e^ε·H_{e^ε}(Q‖R) for P, Q, R the runs on D ∪ {z}, D, D ∪ {z′}.
+    """
+    return 2 * epsilon, min(1.0, (1 + math.exp(min(epsilon, 700.0))) * delta)
 
 
 def _unchecked(t: _Target, scheme: str | None) -> str:
@@ -230,6 +280,12 @@ def _record(
     auc = {a: r.metrics["auc"] for a, r in results.items()}
     lbs = {a: r.metrics["epsilon_lb"] for a, r in results.items()}
     mem = t.is_member
+    if check.epsilon_replace_one is not None and check.epsilon_replace_one >= max_lb:
+        t.notes.append(
+            f"the replace-one ε = {check.epsilon_replace_one:.3g} is at least the largest ε these sample sizes can "
+            f"show ({max(0.0, max_lb):.3g}, all {n_eval_member} members flagged and no non-member): no attack can "
+            "cross the (ε, δ) line here, only the trade-off curve, so a pass says little"
+        )
     return AuditRecord(
         run_name=t.name,
         dataset=t.spec["dataset"],
@@ -268,30 +324,32 @@ def _report_violation(r: AuditRecord) -> None:
     m = r.attacks[worst]
     log.error(
         "%s: AUDIT VIOLATION: membership attack %s reaches TPR ≥ %.4g at FPR ≤ %.4g (%.0f%% confidence), "
-        "beyond what ε = %.4g, δ = %.3g allows (empirical ε ≥ %.4g); this means a privacy bug or a broken "
-        "assumption (attacks over the bound: %s)",
+        "beyond what the run's replace-one guarantee allows (ε = %.4g, δ = %.3g; add/remove ε = %.4g) "
+        "(empirical ε ≥ %.4g); this means a privacy bug or a broken assumption (attacks over the bound: %s)",
         r.run_name,
         worst,
         m.tpr_lo,
         m.fpr_hi,
         100 * r.confidence,
+        r.check.epsilon_replace_one,
+        r.check.delta_replace_one,
         r.privacy.epsilon,
-        r.privacy.delta,
         m.epsilon_lb,
         ", ".join(r.check.violations),
     )
 
 
-def _write(record: AuditRecord, results: dict[str, AttackResult], profile, out: Path) -> None:
+def _write(record: AuditRecord, results: dict[str, AttackResult], curves: _Curves | None, out: Path) -> None:
     """roc.png and audit.json into ``out`` (atomically), then both to the training's MLflow run."""
-    save_roc(out / ROC_PNG, results, record, profile)
+    checked = curves.replace_one if curves is not None and curves.checked else None
+    save_roc(out / ROC_PNG, results, record, checked, curves.add_remove if curves is not None else None)
     record.write(out / AUDIT_JSON)
     _log_to_mlflow(record, [out / AUDIT_JSON, out / ROC_PNG])
 
 
 def _log_to_mlflow(record: AuditRecord, artifacts: list[Path]) -> None:
-    """Metrics ``mia_*``, tags ``dpcam.audit_violation`` / ``dpcam.audit_check`` and the files,
-    on the training's run."""
+    """Metrics ``mia_*`` (with the checked replace-one ε), tags ``dpcam.audit_violation`` / ``dpcam.audit_check``
+    / ``dpcam.audit_relation`` and the files, on the training's run."""
     from dpcam import tracking
 
     run_id = layout.training_run_id(record.run_name)
@@ -308,6 +366,9 @@ def _log_to_mlflow(record: AuditRecord, artifacts: list[Path]) -> None:
         "dpcam.audit_violation": str(record.violation).lower(),
         "dpcam.audit_check": check.bound if check.done else f"none ({check.reason})",
     }
+    if check.done:
+        tags["dpcam.audit_relation"] = check.relation
+        numbers["mia_check_epsilon_replace_one"] = check.epsilon_replace_one
     tracking.log_to_run(run_id, record.dataset, numbers, tags, artifacts, "audit")
 
 

@@ -6,10 +6,13 @@ Pure numpy / scipy / scikit-learn on score arrays; the method is described in :m
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from dpcam.privacy.profile import TradeOff, allowed_line
 
 FPR_TARGETS = (0.01, 0.001)  # the TPR-at-low-FPR points reported (Carlini et al. 2022)
 
@@ -68,15 +71,10 @@ def allowed_tpr(fpr, epsilons, deltas) -> np.ndarray:
     """The largest TPR a membership test may reach at ``fpr`` under every (ε', δ(ε')) given.
 
     ``fpr`` float (m,); ``epsilons``, ``deltas`` float (g,) pairs of a privacy profile (one pair =
-    the (ε, δ) line). Returns float64 (m,) in [0, 1]:
-    ``min over i of min(e^{εᵢ}·FPR + δᵢ, 1 − e^{−εᵢ}·(1 − FPR − δᵢ))``.
+    the (ε, δ) line), for the neighbouring relation of the experiment, δ covering both orders.
+    Returns float64 (m,) in [0, 1]: ``min over i of min(e^{εᵢ}·FPR + δᵢ, 1 − e^{−εᵢ}·(1 − FPR − δᵢ))``.
     """
-    a = np.asarray(fpr, np.float64).reshape(-1, 1)
-    e = np.asarray(epsilons, np.float64).reshape(1, -1)
-    d = np.asarray(deltas, np.float64).reshape(1, -1)
-    with np.errstate(over="ignore"):
-        up = np.minimum(np.exp(e) * a + d, 1.0 - np.exp(-e) * (1.0 - a - d))
-    return np.clip(up.min(axis=1), 0.0, 1.0)
+    return allowed_line(fpr, epsilons, deltas)
 
 
 def tpr_at_fpr(tp: np.ndarray, fp: np.ndarray, n_member: int, n_nonmember: int, target: float) -> float:
@@ -156,27 +154,41 @@ def attack_metrics(
 
 def check_points(
     points: dict[str, tuple[float, float]],
-    epsilon: float,
-    delta: float,
-    profile: tuple[np.ndarray, np.ndarray] | None = None,
+    epsilon: float | Sequence[float],
+    delta: float | Sequence[float],
+    curve: TradeOff | tuple[np.ndarray, np.ndarray] | None = None,
+    add_remove: TradeOff | tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Each attack's conservative point (FPR_hi, TPR_lo) against the (ε, δ) line and, if given, the profile curve.
+    """Each attack's conservative point (FPR_hi, TPR_lo) against the (ε, δ) line and, if given, a trade-off curve.
 
-    Returns ``{attack: {"allowed_tpr_line", "within_line", "allowed_tpr_pld", "within_pld", "violation"}}``
-    (the pld keys None without a profile). A point on the boundary is within.
+    ``epsilon``, ``delta``: one (ε, δ) pair or sequences of pairs, all checked (the line is the tightest
+    of them at each FPR). They and ``curve`` (a :class:`~dpcam.privacy.profile.TradeOff`, or a profile
+    ``(epsilons, deltas)``) must be stated for the relation of the experiment: replace-one for the
+    audit (members against non-members of one model). ``add_remove``, the curve of the relation the
+    run's ε is stated for, is only recorded for comparison, never checked. Returns ``{attack:
+    {"allowed_tpr_line", "within_line", "allowed_tpr_pld", "within_pld", "allowed_tpr_add_remove",
+    "violation"}}`` (the pld keys None without a curve, the last None without ``add_remove``).
+    A point on the boundary is within.
     """
     out = {}
     for name, (fpr_hi, tpr_lo) in points.items():
-        line = float(allowed_tpr([fpr_hi], [epsilon], [delta])[0])
+        line = float(allowed_tpr([fpr_hi], np.atleast_1d(epsilon), np.atleast_1d(delta))[0])
         row = {
             "allowed_tpr_line": line,
             "within_line": bool(tpr_lo <= line + 1e-12),
             "allowed_tpr_pld": None,
             "within_pld": None,
+            "allowed_tpr_add_remove": None if add_remove is None else _allowed(add_remove, fpr_hi),
         }
-        if profile is not None:
-            curve = float(allowed_tpr([fpr_hi], *profile)[0])
-            row["allowed_tpr_pld"], row["within_pld"] = curve, bool(tpr_lo <= curve + 1e-12)
+        if curve is not None:
+            allowed = _allowed(curve, fpr_hi)
+            row["allowed_tpr_pld"], row["within_pld"] = allowed, bool(tpr_lo <= allowed + 1e-12)
         row["violation"] = not row["within_line"] or row["within_pld"] is False
         out[name] = row
     return out
+
+
+def _allowed(curve: TradeOff | tuple[np.ndarray, np.ndarray], fpr: float) -> float:
+    if isinstance(curve, TradeOff):
+        return float(curve.allowed_tpr([fpr])[0])
+    return float(allowed_tpr([fpr], *curve)[0])

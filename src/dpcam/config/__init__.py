@@ -144,6 +144,11 @@ def _one_line(e: ValidationError, section: str, path: Path, flags: dict[str, Any
         return f"{origin}: unknown key {key}; allowed keys: {allowed}"
     if err["type"] == "missing":
         return f"{origin}: {key} is required"
+    if err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == DATASET_NAME:
+        return (
+            f"{origin}: {key} = {err.get('input')!r}: not a plain name; use letters, digits, '_', '.' and '-' "
+            "(starting with a letter or digit), not a path"
+        )
     if not loc:  # a model-level check: its message starts with the key it is about
         head = msg.split(" ", 1)[0].split(".")[0]
         origin = _flag(head) if head in flags else str(path)

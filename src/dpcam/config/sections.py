@@ -15,9 +15,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from dpcam import names
-from dpcam.layout import LDP_ROOT, PREPARED_ROOT, SEARCH_REPORT, format_eps, run_name
+from dpcam.layout import LDP_ROOT, NAME_PATTERN, PREPARED_ROOT, SEARCH_REPORT, format_eps, run_name
 
-DATASET_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# dataset, derivative, run, grid and study names: plain names, never paths (layout.check_name)
+DATASET_NAME = NAME_PATTERN
 
 
 class Section(BaseModel):
@@ -87,7 +88,7 @@ class SyntheticConfig(Section):
     balance: Literal["uniform", "aptos"] | list[float] = Field(
         "uniform", description="class shares of grades 0-4: uniform, aptos (skewed) or 5 numbers"
     )
-    lesion_scale: float = Field(2.0, gt=0, le=10, description="multiplies every lesion's size")
+    lesion_scale: float = Field(3.0, gt=0, le=10, description="multiplies every lesion's size")
 
     @field_validator("balance")
     @classmethod
@@ -227,11 +228,16 @@ class ExplainConfig(Section):
 
 
 class NonPrivateConfig(Section):
-    """Optimiser of the runs without clipping (none, ldp): DP-SGD's large lr would diverge there."""
+    """The recipe of the runs without clipping (none, ldp) under ``protocol: tuned``: chosen for
+    non-private training on validation data (docs/recipes.md), as the DP recipe (the train section)
+    was chosen for DP-SGD."""
 
     optimizer: Literal[names.OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
-    lr: float = Field(0.03, gt=0)
-    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(12, ge=1)
+    schedule: Literal[names.SCHEDULES] = "cosine"  # type: ignore[valid-type]
 
 
 class ClipSweepConfig(Section):
@@ -254,7 +260,7 @@ class GridConfig(Section):
 
     name: str = Field("quick", pattern=DATASET_NAME, description="grid tag of the MLflow runs")
     models: list[ModelName] = Field(default_factory=lambda: ["smallcnn"])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     gaussian: list[Epsilon] = Field(default_factory=lambda: [0.5, 1, 5, 10])
     laplace: list[Epsilon] = Field(default_factory=lambda: [1, 5, 10])
     laplace_clip: float = Field(100, gt=0, description="L1 clipping bound of the laplace runs")
@@ -267,6 +273,27 @@ class GridConfig(Section):
     clip_sweep: ClipSweepConfig = ClipSweepConfig()
     train_sizes: TrainSizesConfig = TrainSizesConfig()
     nonprivate: NonPrivateConfig = NonPrivateConfig()
+    protocol: Literal["tuned", "same"] = Field(
+        "tuned", description="tuned: non-private runs take grid.nonprivate's recipe; same: every ε the train section's"
+    )
+    family_seeds: dict[str, list[int]] = Field(
+        default_factory=lambda: {"laplace": [0], "ldp": [0], "clip-sweep": [0], "train-size": [0]},
+        description="seeds of a family other than grid.seeds (e.g. fewer for the non-headline ones)",
+    )
+
+    @field_validator("family_seeds")
+    @classmethod
+    def _family_seeds(cls, v: dict[str, list[int]]) -> dict[str, list[int]]:
+        for family, seeds in v.items():
+            if family not in names.FAMILIES:
+                raise ValueError(f"unknown family {family!r}; families: {', '.join(names.FAMILIES)}")
+            if not seeds or len(set(seeds)) != len(seeds):
+                raise ValueError(f"{family}: give one or more distinct seeds")
+        return v
+
+    def seeds_of(self, family: str) -> list[int]:
+        """The seeds a family's runs are trained with."""
+        return self.family_seeds.get(family, self.seeds)
 
 
 # ------------------------------------------------------------------------------------- audit

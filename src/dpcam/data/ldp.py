@@ -257,8 +257,9 @@ def _finite(x: float) -> float | None:
 
 
 def _n_values(image_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(H, W, C, n = H·W·C) of an image shape (H, W, C), or (H, W) for one channel."""
     h, w, *rest = image_shape
-    c = rest[0] if rest else 3
+    c = rest[0] if rest else 1
     return int(h), int(w), int(c), int(h) * int(w) * int(c)
 
 
@@ -287,8 +288,8 @@ class Mechanism:
     def from_config(cls, epsilon: float, cfg: LdpConfig) -> Mechanism:
         return cls(epsilon, delta=cfg.delta, b=cfg.dp_pix.b, m=cfg.dp_pix.m)
 
-    def params(self) -> dict[str, Any]:
-        """The parameters that define the noise (JSON-ready)."""
+    def params(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
+        """The parameters that define the noise on images of ``image_shape`` (H, W[, C]) (JSON-ready)."""
         raise NotImplementedError
 
     def apply(self, images: np.ndarray, noise: NoiseSource) -> np.ndarray:
@@ -325,7 +326,7 @@ class SinghSikka(Mechanism):
     ε for the image content, per value or per image.
     """
 
-    def params(self) -> dict[str, Any]:
+    def params(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
         return {"scale": VALUE_RANGE / self.epsilon, "draws": "one per image, shared by all values"}
 
     def apply(self, images: np.ndarray, noise: NoiseSource) -> np.ndarray:
@@ -358,7 +359,7 @@ class SinghSikka(Mechanism):
 class PixelLaplace(Mechanism):
     """Independent Laplace(255/ε) noise on every value: ε-DP per value, n·ε per image (n = H·W·C)."""
 
-    def params(self) -> dict[str, Any]:
+    def params(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
         return {"scale": VALUE_RANGE / self.epsilon, "sensitivity": VALUE_RANGE}
 
     def apply(self, images: np.ndarray, noise: NoiseSource) -> np.ndarray:
@@ -397,7 +398,7 @@ class PixelGaussian(Mechanism):
         super().__init__(epsilon, delta, b, m)
         self.sigma = analytic_gaussian_sigma(self.epsilon, self.delta, VALUE_RANGE)
 
-    def params(self) -> dict[str, Any]:
+    def params(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
         return {
             "delta": self.delta,
             "sigma": self.sigma,
@@ -464,12 +465,28 @@ class DpPix(Mechanism):
     def __init__(self, epsilon: float, delta: float = 1e-5, b: int = 4, m: int = 1):
         super().__init__(epsilon, delta, b, m)
 
-    def params(self) -> dict[str, Any]:
+    def scale(self, channels: int, pixels: int | np.ndarray) -> float | np.ndarray:
+        """Laplace scale of a cell-channel mean: C·255·m/(a·ε) for C ``channels`` and a cell of a = ``pixels``."""
+        return channels * VALUE_RANGE * self.m / (pixels * self.epsilon)
+
+    def params(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
+        """b, m, the channel count C and the scale of full cells; ``edge_cells``: the smaller cells of an image
+        whose H or W is not a multiple of b, by pixel count a (how many, and their larger scale)."""
+        h, w, c, _ = _n_values(image_shape)
+        counts = self.cell_counts(h, w)
+        full = int(counts.max())  # b² unless the image is smaller than a cell
+        areas, number = np.unique(counts[counts < full], return_counts=True)
         return {
             "b": self.b,
             "m": self.m,
-            "scale": 3 * VALUE_RANGE * self.m / (self.b**2 * self.epsilon),
-            "scale_formula": "C·255·m/(a·ε), a = pixels in the cell (b² inside, fewer in edge cells), C = 3 channels",
+            "channels": c,
+            "cell_pixels": full,
+            "scale": float(self.scale(c, full)),
+            "scale_formula": f"C·255·m/(a·ε), C = {c} channel(s), a = pixels in the cell ({full} in full cells)",
+            "edge_cells": [
+                {"pixels": int(a), "cells": int(k), "scale": float(self.scale(c, int(a)))}
+                for a, k in zip(areas, number)
+            ],
         }
 
     def cell_counts(self, h: int, w: int) -> np.ndarray:
@@ -489,7 +506,7 @@ class DpPix(Mechanism):
         sums = _cell_sums(x.reshape(bsz, nh, bh, nw, bw, c))  # (B, nh, nw, C)
         counts = self.cell_counts(h, w)
         means = (sums / counts[None, :, :, None]).astype(np.float32)
-        scale = (c * VALUE_RANGE * self.m / (counts * self.epsilon))[None, :, :, None]
+        scale = self.scale(c, counts)[None, :, :, None]
         means += noise.laplace((bsz, nh, nw, c), scale)
         np.rint(means, out=means)
         np.clip(means, 0, VALUE_RANGE, out=means)
@@ -502,6 +519,15 @@ class DpPix(Mechanism):
     def guarantee(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
         h, w, c, n = _n_values(image_shape)
         image_eps = self.epsilon * h * w / self.m
+        p = self.params(image_shape)
+        full = p["cell_pixels"]
+        edges = (
+            "; edge cells (H or W not a multiple of b) keep only their own a pixels and get the larger scale "
+            + ", ".join(f"{e['scale']:.4g} ({e['cells']} cell(s) of {e['pixels']} px)" for e in p["edge_cells"])
+            + ", so every changed pixel still costs ε/m"
+            if p["edge_cells"]
+            else ""
+        )
         return {
             "scope": "per image",
             "neighbours": f"images that differ in at most m = {self.m} pixel(s) (all channels)",
@@ -511,9 +537,10 @@ class DpPix(Mechanism):
             "image_delta": 0.0,
             "values": n,
             "words": (
-                f"ε = {format_eps(self.epsilon)} (pure DP) for any two {h}×{w} images that differ in at most {self.m} "
-                f"pixel(s); {self.b}×{self.b} cells with Laplace noise of scale {c}·255·{self.m}/(b²·ε) on each "
-                f"cell-channel mean (edge cells: their own area). Two arbitrary images (all {h * w} pixels differ) "
+                f"ε = {format_eps(self.epsilon)} (pure DP) for any two {h}×{w}×{c} images that differ in at most "
+                f"{self.m} pixel(s); cells of up to {self.b}×{self.b} pixels, Laplace noise on each of the {c} "
+                f"channel mean(s) of a cell, scale C·255·m/(a·ε) = {c}·255·{self.m}/({full}·ε) = {p['scale']:.4g} "
+                f"for full cells of a = {full} pixels{edges}. Two arbitrary images (all {h * w} pixels differ) "
                 f"are protected only at ε·{h * w}/{self.m} = {image_eps:g}."
             ),
         }
@@ -679,7 +706,7 @@ def _derivative_manifest(
         "seed": None if cfg.secure else int(cfg.seed),
         "secure": bool(cfg.secure),
         "source": {"dataset_dir": str(dataset_dir), "manifest_checksums": src.manifest.get("checksums", {})},
-        "mechanism": {"name": mechanism, "epsilon": mech.epsilon, **mech.params()},
+        "mechanism": {"name": mechanism, "epsilon": mech.epsilon, **mech.params((h, w, c))},
         "guarantee": mech.guarantee((h, w, c)),
         "sample_indices": picks.tolist(),
     }

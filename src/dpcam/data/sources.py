@@ -642,8 +642,10 @@ def _usable_listing(cfg: PrepareConfig) -> tuple[Listing, list[dict[str, str]]]:
         raise UserError(f"prepare.source is required for format {cfg.format!r}: set it to the dataset folder")
     listing = _listing(cfg.format, cfg.source)
     if listing.missing and not cfg.skip_bad:
-        raise UserError(f"{listing.missing[0][1]}; add the image or delete the row, or rerun with --skip-bad")
-    skipped = [{"file": str(p), "reason": msg} for p, msg in listing.missing]
+        raise UserError(
+            store.printable(f"{listing.missing[0][1]}; add the image or delete the row, or rerun with --skip-bad")
+        )
+    skipped = [{"file": store.printable(str(p)), "reason": store.printable(msg)} for p, msg in listing.missing]
     if not listing.items:
         raise UserError(f"{cfg.source}: every listed image is missing ({len(skipped)}); check prepare.source")
     return listing, skipped
@@ -696,11 +698,16 @@ def _decode_into(
 
 
 def _skip_or_raise(bad_file: Path, reason: str, skip_bad: bool, where: str | None) -> dict[str, str]:
-    """The ``skipped`` record of a bad image, or (without ``skip_bad``) its UserError, prefixed by ``where``."""
+    """The ``skipped`` record of a bad image, or (without ``skip_bad``) its UserError, prefixed by ``where``.
+
+    A file name that is not valid UTF-8 is recorded and shown with ``\\xNN`` escapes (:func:`store.printable`).
+    """
     if not skip_bad:
         prefix = f"{where}: " if where else ""
-        raise UserError(f"{prefix}{bad_file}: {reason}; replace or remove the file, or rerun with --skip-bad")
-    return {"file": str(bad_file), "reason": reason}
+        raise UserError(
+            store.printable(f"{prefix}{bad_file}: {reason}; replace or remove the file, or rerun with --skip-bad")
+        )
+    return {"file": store.printable(str(bad_file)), "reason": store.printable(reason)}
 
 
 def _store_decoded(writer: store.DatasetWriter, k: int, image: np.ndarray, mask: np.ndarray | None) -> int:

@@ -30,6 +30,30 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
 
+def printable(text: str) -> str:
+    """``text`` with the undecodable bytes of a file name as ``\\xNN`` escapes: writable as UTF-8.
+
+    Python decodes a file name that is not valid UTF-8 with lone surrogates (PEP 383: ``b'bad\\xff.png'``
+    becomes ``'bad\\udcff.png'``), which no UTF-8 file or terminal accepts; this gives ``bad\\xff.png``,
+    what ``ls -b`` shows. Valid text is returned unchanged.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def printable_json(obj: Any) -> Any:
+    """``obj`` (JSON-like: dicts, lists, strings, numbers) with every string made :func:`printable`."""
+    if isinstance(obj, str):
+        return printable(obj)
+    if isinstance(obj, dict):
+        return {printable_json(k): printable_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [printable_json(v) for v in obj]
+    return obj
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -89,7 +113,7 @@ class DatasetWriter:
         files = ["images.npy", "labels.npy", "splits.npz"] + (
             ["masks.npy"] if (self._tmp / "masks.npy").exists() else []
         )
-        manifest = dict(manifest)
+        manifest = printable_json(dict(manifest))  # file and class names that are not UTF-8 (skip-bad records)
         manifest.setdefault("format_version", FORMAT_VERSION)
         manifest["count"] = int(n)
         manifest["splits"] = {

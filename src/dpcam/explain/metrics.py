@@ -10,7 +10,7 @@ Shapes (every function accepts tensors on any device; results live on ``x``'s / 
 - ``masks``: float or bool ``(B, H, W)``, 1 on lesion pixels.
 
 Per-image functions return ``(B,)`` tensors; means over a test set of any size are streamed with
-:class:`RunningMean` (running float64 sums and counts per key, O(#keys) memory), and the
+:class:`RunningMean` (exact running sums and counts per key, O(#keys) memory), and the
 model-level degeneracy flag with :class:`DegeneracyStats` (O(num_classes) memory). Forward passes
 run under ``torch.no_grad`` in eval mode (the model's flags are restored afterwards) in chunks of
 at most ``max_batch`` images.
@@ -50,6 +50,20 @@ POINTING_TOLERANCE_AT_224 = 15
 
 
 # ------------------------------------------------------------------------------------- helpers
+
+
+# The dtype of the saved maps (maps.npy). The explain stage rounds every map to it before any metric
+# sees it (:func:`as_saved`), so each explain.json number is recomputable from the saved file exactly.
+SAVED_MAP_DTYPE = torch.float16
+
+
+def as_saved(maps: torch.Tensor) -> torch.Tensor:
+    """``maps`` rounded to :data:`SAVED_MAP_DTYPE` (round to nearest even), as float32: what maps.npy holds.
+
+    Maps in [0, 1] lose nothing but precision (float16 spacing ≤ 2⁻¹¹ on [0.5, 1], so pixels within
+    2.4e-4 of the maximum 1 become ties of it); 0 and 1 stay exact.
+    """
+    return maps.to(SAVED_MAP_DTYPE).to(torch.float32)
 
 
 def _forward_probs(model: nn.Module, x: torch.Tensor, max_batch: int | None = None) -> torch.Tensor:
@@ -173,6 +187,16 @@ def saliency_ranks(maps: torch.Tensor) -> torch.Tensor:
     return ranks.reshape(maps.shape)
 
 
+def _trapezoid(curve: torch.Tensor) -> torch.Tensor:
+    """Trapezoid area of ``(K + 1, B)`` curves over [0, 1] → float32 ``(B,)``, summed in float64 in a fixed order
+    (step by step), so an image's AUC does not depend on how many images share the batch."""
+    c = curve.double()
+    acc = torch.zeros_like(c[0])
+    for k in range(c.shape[0] - 1):
+        acc = acc + (c[k] + c[k + 1])
+    return (acc / (2 * (c.shape[0] - 1))).float()
+
+
 def deletion_insertion(
     model: nn.Module,
     x: torch.Tensor,
@@ -255,9 +279,7 @@ def deletion_insertion(
     n_in = k_steps - 1
     deletion = torch.cat([p_x[None], interior[:n_in], p_base[None]])
     insertion = torch.cat([p_base[None], interior[n_in:], p_x[None]])
-    dx = 1.0 / k_steps
-    del_auc = torch.trapezoid(deletion, dx=dx, dim=0)
-    ins_auc = torch.trapezoid(insertion, dx=dx, dim=0)
+    del_auc, ins_auc = _trapezoid(deletion), _trapezoid(insertion)
     if return_curves:
         return del_auc, ins_auc, deletion, insertion
     return del_auc, ins_auc
@@ -276,20 +298,49 @@ def default_tolerance(height: int, width: int) -> int:
     return int(round(POINTING_TOLERANCE_AT_224 * min(height, width) / 224))
 
 
+def dilate_disc(masks: torch.Tensor, tolerance: int) -> torch.Tensor:
+    """Bool ``(B, H, W)``: the pixels within Euclidean distance ≤ ``tolerance`` of a pixel > 0 of ``masks``.
+
+    Exact for the pixel grid: (y, x) is in the dilation when some mask pixel (y', x') has
+    (y − y')² + (x − x')² ≤ t². Computed as a union over row offsets |dy| ≤ t of the mask dilated
+    along rows by ⌊√(t² − dy²)⌋ pixels (window sums of a cumulative sum), so the cost is O(t·H·W)
+    elementwise operations rather than a (2t+1)² convolution.
+    """
+    m = masks > 0
+    t = int(tolerance)
+    if t <= 0:
+        return m
+    b, h, w = m.shape
+    pre = torch.zeros(b, h, w + 1, dtype=torch.int32, device=m.device)
+    pre[..., 1:] = m.to(torch.int32).cumsum(-1)
+    cols = torch.arange(w, device=m.device)
+    out = torch.zeros_like(m)
+    for dy in range(min(t, h - 1) + 1):
+        half = math.isqrt(t * t - dy * dy)
+        hi, lo = (cols + half + 1).clamp(max=w), (cols - half).clamp(min=0)
+        rows = (pre[..., hi] - pre[..., lo]) > 0  # dilated along rows by `half`
+        out[:, dy:] |= rows[:, : h - dy]  # a mask pixel at row y' reaches rows y' ± dy
+        if dy:
+            out[:, : h - dy] |= rows[:, dy:]
+    return out
+
+
 def pointing_game(
     maps: torch.Tensor, masks: torch.Tensor, tolerance: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pointing game (Zhang et al. 2016) on lesion masks.
+    """Pointing game (Zhang et al. 2016) on lesion masks (docs/metrics.md).
 
-    A hit when the map's maximum lies inside the mask dilated by ``tolerance`` pixels.
+    A hit when **any** maximal pixel of the map (every pixel equal to the map's maximum: a
+    bilinearly upsampled coarse map has flat maximum plateaus, and which plateau pixel comes
+    first must not decide the hit) lies within Euclidean distance ``tolerance`` of a lesion pixel
+    (:func:`dilate_disc`, Zhang et al.'s disc). A constant map (max = min, e.g. all zeros after the
+    ReLU) points nowhere and is a **miss**, still counted when the mask is non-empty.
 
     Args:
-        maps: ``(B, H, W)``; the maximum is ``argmax`` over the flattened map (ties: the first in
-            raster order, so an all-zero map points at the top-left pixel).
+        maps: ``(B, H, W)``; compared as given (the explain stage passes the float16-rounded maps
+            it saves, so ties are ties at the saved precision).
         masks: ``(B, H, W)``, > 0 on lesion pixels.
-        tolerance: pixels; None → :func:`default_tolerance`. Dilation is a square
-            (``max_pool2d`` with a (2t+1)² window, Chebyshev distance ≤ t); Zhang et al. use a
-            disc of 15 px radius on 224 px images and boxes, not masks.
+        tolerance: pixels; None → :func:`default_tolerance`.
 
     Returns:
         ``hits`` float32 ``(B,)`` in {0, 1} (0 where not valid) and ``valid`` bool ``(B,)``
@@ -301,13 +352,13 @@ def pointing_game(
     t = default_tolerance(h, w) if tolerance is None else int(tolerance)
     if t < 0:
         raise UserError(f"pointing-game tolerance {tolerance} must be >= 0 pixels")
-    m = (masks.to(maps.device) > 0).float()[:, None]
-    if t > 0:
-        m = F.max_pool2d(m, kernel_size=2 * t + 1, stride=1, padding=t)
-    where = maps.flatten(1).argmax(dim=1, keepdim=True)
+    flat = maps.flatten(1)
+    lo, hi = flat.aminmax(dim=1)
+    maximal = flat == hi[:, None]  # (B, H·W): every pixel of the maximum, ties included
+    region = dilate_disc(masks.to(maps.device), t).flatten(1)
     valid = has_mask(masks).to(maps.device)
-    hits = m.flatten(1).gather(1, where).squeeze(1) * valid
-    return hits, valid
+    hits = (maximal & region).any(dim=1) & (hi > lo) & valid
+    return hits.float(), valid
 
 
 def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
@@ -368,18 +419,41 @@ def map_agreement(maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------- streaming
 
 
+def _add_exact(partials: list[float], x: float) -> None:
+    """Add ``x`` to the non-overlapping float64 ``partials`` exactly (Shewchuk's algorithm, as ``math.fsum``)."""
+    i = 0
+    for y in partials:
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo:
+            partials[i] = lo
+            i += 1
+        x = hi
+    partials[i:] = [x]
+
+
 class RunningMean:
-    """Running float64 sums and counts per key over batches; :meth:`result` gives the means.
+    """Exact running float64 sums and counts per key over batches; :meth:`result` gives the means.
 
     ``add({"avg_drop_pct": (B,), ...}, valid=...)`` adds each key's values where ``valid`` (a bool
-    ``(B,)`` tensor for all keys, or a mapping key → bool ``(B,)``; missing → all valid). Memory is
-    O(number of keys) whatever the test-set size; :meth:`merge` combines workers' sums, and
-    ``state_dict``/``load_state_dict`` let a scorer resume.
+    ``(B,)`` tensor for all keys, or a mapping key → bool ``(B,)``; missing → all valid). The sums
+    are exact (Shewchuk's partials, as ``math.fsum``) and rounded once in :meth:`result`, so a mean
+    does not depend on the batch size or the order of the images: the same per-image values give
+    the same bits. Memory is O(number of keys) whatever the test-set size (a handful of partials
+    per key); :meth:`merge` combines workers' sums, and ``state_dict``/``load_state_dict`` let a
+    scorer resume.
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.partials: dict[str, list[float]] = {}
         self.counts: dict[str, int] = {}
+
+    @property
+    def sums(self) -> dict[str, float]:
+        """The sum per key (correctly rounded to float64)."""
+        return {k: math.fsum(p) for k, p in self.partials.items()}
 
     def add(
         self, values: Mapping[str, torch.Tensor], valid: Mapping[str, torch.Tensor] | torch.Tensor | None = None
@@ -389,25 +463,32 @@ class RunningMean:
             ok = valid.get(key) if isinstance(valid, Mapping) else valid
             if ok is not None:
                 v = v[ok.to(v.device).reshape(-1).bool()]
-            self.sums[key] = self.sums.get(key, 0.0) + float(v.sum())
+            partials = self.partials.setdefault(key, [])
+            for x in v.cpu().tolist():
+                _add_exact(partials, x)
             self.counts[key] = self.counts.get(key, 0) + int(v.numel())
         return self
 
     def merge(self, other: RunningMean) -> RunningMean:
-        for key, s in other.sums.items():
-            self.sums[key] = self.sums.get(key, 0.0) + s
+        for key, p in other.partials.items():
+            mine = self.partials.setdefault(key, [])
+            for x in p:
+                _add_exact(mine, x)
             self.counts[key] = self.counts.get(key, 0) + other.counts[key]
         return self
 
     def result(self) -> dict[str, float | None]:
         """Mean per key (None where no valid value was added)."""
-        return {k: (self.sums[k] / self.counts[k] if self.counts[k] else None) for k in self.sums}
+        return {k: (math.fsum(p) / self.counts[k] if self.counts[k] else None) for k, p in self.partials.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+        return {"partials": {k: list(p) for k, p in self.partials.items()}, "counts": dict(self.counts)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.sums = {k: float(v) for k, v in state["sums"].items()}
+        if "partials" in state:
+            self.partials = {k: [float(x) for x in p] for k, p in state["partials"].items()}
+        else:  # a plain sum per key
+            self.partials = {k: [float(v)] for k, v in state["sums"].items()}
         self.counts = {k: int(v) for k, v in state["counts"].items()}
 
 
@@ -665,9 +746,27 @@ def _deletion_insertion(
     return {"deletion_auc": d, "insertion_auc": i}, {}
 
 
+def random_pointing(masks: torch.Tensor, tolerance: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pointing game of a random map: per image, the chance that a uniformly random pixel (the unique
+    maximum of a map of i.i.d. continuous values) lands in the tolerance region, |region| / (H·W).
+
+    Exact (no sampling): the baseline a model's pointing game must beat to say its maps point at lesions.
+    Returns ``(rate, valid)`` like :func:`pointing_game`.
+    """
+    h, w = masks.shape[-2:]
+    t = default_tolerance(h, w) if tolerance is None else int(tolerance)
+    region = dilate_disc(masks, t).flatten(1).float()
+    valid = has_mask(masks)
+    return region.mean(dim=1) * valid, valid
+
+
 def _pointing(batch: ExplainBatch, tolerance: int | None = None):
     hits, valid = pointing_game(batch.maps, batch.masks, tolerance)
-    return {"pointing_game": hits}, {"pointing_game": valid}
+    rate, _ = random_pointing(batch.masks.to(batch.maps.device), tolerance)
+    return {"pointing_game": hits, "pointing_game_random": rate}, {
+        "pointing_game": valid,
+        "pointing_game_random": valid,
+    }
 
 
 def _energy(batch: ExplainBatch):
@@ -708,10 +807,10 @@ register_metric(
     Metric(
         "pointing-game",
         _pointing,
-        ("pointing_game",),
+        ("pointing_game", "pointing_game_random"),
         needs=("masks",),
         options=("tolerance",),
-        description="share of maps whose maximum lies in the (dilated) lesion mask; images with lesions only",
+        description="share of maps with a maximal pixel within t px (a disc) of the lesion mask; lesion images only",
     )
 )
 register_metric(

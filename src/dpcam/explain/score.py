@@ -6,7 +6,9 @@ file), so memory stays bounded for any test-set size. Writes, atomically:
 - ``explain.json`` (:class:`~dpcam.records.ExplainRecord`): the metric means, the model's
   degeneracy check beside them, what was skipped and why;
 - ``maps.npy`` float16 ``(N, H, W)`` and ``map_indices.npy`` int64 ``(N,)`` (indices into the run's
-  dataset), for re-analysis without recomputing;
+  dataset), for re-analysis without recomputing. The maps are rounded to float16 *before* any
+  metric is computed (the maps of the reference and the randomised model too), so every number of
+  explain.json is recomputable exactly from the saved maps, the model and the dataset;
 - ``cams.png``: input, map and overlay of the first test images;
 
 into ``metrics/<run>/`` (a single run) or ``metrics/<family>/<run>/`` (a grid run, ``score_family``),
@@ -32,6 +34,7 @@ from dpcam.errors import UserError
 from dpcam.records import Degeneracy, ExplainRecord
 
 log = logging.getLogger("dpcam.explain")
+PER_IMAGE = "per_image.npz"
 
 
 def reference_run(spec: dict[str, Any]) -> str | None:
@@ -56,11 +59,12 @@ class _Scoring:
     n: int
     metrics: list
     reference: torch.nn.Module | None = None
+    reference_name: str | None = None
     randomised: torch.nn.Module | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def _prepare(run: str, cfg: ExplainConfig) -> _Scoring:
+def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None) -> _Scoring:
     """Load the run and check everything a user can get wrong before any output is started."""
     from dpcam import tracking
     from dpcam.explain.gradcam import METHODS, random_init_copy, resolve_layer
@@ -87,15 +91,18 @@ def _prepare(run: str, cfg: ExplainConfig) -> _Scoring:
         raise UserError(f"{data.path}: the test split is empty; prepare the dataset with a test split")
     s = _Scoring(name, cfg, model, spec, data, test, n, metrics, notes=notes)
     if any("reference_maps" in m.needs for m in metrics):
-        s.reference = _reference(s, load_model, device)
+        s.reference = _reference(s, load_model, device, reference)
     if any("random_maps" in m.needs for m in s.metrics):
         s.randomised = random_init_copy(model, cfg.seed)
     return s
 
 
-def _reference(s: _Scoring, load_model, device) -> torch.nn.Module | None:
-    """The non-private run's model for map agreement, or None with a note (and the metric dropped)."""
-    ref_name = reference_run(s.spec)
+def _reference(s: _Scoring, load_model, device, name: str | None = None) -> torch.nn.Module | None:
+    """The model map agreement compares with, or None with a note (and the metric dropped): ``name``
+    when given (the non-private run of another seed, for the non-private run itself), else the
+    non-private run of the same seed."""
+    ref_name = name or reference_run(s.spec)
+    s.reference_name = ref_name
     reference = None
     if ref_name is None:
         s.notes.append("map agreement skipped: this is the non-private run")
@@ -109,14 +116,18 @@ def _reference(s: _Scoring, load_model, device) -> torch.nn.Module | None:
 
 
 def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
-    """Score the test images batch by batch; maps go to ``maps_file``. Returns (RunningMean, DegeneracyStats)."""
+    """Score the test images batch by batch; maps go to ``maps_file``.
+
+    Returns (RunningMean, DegeneracyStats, per-image values: key -> float64 (n,), NaN where not valid).
+    """
     from tqdm.auto import tqdm
 
     from dpcam.explain.gradcam import gradcam
-    from dpcam.explain.metrics import DegeneracyStats, ExplainBatch, RunningMean
+    from dpcam.explain.metrics import SAVED_MAP_DTYPE, DegeneracyStats, ExplainBatch, RunningMean, as_saved
 
     cfg, device = s.cfg, next(s.model.parameters()).device
     sums, degeneracy = RunningMean(), DegeneracyStats(s.data.num_classes)
+    per_image: dict[str, list[np.ndarray]] = {}
     options = {"deletion-insertion": {"steps": cfg.steps}, "pointing-game": {"tolerance": cfg.tolerance}}
     bar = tqdm(total=s.n, desc=f"explain {s.name}", disable=None if progress else True, leave=False)
     for start in range(0, s.n, cfg.batch_size):
@@ -126,28 +137,34 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
         masks = batch[2].to(device) if len(batch) > 2 else None
         target = y if cfg.target == "label" else None
         maps, target, probs = gradcam(s.model, x, target=target, layer=cfg.layer, method=cfg.method)
+        saved = maps.to(SAVED_MAP_DTYPE)  # what maps.npy holds; every metric sees exactly these maps
         other = {
-            k: gradcam(m, x, target=target, layer=cfg.layer, method=cfg.method)[0] if m is not None else None
+            k: as_saved(gradcam(m, x, target=target, layer=cfg.layer, method=cfg.method)[0]) if m is not None else None
             for k, m in (("reference_maps", s.reference), ("random_maps", s.randomised))
         }
-        eb = ExplainBatch(s.model, x, maps, target, probs=probs, labels=y, masks=masks, **other)
+        eb = ExplainBatch(s.model, x, saved.float(), target, probs=probs, labels=y, masks=masks, **other)
         for metric in s.metrics:
             values, valid = metric(eb, **{k: v for k, v in options.get(metric.name, {}).items() if v is not None})
             sums.add(values, valid)
+            for key, v in values.items():
+                ok = valid.get(key) if isinstance(valid, dict) else valid
+                v = v.detach().double().cpu().numpy()
+                per_image.setdefault(key, []).append(np.where(ok.cpu().numpy(), v, np.nan) if ok is not None else v)
         degeneracy.add(probs, y)
-        maps_file[pos] = maps.cpu().numpy().astype(np.float16)
+        maps_file[pos] = saved.cpu().numpy()
         bar.update(len(pos))
     bar.close()
-    return sums, degeneracy
+    return sums, degeneracy, {k: np.concatenate(v) for k, v in per_image.items()}
 
 
 def _write_maps(s: _Scoring, out: Path, progress: bool):
     """Stream into a temporary ``maps.npy`` renamed into place at the end; also ``map_indices.npy``."""
     size = s.data.image_size
-    tmp = out / f".maps.npy.tmp-{os.getpid()}"
+    layout.remove_stale(out / "maps.npy")  # what a killed explain left (kill -9): one map file's worth
+    tmp = layout.tmp_sibling(out / "maps.npy")
     maps_file = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(s.n, size, size))
     try:
-        sums, degeneracy = _stream(s, maps_file, progress)
+        sums, degeneracy, per_image = _stream(s, maps_file, progress)
         maps_file.flush()
         del maps_file
         os.replace(tmp, out / "maps.npy")
@@ -155,12 +172,20 @@ def _write_maps(s: _Scoring, out: Path, progress: bool):
         tmp.unlink(missing_ok=True)
         raise
     layout.write_atomic(out / "map_indices.npy", lambda p: np.save(p, s.test.indices[: s.n]))  # p ends in .npy
+    # every metric per image (NaN: not valid), for paired differences between runs (report.verdict)
+    layout.write_atomic(out / PER_IMAGE, lambda p: np.savez(p, index=s.test.indices[: s.n], **per_image))
     return sums, degeneracy
 
 
-def score(run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | None = None) -> ExplainRecord:
-    """Score ``run``'s explanations on its test split; write them to ``out`` (default ``metrics/<run>/``)."""
-    s = _prepare(run, cfg)
+def score(
+    run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | None = None, reference: str | None = None
+) -> ExplainRecord:
+    """Score ``run``'s explanations on its test split; write them to ``out`` (default ``metrics/<run>/``).
+
+    ``reference``: the run map agreement compares with (default: the non-private run of the same
+    model and seed, none for the non-private run itself).
+    """
+    s = _prepare(run, cfg, reference)
     out = Path(out) if out is not None else layout.METRICS_ROOT / s.name
     out.mkdir(parents=True, exist_ok=True)
     sums, degeneracy = _write_maps(s, out, progress)
@@ -172,6 +197,7 @@ def score(run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | No
         method=cfg.method,
         target=cfg.target,
         images=s.n,
+        reference_run=s.reference_name if s.reference is not None else None,
         **sums.result(),
         degeneracy=deg,
         notes=s.notes,
@@ -314,7 +340,16 @@ def score_family(family: str, grid: GridConfig, cfg: ExplainConfig, *, progress:
     """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all)."""
     from dpcam.families import family_runs, fresh
 
+    runs = family_runs(grid, family, layout.METRICS_ROOT, trained=True)
     return [
-        score(s.name, cfg, progress=progress, out=fresh(s.metrics_dir))
-        for s in family_runs(grid, family, layout.METRICS_ROOT, trained=True)
+        score(s.name, cfg, progress=progress, out=fresh(s.metrics_dir), reference=_other_seed(s, grid)) for s in runs
     ]
+
+
+def _other_seed(s, grid: GridConfig) -> str | None:
+    """For a non-private baseline run: the non-private run of the next seed, so that its map agreement says how
+    much two non-private models agree (the yardstick of every private model's agreement); else None."""
+    seeds = grid.seeds_of(s.family)
+    if s.family != "baseline" or s.scheme != "none" or len(seeds) < 2:
+        return None
+    return layout.reference_name(s.model, seeds[(seeds.index(s.seed) + 1) % len(seeds)])

@@ -425,8 +425,7 @@ def _validate(
             f"δ={delta:g} ≥ 1/N = {1 / n:.3g} for N={n} training examples: "
             "this guarantee allows leaking one example outright; use δ < 1/N"
         )
-        logger.warning(msg)
-        warnings.warn(msg, UserWarning, stacklevel=3)
+        warnings.warn(msg, UserWarning, stacklevel=3)  # once: the CLI prints it as one line
     return target_epsilon, float(delta), max_grad_norm
 
 

@@ -171,8 +171,10 @@ def fig_leakage_vs_eps(tables: list[Table], models: list[str], path: Path) -> Pa
     """Membership-inference leakage vs ε (Gaussian solid, Laplace dash-dotted; ε = ∞ dashed).
 
     Left: the best attack's ROC AUC (``mia_auc``; 0.5 = chance, dotted). Right: the empirical ε lower
-    bound (``mia_epsilon_lb``) with the line y = ε: a point above it beats the guarantee (the audit
-    flags it as a violation). x is the target ε. None when no Gaussian/Laplace run has been audited.
+    bound (``mia_epsilon_lb``) with the line y = target ε (add/remove) and, as crosses, the replace-one ε
+    each run's audit checks against (the audit's members and non-members are a replace-one experiment;
+    docs/privacy.md): a point above its cross beats the guarantee. x is the target ε. None when no
+    Gaussian/Laplace run has been audited.
     """
     g, la = by_model(tables, "gaussian"), by_model(tables, "laplace")
     audited = [t for t in (*g.values(), *la.values()) if t.audited]
@@ -196,6 +198,8 @@ def fig_leakage_vs_eps(tables: list[Table], models: list[str], path: Path) -> Pa
             if (t := g.get(model) or la.get(model)) is not None:
                 inf_line(ax, inf_column(t.columns), key, f"{model} non-private (ε = ∞)", palette[2 * i])
         _leakage_reference(ax, key, xs)
+        if key == "mia_epsilon_lb":
+            _replace_one_marks(ax, audited)
         log_x(ax, xs, "target ε (log scale)")
         ax.set_ylabel(label)
     return finish(
@@ -205,6 +209,23 @@ def fig_leakage_vs_eps(tables: list[Table], models: list[str], path: Path) -> Pa
         "Membership-inference leakage vs ε (dpcam audit)",
         any(c.degenerate for t in audited for c in t.columns),
     )
+
+
+def _replace_one_marks(ax, tables: list[Table]) -> None:
+    """The replace-one ε each audited DP column is checked against (mean over its runs), as crosses."""
+    pts = []
+    for t in tables:
+        for c in t.columns:
+            eps = [
+                r.audit.check.epsilon_replace_one
+                for r in c.runs
+                if r.audit is not None and r.audit.check.epsilon_replace_one is not None
+            ]
+            if eps and math.isfinite(c.x):
+                pts.append((c.x, float(np.mean(eps))))
+    if pts:
+        x, y = zip(*sorted(pts))
+        ax.plot(x, y, ls="none", marker="x", color="black", label="replace-one ε checked (above: violation)")
 
 
 def _leakage_reference(ax, key: str, xs: list[float]) -> None:
@@ -221,7 +242,7 @@ def _leakage_reference(ax, key: str, xs: list[float]) -> None:
             ls="--",
             lw=1,
             marker="" if len(finite) > 1 else "x",
-            label="y = ε (above: violation)",
+            label="y = target ε (add/remove)",
         )
         ax.set_ylim(bottom=0)
 

@@ -153,10 +153,11 @@ def plot_records(runs: list[Run], keys: Sequence[str], split: Sequence[str]) -> 
     return sorted(rows, key=lambda d: (d["scheme"], float(d["epsilon"]), d["model"], d["seed"]))
 
 
-def write_flat_files(runs: list[Run], grid: GridConfig, folder: Path) -> None:
-    """runs.csv, metrics.json and plots/{accuracy,explain}_vs_eps.csv under ``folder``."""
+def write_flat_files(runs: list[Run], grid: GridConfig, folder: Path, verdict: dict[str, Any] | None = None) -> None:
+    """runs.csv, metrics.json (the verdict first: ``dvc metrics show`` opens with the answer) and
+    plots/{accuracy,explain}_vs_eps.csv under ``folder``."""
     write_csv(folder / "runs.csv", runs_records(runs, grid))
-    write_json(folder / "metrics.json", summary_metrics(runs))
+    write_json(folder / "metrics.json", {**({"verdict": verdict} if verdict else {}), **summary_metrics(runs)})
     write_csv(folder / "plots" / "accuracy_vs_eps.csv", plot_records(runs, ACCURACY_KEYS, ("test_accuracy",)))
     write_csv(
         folder / "plots" / "explain_vs_eps.csv",

@@ -55,13 +55,16 @@ def render_html(
     notes: list[str],
     extra_figures: list[tuple[str, str]],
     search: bool = False,
+    verdict: str = "",
 ) -> str:
     """The index page: ``figures`` and ``extra_figures`` are (relative src, caption) pairs.
 
-    ``search``: link ``search/index.html`` (what ``dpcam search`` writes next to the report).
+    ``search``: link ``search/index.html`` (what ``dpcam search`` writes next to the report);
+    ``verdict``: the verdict's HTML section, which opens the page.
     """
     parts = [
         *_intro(grid, runs, search),
+        verdict,
         *_tables_section(tables),
         *_figures_section(figures + extra_figures, notes),
         *_runs_section(runs),
@@ -84,7 +87,8 @@ def _intro(grid: GridConfig, runs: list[Run], search: bool) -> list[str]:
             "<p>How much interpretability does differential privacy cost? The equivalents of the tables and figures of "
             "Naidu et al. (2021), <i>When Differential Privacy Meets Interpretability</i>, computed on "
             f"<b>{e(', '.join(datasets))}</b> for models <b>{e(', '.join(grid.models))}</b> and seeds "
-            f"<b>{e(', '.join(map(str, grid.seeds)))}</b> ({len(runs)} runs). Cells are the mean over seeds "
+            f"<b>{e(', '.join(map(str, sorted({r.spec.seed for r in runs}))))}</b> ({len(runs)} runs). "
+            "Cells are the mean over seeds "
             "± the half-width of its 95% confidence interval (Student t, t<sub>0.975,n−1</sub>·s/√n; no ± with one "
             f"seed); ε = ∞ is the non-private run. Definitions of every metric: <code>{METRICS_DOC}</code>, of the "
             f"privacy accounting and the audit: <code>{PRIVACY_DOC}</code> (in the dpcam repository).</p>"
@@ -201,7 +205,8 @@ def _audit_section(runs: list[Run]) -> str:
         "(audits/&lt;family&gt;/&lt;run&gt;/audit.json): ROC AUC of each attack and the empirical ε lower bound, "
         "all measured on the evaluation half (thresholds chosen on the selection half); the bound holds with 95% "
         "confidence over all attacks together. Check: each attack's conservative (FPR, TPR) point against the "
-        "trade-off the run's (ε, δ) allows (and its PLD curve where recorded).</p>"
+        "trade-off a replace-one neighbour allows (members and non-members are different images of one model: a "
+        "replace-one experiment), from the run's σ or λ, q and steps (docs/privacy.md).</p>"
     )
     audited = [r for r in runs if r.audit is not None]
     if not audited:
@@ -217,7 +222,8 @@ def _audit_section(runs: list[Run]) -> str:
         html_table(
             [
                 "run",
-                "ε achieved",
+                "ε achieved (add/remove)",
+                "ε checked (replace-one)",
                 "members = non-members",
                 *(m.label for m in AUDIT_ROWS),
                 "largest detectable ε",
@@ -235,6 +241,7 @@ def _audit_row(r: Run) -> list[Any]:
     return [
         r.spec.name,
         _g(r.value("epsilon")),
+        _g(check.epsilon_replace_one),
         r.audit.members,
         *(_g(r.value(m.key), ".3f") for m in AUDIT_ROWS),
         _g(r.audit.epsilon_lb_max_detectable, ".2f"),

@@ -15,6 +15,12 @@ DEGENERATE_NOTE = (
     f"{DAGGER} degenerate model in at least one seed (near-chance accuracy, one class for most "
     "predictions, or outputs that barely change with the input): metrics not meaningful"
 )
+DOUBLE_DAGGER = "‡"
+UNDERTRAINED_NOTE = (
+    f"{DOUBLE_DAGGER} undertrained in at least one seed: its validation accuracy was still rising at the end "
+    "(the last quarter of the epochs beat every earlier epoch by more than 2 standard errors): more training "
+    "would likely change its numbers"
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ ROWS: tuple[Row, ...] = (
     Row("test_accuracy", "Test accuracy ↑", 3),
     Row("test_qwk", "QWK ↑", 3),
     Row("pointing_game", "Pointing game ↑", 3),
+    Row("pointing_game_random", "Pointing game of a random map (chance)", 3),
     Row("map_agreement", "Map agreement (vs ε = ∞)", 3),
     Row("deletion_auc", "Deletion AUC ↓", 3),
     Row("insertion_auc", "Insertion AUC ↑", 3),
@@ -51,5 +58,9 @@ AUDIT_ROWS: tuple[Row, ...] = (
 
 
 def header(column: Column) -> str:
-    """A column's heading: its label, with the dagger when a run of it is degenerate."""
-    return column.label + (f" {DAGGER}" if column.degenerate else "")
+    """A column's heading: its label and seed count, a dagger when a run of it is degenerate, a double dagger
+    when one is undertrained."""
+    marks = (f" {DAGGER}" if column.degenerate else "") + (
+        f" {DOUBLE_DAGGER}" if any(r.undertrained for r in column.runs) else ""
+    )
+    return f"{column.label} (n = {len(column.runs)}){marks}"

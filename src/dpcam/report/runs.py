@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
 
 from dpcam import records
 from dpcam.config import GridConfig
@@ -13,6 +16,8 @@ from dpcam.records import AuditRecord, ExplainRecord, Record, TrainRecord
 
 # the Grad-CAM maps of a run (metrics/<family>/<run>/): the CAM figures read them
 MAP_FILES = ("maps.npy", "map_indices.npy")
+# per-image values: explain's metrics (metrics/<family>/<run>/) and train's test predictions (models/...)
+PER_IMAGE, PREDICTIONS = "per_image.npz", "predictions.npz"
 # where Run.value looks a key up, first record class that has the field wins
 LOOKUP: tuple[tuple[str, type[Record]], ...] = (
     ("explain", ExplainRecord),
@@ -46,6 +51,27 @@ class Run:
     @property
     def degenerate(self) -> bool:
         return bool(self.explain.degenerate or self.train.collapsed)
+
+    @property
+    def undertrained(self) -> bool:
+        return bool(self.train.undertrained)
+
+    @cached_property
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Per-image explanation values (``index``: dataset indices; a metric: float, NaN where not valid)."""
+        return _npz(self.spec.metrics_dir / PER_IMAGE, self.spec.name)
+
+    @cached_property
+    def predictions(self) -> dict[str, np.ndarray]:
+        """Test-set predictions: ``index`` (dataset indices), ``pred``, ``label``."""
+        return _npz(self.spec.model_dir / PREDICTIONS, self.spec.name)
+
+
+def _npz(path, name: str) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        raise UserError(f"grid run {name}: missing {path}; run `dvc repro` (or dpcam train/explain for it) first")
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def load_run(spec: RunSpec) -> Run:

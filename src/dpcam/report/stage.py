@@ -14,9 +14,11 @@ from dpcam.report.flat import write_flat_files
 from dpcam.report.page import render_html
 from dpcam.report.runs import Run, load_runs
 from dpcam.report.tables import build_tables, write_tables
+from dpcam.report.verdict import summary, verdict
+from dpcam.report.verdict_text import html_section, markdown
 
 # the report's own entries under out/: only these are replaced
-OWNED = ("index.html", "tables", "figures", "plots", "runs.csv", "metrics.json")
+OWNED = ("index.html", "verdict.md", "tables", "figures", "plots", "runs.csv", "metrics.json")
 FOLDERS = ("tables", "figures", "plots")
 
 
@@ -40,7 +42,23 @@ def report(grid: GridConfig, out: Path = REPORTS_ROOT, *, cam_images: int = 4) -
             swap_in(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _log_verdict(summary.pop("verdicts"), runs, grid, out / "verdict.md")
     return summary
+
+
+def _log_verdict(verdicts, runs: list[Run], grid: GridConfig, path: Path) -> None:
+    """The verdict as one MLflow run of the grid (``verdict-<grid>``, tagged ``dpcam.grid``), beside its runs;
+    the same run is updated when the report is made again."""
+    from dpcam import tracking
+
+    dataset = runs[0].train.dataset
+    tags = {"dpcam.grid": grid.name, "dpcam.kind": "verdict"}
+    with tracking.parent_run(dataset, f"verdict-{grid.name}", f"verdict:{dataset}:{grid.name}", tags=tags):
+        for v in verdicts:
+            numbers = summary(v)
+            tracking.log_metrics({f"{v.model}.{k}": x for k, x in numbers.items() if k != "claims"})
+            tracking.set_tags({f"dpcam.claim.{v.model}.{c.key}": c.status for c in v.claims})
+        tracking.log_artifact(path)
 
 
 def _build(grid: GridConfig, runs: list[Run], out: Path, tmp: Path, cam_images: int) -> dict[str, Any]:
@@ -49,7 +67,9 @@ def _build(grid: GridConfig, runs: list[Run], out: Path, tmp: Path, cam_images: 
         (tmp / d).mkdir()
     tables, notes = build_tables(runs, grid)
     written_tables = write_tables(tables, tmp / "tables")
-    write_flat_files(runs, grid, tmp)
+    verdicts = [verdict(runs, grid, model) for model in grid.models]
+    write_text(tmp / "verdict.md", markdown(verdicts, runs, grid))
+    write_flat_files(runs, grid, tmp, {v.model: summary(v) for v in verdicts})
     figures, skipped = draw_figures(grid, tables, tmp / "figures", cam_images)
     notes += skipped
     _keep_other_figures(out / "figures", tmp / "figures")
@@ -61,11 +81,13 @@ def _build(grid: GridConfig, runs: list[Run], out: Path, tmp: Path, cam_images: 
         notes,
         _ldp_pictures(runs, out, tmp),
         search=(out / "search" / "index.html").is_file(),
+        verdict=html_section(verdicts, runs, grid),
     )
     write_text(tmp / "index.html", page)
     return {
         "out": str(out),
         "index": str(out / "index.html"),
+        "verdicts": verdicts,
         "runs": len(runs),
         "tables": written_tables,
         "figures": [src for src, _ in figures],

@@ -16,7 +16,7 @@ from dpcam.config import GridConfig
 from dpcam.families import FAMILIES, Column, Family, pick
 from dpcam.layout import format_eps, write_text
 from dpcam.report.flat import num, write_csv
-from dpcam.report.rows import AUDIT_ROWS, DEGENERATE_NOTE, ROWS, Row, header
+from dpcam.report.rows import AUDIT_ROWS, DEGENERATE_NOTE, ROWS, UNDERTRAINED_NOTE, Row, header
 from dpcam.report.runs import Run
 from dpcam.report.stats import format_cell, mean_ci
 
@@ -74,7 +74,8 @@ def _table(family: Family, model: str, runs: list[Run], grid: GridConfig) -> Tab
 def _caption(family: Family, cols: list[Column], grid: GridConfig) -> str:
     seeds = sorted({r.spec.seed for c in cols for r in c.runs})
     caption = (
-        f"mean ± 95% CI (Student t) over seeds {', '.join(map(str, seeds))}"
+        f"mean ± 95% CI (Student t) over the n seeds of each column (seeds {', '.join(map(str, seeds))}); "
+        "a column with n = 1 shows its one value, without an interval"
         if len(seeds) > 1
         else f"one seed ({seeds[0]}): no confidence interval"
     )
@@ -99,6 +100,8 @@ def table_markdown(tables: list[Table]) -> str:
         out.append("")
     if any(c.degenerate for t in tables for c in t.columns):
         out += [DEGENERATE_NOTE, ""]
+    if any(r.undertrained for t in tables for c in t.columns for r in c.runs):
+        out += [UNDERTRAINED_NOTE, ""]
     return "\n".join(out)
 
 

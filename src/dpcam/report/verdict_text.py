@@ -1,0 +1,127 @@
+"""The verdict in words: ``reports/verdict.md`` and the section that opens ``reports/index.html``."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+
+from dpcam.config import GridConfig
+from dpcam.layout import format_eps
+from dpcam.report.paired import Difference
+from dpcam.report.runs import Run
+from dpcam.report.verdict import ACCURACY, AGREEMENT, EXPLANATION, QWK, Verdict
+
+MEASURES = (ACCURACY, QWK, *EXPLANATION, AGREEMENT)
+WORSE, BETTER = "▼", "▲"
+
+
+def _eps(e: float | None) -> str:
+    return "none" if e is None else f"ε = {format_eps(e)}"
+
+
+def answer(v: Verdict) -> list[str]:
+    """The two sentences a team asks for first."""
+    largest = _eps(v.rows[-1].epsilon) if v.rows else "—"
+    expl = (
+        f"from {_eps(v.explanations_from)} on, no explanation metric is distinguishably worse than ε = ∞"
+        if v.explanations_from is not None
+        else f"at every ε of the grid (up to {largest}) some explanation metric is distinguishably worse than ε = ∞"
+    )
+    acc = (
+        f"from {_eps(v.accuracy_from)} on, test accuracy is not distinguishably worse than ε = ∞"
+        if v.accuracy_from is not None
+        else f"at every ε of the grid (up to {largest}) test accuracy is distinguishably worse than ε = ∞"
+    )
+    return [f"Explanations: {expl}.", f"Accuracy: {acc}."]
+
+
+def _cell(d: Difference, decimals: int) -> str:
+    mark = WORSE if d.worse else BETTER if d.improved else ""
+    return (mark + " " if mark else "") + d.words(decimals)
+
+
+def difference_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
+    header = ["measure (ε − ∞)"] + [_eps(r.epsilon) for r in v.rows]
+    body = [
+        [f"{m.label} {'↑' if m.better == 'higher' else '↓'}"] + [_cell(r.diffs[m.key], m.decimals) for r in v.rows]
+        for m in MEASURES
+        if any(r.diffs[m.key].mean is not None for r in v.rows)
+    ]
+    return header, body
+
+
+def provenance(runs: Sequence[Run], grid: GridConfig) -> str:
+    """Where the numbers come from: protocol, devices, library versions recorded by the runs."""
+    devices = sorted({r.train.device for r in runs})
+    versions = sorted({f"{k} {v}" for r in runs for k, v in (r.train.versions or {}).items()})
+    return (
+        f"protocol `{grid.protocol}` (non-private runs: "
+        + ("their own recipe, grid.nonprivate" if grid.protocol == "tuned" else "the train section's recipe")
+        + f"); device {', '.join(devices)}; "
+        + (", ".join(versions) if versions else "library versions not recorded")
+    )
+
+
+def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
+    out = [f"# Verdict: grid `{grid.name}`", ""]
+    for v in verdicts:
+        out += [f"## {v.model} — seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
+        out += [f"- **{line}**" for line in answer(v)] + [""]
+        header, body = difference_rows(v)
+        out += [
+            "Differences to ε = ∞ (Gaussian DP-SGD; the same seed and the same test images; mean [95 % interval]; "
+            f"{WORSE} distinguishably worse, {BETTER} distinguishably better):",
+            "",
+        ]
+        out += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+        out += ["| " + " | ".join(row) + " |" for row in body] + [""]
+        flagged = sorted({f for r in v.rows for f in r.flags})
+        if flagged:
+            out += ["Not to be trusted: " + "; ".join(flagged) + ".", ""]
+        out += [
+            "### The paper's claims on this data",
+            "",
+            "| claim | paper | verdict | the numbers |",
+            "|---|---|---|---|",
+        ]
+        out += [f"| ({c.key}) {c.statement} | {c.source} | **{c.status}** | {c.evidence} |" for c in v.claims]
+        out += ["", "Rules: " + " ".join(f"({c.key}) {c.rule}." for c in v.claims), ""]
+        out += [f"_{note}_" for note in v.notes]
+    out += [
+        "",
+        f"Provenance: {provenance(runs, grid)}. Intervals: seeds (Student t, Welch–Satterthwaite) combined "
+        "with a paired bootstrap over test images (2000 resamples); definitions in docs/metrics.md.",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
+    e = html.escape
+    parts = ['<h2 id="verdict">Verdict</h2>']
+    for v in verdicts:
+        parts.append(f"<h3>{e(v.model)}: seeds {e(', '.join(map(str, v.seeds)) or '—')}</h3>")
+        parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v)) + "</ul>")
+        header, body = difference_rows(v)
+        parts.append(
+            '<p class="note">Differences to ε = ∞ (Gaussian DP-SGD; the same seed and the same test images; '
+            f"mean [95 % interval]; {WORSE} distinguishably worse, {BETTER} distinguishably better).</p>"
+        )
+        parts.append(_table(header, body))
+        parts.append(
+            _table(
+                ["claim", "paper", "verdict", "the numbers"],
+                [[f"({c.key}) {c.statement}", c.source, c.status.upper(), c.evidence] for c in v.claims],
+            )
+        )
+        parts.append('<p class="note">' + e(" ".join(f"({c.key}) {c.rule}." for c in v.claims)) + "</p>")
+        parts += [f'<p class="deg">{e(n)}</p>' for n in v.notes]
+    parts.append(f'<p class="note">Provenance: {e(provenance(runs, grid))}. <a href="verdict.md">verdict.md</a></p>')
+    return "".join(parts)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
