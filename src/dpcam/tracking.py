@@ -127,6 +127,12 @@ def _experiment_id(name: str) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
+def ensure_experiment(name: str) -> None:
+    """Create the store's tables and the experiment now, in this process: workers that start together on a
+    new sqlite store would otherwise race to create its schema."""
+    _experiment_id(name)
+
+
 def _masked(uri: str) -> str:
     """``uri`` with a password replaced by ``***``."""
     import re

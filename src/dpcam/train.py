@@ -754,14 +754,22 @@ def run_family(
     for the family again): a run left half-way by an interrupted stage is trained again from the start,
     never resumed from a checkpoint of another configuration.
     """
+    from dpcam.executor import run_jobs
+
     check_flags(family, grid, flags or {})
     specs = family_runs(grid, family, layout.MODELS_ROOT)
     cfgs = [run_config(s, grid, base) for s in specs]  # every config is validated before anything is trained
-    records = []
-    for s, cfg in zip(specs, cfgs):
-        with run_lock(s.model_dir, cfg.run_name):  # locked before it is emptied: a live run's folder is left alone
-            _empty_folder(s.model_dir)
-            records.append(
-                _run_locked(cfg, s.model_dir, resume=False, progress=progress, grid=grid.name, profile=profile)
-            )
-    return records
+    parallel = grid.executor != "serial" and len(specs) > 1
+    if parallel:
+        from dpcam import tracking
+
+        tracking.ensure_experiment(base.dataset)
+    jobs = [(cfg, s.model_dir, progress and not parallel, grid.name, profile) for s, cfg in zip(specs, cfgs)]
+    return run_jobs(_train_fresh, jobs, [s.name for s in specs], executor=grid.executor, workers=grid.workers)
+
+
+def _train_fresh(cfg: TrainConfig, out: Path, progress: bool, grid: str, profile: str | None) -> TrainRecord:
+    """One grid run into an emptied ``out`` (locked before it is emptied: a live run's folder is left alone)."""
+    with run_lock(out, cfg.run_name):
+        _empty_folder(out)
+        return _run_locked(cfg, out, resume=False, progress=progress, grid=grid, profile=profile)

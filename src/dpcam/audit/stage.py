@@ -380,10 +380,15 @@ def audit_family(family: str, grid: GridConfig, cfg: AuditConfig, *, progress: b
 
     Every run's model must exist before anything is written (``families.family_runs``).
     """
-    return [
-        audit_run(s.name, cfg, out=fresh(s.audit_dir), progress=progress)
-        for s in family_runs(grid, family, AUDITS_ROOT, trained=True)
-    ]
+    from dpcam.executor import run_jobs
+
+    runs = family_runs(grid, family, AUDITS_ROOT, trained=True)
+    jobs = [(s.name, cfg, s.audit_dir, progress and grid.executor == "serial") for s in runs]
+    return run_jobs(_audit_fresh, jobs, [s.name for s in runs], executor=grid.executor, workers=grid.workers)
+
+
+def _audit_fresh(name: str, cfg: AuditConfig, out: Path, progress: bool) -> AuditRecord:
+    return audit_run(name, cfg, out=fresh(out), progress=progress)
 
 
 def audit_grid(grid: GridConfig, cfg: AuditConfig, *, progress: bool = True) -> list[AuditRecord]:
@@ -391,6 +396,8 @@ def audit_grid(grid: GridConfig, cfg: AuditConfig, *, progress: bool = True) -> 
 
     Every run's model must exist before anything is written (UserError naming the first missing one).
     """
-    for family in FAMILIES:
-        family_runs(grid, family, AUDITS_ROOT, trained=True)
-    return [r for family in FAMILIES for r in audit_family(family, grid, cfg, progress=progress)]
+    from dpcam.executor import run_jobs
+
+    runs = [s for family in FAMILIES for s in family_runs(grid, family, AUDITS_ROOT, trained=True)]
+    jobs = [(s.name, cfg, s.audit_dir, progress and grid.executor == "serial") for s in runs]
+    return run_jobs(_audit_fresh, jobs, [s.name for s in runs], executor=grid.executor, workers=grid.workers)

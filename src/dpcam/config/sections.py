@@ -166,7 +166,7 @@ class TrainConfig(Section):
     schedule: Literal[names.SCHEDULES] = "cosine"  # type: ignore[valid-type]
     step_size: int = Field(5, ge=1, description="epochs between decays of the step schedule")
     gamma: float = Field(0.5, gt=0, le=1, description="decay factor of the step schedule")
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(8, ge=1)
     batch_size: int = Field(512, ge=1, description="expected batch size (Poisson sampling for DP runs)")
     train_size: int | None = Field(None, ge=10, description="train on this many training images (None = all)")
     eval_batch_size: int = Field(512, ge=1)
@@ -273,6 +273,10 @@ class GridConfig(Section):
     clip_sweep: ClipSweepConfig = ClipSweepConfig()
     train_sizes: TrainSizesConfig = TrainSizesConfig()
     nonprivate: NonPrivateConfig = NonPrivateConfig()
+    executor: Literal["serial", "local"] = Field(
+        "local", description="how a family's runs are run: one after another, or in `workers` local processes"
+    )
+    workers: int = Field(2, ge=1, description="processes of the local executor (1 thread each on 2 cores)")
     protocol: Literal["tuned", "same"] = Field(
         "tuned", description="tuned: non-private runs take grid.nonprivate's recipe; same: every ε the train section's"
     )

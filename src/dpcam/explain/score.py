@@ -338,12 +338,19 @@ def _cams_column(name: str) -> dict[str, Any]:
 
 def score_family(family: str, grid: GridConfig, cfg: ExplainConfig, *, progress: bool = True) -> list[ExplainRecord]:
     """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all)."""
-    from dpcam.families import family_runs, fresh
+    from dpcam.executor import run_jobs
+    from dpcam.families import family_runs
 
     runs = family_runs(grid, family, layout.METRICS_ROOT, trained=True)
-    return [
-        score(s.name, cfg, progress=progress, out=fresh(s.metrics_dir), reference=_other_seed(s, grid)) for s in runs
-    ]
+    quiet = progress and grid.executor == "serial"
+    jobs = [(s.name, cfg, s.metrics_dir, _other_seed(s, grid), quiet) for s in runs]
+    return run_jobs(_score_fresh, jobs, [s.name for s in runs], executor=grid.executor, workers=grid.workers)
+
+
+def _score_fresh(name: str, cfg: ExplainConfig, out: Path, reference: str | None, progress: bool) -> ExplainRecord:
+    from dpcam.families import fresh
+
+    return score(name, cfg, progress=progress, out=fresh(out), reference=reference)
 
 
 def _other_seed(s, grid: GridConfig) -> str | None:
