@@ -12,6 +12,12 @@ relative to the non-private run of the same model, measured in the same invocati
     python benchmarks/paper_smoke.py                                    # GPU: all models, hooks
     python benchmarks/paper_smoke.py --grad-sample-modes hooks ghost    # also Opacus ghost clipping
     python benchmarks/paper_smoke.py --device cpu --size 64 --batches 2 --batch-size 8 --models resnet18
+    python benchmarks/paper_smoke.py --concurrent 1 2 4 8 --models resnet18 --grad-sample-modes ghost
+
+``--concurrent K ...``: for each K, K processes train the same configuration at once on the one device
+(as ``grid.executor: ray`` with ``gpus_per_run: 1/K`` runs them), each its own seed, started together
+after their warm-up; the aggregate samples/s is all images sampled in the timed steps over the wall time
+from the first start to the last finish, and "vs K = 1" compares it with one process alone.
 
 Peak memory is CUDA ``max_memory_allocated`` per configuration (model, optimizer state, activations,
 per-sample gradients); on a CPU it is not measured per configuration and shows as "–".
@@ -69,6 +75,7 @@ def measure(
     warmup: int,
     device,
     seed: int = 0,
+    barrier=None,
 ) -> dict:
     """Time ``batches`` training steps of ``model_name`` under ``scheme`` after ``warmup`` untimed steps.
 
@@ -123,7 +130,9 @@ def measure(
     for i, (x, y) in enumerate(setup.data_loader):
         if i == warmup:
             sync()
-            t0 = time.perf_counter()
+            if barrier is not None:  # concurrent runs start their timed steps together
+                barrier.wait()
+            t0, wall0 = time.perf_counter(), time.time()
         # the step of dpcam.train.fit
         setup.optimizer.zero_grad(set_to_none=True)
         x = x.to(device).contiguous()
@@ -140,6 +149,7 @@ def measure(
             steps += 1
     sync()
     secs = time.perf_counter() - t0 if t0 is not None else math.nan
+    wall = (wall0, time.time()) if t0 is not None else (math.nan, math.nan)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     sigma = setup.noise_multiplier
     del setup, model, opt, loader
@@ -149,7 +159,66 @@ def measure(
         "sigma": sigma,
         "steps": steps,
         "seen": seen,
+        "wall": wall,
     }
+
+
+_BARRIER = None
+
+
+def _init_worker(barrier, threads: int) -> None:
+    global _BARRIER
+    _BARRIER = barrier
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _measure_in_worker(args: tuple) -> dict:
+    import torch
+
+    model, scheme, mode, data_dir, batch_size, batches, warmup, device, seed = args
+    return measure(
+        model, scheme, mode, data_dir, batch_size, batches, warmup, torch.device(device), seed, barrier=_BARRIER
+    )
+
+
+def concurrent(k: int, args: tuple, threads: int) -> dict:
+    """``k`` processes measuring the same configuration at once (seeds 0..k-1); aggregate samples/s and peak MiB."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(k)
+    with ProcessPoolExecutor(k, mp_context=ctx, initializer=_init_worker, initargs=(barrier, threads)) as pool:
+        results = list(pool.map(_measure_in_worker, [(*args, seed) for seed in range(k)]))
+    start, end = min(r["wall"][0] for r in results), max(r["wall"][1] for r in results)
+    peaks = [r["peak_mib"] for r in results if r["peak_mib"] is not None]
+    return {
+        "samples_per_s": sum(r["seen"] for r in results) / (end - start),
+        "per_run": [r["samples_per_s"] for r in results],
+        "peak_mib": sum(peaks) if peaks else None,
+    }
+
+
+def concurrent_table(a, data_dir: Path, device, configs: list[tuple[str, str]]) -> list[str]:
+    """One row per model, configuration and K of ``--concurrent``."""
+    rows = []
+    for model in a.models:
+        for scheme, mode in configs:
+            one = None
+            for k in a.concurrent:
+                args = (model, scheme, "hooks" if mode == "-" else mode, data_dir, a.batch_size, a.batches, a.warmup,
+                        str(device))  # fmt: skip
+                r = concurrent(k, args, a.threads or max(1, (os.cpu_count() or 1) // k))
+                one = r["samples_per_s"] if k == 1 or one is None else one
+                vs = f"{r['samples_per_s'] / one:.2f}×" if 1 in a.concurrent else "–"
+                mem = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "–"
+                each = ", ".join(f"{v:.0f}" for v in r["per_run"])
+                rows.append(f"| {model} | {scheme} | {mode} | {k} | {r['samples_per_s']:.1f} | {vs} | {each} | {mem} |")
+                print(rows[-1], flush=True)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,9 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32, help="(expected) batch size; the paper profiles use 32")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument(
+        "--concurrent",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="aggregate samples/s of K processes training at once on the device, for each K (include 1)",
+    )
     a = ap.parse_args(argv)
     if a.batches < 1 or a.batch_size < 1 or a.warmup < 0:
         ap.error("--batches and --batch-size must be >= 1 and --warmup >= 0")
+    if a.concurrent and min(a.concurrent) < 1:
+        ap.error("--concurrent: every K must be >= 1")
 
     import torch
 
@@ -208,6 +286,14 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         data_dir = make_data(Path(tmp), a.size, (a.warmup + a.batches) * a.batch_size)
         print(f"synthetic data: {data_dir.name} in {time.perf_counter() - t:.1f} s")
+        if a.concurrent:
+            rows = concurrent_table(a, data_dir, device, configs)
+            print(
+                "\n| model | scheme | grad_sample_mode | K | total samples/s | vs K = 1 | each run | peak MiB (sum) |"
+            )
+            print("|---|---|---|---:|---:|---:|---|---:|")
+            print("\n".join(rows))
+            return 0
         for model in a.models:
             base = None
             for scheme, mode in configs:

@@ -152,7 +152,10 @@ def main() -> None:
         f"{len(npv) + len(dp)} candidates, {minutes:.0f} minutes.",
         "",
     ]
-    a.out.write_text("\n".join(text))
+    # keep what other scripts wrote after this part (scripts/finetune_recipes.py's section)
+    old = a.out.read_text() if a.out.is_file() else ""
+    rest = old[old.index("\n## Public pretraining") :] if "\n## Public pretraining" in old else ""
+    a.out.write_text("\n".join(text) + rest)
     import json
 
     raw = {"nonprivate": [[c, runs] for c, runs in np_rows], "dp": [[c, runs] for c, runs in dp_rows]}

@@ -29,6 +29,7 @@ TINY = {
         "split": {"train": 0.6, "val": 0.2, "test": 0.2},
         "workers": 1,
         "synthetic": {"n": 100, "balance": "uniform", "lesion_scale": 2.0},
+        "public": {"n": 100, "seed": 2, "source": None},
     },
     "ldp": {
         "mechanisms": ["singh-sikka"],
@@ -64,6 +65,18 @@ TINY = {
         "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12, "epochs": 1},
         "protocol": "tuned",
         "family_seeds": {"laplace": [0]},
+        "finetune": {
+            "schemes": ["none", "gaussian", "laplace"],
+            "weights": None,
+            "trainable": "head",
+            "epochs": 1,
+            "batch_size": 12,
+            "lr": 0.5,
+            "clip": 1.0,
+            "laplace_lr": 0.5,
+            "laplace_clip": 5.0,
+            "nonprivate": {"lr": 0.1, "batch_size": 12, "epochs": 1},
+        },
     },
     "explain": {"max_images": 6, "batch_size": 6, "steps": 2, "grid_images": 2, "device": "cpu"},
     "audit": {"max_per_group": 10, "batch_size": 10, "device": "cpu"},
@@ -105,16 +118,23 @@ def test_repro_runs_every_stage_and_writes_the_report(repro):
     root, env, out = repro
     for stage in (
         "prepare",
+        "prepare-public",
         "ldp@singh-sikka-1",
         "ldp-figure",
         "train-gaussian",
+        "train-laplace-paper",
+        "train-public",
+        "train-finetune-laplace",
+        "explain-finetune-gaussian",
         "explain-train-size",
         "audit",
         "report",
     ):
         assert f"Running stage '{stage}'" in out
     runs = [p.parent.name for p in (root / "models").glob("*/*/model.json")]
-    assert len(runs) == 2 + 2 + 1 + 1 + 1 + 2
+    assert len(runs) == 2 + 2 + 1 + 1 + 1 + 2 + 1 + 1 + 3  # + laplace-paper, the public trunk, 3 fine-tunes
+    paper = json.loads(next((root / "models").glob("laplace-paper/*/train.json")).read_text())
+    assert paper["guarantee"] == "none" and paper["epsilon"] is None
     html = (root / "reports/index.html").read_text()
     refs = re.findall(r'(?:src|href)="([^"#:]+)"', html)
     assert refs and all((root / "reports" / r).is_file() for r in refs), refs

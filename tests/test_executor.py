@@ -1,4 +1,6 @@
 import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,82 @@ def test_a_failed_job_names_its_run_after_the_others_finish():
         run_jobs(_fails, [(1,), (2,), (3,)], ["a", "b", "c"], executor="local")
     with pytest.raises(UserError, match="unknown executor 'ray2'"):
         run_jobs(_fails, [(1,)], ["a"], executor="ray2")
+
+
+# ------------------------------------------------------------------------------------ Ray (local mode)
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    ray = pytest.importorskip("ray")  # in the dev extra: CI has it
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    repo = str(Path(__file__).resolve().parents[1])  # Ray's workers import this module's functions (tests.*)
+    ray.init(include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": repo}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_tasks_give_the_serial_results(tmp_path, local_ray):
+    results = {}
+    for executor in ("serial", "ray"):
+        folder = tmp_path / executor
+        folder.mkdir()
+        os.chdir(folder)
+        make_tiny()
+        torch.set_num_threads(1)  # each Ray task trains with cpus_per_run = 1 thread
+        records = train.run_family("gaussian", _grid(executor), _base(), progress=False)
+        results[executor] = {
+            r.run_name: (r.epsilon, r.val_curve, r.test_accuracy, r.steps, r.noise_multiplier) for r in records
+        }
+        assert all(Path(f"models/gaussian/{name}/model.pt").is_file() for name in results[executor])
+    assert results["serial"] == results["ray"] and len(results["serial"]) == 2
+
+
+def _dies(x):
+    if x == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # a worker killed mid-run (OOM killer, preemption)
+    return _fails(x)
+
+
+def test_ray_names_the_failed_and_the_killed_run(local_ray):
+    assert run_jobs(_fails, [(1,), (3,)], ["a", "b"], executor="ray") == [10, 30]
+    with pytest.raises(UserError, match=r"^run b: bad input two \(1 more failed\); rerun the stage"):
+        run_jobs(_dies, [(1,), (2,), (3,)], ["a", "b", "c"], executor="ray")
+    with pytest.raises(UserError, match=r"^run c: its Ray worker died"):
+        run_jobs(_dies, [(1,), (3,)], ["a", "c"], executor="ray")
+
+
+def test_ray_bad_input_is_one_line(monkeypatch, local_ray):
+    with pytest.raises(
+        UserError, match=r"grid.gpus_per_run = 0.25 but this machine has no GPU; set grid.gpus_per_run: 0"
+    ):
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        run_jobs(_fails, [(1,)], ["a"], executor="ray", gpus_per_run=0.25)
+    local_ray.shutdown()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(UserError, match=r"^RAY_ADDRESS=127.0.0.1:9: no Ray cluster answers there .*`ray start --head`"):
+        run_jobs(_fails, [(1,)], ["a"], executor="ray")
+    monkeypatch.setenv("RAY_ADDRESS", "headnode")
+    with pytest.raises(UserError, match=r"^RAY_ADDRESS=headnode: not host:port"):
+        run_jobs(_fails, [(1,)], ["a"], executor="ray")
+
+
+def test_ray_missing_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(
+        UserError, match=r"^grid.executor = ray needs Ray, which is not installed: pip install 'dpcam\[ray\]'$"
+    ):
+        run_jobs(_fails, [(1,)], ["a"], executor="ray")
+
+
+def test_gpus_per_run_is_refused_outside_ray():
+    with pytest.raises(ValueError, match="gpus_per_run = 0.5 applies to executor: ray only"):
+        GridConfig(executor="local", gpus_per_run=0.5)
+    assert GridConfig(executor="ray", gpus_per_run=0.25).run_options() == {
+        "executor": "ray",
+        "workers": 2,
+        "cpus_per_run": 1.0,
+        "gpus_per_run": 0.25,
+    }

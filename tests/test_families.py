@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from dpcam import families
@@ -45,7 +47,8 @@ def test_grid_config_applies_what_each_family_varies():
 def test_every_run_is_named_by_what_it_varies_and_belongs_to_a_registered_family():
     grid = GridConfig()
     runs = grid_runs(grid)
-    assert len({r.name for r in runs}) == len(runs) == 2 * 3 + 4 * 3 + 3 + 4 + 2 + 3  # headline families: 3 seeds
+    # headline families: 3 seeds; laplace, laplace-paper, ldp, clip-sweep, train-size, public, finetune-*: one
+    assert len({r.name for r in runs}) == len(runs) == 2 * 3 + 4 * 3 + 3 + 3 + 4 + 2 + 3 + 1 + 1 + 3 + 3
     assert {r.family for r in runs} == set(families.FAMILIES)
     assert [r.name for r in runs][:3] == [
         "none-epsinf-smallcnn-s0",
@@ -89,3 +92,102 @@ def test_family_seeds_and_the_protocol():
     assert none.lr == 0.5 and none.optimizer == "sgd"  # protocol same: the train section's recipe for every ε
     with pytest.raises(ValueError, match="unknown family 'lapalce'"):
         _grid(family_seeds={"lapalce": [0]})
+
+
+def test_laplace_paper_runs_at_the_laplace_eps_with_the_gaussian_recipe_named_nominal():
+    grid, base = _grid(laplace=[1, 5]), cfg(scheme="gaussian", lr=0.5, clip=1.0)
+    runs = [r for r in grid_runs(grid) if r.family == "laplace-paper"]
+    assert [r.name for r in runs] == ["laplace-paper-nominal1-smallcnn-s0", "laplace-paper-nominal5-smallcnn-s0"]
+    c = families.run_config(runs[1], grid, base)
+    assert (c.scheme, c.epsilon, c.clip, c.lr, c.delta) == ("laplace-paper", 5, 1.0, 0.5, base.delta)  # gaussian's
+
+
+def test_public_pretraining_and_fine_tuning_families():
+    grid = _grid(
+        laplace=[5],
+        nonprivate={"optimizer": "sgd", "lr": 0.2, "batch_size": 16, "epochs": 3},
+        finetune={
+            "epochs": 4,
+            "batch_size": 64,
+            "lr": 3.0,
+            "clip": 2.0,
+            "laplace_lr": 1.5,
+            "laplace_clip": 6.0,
+            "nonprivate": {"lr": 0.7, "batch_size": 32, "epochs": 5},
+        },
+    )
+    base = cfg(scheme="gaussian", lr=0.5, clip=1.0)
+    got = {s.name: (s, families.run_config(s, grid, base)) for s in grid_runs(grid)}
+    trunk_spec, trunk = got["none-epsinf-public-smallcnn-s0"]
+    assert trunk_spec.family == "public" and trunk.public and trunk.data_dir == Path("data/prepared/tiny-public")
+    assert (trunk.lr, trunk.epochs, trunk.trainable) == (0.2, 3, "all")  # grid.nonprivate
+    weights = "models/public/none-epsinf-public-smallcnn-s0/model.pt"
+    g = got["gaussian-eps5-ft-head-smallcnn-s0"][1]
+    assert (g.trainable, str(g.weights), g.lr, g.clip, g.epochs, g.batch_size) == ("head", weights, 3.0, 2.0, 4, 64)
+    lap = got["laplace-eps5-ft-head-smallcnn-s0"][1]
+    assert (lap.scheme, lap.lr, lap.clip, lap.epsilon) == ("laplace", 1.5, 6.0, 5)
+    none = got["none-epsinf-ft-head-smallcnn-s0"][1]
+    assert (none.lr, none.batch_size, none.epochs, none.optimizer) == (0.7, 32, 5, "sgd")
+    assert str(none.weights) == weights and not none.public
+    # real data: local trunk weights, no public trunk to train
+    local = _grid(finetune={"weights": "trunk.pt", "trainable": "last-block"})
+    names = [r.name for r in grid_runs(local)]
+    assert not any(n.endswith("public-smallcnn-s0") for n in names)
+    ft = next(r for r in grid_runs(local) if r.family == "finetune-gaussian")
+    assert ft.name == "gaussian-eps5-ft-last-block-smallcnn-s0" and ft.weights == "trunk.pt"
+    # off
+    off = _grid(finetune={"schemes": []})
+    assert not [r for r in grid_runs(off) if r.family == "public" or r.family.startswith("finetune-")]
+    only = _grid(finetune={"schemes": ["laplace"]})
+    assert {r.family for r in grid_runs(only)} >= {"public", "finetune-laplace"}
+    assert not [r for r in grid_runs(only) if r.family in ("finetune-gaussian", "finetune-none")]
+
+
+@pytest.mark.parametrize(
+    "family, flag, source",
+    [
+        ("finetune-gaussian", "lr", "grid.finetune.lr"),
+        ("finetune-laplace", "lr", "grid.finetune.laplace_lr"),
+        ("finetune-none", "epochs", "grid.finetune.nonprivate.epochs"),
+        ("finetune-gaussian", "weights", "grid.finetune.weights"),
+        ("public", "lr", "grid.nonprivate.lr"),
+    ],
+)
+def test_a_fine_tuning_flag_the_grid_sets_names_its_key(family, flag, source):
+    with pytest.raises(UserError) as e:
+        families.check_flags(family, _grid(), {flag: 0.5})
+    assert f"({source})" in str(e.value)
+
+
+def test_per_family_overrides_change_only_that_familys_runs():
+    """grid.overrides: the paper profiles give Gaussian DP-SGD ghost clipping while Laplace keeps hooks."""
+    grid = _grid(overrides={"gaussian": {"grad_sample_mode": "ghost", "batch_size": 64}})
+    base = cfg(scheme="gaussian", grad_sample_mode="hooks")
+    got = {s.name: families.run_config(s, grid, base) for s in grid_runs(grid)}
+    g = got["gaussian-eps2-smallcnn-s0"]
+    assert (g.grad_sample_mode, g.batch_size) == ("ghost", 64)
+    lap, sweep = got["laplace-eps5-smallcnn-s0"], got["gaussian-eps2-clip3-smallcnn-s0"]
+    assert (lap.grad_sample_mode, lap.batch_size) == ("hooks", 32) and sweep.grad_sample_mode == "hooks"
+    with pytest.raises(UserError, match=r"\(grid.overrides.gaussian.batch_size\)"):
+        families.check_flags("gaussian", grid, {"batch_size": 16})
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"gausian": {"lr": 1}}, "unknown family 'gausian'"),
+        ({"gaussian": {"learning_rate": 1}}, "gaussian: 'learning_rate' is not a train key a family can override"),
+        ({"gaussian": {"epsilon": 3}}, "gaussian: 'epsilon' is not a train key a family can override"),
+    ],
+)
+def test_bad_overrides_are_refused(overrides, words):
+    with pytest.raises(ValueError, match=words):
+        _grid(overrides=overrides)
+
+
+def test_the_paper_profiles_give_gaussian_ghost_and_keep_laplace_on_hooks():
+    from dpcam import profiles
+
+    for name in ("paper-aptos", "paper-catsdogs"):
+        grid = profiles.load_overlay(name, Path(__file__).resolve().parents[1] / "profiles")["grid"]
+        assert grid["overrides"]["gaussian"] == {"grad_sample_mode": "ghost"} and "laplace" not in grid["overrides"]

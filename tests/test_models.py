@@ -240,3 +240,59 @@ def test_register_model_and_target_layer():
         MODELS.pop("_test_tiny")
     with pytest.raises(UserError, match="names no Grad-CAM layer"):
         target_layer(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_names_its_head_and_last_block(name):
+    """Fine-tuning: ``finetune_layers`` are submodules; head ⊂ last-block; the Grad-CAM layer is never frozen by
+    last-block fine-tuning's choice alone, and frozen_keys + trained parameters cover the model."""
+    from dpcam.models import freeze, frozen_keys, trained_prefixes
+
+    model = create_model(name, NUM_CLASSES, 64, seed=0)
+    head, last = trained_prefixes(model, "head"), trained_prefixes(model, "last-block")
+    for p in head + last:
+        model.get_submodule(p)
+    assert all(any(h == la or h.startswith(la + ".") for la in last) for h in head)
+    trained = freeze(model, "head")
+    assert trained and all(any(n.startswith(p + ".") for p in head) for n in trained)
+    assert sum(p.requires_grad for p in model.parameters()) == len(trained)
+    frozen = set(frozen_keys(model, "head"))
+    assert frozen.isdisjoint(trained) and frozen | set(trained) | {
+        k for k in model.state_dict() if k.startswith("normalize.")
+    } == set(model.state_dict())
+    assert freeze(model, "all") == [n for n, _ in model.named_parameters()]
+
+
+def test_smallcnn_head_is_the_linear_classifier():
+    from dpcam.models import freeze
+
+    model = create_model("smallcnn", 5, 32)
+    assert freeze(model, "head") == ["classifier.weight", "classifier.bias"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 165
+    assert freeze(model, "last-block")[:2] == ["features.block3.0.weight", "features.block3.0.bias"]
+
+
+def test_fine_tuning_weights_must_hold_the_whole_trunk(tmp_path):
+    from dpcam.models import frozen_keys
+
+    src = create_model("smallcnn", NUM_CLASSES, 32, seed=1).state_dict()
+    del src["features.block2.1.weight"]
+    src["features.block1.0.bias"] = torch.zeros(7)
+    src["classifier.weight"] = torch.zeros(10, 32)  # the head may differ: it is trained
+    torch.save(src, tmp_path / "w.pt")
+    model = create_model("smallcnn", NUM_CLASSES, 32, seed=2)
+    trunk = frozen_keys(model, "head")
+    with pytest.raises(UserError) as e:
+        load_weights(model, tmp_path / "w.pt", required=trunk, only=trunk)
+    msg = str(e.value)
+    assert "2 tensors of the frozen trunk" in msg and "missing 1: features.block2.1.weight" in msg
+    assert "features.block1.0.bias (7,)→(16,)" in msg
+    # without the trunk's strictness (trainable all) it is a warning, as before
+    report = load_weights(model, tmp_path / "w.pt")
+    assert "features.block2.1.weight" in report.missing
+    ok = create_model("smallcnn", NUM_CLASSES, 32, seed=1).state_dict()
+    torch.save(ok, tmp_path / "ok.pt")
+    head_before = model.classifier.weight.clone()
+    report = load_weights(model, tmp_path / "ok.pt", required=trunk, only=trunk)
+    assert report.excluded == ["classifier.weight", "classifier.bias"] and not report.missing
+    assert torch.equal(model.classifier.weight, head_before)  # the head keeps its initialisation

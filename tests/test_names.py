@@ -39,5 +39,13 @@ def test_schemes_and_modes():
     from dpcam.privacy.accounting import GAUSSIAN_ACCOUNTANTS
 
     assert set(GAUSSIAN_ACCOUNTANTS) == set(names.GAUSSIAN_ACCOUNTANTS)
-    assert set(names.NOISED_SCHEMES) | {"clip-only"} == set(names.CLIPPED_SCHEMES)
+    assert set(names.NOISED_SCHEMES) | set(names.UNGUARANTEED_SCHEMES) | {"clip-only"} == set(names.CLIPPED_SCHEMES)
     assert set(names.CLIPPED_SCHEMES) | set(names.UNCLIPPED_SCHEMES) == set(names.SCHEMES)
+    assert set(names.CALIBRATED_SCHEMES) == set(names.NOISED_SCHEMES) | set(names.UNGUARANTEED_SCHEMES)
+
+
+def test_families():
+    from dpcam.families import FAMILIES
+
+    assert tuple(FAMILIES) == names.FAMILIES
+    assert {f"finetune-{s}" for s in names.FINETUNE_SCHEMES} <= set(FAMILIES)

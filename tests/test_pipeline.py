@@ -71,6 +71,7 @@ LAYERS = [
     "dpcam.families",
     "dpcam.records",
     "dpcam.tracking",
+    "dpcam.executor",
     "dpcam.data",
     "dpcam.layers",
     "dpcam.tvmodels",
@@ -101,3 +102,18 @@ def test_modules_import_only_the_layers_below_them():
         if not m.startswith(d + ".") and _layer(d) > _layer(m)
     ]
     assert upward == []
+
+
+def test_the_public_set_and_the_fine_tuning_families_are_stages():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    pub = stages["prepare-public"]
+    assert pub["cmd"] == "dpcam prepare --public" and pub["outs"] == ["data/prepared/${prepare.dataset}-public"]
+    assert "data/prepared/${prepare.dataset}" in pub["deps"]  # checked against the private set
+    assert stages["train-public"]["deps"][0] == "data/prepared/${prepare.dataset}-public"
+    for scheme in ("none", "gaussian", "laplace"):
+        train = stages[f"train-finetune-{scheme}"]
+        assert train["deps"][:2] == ["data/prepared/${prepare.dataset}", "models/public"]
+        assert "grid.finetune" in train["params"] and "grid.laplace" in train["params"]
+    assert "src/dpcam/data/public.py" in stages["train-finetune-gaussian"]["deps"]
+    params = stages["audit"]["params"]
+    assert len(params) == len(set(params)) and "grid.finetune.schemes" not in params  # grid.finetune covers it

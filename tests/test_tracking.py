@@ -141,3 +141,91 @@ def test_a_read_only_artifact_folder_is_refused_before_the_run_starts():
                 raise AssertionError("the block must not run")
     runs = tracking.MlflowClient().search_runs([tracking._experiment_id("exp")])
     assert [r.info.run_name for r in runs] == ["first"]  # no FAILED run left behind
+
+
+# ------------------------------------------------------------------------------------ many workers, one store
+
+
+def _log_one_run(folder: str, uri: str | None, k: int) -> str:
+    """A worker (its own process): one run with params, 20 metric steps and an artifact, as a training run logs."""
+    os.chdir(folder)
+    if uri:
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    with tracking.run("shared", f"worker-{k}", tags={"dpcam.worker": k}) as run_id:
+        tracking.log_params({"k": k, "lr": 0.1 * k})
+        for step in range(20):
+            tracking.log_metrics({"loss": 1.0 / (step + 1 + k), "val_accuracy": 0.01 * step}, step=step)
+        Path(f"note-{k}.txt").write_text(f"worker {k}")
+        tracking.log_artifact(f"note-{k}.txt")
+    return run_id
+
+
+def _workers_log(folder: Path, uri: str | None, workers: int) -> list[str]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if uri is None:
+        tracking.ensure_experiment("shared")  # as run_family does before it starts workers on the sqlite store
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_log_one_run, [str(folder)] * workers, [uri] * workers, range(workers)))
+
+
+def _assert_complete(run_ids: list[str], workers: int) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("shared")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    assert sorted(r.info.run_id for r in runs) == sorted(run_ids) and len(runs) == workers  # none lost
+    for r in runs:
+        k = int(r.data.params["k"])
+        assert r.info.status == "FINISHED" and r.data.tags["dpcam.worker"] == str(k)
+        history = client.get_metric_history(r.info.run_id, "loss")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(20))  # none half-written
+        assert [a.path for a in client.list_artifacts(r.info.run_id)] == [f"note-{k}.txt"]
+
+
+@pytest.mark.slow
+def test_concurrent_workers_share_the_default_sqlite_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_ids = _workers_log(tmp_path, None, 6)
+    tracking._setup()
+    _assert_complete(run_ids, 6)
+
+
+@pytest.mark.postgres
+def test_concurrent_workers_share_a_tracking_server_on_postgresql(postgres_url, tmp_path, monkeypatch):
+    """docs/scale-out.md's cluster setup: `mlflow server` with a PostgreSQL backend, workers log over HTTP."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    monkeypatch.chdir(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--host", "127.0.0.1",
+         "--port", str(port), "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        run_ids = _workers_log(tmp_path, uri, 4)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        tracking._setup()
+        _assert_complete(run_ids, 4)
+    finally:
+        server.terminate()
+        server.wait(30)

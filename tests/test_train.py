@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -648,3 +649,157 @@ def test_cli_warnings_are_one_line_each(tiny):
     assert len(delta) == 1 and delta[0].startswith("warning: δ=0.01 ≥ 1/N"), lines
     assert len(clamp) == 1 and clamp[0].startswith("warning: gaussian-eps2-smallcnn-s0: batch size 1000"), lines
     assert not [line for line in lines if "warnings.warn" in line or "make_private(" in line]
+
+
+# ------------------------------------------------------------------------------------ public pretraining, fine-tuning
+
+
+def make_public_tiny(name="tiny-public", n=240, size=16, public=True, seed=1):
+    """A public companion of make_tiny: the same task drawn with another generator (no image in common)."""
+    import numpy as np
+
+    from dpcam.data import store
+
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    images = rng.integers(0, 120, (n, size, size, 3), dtype=np.uint8)
+    c = size // 4
+    images[labels == 1, c : 3 * c, c : 3 * c] += 120
+    splits = store.stratified_split(labels, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+    with store.DatasetWriter(Path("data/prepared") / name, n, size, size, with_masks=False) as w:
+        w.images[:] = images
+        w.finish(labels, splits, {"dataset": name, "classes": ["plain", "square"], "public": public})
+    return Path("data/prepared") / name
+
+
+@pytest.fixture
+def trunk(tiny):
+    """A trunk trained without privacy on the public set, saved as the public family saves it."""
+    make_public_tiny()
+    c = cfg(scheme="none", public=True, epochs=3, name="trunk")
+    train.run(c, progress=False)
+    return Path("models/trunk/model.pt")
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("scheme", ["gaussian", "laplace"])
+def test_head_fine_tuning_trains_only_the_head_and_its_epsilon_is_the_accountants(trunk, scheme):
+    from dpcam.data.store import file_sha256
+    from dpcam.explain.gradcam import opacus_state
+    from dpcam.models import create_model, target_layer
+    from dpcam.privacy.accounting import gaussian_epsilon, laplace_epsilon
+
+    c = cfg(scheme=scheme, epsilon=2.0, delta=1e-3, clip=1.0, lr=0.5, trainable="head", weights=trunk, epochs=2)
+    m = train.run(c, progress=False)
+    assert m.run_name == f"{scheme}-eps2-ft-head-smallcnn-s0"
+    saved, start = _state(f"models/{m.run_name}/model.pt"), _state(trunk)
+    # the saved model is the whole model: every tensor, the trunk exactly the public one, the head trained
+    whole = create_model("smallcnn", 2, 16)
+    assert set(saved) == set(whole.state_dict())
+    for k, v in saved.items():
+        if k.startswith("classifier."):
+            assert not torch.equal(v, start[k]), k
+        else:
+            assert torch.equal(v, start[k]), k
+    # ε: the accountant's for the steps and q that ran (only the fine-tuning: the trunk was public)
+    if scheme == "gaussian":
+        independent = gaussian_epsilon(m.noise_multiplier, m.sample_rate, m.steps, 1e-3, "prv")
+    else:
+        independent = laplace_epsilon(m.noise_multiplier, m.sample_rate, m.steps, 1e-3)
+    assert m.epsilon == pytest.approx(independent, rel=1e-6) and m.epsilon <= 2.0 + 1e-6
+    assert m.steps == 2 * round(1 / m.sample_rate) and m.guarantee == "dp"
+    assert m.trainable == "head" and m.trained_parameters == ["classifier.weight", "classifier.bias"]
+    assert m.trained_parameter_count == 32 * 2 + 2
+    assert m.weights == str(trunk) and m.weights_sha256 == file_sha256(trunk)
+    pub = m.public_data
+    assert pub["public"] is True and pub["path"] == "data/prepared/tiny-public" and pub["run"] == "trunk"
+    assert pub["manifest_sha256"] == file_sha256(Path("data/prepared/tiny-public/manifest.json"))
+    assert pub["disjoint_check"]["shared_images"] == 0
+    # Grad-CAM reads the reloaded whole model at the usual layer
+    model, spec = train.load_model(m.run_name)
+    assert opacus_state(model, active_only=False) is None and spec["config"]["trainable"] == "head"
+    assert target_layer(model) is model.features.block3 and model.gradcam_layer == whole.gradcam_layer
+
+
+def test_the_public_trunk_run_records_its_public_data(trunk):
+    m = json.loads(Path("models/trunk/train.json").read_text())
+    assert m["data_dir"] == "data/prepared/tiny-public" and m["trainable"] == "all"
+    assert m["public_data"]["public"] is True and m["public_data"]["disjoint_check"]["private"] == "data/prepared/tiny"
+    assert "guarantee" not in m  # non-private: ε = ∞, no guarantee field
+
+
+def test_weights_that_do_not_fit_the_trunk_stop_fine_tuning_naming_the_tensors(trunk):
+    state = _state(trunk)
+    del state["features.block1.0.weight"]
+    state["features.block2.0.weight"] = torch.zeros(32, 16, 5, 5)
+    torch.save(state, "bad.pt")
+    with pytest.raises(UserError) as e:
+        train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, trainable="head", weights="bad.pt"), progress=False)
+    msg = str(e.value)
+    assert "2 tensors of the frozen trunk of SmallCNN do not fit" in msg and "\n" not in msg
+    assert "missing 1: features.block1.0.weight" in msg
+    assert "another shape (file→model) 1: features.block2.0.weight (32, 16, 5, 5)→(32, 16, 3, 3)" in msg
+    # the head may differ (other classes): it is trained from initialisation anyway
+    state = _state(trunk)
+    state["classifier.weight"], state["classifier.bias"] = torch.zeros(1000, 32), torch.zeros(1000)
+    torch.save(state, "other-head.pt")
+    ok = train.fit(cfg(scheme="none", trainable="head", weights="other-head.pt", epochs=1), progress=False)
+    assert ok.metrics.public_data["source"] == "external"  # no model.json beside it: provenance not checkable
+
+
+def test_a_trunk_that_saw_private_data_cannot_start_a_private_fine_tune(tiny):
+    train.run(cfg(scheme="none", epochs=1, name="private-trunk"), progress=False)  # trained on the private set
+    with pytest.raises(UserError, match=r"its trunk cannot start a private fine-tuning: .*does not say public: true"):
+        train.fit(
+            cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, trainable="head", weights="models/private-trunk/model.pt"),
+            progress=False,
+        )
+    # a "public" set that overlaps the private one is refused both for the trunk and for the fine-tune
+    import numpy as np
+
+    from dpcam.data import store
+
+    pub = make_public_tiny()
+    images = np.load(pub / "images.npy")
+    images[3] = np.load("data/prepared/tiny/images.npy")[10]
+    np.save(pub / "images.npy", images)
+    with pytest.raises(UserError, match=r"overlaps the private set data/prepared/tiny: 1 of its 240 images"):
+        train.fit(cfg(scheme="none", public=True, epochs=1), progress=False)
+    assert store.load_dataset(pub).manifest["public"] is True
+
+
+def test_laplace_paper_says_no_guarantee_in_train_json_mlflow_and_the_cli(tiny):
+    import mlflow
+
+    res = CliRunner().invoke(
+        app,
+        ["train", "--dataset", "tiny", "--scheme", "laplace-paper", "--epsilon", "2", "--delta", "1e-3"]
+        + ["--epochs", "1", "--batch-size", "32", "--lr", "0.1", "--device", "cpu"],
+    )
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "NO GUARANTEE: the paper's replica" in out  # (and a warning line when warnings are shown)
+    assert re.search(r"(?<!nominal )ε = 2", out) is None  # no ε is printed for it: 2 is only the nominal ε
+    name = "laplace-paper-nominal2-smallcnn-s0"
+    saved = json.loads(Path(f"models/{name}/train.json").read_text())
+    assert saved["guarantee"] == "none" and "C·√d" in saved["guarantee_reason"]
+    assert saved["epsilon"] is None and saved["target_epsilon"] is None and saved["delta"] is None
+    assert saved["nominal_epsilon"] == 2 and saved["nominal_delta"] == 1e-3 and saved["epsilon_l1_bound"] > 2
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    r = mlflow.get_run(saved["mlflow_run_id"])
+    assert r.data.tags["dpcam.guarantee"] == "none"
+    assert "epsilon" not in r.data.params and r.data.params["nominal_epsilon"] == "2"
+    assert r.data.params["guarantee"] == "none"
+    assert "epsilon" not in r.data.metrics and "epsilon_spent" not in r.data.metrics
+
+
+def test_fine_tuning_flags_need_weights():
+    with pytest.raises(ValueError, match="trainable = 'head' fine-tunes a pretrained trunk: give its weights"):
+        cfg(trainable="head")
+    with pytest.raises(ValueError, match="public = true trains on the public set"):
+        cfg(scheme="ldp", ldp="x", public=True)
+    assert cfg(public=True).data_dir == Path("data/prepared/tiny-public")
+    assert cfg(scheme="laplace-paper", epsilon=5).run_name == "laplace-paper-nominal5-smallcnn-s0"

@@ -91,6 +91,12 @@ def prepare(
     n: int | None = typer.Option(None, "--n", help="synthetic: number of images"),
     skip_bad: bool | None = typer.Option(None, "--skip-bad/--no-skip-bad", help="skip unreadable images"),
     workers: int | None = typer.Option(None, help="decode processes (0 = one per core)"),
+    public: bool = typer.Option(
+        False,
+        "--public",
+        help="write the public set data/prepared/<dataset>-public instead (prepare.public: another generator seed, "
+        "or a folder of public images); refused when it shares an image with the private set",
+    ),
 ) -> None:
     """Ingest a dataset (or generate synthetic-fundus) into data/prepared/<dataset>/."""
     from dpcam.data.prepare import prepare as run
@@ -110,8 +116,8 @@ def prepare(
         },
         _state["params"],
     )
-    out = run(cfg)
-    typer.echo(f"prepared {out}")
+    out = run(cfg, public=public)
+    typer.echo(f"prepared {out}" + (" (public: shares no image with the private set)" if public else ""))
 
 
 @app.command()
@@ -150,14 +156,24 @@ def ldp(
 def train(
     dataset: str | None = typer.Option(None, help="prepared dataset (default: train.dataset)"),
     ldp: str | None = typer.Option(None, help="train on a local-DP derivative, e.g. singh-sikka-eps0.5"),
-    scheme: str | None = typer.Option(None, help="none|clip-only|gaussian|laplace|ldp"),
-    epsilon: float | None = typer.Option(None, help="target ε (gaussian, laplace)"),
+    scheme: str | None = typer.Option(
+        None, help="none|clip-only|gaussian|laplace|ldp|laplace-paper (the paper's replica: NO privacy guarantee)"
+    ),
+    epsilon: float | None = typer.Option(
+        None, help="target ε (gaussian, laplace); laplace-paper: the nominal ε its noise is calibrated from"
+    ),
     delta: float | None = typer.Option(None, help="δ"),
     clip: float | None = typer.Option(None, help="per-example clipping bound C"),
     accountant: str | None = typer.Option(None, help="prv|rdp|gdp (gaussian)"),
     grad_sample_mode: str | None = typer.Option(None, help="hooks|ew|functorch|ghost (gaussian, clip-only)"),
     model: str | None = typer.Option(None, help="smallcnn|resnet18|alexnet|vgg16"),
-    weights: Path | None = typer.Option(None, help="local pretrained weights (state dict)"),
+    weights: Path | None = typer.Option(None, help="local pretrained weights (state dict): the trunk to fine-tune"),
+    trainable: str | None = typer.Option(
+        None, help="all|head|last-block: train only this part (fine-tuning from --weights; the rest frozen)"
+    ),
+    public: bool | None = typer.Option(
+        None, "--public/--private", help="train on the public set data/prepared/<dataset>-public (a trunk)"
+    ),
     optimizer: str | None = typer.Option(None, help="sgd|adam"),
     lr: float | None = typer.Option(None, help="learning rate"),
     schedule: str | None = typer.Option(None, help="constant|step|cosine"),
@@ -166,8 +182,9 @@ def train(
     train_size: int | None = typer.Option(None, help="train on this many training images (default: all)"),
     family: str | None = typer.Option(
         None,
-        help="train every run of this grid family (baseline|gaussian|laplace|ldp|clip-sweep|train-size) "
-        "into models/<family>/, from the grid and train sections",
+        help="train every run of this grid family (baseline|gaussian|laplace|laplace-paper|ldp|clip-sweep|"
+        "train-size|public|finetune-none|finetune-gaussian|finetune-laplace) into models/<family>/, from the grid "
+        "and train sections",
     ),
     seed: int | None = typer.Option(None, help="seed"),
     device: str | None = typer.Option(None, help="auto|cpu|cuda"),
@@ -191,10 +208,12 @@ def train(
         "device": device,
     }
     if family is not None:
-        if any(v is not None for v in (dataset, ldp, scheme, epsilon, clip, model, seed, name, train_size)) or resume:
+        per_run = (dataset, ldp, scheme, epsilon, clip, model, seed, name, train_size, trainable, public)
+        if any(v is not None for v in per_run) or resume:
             raise UserError(
                 "--family trains the grid's runs as params.yaml defines them; drop the per-run flags "
-                "(--dataset/--ldp/--scheme/--epsilon/--clip/--model/--seed/--name/--train-size/--resume)"
+                "(--dataset/--ldp/--scheme/--epsilon/--clip/--model/--seed/--name/--train-size/--trainable/"
+                "--public/--resume)"
             )
         grid = config.load_section("grid", None, _state["params"])
         base = config.load_section("train", shared, _state["params"])
@@ -214,6 +233,8 @@ def train(
             "clip": clip,
             "model": model,
             "train_size": train_size,
+            "trainable": trainable,
+            "public": public,
             "seed": seed,
             "name": name,
         },
@@ -224,7 +245,13 @@ def train(
 
 def _echo_trained(m) -> None:
     """One line per trained run (``m``: a TrainRecord)."""
-    if m.scheme == "ldp":
+    if m.guarantee == "none":
+        privacy = (
+            f"NO GUARANTEE: the paper's replica (L2 clipping + Laplace noise of the Gaussian σ·C at nominal "
+            f"ε = {m.nominal_epsilon:g}); no ε (the only valid bound, for L1 sensitivity C·√d: "
+            f"ε ≤ {m.epsilon_l1_bound:.4g})"
+        )
+    elif m.scheme == "ldp":
         g = m.ldp_guarantee or {}
         short = str(g.get("words", "see its manifest")).split(";")[0].split(":")[0]
         privacy = f"no DP-SGD; the data's local-DP guarantee: {short} (details in its manifest)"
@@ -232,6 +259,8 @@ def _echo_trained(m) -> None:
         privacy = "ε = ∞ (not private)"
     else:
         privacy = f"ε = {m.epsilon:.4g} (δ = {m.delta:g}, {m.accountant or 'no'} accountant)"
+    if m.trainable not in (None, "all"):
+        privacy += f"; trained the {m.trainable} only ({m.trained_parameter_count} parameters) from {m.weights}"
     typer.echo(
         f"{m.run_name}: test accuracy {m.test_accuracy:.3f}, QWK {m.test_qwk:.3f}, {privacy}"
         + ("  [collapsed: predicts one class]" if m.collapsed else "")

@@ -1,10 +1,13 @@
-"""How a stage runs the independent runs of a family: one after another, or in parallel local processes.
+"""How a stage runs the independent runs of a family: one after another, in local processes, or on Ray.
 
 ``serial`` runs them in the stage's process. ``local`` runs them in ``workers`` processes of this
 machine (spawned: a forked copy of a process that has imported torch is not safe), each with
 ``cores // workers`` torch threads: on 2 cores two small-model runs side by side, one thread each,
-train 1.4× faster than one after another with two threads (docs/benchmarks.md). Each run writes
-its own folder atomically, so results are identical to serial runs for the same seeds.
+train 1.4× faster than one after another with two threads (docs/benchmarks.md). ``ray`` makes each
+run a Ray task asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs (fractional: 0.25 lets four
+DP runs share one GPU): Ray starts on this machine, or joins the cluster at ``RAY_ADDRESS``
+(docs/scale-out.md). Each run writes its own folder atomically, so results are identical to serial
+runs for the same seeds.
 
 A failed run fails the stage with one line naming the run and its error, after the other runs
 have finished (their outputs are kept).
@@ -14,13 +17,14 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from dpcam.errors import UserError
 
-EXECUTORS = ("serial", "local")
+EXECUTORS = ("serial", "local", "ray")
 
 
 def _worker_init(threads: int) -> None:
@@ -37,10 +41,15 @@ def run_jobs(
     *,
     executor: str = "serial",
     workers: int = 2,
+    cpus_per_run: float = 1.0,
+    gpus_per_run: float = 0.0,
 ) -> list[Any]:
-    """``[fn(*job) for job in jobs]``, serially or in ``workers`` local processes (``fn``: a module-level function)."""
+    """``[fn(*job) for job in jobs]``, serially, in ``workers`` local processes, or as Ray tasks (``fn``: a
+    module-level function)."""
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if executor == "ray":
+        return _on_ray(fn, jobs, names, cpus_per_run, gpus_per_run)
     if executor == "serial" or len(jobs) <= 1 or workers <= 1:
         return [fn(*job) for job in jobs]
     workers = min(workers, len(jobs))
@@ -53,13 +62,98 @@ def run_jobs(
         for name, future in zip(names, futures):
             try:
                 results.append(future.result())
-            except UserError as e:
-                errors.append(f"run {name}: {e}")
             except Exception as e:
-                errors.append(
-                    f"run {name}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                )
+                errors.append(_why(name, e))
+    _raise_first(errors)
+    return results
+
+
+def _why(name: str, e: BaseException) -> str:
+    """One line: the run and its error (a UserError's own line; else the exception's type and first line)."""
+    if isinstance(e, UserError):
+        return f"run {name}: {e}"
+    text = str(e).strip()
+    return f"run {name}: {type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _raise_first(errors: list[str]) -> None:
     if errors:
         more = f" ({len(errors) - 1} more failed)" if len(errors) > 1 else ""
-        raise UserError(f"{errors[0]}{more}; rerun the stage (`dvc repro`)")
+        raise UserError(f"{errors[0]}{more}; rerun the stage (`dvc repro`): it redoes the runs without outputs")
+
+
+# ------------------------------------------------------------------------------------ Ray
+
+
+def _in_folder(folder: str, threads: int, fn: Callable[..., Any], *job: Any) -> Any:
+    """A Ray task: run ``fn(*job)`` in the stage's folder (relative paths, as in the stage) with ``threads`` threads."""
+    os.chdir(folder)
+    _worker_init(threads)
+    return fn(*job)
+
+
+def _start_ray(cpus_per_run: float, gpus_per_run: float) -> Any:
+    """Ray, started on this machine or joined to the cluster at RAY_ADDRESS; refuses GPUs it does not have."""
+    try:
+        import ray
+    except ImportError:
+        raise UserError("grid.executor = ray needs Ray, which is not installed: pip install 'dpcam[ray]'") from None
+    address = os.environ.get("RAY_ADDRESS") or None
+    if not ray.is_initialized():
+        _check_reachable(address)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        except Exception as e:  # ConnectionError, TimeoutError, ValueError: an address with no cluster behind it
+            raise UserError(
+                f"RAY_ADDRESS={address}: no Ray cluster answers there ({type(e).__name__}); start one with "
+                "`ray start --head` on the head machine, or unset RAY_ADDRESS to run Ray on this machine"
+            ) from None
+    have = ray.cluster_resources()
+    where = f"the Ray cluster at {address}" if address else "this machine"
+    if gpus_per_run > 0 and have.get("GPU", 0) == 0:
+        raise UserError(
+            f"grid.gpus_per_run = {gpus_per_run:g} but {where} has no GPU; set grid.gpus_per_run: 0 to train on CPUs"
+        )
+    if cpus_per_run > have.get("CPU", 0):
+        raise UserError(
+            f"grid.cpus_per_run = {cpus_per_run:g} but {where} has {have.get('CPU', 0):g} CPUs; lower grid.cpus_per_run"
+        )
+    return ray
+
+
+def _check_reachable(address: str | None) -> None:
+    """A quick TCP check of RAY_ADDRESS's host:port (Ray itself retries an unreachable address for minutes)."""
+    if address is None or address == "auto":
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"RAY_ADDRESS={address}: not host:port (e.g. 10.0.0.5:6379, as `ray start --head` prints)")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as e:
+        raise UserError(
+            f"RAY_ADDRESS={address}: no Ray cluster answers there ({e.strerror or type(e).__name__}); start one with "
+            "`ray start --head` on the head machine, or unset RAY_ADDRESS to run Ray on this machine"
+        ) from None
+
+
+def _on_ray(
+    fn: Callable[..., Any], jobs: Sequence[tuple], names: Sequence[str], cpus_per_run: float, gpus_per_run: float
+) -> list[Any]:
+    """Each job a Ray task (no retries: a failed or killed run fails the stage, naming it)."""
+    ray = _start_ray(cpus_per_run, gpus_per_run)
+    task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(_in_folder)
+    threads = max(1, int(cpus_per_run))
+    refs = [task.remote(os.getcwd(), threads, fn, *job) for job in jobs]
+    results: list[Any] = []
+    errors: list[str] = []
+    for name, ref in zip(names, refs):
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as e:
+            errors.append(_why(name, e.cause if e.cause is not None else e))
+        except ray.exceptions.RayError as e:  # the worker died (killed, out of memory) or the node left
+            errors.append(f"run {name}: its Ray worker died ({type(e).__name__})")
+    _raise_first(errors)
     return results

@@ -1,8 +1,9 @@
 """Run families: the grid of the study as a registry, one definition per family.
 
 A family is a group of runs that answer one question of the paper (the ε = ∞ baselines, Gaussian
-DP-SGD across ε, Laplace, local DP, the clipping sweep, training-set sizes). Its definition, in
-one place, is read by every stage:
+DP-SGD across ε, Laplace, the paper's unguaranteed Laplace replica, local DP, the clipping sweep,
+training-set sizes, and public pretraining with private fine-tuning: the ``public`` trunk and the
+``finetune-<scheme>`` families that start from it). Its definition, in one place, is read by every stage:
 
 - ``runs(grid, model, seed)``: its runs (:class:`RunSpec`), named as :func:`dpcam.layout.run_name` names them;
 - ``train(grid)``: what its runs change in the ``train`` section besides what each run varies;
@@ -45,6 +46,9 @@ class RunSpec(BaseModel):
     ldp: str | None = None
     clip: float | None = None  # set when the run sweeps the clipping bound
     train_size: int | None = None
+    public: bool = False  # trained on the public set (the public trunk)
+    trainable: str | None = None  # head | last-block: a fine-tuning run (None: the whole model)
+    weights: str | None = None  # the trunk a fine-tuning run starts from (models/public/<run>/model.pt)
 
     @property
     def model_dir(self) -> Path:
@@ -63,8 +67,8 @@ class RunSpec(BaseModel):
 
 
 def spec(family: str, scheme: str, model: str, seed: int, **varies: Any) -> RunSpec:
-    """A RunSpec named from what it varies (``epsilon`` only names noised schemes)."""
-    eps = varies.get("epsilon") if scheme in names.NOISED_SCHEMES else None
+    """A RunSpec named from what it varies (``epsilon`` only names schemes calibrated from an ε)."""
+    eps = varies.get("epsilon") if scheme in names.CALIBRATED_SCHEMES else None
     name = run_name(
         scheme,
         model,
@@ -73,6 +77,8 @@ def spec(family: str, scheme: str, model: str, seed: int, **varies: Any) -> RunS
         ldp=varies.get("ldp"),
         clip=varies.get("clip"),
         train_size=varies.get("train_size"),
+        public=varies.get("public", False),
+        trainable=varies.get("trainable"),
     )
     return RunSpec(name=name, family=family, scheme=scheme, model=model, seed=seed, **varies)
 
@@ -125,8 +131,10 @@ class Family:
     grid_keys: tuple[str, ...]  # grid.<key> that decide its runs
     train_keys: tuple[str, ...] = ()  # further grid.<key> its training reads
     train: Callable[[GridConfig], dict[str, Any]] = field(default=lambda grid: {})
-    data: str = "prepared"  # the data its runs train on: prepared | ldp
+    data: str = "prepared"  # the data its runs train on: prepared | ldp | public (data/prepared/<dataset>-public)
     reference: bool = True  # its explanations are compared with the baseline's (map agreement)
+    needs: tuple[str, ...] = ()  # families whose models its runs start from (the public trunk)
+    sources: dict[str, str] = field(default_factory=dict)  # train key -> the grid.<key> that sets it (CLI errors)
 
 
 FAMILIES: dict[str, Family] = {}
@@ -214,6 +222,123 @@ def _train_size_columns(mine: list, model_runs: list, grid: GridConfig) -> list[
     return cols
 
 
+def _nominal_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+    """laplace-paper: one column per nominal ε (the ε its σ was calibrated from; no guarantee), then ∞."""
+    eps = sorted({r.spec.epsilon for r in mine})
+    return [eps_column(e, pick(mine, epsilon=e), "laplace-paper", prefix="nominal (NO guarantee) ") for e in eps] + [
+        eps_column(INF, _none_of(model_runs), "none")
+    ]
+
+
+def _finetune_none_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+    return [Column("ε = ∞ (fine-tuned)", mine, INF, "finetune-none"), eps_column(INF, _none_of(model_runs), "none")]
+
+
+def _infinities(model_runs: list) -> list[Column]:
+    """The two non-private references: fine-tuned (finetune-none) and from scratch (the baseline)."""
+    return [
+        Column("ε = ∞, fine-tuned", pick(model_runs, family="finetune-none"), INF, "finetune-none"),
+        Column("ε = ∞, from scratch", _none_of(model_runs), INF, "none"),
+    ]
+
+
+def _side_by_side(lineup: tuple[tuple[str, str], ...]) -> Columns:
+    """Columns that set, at each ε of the family, one column per (family, words) of ``lineup``; then the ε = ∞
+    references (fine-tuned, from scratch)."""
+
+    def columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+        return [
+            eps_column(e, pick(model_runs, family=family, epsilon=e), family, prefix=f"{words} ")
+            for e in sorted({r.spec.epsilon for r in mine})
+            for family, words in lineup
+        ] + _infinities(model_runs)
+
+    return columns
+
+
+# Table 2 that answers (finetune-laplace's table): valid Laplace fine-tuned, the paper's replica, Gaussian
+_answer_columns = _side_by_side(
+    (
+        ("finetune-laplace", "Laplace (L1, valid), fine-tuned"),
+        ("laplace-paper", "laplace-paper (NO guarantee), from scratch, nominal"),
+        ("finetune-gaussian", "Gaussian, fine-tuned"),
+        ("gaussian", "Gaussian, from scratch"),
+    )
+)
+# finetune-gaussian's table: each noise from scratch beside fine-tuned
+_scratch_vs_finetuned_columns = _side_by_side(
+    (
+        ("gaussian", "Gaussian, from scratch"),
+        ("finetune-gaussian", "Gaussian, fine-tuned"),
+        ("laplace", "Laplace (L1), from scratch"),
+        ("finetune-laplace", "Laplace (L1), fine-tuned"),
+    )
+)
+
+
+def _public_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
+    return [Column("public trunk (public data, no privacy)", mine, INF, "public")]
+
+
+def public_trunk(grid: GridConfig, model: str) -> str:
+    """The trunk every fine-tuning run of ``model`` starts from: ``grid.finetune.weights`` (local weights), else
+    the ``public`` family's run of that model (its first seed): ``models/public/<run>/model.pt``."""
+    if grid.finetune.weights is not None:
+        return str(grid.finetune.weights)
+    seed = grid.seeds_of("public")[0]
+    return str(grid_dir(MODELS_ROOT, "public", run_name("none", model, seed, public=True)) / "model.pt")
+
+
+def _public_runs(grid: GridConfig, model: str, seed: int) -> list[RunSpec]:
+    if not grid.finetune.schemes or grid.finetune.weights is not None:
+        return []
+    return [spec("public", "none", model, seed, public=True)]
+
+
+def _finetune_runs(scheme: str):
+    def runs(grid: GridConfig, model: str, seed: int) -> list[RunSpec]:
+        if scheme not in grid.finetune.schemes:
+            return []
+        ft = {"trainable": grid.finetune.trainable, "weights": public_trunk(grid, model)}
+        family = f"finetune-{scheme}"
+        if scheme == "none":
+            return [spec(family, scheme, model, seed, **ft)]
+        return [spec(family, scheme, model, seed, epsilon=e, **ft) for e in grid.laplace]
+
+    return runs
+
+
+def _finetune_train(scheme: str):
+    """The fine-tuning recipe of ``finetune-<scheme>`` (grid.finetune; docs/recipes.md)."""
+
+    def train(grid: GridConfig) -> dict[str, Any]:
+        ft = grid.finetune
+        common = {"epochs": ft.epochs, "batch_size": ft.batch_size}
+        if scheme == "gaussian":
+            return {**common, "lr": ft.lr, "clip": ft.clip}
+        if scheme == "laplace":
+            return {**common, "lr": ft.laplace_lr, "clip": ft.laplace_clip}
+        if grid.protocol == "same":  # finetune-none: the DP fine-tune's recipe, without clipping and noise
+            return {**common, "lr": ft.lr}
+        return ft.nonprivate.model_dump()
+
+    return train
+
+
+def _finetune_sources(scheme: str) -> dict[str, str]:
+    keys = {"trainable": "finetune.trainable", "weights": "finetune.weights"}
+    if scheme == "none":
+        return {**keys, **{k: f"finetune.nonprivate.{k}" for k in ("lr", "batch_size", "epochs")}}
+    pre = "laplace_" if scheme == "laplace" else ""
+    return {
+        **keys,
+        "epochs": "finetune.epochs",
+        "batch_size": "finetune.batch_size",
+        "lr": f"finetune.{pre}lr",
+        "clip": f"finetune.{pre}clip",
+    }
+
+
 def _ldp_epsilon(name: str) -> float | None:
     eps = name.rsplit("-eps", 1)[-1]
     return float(eps) if eps.replace(".", "", 1).isdigit() else None
@@ -251,6 +376,19 @@ register_family(
         grid_keys=("laplace",),
         train_keys=("laplace_clip", "laplace_lr"),
         train=lambda grid: {"clip": grid.laplace_clip, "lr": grid.laplace_lr},
+        sources={"clip": "laplace_clip", "lr": "laplace_lr"},
+    )
+)
+register_family(
+    Family(
+        "laplace-paper",
+        "Table 2, the paper's replica: L2 clip + Laplace noise of the Gaussian σ·C (NO guarantee)",
+        "table2c_laplace_paper",
+        runs=lambda grid, model, seed: [
+            spec("laplace-paper", "laplace-paper", model, seed, epsilon=e) for e in grid.laplace
+        ],
+        columns=_nominal_columns,
+        grid_keys=("laplace",),
     )
 )
 register_family(
@@ -278,6 +416,7 @@ register_family(
         ],
         columns=_clip_sweep_columns,
         grid_keys=("clip_sweep",),
+        sources={"clip": "clip_sweep.clips"},
     )
 )
 register_family(
@@ -296,6 +435,53 @@ register_family(
         train_keys=("nonprivate",),
     )
 )
+register_family(
+    Family(
+        "public",
+        "Public pretraining: the trunk, trained without privacy on the public set",
+        "table7_public",
+        runs=_public_runs,
+        columns=_public_columns,
+        grid_keys=("finetune.schemes", "finetune.weights"),
+        train_keys=("nonprivate",),
+        train=lambda grid: {"public": True},
+        data="public",
+    )
+)
+for _scheme, _title, _table, _columns in (
+    (
+        "none",
+        "Fine-tuned without privacy: the fine-tuned ε = ∞ reference",
+        "table2d_finetune_none",
+        _finetune_none_columns,
+    ),
+    (
+        "gaussian",
+        "From scratch vs fine-tuned on a public-pretrained trunk, at each ε",
+        "table2b_scratch_vs_finetuned",
+        _scratch_vs_finetuned_columns,
+    ),
+    (
+        "laplace",
+        "Table 2 that answers: valid Laplace (fine-tuned), the paper's replica (NO guarantee) and Gaussian at each ε",
+        "table2a_laplace_valid_vs_paper",
+        _answer_columns,
+    ),
+):
+    register_family(
+        Family(
+            f"finetune-{_scheme}",
+            _title,
+            _table,
+            runs=_finetune_runs(_scheme),
+            columns=_columns,
+            grid_keys=("laplace", "finetune"),
+            train_keys=("nonprivate",) if _scheme == "none" else (),
+            train=_finetune_train(_scheme),
+            needs=("public",),
+            sources=_finetune_sources(_scheme),
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------ the grid
@@ -349,13 +535,16 @@ def train_overrides(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
         "ldp": s.ldp,
         "train_size": s.train_size,
     }
-    if s.scheme in names.NOISED_SCHEMES:
+    if s.scheme in names.CALIBRATED_SCHEMES:
         over["epsilon"] = s.epsilon
-    over.update(FAMILIES[s.family].train(grid))
-    if s.clip is not None:
-        over["clip"] = s.clip
     if s.scheme in names.UNCLIPPED_SCHEMES and grid.protocol == "tuned":
         over.update(grid.nonprivate.model_dump())
+    over.update(FAMILIES[s.family].train(grid))  # a family's own recipe wins (finetune-none's)
+    over.update(grid.overrides.get(s.family, {}))  # then what the grid sets for the family (grid.overrides)
+    if s.clip is not None:
+        over["clip"] = s.clip
+    if s.trainable is not None:
+        over.update(trainable=s.trainable, weights=s.weights)
     return over
 
 
@@ -377,13 +566,16 @@ def check_flags(family: str, grid: GridConfig, flags: dict[str, Any]) -> None:
                 flag = "--" + key.replace("_", "-")
                 raise UserError(
                     f"{flag}: the grid sets {key} for run {s.name} of family {family} "
-                    f"(grid.{_source(s, key)}); change it there in params.yaml, or train one run without --family"
+                    f"(grid.{_source(s, key, grid)}); change it there in params.yaml, or train one run without --family"
                 )
 
 
-def _source(s: RunSpec, key: str) -> str:
+def _source(s: RunSpec, key: str, grid: GridConfig) -> str:
+    if key in grid.overrides.get(s.family, {}):
+        return f"overrides.{s.family}.{key}"
+    sources = FAMILIES[s.family].sources
+    if key in sources:
+        return sources[key]
     if key in NonPrivateConfig.model_fields and s.scheme in names.UNCLIPPED_SCHEMES:
         return f"nonprivate.{key}"
-    if s.family == "clip-sweep" and key == "clip":
-        return "clip_sweep.clips"
-    return {"clip": "laplace_clip", "lr": "laplace_lr"}.get(key, key) if s.family == "laplace" else key
+    return key

@@ -66,17 +66,39 @@ def run_name(
     ldp: str | None = None,
     clip: float | None = None,
     train_size: int | None = None,
+    public: bool = False,
+    trainable: str | None = None,
 ) -> str:
-    """``<scheme>-eps<ε>[-clip<C>][-n<N>]-<model>-s<seed>`` (``eps inf`` when not noised; ``ldp-<derivative>-...``)."""
+    """``<scheme>-eps<ε>[-clip<C>][-n<N>][-public][-ft-<trainable>]-<model>-s<seed>``.
+
+    ``eps inf`` when not noised; ``ldp-<derivative>-...`` for local-DP data; ``laplace-paper-nominal<ε>-...``
+    for the paper's replica, whose ε is only the nominal one its noise was calibrated from (no guarantee);
+    ``-public`` for a run on the public set (:func:`public_dataset`); ``-ft-head`` / ``-ft-last-block`` for a
+    fine-tuning run that trains only that part of a pretrained trunk.
+    """
     if scheme == "ldp":
         head = f"ldp-{ldp}"
+    elif scheme == "laplace-paper":
+        head = f"{scheme}-nominal" + (format_eps(epsilon) if epsilon is not None else "inf")
     else:
         head = f"{scheme}-eps" + (format_eps(epsilon) if epsilon is not None else "inf")
     if clip is not None:
         head += f"-clip{format_eps(clip)}"
     if train_size is not None:
         head += f"-n{train_size}"
+    if public:
+        head += "-public"
+    if trainable not in (None, "all"):
+        head += f"-ft-{trainable}"
     return f"{head}-{model}-s{seed}"
+
+
+PUBLIC_SUFFIX = "-public"
+
+
+def public_dataset(dataset: str) -> str:
+    """The name of ``dataset``'s public companion set (``data/prepared/<dataset>-public``: public pretraining)."""
+    return f"{dataset}{PUBLIC_SUFFIX}"
 
 
 def reference_name(model: str, seed: int) -> str:

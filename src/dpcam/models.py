@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +126,7 @@ class SmallCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(c_in, num_classes)
         self.gradcam_layer = f"features.block{len(widths)}"
+        self.finetune_layers = {"head": ("classifier",), "last-block": (self.gradcam_layer, "classifier")}
         if act == "relu":  # tanh keeps PyTorch's default init (what was measured)
             for m in self.modules():
                 if isinstance(m, nn.Conv2d):
@@ -279,6 +280,7 @@ class WeightsReport:
     shape_mismatch: list[str] = field(default_factory=list)  # e.g. a classifier head for other classes
     unexpected: list[str] = field(default_factory=list)  # keys the model does not have
     missing: list[str] = field(default_factory=list)  # model tensors left at initialisation
+    excluded: list[str] = field(default_factory=list)  # not asked for (``only``): what fine-tuning trains afresh
 
     @property
     def skipped(self) -> list[str]:
@@ -302,11 +304,18 @@ class WeightsReport:
             parts.append(f"skipped {len(self.unexpected)} unknown to the model ({few(self.unexpected)})")
         if self.missing:
             parts.append(f"{len(self.missing)} model tensors left at initialisation ({few(self.missing)})")
+        if self.excluded:
+            parts.append(f"{len(self.excluded)} tensors not loaded: trained from initialisation ({few(self.excluded)})")
         return "; ".join(parts)
 
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _PREFIXES = ("_module.", "module.")  # Opacus GradSampleModule, DataParallel
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    shown = ", ".join(keys[:n])
+    return f"{shown}, ... ({len(keys)} in all)" if len(keys) > n else shown
 
 
 def _state_dict_from(obj, path: Path) -> dict[str, torch.Tensor]:
@@ -327,7 +336,9 @@ def _state_dict_from(obj, path: Path) -> dict[str, torch.Tensor]:
     )
 
 
-def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
+def load_weights(
+    model: nn.Module, path: Path | str, *, required: Collection[str] = (), only: Collection[str] | None = None
+) -> WeightsReport:
     """Load a local state dict into ``model`` by name, skipping what cannot map; returns the report.
 
     Reads with ``torch.load(weights_only=True)`` (nothing pickled is executed; nothing downloaded).
@@ -338,6 +349,10 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
     classes, the small-input stem), or when the model has no such key. Anything skipped or left
     at initialisation is logged as one warning line. Raises UserError for a missing or unreadable
     file, or when no tensor matches.
+
+    ``required``: state-dict keys that must load (a fine-tuning run's frozen trunk, :func:`frozen_keys`): one
+    that the file lacks or holds in another shape is a UserError naming them, and nothing is loaded.
+    ``only``: load no other key (a fine-tuning run's trained part keeps its initialisation: ``excluded``).
     """
     path = Path(path)
     if not path.is_file():
@@ -365,20 +380,92 @@ def load_weights(model: nn.Module, path: Path | str) -> WeightsReport:
             report.batchnorm.append(key)
         elif key not in own:
             report.unexpected.append(key)
+        elif only is not None and key not in only:
+            if not key.startswith("normalize."):  # fixed input normalisation: the model's own, never trained
+                report.excluded.append(key)
         elif tuple(own[key].shape) != tuple(tensor.shape):
             report.shape_mismatch.append(f"{key} {tuple(tensor.shape)}→{tuple(own[key].shape)}")
         else:
             to_load[key] = tensor
             report.loaded.append(key)
+    unfit = [k for k in required if k not in to_load]
+    if unfit:
+        shapes = {k.split(" ")[0]: k for k in report.shape_mismatch}
+        bn = [k for k in unfit if k in report.batchnorm]
+        wrong = [shapes[k] for k in unfit if k in shapes]
+        missing = [k for k in unfit if k not in shapes and k not in bn]
+        what = "; ".join(
+            f"{label} {len(keys)}: {_few(keys)}"
+            for label, keys in (
+                ("missing", missing),
+                ("of another shape (file→model)", wrong),
+                ("BatchNorm in the file, GroupNorm here", bn),
+            )
+            if keys
+        )
+        raise UserError(
+            f"--weights {path}: {len(unfit)} tensors of the frozen trunk of {type(model).__name__} do not fit "
+            f"({what}); "
+            "fine-tuning only the head or last block needs every trunk tensor from the weights: give weights saved "
+            "from the same architecture (e.g. models/public/<run>/model.pt), or train all parameters (trainable all)"
+        )
     if not to_load:
         raise UserError(
             f"--weights {path}: none of its {len(state)} tensors matches model {type(model).__name__} "
             f"(e.g. {next(iter(state), '-')}); give weights saved from the same architecture"
         )
     model.load_state_dict(to_load, strict=False)
-    report.missing = [k for k in own if k not in to_load and not k.startswith("normalize.")]
+    report.missing = [
+        k for k in own if k not in to_load and not k.startswith("normalize.") and (only is None or k in only)
+    ]
     if report.skipped or report.missing:
         log.warning(report.summary())
     else:
         log.info(report.summary())
     return report
+
+
+# ------------------------------------------------------------------------------------------ fine-tuning
+
+
+def trained_prefixes(model: nn.Module, trainable: str) -> tuple[str, ...]:
+    """The submodules ``trainable`` trains (``model.finetune_layers``); ``("",)`` (everything) for ``all``."""
+    if trainable == "all":
+        return ("",)
+    layers = getattr(model, "finetune_layers", {})
+    if trainable not in ("head", "last-block"):
+        raise UserError(f"trainable {trainable!r}: choose all, head or last-block")
+    if trainable not in layers:
+        raise UserError(
+            f"{type(model).__name__} names no {trainable} (finetune_layers); train it whole (trainable all)"
+        )
+    return tuple(layers[trainable])
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(p == "" or key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def frozen_keys(model: nn.Module, trainable: str) -> list[str]:
+    """State-dict keys of what ``trainable`` leaves frozen (the trunk), without the fixed input normalisation."""
+    prefixes = trained_prefixes(model, trainable)
+    if prefixes == ("",):
+        return []
+    return [k for k in model.state_dict() if not _under(k, prefixes) and not k.startswith("normalize.")]
+
+
+def freeze(model: nn.Module, trainable: str) -> list[str]:
+    """Leave only ``trainable``'s parameters with ``requires_grad`` (the trunk frozen); returns their names.
+
+    ``all`` trains every parameter. The frozen parameters get no gradient, so Opacus computes per-example
+    gradients, clips and noises only the trained ones: a DP run's private parameters are exactly these.
+    """
+    prefixes = trained_prefixes(model, trainable)
+    names = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(_under(name, prefixes))
+        if p.requires_grad:
+            names.append(name)
+    if not names:
+        raise UserError(f"trainable {trainable!r}: no parameter of {type(model).__name__} is under {prefixes}")
+    return names

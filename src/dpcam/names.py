@@ -11,10 +11,14 @@ from __future__ import annotations
 FORMATS = ("synthetic", "aptos", "catsdogs", "petimages", "imagefolder")
 
 # privacy schemes of a training run (docs/privacy.md)
-SCHEMES = ("none", "clip-only", "gaussian", "laplace", "ldp")
-NOISED_SCHEMES = ("gaussian", "laplace")  # DP-SGD with noise: a finite target ε
-CLIPPED_SCHEMES = ("clip-only", "gaussian", "laplace")  # per-example clipping: Opacus + Poisson sampling
+SCHEMES = ("none", "clip-only", "gaussian", "laplace", "laplace-paper", "ldp")
+NOISED_SCHEMES = ("gaussian", "laplace")  # DP-SGD with noise and an accountant: a finite target ε, the ε achieved
+# the paper's replica (L2 clipping + Laplace noise of Gaussian σ·C): noise calibrated from a nominal ε, NO guarantee
+UNGUARANTEED_SCHEMES = ("laplace-paper",)
+CALIBRATED_SCHEMES = NOISED_SCHEMES + UNGUARANTEED_SCHEMES  # noise calibrated from a (target or nominal) ε
+CLIPPED_SCHEMES = ("clip-only", "gaussian", "laplace", "laplace-paper")  # per-example clipping: Opacus + Poisson
 UNCLIPPED_SCHEMES = ("none", "ldp")  # plain training (for ldp the data carry the guarantee)
+TRAINABLE = ("all", "head", "last-block")  # what a run trains; head / last-block fine-tune a pretrained trunk
 
 GAUSSIAN_ACCOUNTANTS = ("prv", "rdp", "gdp")
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")
@@ -23,7 +27,20 @@ SCHEDULES = ("constant", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 # families.FAMILIES: the run families of the grid
-FAMILIES = ("baseline", "gaussian", "laplace", "ldp", "clip-sweep", "train-size")
+FAMILIES = (
+    "baseline",
+    "gaussian",
+    "laplace",
+    "laplace-paper",
+    "ldp",
+    "clip-sweep",
+    "train-size",
+    "public",
+    "finetune-none",
+    "finetune-gaussian",
+    "finetune-laplace",
+)
+FINETUNE_SCHEMES = ("none", "gaussian", "laplace")  # fine-tuning families: finetune-<scheme>
 HEADLINE_FAMILIES = ("baseline", "gaussian")  # the ε = ∞ reference and Gaussian DP-SGD: the study's answer
 
 # models.MODELS
@@ -36,7 +53,9 @@ MECHANISMS = ("singh-sikka", "pixel-laplace", "pixel-gaussian", "dp-pix")
 EXPLAIN_METHODS = ("gradcam", "guided-gradcam")
 EXPLAIN_METRICS = (
     "confidence",
+    "masking-baselines",
     "deletion-insertion",
+    "road",
     "pointing-game",
     "energy-pointing-game",
     "map-agreement",

@@ -134,10 +134,15 @@ def import_closure(entry: str) -> list[str]:
 
 
 def _grid(keys) -> list[str]:
-    return [f"grid.{k}" for k in keys]
+    """``grid.<key>`` for each key, once, leaving out a key whose parent is listed too (DVC reads the parent)."""
+    keys = list(dict.fromkeys(keys))
+    return [f"grid.{k}" for k in keys if not any(k.startswith(other + ".") for other in keys)]
 
 
 def _data(kind: str) -> str:
+    """The data folder of a family's runs: ``prepared``, ``ldp`` or ``public`` (the prepared set's public set)."""
+    if kind == "public":
+        return "data/prepared/${prepare.dataset}-public"
     return f"data/{kind}/${{prepare.dataset}}"
 
 
@@ -149,8 +154,15 @@ def stages() -> dict[str, Any]:
         "prepare": {
             "cmd": "dpcam prepare",
             "deps": import_closure(ENTRIES["prepare"]),
-            "params": ["prepare"],
+            "params": ["prepare"],  # prepare.public too: rerunning it rewrites the same bytes, nothing downstream
             "outs": [_data("prepared")],
+        },
+        # the public set: another draw (or folder), checked to share no image with the private set
+        "prepare-public": {
+            "cmd": "dpcam prepare --public",
+            "deps": [_data("prepared"), *import_closure(ENTRIES["prepare"])],
+            "params": ["prepare"],
+            "outs": [_data("public")],
         },
         "ldp": {
             "matrix": {"mechanism": "${ldp.mechanisms}", "epsilon": "${ldp.epsilons}"},
@@ -168,7 +180,7 @@ def stages() -> dict[str, Any]:
     for f in FAMILIES.values():
         out[f"train-{f.name}"] = {
             "cmd": f"dpcam train --family {f.name}",
-            "deps": [_data(f.data), *import_closure(ENTRIES["train"])],
+            "deps": [_data(f.data), *(f"models/{n}" for n in f.needs), *import_closure(ENTRIES["train"])],
             "params": [
                 "profile",
                 "train",

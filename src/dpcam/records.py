@@ -130,11 +130,33 @@ def read(cls: type[R], path: Path, what: str = "") -> R:
 class TrainRecord(Record):
     """One training run: its data, scheme and privacy accounting, its training and test metrics."""
 
-    _omit_if_none = ("run_name", "profile", "poisson_rate", "grad_sample_mode", "mlflow_run_id", "mlflow_model_uri")
+    _omit_if_none = (
+        "run_name",
+        "profile",
+        "poisson_rate",
+        "grad_sample_mode",
+        "mlflow_run_id",
+        "mlflow_model_uri",
+        "data_dir",
+        "guarantee",
+        "guarantee_reason",
+        "noise_scale",
+        "nominal_epsilon",
+        "nominal_delta",
+        "nominal_accountant",
+        "epsilon_l1_bound",
+        "trainable",
+        "trained_parameter_count",
+        "trained_parameters",
+        "weights",
+        "weights_sha256",
+        "public_data",
+    )
 
     run_name: str | None = None
     profile: str | None = None
     dataset: str
+    data_dir: str | None = None  # the folder trained on (data/prepared/<dataset>-public for the public trunk)
     ldp: str | None = None
     ldp_guarantee: dict[str, Any] | None = None
     model: str
@@ -155,6 +177,22 @@ class TrainRecord(Record):
     steps_planned: int | None = None
     poisson_rate: float | None = None
     grad_sample_mode: str | None = None
+    # "dp" (gaussian, laplace: ε by the accountant) or "none" (laplace-paper: noise without a guarantee, so
+    # epsilon, target_epsilon and delta are null; the ε its σ was calibrated from is nominal_epsilon)
+    guarantee: str | None = None
+    guarantee_reason: str | None = None
+    noise_scale: float | None = None  # per coordinate: Gaussian std σC, Laplace scale λC (laplace-paper: σC)
+    nominal_epsilon: float | None = None
+    nominal_delta: float | None = None
+    nominal_accountant: str | None = None
+    epsilon_l1_bound: float | None = None  # laplace-paper: the valid ε for L1 sensitivity C·√d
+    # what was trained (a DP run's private parameters) and what it started from
+    trainable: str | None = None  # all | head | last-block
+    trained_parameter_count: int | None = None  # d; in a DP run the private parameters, clipped and noised
+    trained_parameters: list[str] | None = None  # their names, when not all of the model's
+    weights: str | None = None  # the pretrained weights (trunk) the run started from
+    weights_sha256: str | None = None
+    public_data: dict[str, Any] | None = None  # the public data the model learnt from without privacy
     # training
     epochs: int
     train_size: int
@@ -202,8 +240,16 @@ class ExplainRecord(Record):
         "increase_conf_pct",
         "masked_score_pct",
         "masked_accuracy_pct",
+        "confidence_y",
+        "mask_sensitivity_pct",
+        "avg_drop_random_pct",
+        "increase_conf_random_pct",
+        "masked_score_random_pct",
         "deletion_auc",
         "insertion_auc",
+        "road_morf_auc",
+        "road_lerf_auc",
+        "road_gap",
         "pointing_game",
         "pointing_game_random",
         "energy_pointing_game",
@@ -223,8 +269,16 @@ class ExplainRecord(Record):
     increase_conf_pct: float | None = None
     masked_score_pct: float | None = None
     masked_accuracy_pct: float | None = None
+    confidence_y: float | None = None  # mean p(c | x): the confidence the paper's metrics start from
+    mask_sensitivity_pct: float | None = None  # Average Drop of a constant map of the map's mass
+    avg_drop_random_pct: float | None = None  # the paper's metrics of the map's pixels in random order
+    increase_conf_random_pct: float | None = None
+    masked_score_random_pct: float | None = None
     deletion_auc: float | None = None
     insertion_auc: float | None = None
+    road_morf_auc: float | None = None  # ROAD (Rong et al. 2022): most relevant first, lower is better
+    road_lerf_auc: float | None = None  # least relevant first, higher is better
+    road_gap: float | None = None  # LeRF − MoRF, higher is better
     pointing_game: float | None = None
     pointing_game_random: float | None = None  # the pointing game of a random map: the chance level
     energy_pointing_game: float | None = None

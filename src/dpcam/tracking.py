@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import dpcam
@@ -124,7 +125,13 @@ def _experiment_id(name: str) -> str:
     if exp is not None:
         return exp.experiment_id
     artifacts = Path("mlruns/artifacts").resolve().as_uri() if _is_default(uri) else None
-    return client.create_experiment(name, artifact_location=artifacts)
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)  # another worker created it meanwhile (workers start together)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def ensure_experiment(name: str) -> None:
@@ -204,7 +211,7 @@ def run(
     if run_id is not None:
         try:
             MlflowClient().get_run(run_id)
-        except mlflow.exceptions.MlflowException:
+        except MlflowException:
             raise UserError(
                 f"MLflow run {run_id} (from the checkpoint) is not in {tracking_uri()}; "
                 "set MLFLOW_TRACKING_URI to the store it was logged to, or train without --resume"

@@ -42,7 +42,7 @@ from dpcam.config import GridConfig, TrainConfig
 from dpcam.data.store import PreparedDataset, load_dataset
 from dpcam.errors import UserError
 from dpcam.families import check_flags, family_runs, run_config
-from dpcam.names import CLIPPED_SCHEMES, NOISED_SCHEMES
+from dpcam.names import CLIPPED_SCHEMES, NOISED_SCHEMES, UNGUARANTEED_SCHEMES
 from dpcam.records import TrainRecord
 
 log = logging.getLogger("dpcam.train")
@@ -96,6 +96,14 @@ def resolve_device(device: str) -> torch.device:
 
 def open_data(cfg: TrainConfig) -> PreparedDataset:
     path = cfg.data_dir
+    if cfg.public:
+        if not (path / "manifest.json").is_file():
+            raise UserError(
+                f"no public set of {cfg.dataset!r} ({path} does not exist); run `dpcam prepare --public` first"
+            )
+        from dpcam.data.public import open_public
+
+        return open_public(path)
     if not (path / "manifest.json").is_file():
         if cfg.ldp:
             have = sorted(p.name for p in path.parent.glob("*") if (p / "manifest.json").is_file())
@@ -199,6 +207,8 @@ class _Training:
     schedule: Any
     sampler_gen: torch.Generator
     noise_gen: torch.Generator
+    trained: list[str] = field(default_factory=list)  # the parameters trained (a DP run's private ones)
+    origin: dict[str, Any] = field(default_factory=dict)  # weights, weights_sha256, public_data (the record's)
     start_epoch: int = 0
     steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -218,17 +228,16 @@ def _splits(cfg: TrainConfig, data: PreparedDataset):
 
 def _start(cfg: TrainConfig) -> _Training:
     """Data, model, optimizer and the private setup of a fresh run (the noise calibrated for its plan)."""
-    from dpcam.models import create_model
     from dpcam.privacy.engine import make_private
 
     device = resolve_device(cfg.device)
     data = open_data(cfg)
     train, val, test = _splits(cfg, data)
+    origin = _origin(cfg, data)
     torch.manual_seed(cfg.seed)
-    model = create_model(
-        cfg.model, data.num_classes, data.image_size, weights=cfg.weights, small_input=cfg.small_input, seed=cfg.seed
-    ).to(device)
-    optimizer = _make_optimizer(cfg, model.parameters())
+    model, trained = _model(cfg, data)
+    model = model.to(device)
+    optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     if cfg.batch_size > len(train):
@@ -254,8 +263,71 @@ def _start(cfg: TrainConfig) -> _Training:
         noise_generator=noise_gen,
     )
     return _Training(
-        cfg, device, data, (train, val, test), setup, _make_schedule(cfg, setup.optimizer), sampler_gen, noise_gen
+        cfg,
+        device,
+        data,
+        (train, val, test),
+        setup,
+        _make_schedule(cfg, setup.optimizer),
+        sampler_gen,
+        noise_gen,
+        trained=trained,
+        origin=origin,
     )
+
+
+def _model(cfg: TrainConfig, data: PreparedDataset) -> tuple[nn.Module, list[str]]:
+    """The model to train and the names of the parameters it trains (``cfg.trainable``; the rest frozen).
+
+    Fine-tuning (``trainable`` head or last-block) loads ``cfg.weights`` strictly for the frozen trunk, and only
+    for it: a trunk tensor the file lacks or holds in another shape is a UserError naming them (a frozen tensor
+    left at random initialisation would make the run meaningless). The trained part starts from the seed's
+    initialisation, not from the file (whose head was trained for the public task, or for other classes): what
+    the model knows beyond the public trunk it learns from the private data, through the accountant.
+    """
+    from dpcam.models import create_model, freeze, frozen_keys, load_weights
+
+    whole = cfg.trainable == "all"
+    model = create_model(
+        cfg.model,
+        data.num_classes,
+        data.image_size,
+        weights=cfg.weights if whole else None,
+        small_input=cfg.small_input,
+        seed=cfg.seed,
+    )
+    if not whole:
+        trunk = frozen_keys(model, cfg.trainable)
+        load_weights(model, cfg.weights, required=trunk, only=trunk)
+    return model, freeze(model, cfg.trainable)
+
+
+def _origin(cfg: TrainConfig, data: PreparedDataset) -> dict[str, Any]:
+    """What the run starts from and learns without privacy, as the record states it (checked before training):
+    ``weights`` and their checksum, and ``public_data`` (the public set of a public run, or the trunk's data)."""
+    from dpcam.data.public import public_run_data, trunk_provenance
+    from dpcam.data.store import file_sha256
+    from dpcam.layout import PREPARED_ROOT
+
+    out: dict[str, Any] = {}
+    if cfg.public:
+        out["public_data"] = public_run_data(data, PREPARED_ROOT / cfg.dataset)
+    if cfg.weights is not None:
+        if not Path(cfg.weights).is_file():
+            trunk = Path(cfg.weights).parts[:2] == ("models", "public")
+            raise UserError(
+                f"--weights {cfg.weights}: no such file; "
+                + (
+                    "train the public trunk first (`dpcam train --family public`, or `dvc repro`)"
+                    if trunk
+                    else "give a local state dict saved with torch.save (a dpcam trunk: models/public/<run>/model.pt)"
+                )
+            )
+        out["weights"] = str(cfg.weights)
+        out["weights_sha256"] = file_sha256(Path(cfg.weights))
+        if not cfg.public:
+            out["public_data"] = trunk_provenance(cfg.weights, data, private_scheme=cfg.scheme in CLIPPED_SCHEMES)
+    return out
 
 
 def _restore(t: _Training, ckpt: dict[str, Any]) -> None:
@@ -270,7 +342,9 @@ def _restore(t: _Training, ckpt: dict[str, Any]) -> None:
     torch.set_rng_state(ckpt["torch_rng"])
     t.start_epoch, t.history, t.steps = ckpt["epoch"], list(ckpt["history"]), int(ckpt["steps"])
     t.best = {"val_accuracy": ckpt["best_val_accuracy"], "epoch": ckpt["best_epoch"], "state": ckpt["best_state"]}
-    log.info("resuming %s at epoch %d (ε spent so far %.4g)", t.cfg.run_name, t.start_epoch, t.setup.epsilon())
+    eps = t.setup.epsilon()
+    spent = "no guarantee" if eps is None else f"ε spent so far {eps:.4g}"
+    log.info("resuming %s at epoch %d (%s)", t.cfg.run_name, t.start_epoch, spent)
 
 
 def _train_epoch(t: _Training, epoch: int, progress: bool) -> float:
@@ -307,11 +381,11 @@ def _train_epoch(t: _Training, epoch: int, progress: bool) -> float:
 def _validate(t: _Training, epoch: int, train_loss: float) -> dict[str, float]:
     """The epoch's row of the history; keeps the best-validation weights."""
     val_pred, val_true = predict(t.setup.plain_module, t.splits[1], t.cfg.eval_batch_size, t.device)
-    row = {
+    row: dict[str, Any] = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
         "val_accuracy": float((val_pred == val_true).mean()),
-        "epsilon_spent": t.setup.epsilon(),
+        "epsilon_spent": t.setup.epsilon(),  # None for laplace-paper: no guarantee, no ε
         "lr": t.schedule.get_last_lr()[0],
     }
     t.history.append(row)
@@ -373,6 +447,7 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
     privacy = {**t.setup.report(), "steps": t.steps}  # steps taken (the ledger's count is the same for DP runs)
     record = TrainRecord(
         dataset=cfg.dataset,
+        data_dir=str(cfg.data_dir),
         ldp=cfg.ldp,
         ldp_guarantee=t.data.manifest.get("guarantee") if cfg.ldp else None,
         model=cfg.model,
@@ -388,6 +463,10 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
         val_curve=[row["val_accuracy"] for row in t.history],
         undertrained=undertrained([row["val_accuracy"] for row in t.history], len(t.splits[1])),
         versions=library_versions(),
+        trainable=cfg.trainable,
+        trained_parameter_count=sum(p.numel() for n, p in plain.named_parameters() if n in set(t.trained)),
+        trained_parameters=None if cfg.trainable == "all" else list(t.trained),
+        **t.origin,
     )
     record.collapsed = record.test_majority_share >= COLLAPSE_SHARE
     if record.collapsed:
@@ -433,9 +512,10 @@ def fit(
         if on_epoch is not None:
             on_epoch(epoch + 1, row)
         if progress:
+            eps = row["epsilon_spent"]
             tqdm.write(
                 f"{cfg.run_name} epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f} "
-                f"val_acc {row['val_accuracy']:.3f} ε {row['epsilon_spent']:.4g}"
+                f"val_acc {row['val_accuracy']:.3f} " + ("no guarantee (no ε)" if eps is None else f"ε {eps:.4g}")
             )
     record, predictions = _finish(t, time.perf_counter() - started)
     return FitResult(t.setup.release(), record, t.history, predictions)  # no Opacus hooks left on the returned model
@@ -538,6 +618,7 @@ def _run_locked(
         "dpcam.dataset": cfg.dataset,
         "dpcam.model": cfg.model,
         "dataset.images_sha256": data.manifest.get("checksums", {}).get("images.npy", ""),
+        **guarantee_tags(cfg),
     }
     tags.update({k: v for k, v in (("dpcam.grid", grid), ("dpcam.profile", profile)) if v})
     with tracking.run(cfg.dataset, name, run_id=run_id, tags=tags) as mlflow_id:
@@ -570,6 +651,20 @@ def _run_locked(
     return record
 
 
+def guarantee_tags(cfg: TrainConfig) -> dict[str, str]:
+    """MLflow tags set when the run starts (so a failed run carries them too): ``dpcam.guarantee`` (``dp`` for
+    gaussian and laplace, ``none`` for laplace-paper, whose noise has no guarantee), ``dpcam.trainable`` and
+    ``dpcam.public`` (a run on the public set)."""
+    tags = {"dpcam.trainable": cfg.trainable}
+    if cfg.scheme in UNGUARANTEED_SCHEMES:
+        tags["dpcam.guarantee"] = "none"
+    elif cfg.scheme in NOISED_SCHEMES:
+        tags["dpcam.guarantee"] = "dp"
+    if cfg.public:
+        tags["dpcam.public"] = "true"
+    return tags
+
+
 def _ldp_mechanism(data: PreparedDataset) -> tuple[str | None, float | None, dict[str, Any]]:
     """(mechanism name, its ε, its guarantee) of an LDP derivative's manifest."""
     mech = data.manifest.get("mechanism") or {}
@@ -581,22 +676,28 @@ def mlflow_params(cfg: TrainConfig, data: PreparedDataset) -> dict[str, Any]:
     """The run's settings as MLflow params: only those that applied to it.
 
     ``epsilon``: the target ε as in run names (``1``, ``0.5``) for gaussian/laplace, ``inf`` for
-    none and clip-only, absent for ldp (no DP-SGD; the data's ε is ``ldp_epsilon``, with
-    ``ldp_mechanism`` and ``ldp_scope``: what that ε protects). ``delta`` only where it enters an
-    (ε, δ) guarantee (gaussian, laplace); ``clip`` and ``grad_sample_mode`` only for clipped schemes;
-    ``accountant`` only for gaussian (laplace has its own, logged as the ``dpcam.accountant`` tag).
+    none and clip-only, absent for laplace-paper (no guarantee: ``nominal_epsilon``, ``nominal_delta`` and
+    ``nominal_accountant`` are what its σ was calibrated from, and ``guarantee`` is ``none``) and for ldp (no
+    DP-SGD; the data's ε is ``ldp_epsilon``, with ``ldp_mechanism`` and ``ldp_scope``: what that ε protects).
+    ``delta`` only where it enters an (ε, δ) guarantee (gaussian, laplace); ``clip`` and ``grad_sample_mode``
+    only for clipped schemes; ``accountant`` only for gaussian (laplace has its own, logged as the
+    ``dpcam.accountant`` tag).
     """
     params = cfg.model_dump(mode="json")
     for key in ("epsilon", "delta", "clip", "accountant", "grad_sample_mode"):
         params.pop(key)
     if cfg.scheme in NOISED_SCHEMES:
         params.update(epsilon=layout.format_eps(cfg.epsilon), delta=cfg.delta)
+    elif cfg.scheme in UNGUARANTEED_SCHEMES:  # no ε: the one it was calibrated from, under its own name
+        params.update(nominal_epsilon=layout.format_eps(cfg.epsilon), nominal_delta=cfg.delta, guarantee="none")
     elif cfg.scheme != "ldp":
         params["epsilon"] = "inf"
     if cfg.scheme in CLIPPED_SCHEMES:
         params.update(clip=cfg.clip, grad_sample_mode=cfg.grad_sample_mode)
     if cfg.scheme == "gaussian":
         params["accountant"] = cfg.accountant
+    if cfg.scheme in UNGUARANTEED_SCHEMES:
+        params["nominal_accountant"] = cfg.accountant
     if cfg.scheme == "ldp":
         mechanism, eps, guarantee = _ldp_mechanism(data)
         params.update(
@@ -765,7 +866,7 @@ def run_family(
 
         tracking.ensure_experiment(base.dataset)
     jobs = [(cfg, s.model_dir, progress and not parallel, grid.name, profile) for s, cfg in zip(specs, cfgs)]
-    return run_jobs(_train_fresh, jobs, [s.name for s in specs], executor=grid.executor, workers=grid.workers)
+    return run_jobs(_train_fresh, jobs, [s.name for s in specs], **grid.run_options())
 
 
 def _train_fresh(cfg: TrainConfig, out: Path, progress: bool, grid: str, profile: str | None) -> TrainRecord:

@@ -43,6 +43,7 @@ class ResNet18(_TVResNet):
     """
 
     gradcam_layer = "layer4"
+    finetune_layers = {"head": ("fc",), "last-block": ("layer4", "fc")}
 
     def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         super().__init__(_BasicBlock, [2, 2, 2, 2], num_classes=num_classes, norm_layer=group_norm)
@@ -69,6 +70,7 @@ class AlexNet(_TVAlexNet):
     """
 
     gradcam_layer = "features.11"
+    finetune_layers = {"head": ("classifier.6",), "last-block": ("features.10", "classifier")}
 
     def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         super().__init__(num_classes=num_classes)
@@ -96,6 +98,10 @@ class VGG16(_TVVGG):
     """
 
     gradcam_layer = "features.29"
+    finetune_layers = {
+        "head": ("classifier.6",),
+        "last-block": ("features.24", "features.26", "features.28", "classifier"),
+    }
 
     def __init__(self, num_classes: int, small_input: bool, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         super().__init__(_vgg_make_layers(_vgg_cfgs["D"], batch_norm=False), num_classes=num_classes)

@@ -157,6 +157,7 @@ def test_audit_family_mirrors_the_explain_stage(in_runs):
         clip_sweep={"clips": []},
         ldp=[],
         train_sizes={"sizes": []},
+        finetune={"schemes": []},
     )
     with pytest.raises(UserError, match="grid run none-epsinf-smallcnn-s0: no trained model"):
         A.audit_family("baseline", grid, cfg())
@@ -182,6 +183,7 @@ def test_audit_grid_checks_every_model_before_writing(in_runs):
         clip_sweep={"clips": []},
         ldp=[],
         train_sizes={"sizes": []},
+        finetune={"schemes": []},
     )
     for folder in ("models/baseline", "audits/baseline"):  # the runs fixture is shared with the family test
         shutil.rmtree(folder, ignore_errors=True)
@@ -198,6 +200,7 @@ def test_audit_grid_checks_every_model_before_writing(in_runs):
         clip_sweep={"clips": []},
         ldp=[],
         train_sizes={"sizes": []},
+        finetune={"schemes": []},
     )
     [r] = A.audit_grid(grid, cfg(attacks=["loss"]))
     assert (
@@ -223,3 +226,13 @@ def test_bad_audit_input_is_one_line(in_runs, args, message):
     assert res.exit_code == 2, res.output
     assert res.output.strip().splitlines()[-1].startswith("error: ") and message in res.output
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_laplace_paper_is_not_checked_because_it_has_no_guarantee():
+    from types import SimpleNamespace
+
+    from dpcam.audit import stage
+
+    t = SimpleNamespace(notes=[], train_json=Path("train.json"), name="laplace-paper-nominal5-smallcnn-s0")
+    why = stage._unchecked(t, "laplace-paper")
+    assert "no privacy guarantee" in why and "no ε to check" in why and t.notes == [f"no check against a bound: {why}"]

@@ -384,7 +384,9 @@ def test_degeneracy_stats_streaming_equals_one_shot():
 def test_registry_names_errors_and_needs():
     assert {
         "confidence",
+        "masking-baselines",
         "deletion-insertion",
+        "road",
         "pointing-game",
         "energy-pointing-game",
         "map-agreement",
@@ -398,6 +400,8 @@ def test_registry_names_errors_and_needs():
         METRICS["pointing-game"](batch)
     with pytest.raises(UserError, match="no option 'stepz'"):
         METRICS["deletion-insertion"](batch, stepz=3)
+    for name in ("masking-baselines", "road"):  # their random numbers are seeded by the images' dataset indices
+        assert METRICS[name].missing(batch) == ["indices"]
 
 
 def test_all_metrics_identical_whatever_the_batch_size():
@@ -427,6 +431,7 @@ def test_all_metrics_identical_whatever_the_batch_size():
                 masks=masks[sl],
                 reference_maps=reference[sl],
                 random_maps=rmaps,
+                indices=torch.arange(100, 110)[sl],
             )
             for metric in METRICS.values():
                 run.add(*metric(batch, **options.get(metric.name, {})))

@@ -60,8 +60,16 @@ def test_explain_writes_metrics_maps_and_pictures(in_runs):
         "increase_conf_pct",
         "masked_score_pct",
         "masked_accuracy_pct",
+        "confidence_y",
+        "mask_sensitivity_pct",
+        "avg_drop_random_pct",
+        "increase_conf_random_pct",
+        "masked_score_random_pct",
         "deletion_auc",
         "insertion_auc",
+        "road_morf_auc",
+        "road_lerf_auc",
+        "road_gap",
         "pointing_game",
         "energy_pointing_game",
         "map_agreement",
@@ -167,8 +175,10 @@ def _recompute(name: str, cfg: ExplainConfig, batch_size: int) -> dict[str, floa
         energy_pointing_game,
         has_mask,
         map_agreement,
+        masking_baselines,
         pointing_game,
         predict_probs,
+        road,
     )
     from dpcam.train import load_model
 
@@ -188,11 +198,18 @@ def _recompute(name: str, cfg: ExplainConfig, batch_size: int) -> dict[str, floa
         target = probs.argmax(1)
         c = confidence_drop(model, x, maps, target, y, probs=probs)
         d, i = deletion_insertion(model, x, maps, target, steps=cfg.steps, probs=probs)
+        index = torch.from_numpy(idx[sl])  # the images' dataset indices seed their random maps and ROAD noise
+        base = masking_baselines(model, x, maps, target, index, cfg.seed, probs=probs)
+        roads = road(model, x, maps, target, index, cfg.seed)
         hits, valid = pointing_game(maps, masks)
         ref = as_saved(gradcam(reference, x, target=target)[0])
         rnd = as_saved(gradcam(randomised, x, target=target)[0])
         agreement, randomisation = map_agreement(maps, ref), map_agreement(maps, rnd)
         values = {k: c[k] for k in ("avg_drop_pct", "increase_conf_pct", "masked_score_pct", "masked_accuracy_pct")}
+        values |= {"confidence_y": c["Y"]}
+        values |= {k: base[k] for k in ("mask_sensitivity_pct", "avg_drop_random_pct", "increase_conf_random_pct")}
+        values |= {"masked_score_random_pct": base["masked_score_random_pct"]}
+        values |= {k: roads[k] for k in ("road_morf_auc", "road_lerf_auc", "road_gap")}
         values |= {"deletion_auc": d, "insertion_auc": i, "pointing_game": hits}
         values |= {"energy_pointing_game": energy_pointing_game(maps, masks)}
         values |= {"map_agreement": agreement, "randomisation_agreement": randomisation}
@@ -212,7 +229,7 @@ def test_every_explain_number_is_recomputed_exactly_from_the_saved_maps(in_runs)
     record = score(dp, cfg, progress=False)
     written = json.loads((Path("metrics") / dp / "explain.json").read_text())
     again = _recompute(dp, cfg, cfg.batch_size)  # the stage's batches: the model's forward is the same computation
-    assert len(again) == 10 and all(isinstance(written[k], float) for k in again)
+    assert len(again) == 18 and all(isinstance(written[k], float) for k in again)
     for key, value in again.items():
         assert written[key] == value and record[key] == value, key  # exactly, not approximately
     # other batches: the metrics of the maps alone are still exact (the sums do not depend on the batching); the
@@ -224,3 +241,25 @@ def test_every_explain_number_is_recomputed_exactly_from_the_saved_maps(in_runs)
                 assert written[key] == value, key
             else:
                 assert written[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_matched_inputs_and_road_land_in_per_image_values_and_can_be_turned_off(in_runs):
+    """The new keys are per-image values (per_image.npz) whose means are explain.json's numbers; a metric left
+    out of explain.metrics writes neither."""
+    import math
+
+    dp = in_runs[1]
+    keys = ("confidence_y", "mask_sensitivity_pct", "avg_drop_random_pct", "road_morf_auc", "road_gap")
+    r = score(dp, ExplainConfig(device="cpu", batch_size=16), progress=False)
+    per_image = np.load(Path("metrics") / dp / "per_image.npz")
+    for key in keys:
+        v = per_image[key]
+        assert v.shape == (48,) and np.isfinite(v).all(), key
+        assert r[key] == math.fsum(v.tolist()) / v.size, key
+    assert 0 < r["confidence_y"] <= 1 and 0 <= r["mask_sensitivity_pct"] <= 100
+    assert r["road_gap"] == pytest.approx(r["road_lerf_auc"] - r["road_morf_auc"], abs=1e-6)
+    off = score(dp, ExplainConfig(device="cpu", metrics=["confidence", "deletion-insertion"]), progress=False)
+    per_image = np.load(Path("metrics") / dp / "per_image.npz")
+    assert "confidence_y" in off and "confidence_y" in per_image.files
+    for key in keys[1:]:
+        assert key not in off and key not in per_image.files, key

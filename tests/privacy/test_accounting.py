@@ -175,3 +175,12 @@ def test_privacy_report_is_json_safe():
     ):
         assert key in d
     json.dumps(d, allow_nan=False)
+
+
+def test_l2_laplace_bound_is_the_laplace_mechanism_at_l1_sensitivity_sqrt_d_c():
+    """laplace-paper's only ε: one step without subsampling of Laplace(σC) noise on a sum whose L1 sensitivity is
+    √d·C is (√d/σ)-DP: pure ε √d/σ (here √16/2 = 2), which the PLD reaches at a tiny δ."""
+    assert A.l2_laplace_epsilon_bound(2.0, 1.0, 1, 1e-12, 16) == pytest.approx(2.0, rel=0.01)
+    assert A.l2_laplace_epsilon_bound(0.97, 1 / 17, 136, 1e-5, 15637) > 1000  # the quick study's replica at ε = 5
+    with pytest.raises(UserError, match="dimension"):
+        A.l2_laplace_epsilon_bound(1.0, 0.1, 3, 1e-5, 0)

@@ -249,3 +249,80 @@ def test_hooks_off_runs_plain_module_without_per_sample_capture():
     plain.zero_grad()
     _train(setup, 1)  # training still works afterwards
     assert setup.steps_taken == 1
+
+
+# ------------------------------------------------------------------------------------ laplace-paper (no guarantee)
+
+
+def test_laplace_paper_noise_is_the_gaussian_runs_sigma_and_it_gives_no_epsilon():
+    """The replica's σ is exactly a Gaussian run's at the same (ε, δ, accountant, plan); it reports no ε, no δ."""
+    from dpcam.privacy.laplace import NoGuaranteeLedger, PaperLaplaceDPOptimizer
+
+    gauss = _setup("gaussian", accountant="prv", target=2.0)
+    with pytest.warns(UserWarning, match="laplace-paper has no privacy guarantee"):
+        paper = _setup("laplace-paper", accountant="prv", target=2.0)
+    assert paper.noise_multiplier == gauss.noise_multiplier and paper.sample_rate == gauss.sample_rate
+    assert type(paper.optimizer) is PaperLaplaceDPOptimizer and isinstance(paper.ledger, NoGuaranteeLedger)
+    _train(paper, 3)
+    assert paper.steps_taken == 3 and paper.epsilon() is None
+    with pytest.raises(UserError, match="no privacy guarantee"):
+        paper.ledger.get_epsilon(DELTA)
+    rep = paper.report()
+    assert (rep["epsilon"], rep["target_epsilon"], rep["delta"], rep["accountant"]) == (None, None, None, None)
+    assert rep["guarantee"] == "none" and rep["nominal_epsilon"] == 2.0 and rep["nominal_delta"] == DELTA
+    assert rep["nominal_accountant"] == "prv" and rep["noise_scale"] == paper.noise_multiplier * 1.0
+    assert "C·√d (d = 12 trained parameters)" in rep["guarantee_reason"]
+    # the valid bound, independently: Laplace of scale σC against L1 sensitivity √12·C, i.e. multiplier σ/√12
+    sigma, q = paper.noise_multiplier, paper.sample_rate
+    assert rep["epsilon_l1_bound"] == pytest.approx(A.laplace_epsilon(sigma / math.sqrt(12), q, 3, DELTA), rel=1e-9)
+    assert gauss.report()["guarantee"] == "dp"
+
+    resumed = _setup("laplace-paper", accountant="prv", target=2.0)
+    resumed.load_state_dict(paper.state_dict())
+    assert resumed.steps_taken == 3
+    with pytest.raises(UserError, match="ledger is 'laplace-paper-none'"):
+        _setup("gaussian").load_state_dict(paper.state_dict())
+
+
+def test_laplace_paper_needs_per_example_gradients():
+    model, opt, loader = _parts()
+    with pytest.raises(UserError, match="laplace-paper scheme needs per-example gradients"):
+        make_private(
+            model,
+            opt,
+            loader,
+            scheme="laplace-paper",
+            target_epsilon=1.0,
+            delta=DELTA,
+            max_grad_norm=1.0,
+            epochs=1,
+            grad_sample_mode="ghost",
+        )
+
+
+@pytest.mark.parametrize("scheme", ["gaussian", "laplace"])
+def test_frozen_parameters_are_not_clipped_noised_or_changed(scheme):
+    """Fine-tuning: only parameters with requires_grad are private; the frozen ones get no noise and never move."""
+    torch.manual_seed(0)
+    x, y = torch.randn(200, 5), torch.randint(0, 2, (200,))
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2))
+    model[0].requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    setup = make_private(
+        model,
+        opt,
+        DataLoader(TensorDataset(x, y), batch_size=20),
+        scheme=scheme,
+        target_epsilon=1.0,
+        delta=DELTA,
+        max_grad_norm=1.0,
+        epochs=1,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    assert setup.trained_parameters == 4 * 2 + 2
+    _train(setup, 4)
+    after = setup.plain_module.state_dict()
+    assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["0.bias"], before["0.bias"])
+    assert not torch.equal(after["2.weight"], before["2.weight"])
+    assert model[0].weight.grad is None

@@ -126,3 +126,63 @@ def test_ledger_state_round_trip_and_never_reset():
 
 def test_ledger_is_registered_with_opacus():
     assert isinstance(create_accountant("laplace-pld"), LaplaceLedger)
+
+
+# ------------------------------------------------------------------------------------ laplace-paper's optimizer
+
+
+def _paper_zero_grad_noise(sigma, clip, ebs, seed, shape=(50, 20)):
+    from dpcam.privacy.laplace import PaperLaplaceDPOptimizer
+
+    torch.manual_seed(0)
+    gsm = GradSampleModule(nn.Linear(*shape))
+    opt = PaperLaplaceDPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0),
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=ebs,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    (gsm(torch.randn(ebs, shape[0])) * 0).sum().backward()
+    opt.step()
+    return torch.cat([p.grad.flatten() for p in gsm.parameters()]) * ebs  # undo the expected-batch-size division
+
+
+def test_paper_noise_is_laplace_with_scale_sigma_c_not_gaussian_with_std_sigma_c():
+    """Zero gradients, so the step is pure noise: a Laplace(0, σC) sample (KS test, scipy's own distribution),
+    not N(0, (σC)²), and its standard deviation is √2·σC (the same scale parameter, not the same std)."""
+    from scipy import stats
+
+    sigma, clip = 1.3, 0.7
+    noise = _paper_zero_grad_noise(sigma, clip, 8, seed=5, shape=(200, 50)).double().numpy()
+    b = sigma * clip
+    assert noise.size == 200 * 50 + 50
+    assert stats.kstest(noise, "laplace", args=(0, b)).pvalue > 0.01
+    assert stats.kstest(noise, "norm", args=(0, b)).pvalue < 1e-6  # Opacus's own draw
+    assert stats.kstest(noise, "norm", args=(0, math.sqrt(2) * b)).pvalue < 1e-6  # not a Gaussian of its std either
+    assert noise.std() == pytest.approx(math.sqrt(2) * b, rel=0.05)
+
+
+def test_paper_clipping_is_opacus_flat_l2():
+    from dpcam.privacy.laplace import PaperLaplaceDPOptimizer
+
+    model = nn.Linear(3, 2, bias=False)
+    gsm = GradSampleModule(model)
+    opt = PaperLaplaceDPOptimizer(
+        torch.optim.SGD(gsm.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=3.0, expected_batch_size=1
+    )
+    gsm(torch.ones(1, 3)).sum(dim=1).mean().backward()  # g = [x; x], L2 norm √6 < 3 < L1 norm 6: unclipped in L2
+    opt.step()
+    assert model.weight.grad.abs().sum().item() == pytest.approx(6.0, rel=1e-5)
+
+
+def test_no_guarantee_ledger_counts_steps_and_refuses_an_epsilon():
+    from dpcam.privacy.laplace import NoGuaranteeLedger
+
+    ledger = create_accountant("laplace-paper-none")
+    assert isinstance(ledger, NoGuaranteeLedger) and ledger.mechanism() == "laplace-paper-none"
+    for _ in range(3):
+        ledger.step(noise_multiplier=0.9, sample_rate=0.1)
+    assert ledger.history == [(0.9, 0.1, 3)]
+    with pytest.raises(UserError, match="no privacy guarantee.*C·√d"):
+        ledger.get_epsilon(1e-5)

@@ -23,6 +23,7 @@ def fake_grid(**kw) -> GridConfig:
         "clip_sweep": {"epsilon": 1, "clips": [0.1]},
         "train_sizes": {"sizes": [100], "gaussian": [5], "none": False},
         "family_seeds": {},  # every family on every seed
+        "finetune": {"schemes": []},  # no public trunk (test_tables.py turns it on)
     }
     return GridConfig(**{**base, **kw})
 

@@ -54,7 +54,16 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     assert g1["test_accuracy"] == 0.5 and g1["epsilon"] == pytest.approx(0.99) and g1["degenerate"] is False
     assert "map_agreement" not in metrics["baseline"]["none-epsinf-smallcnn-s0"]  # missing stays missing
     assert list(metrics)[0] == "verdict"  # `dvc metrics show` opens with the answer
-    assert set(metrics) == {"verdict", "baseline", "gaussian", "laplace", "ldp", "clip-sweep", "train-size"}
+    assert set(metrics) == {
+        "verdict",
+        "baseline",
+        "gaussian",
+        "laplace",
+        "laplace-paper",
+        "ldp",
+        "clip-sweep",
+        "train-size",
+    }
 
     acc = read_csv("reports/plots/accuracy_vs_eps.csv")
     assert len(acc) == 2 * (2 + 1 + 2)  # seeds × (gaussian ε + laplace ε + baselines)
@@ -74,7 +83,7 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     assert len(ex) == len(acc) and {"avg_drop_pct", "laplace_masked_score_pct", "map_agreement"} <= set(ex[0])
 
     runs = read_csv("reports/runs.csv")
-    assert len(runs) == 16
+    assert len(runs) == 18
     r0 = next(r for r in runs if r["run"] == "gaussian-eps1-smallcnn-s0")
     assert float(r0["noise_multiplier"]) == 1.1 and r0["test_pred_histogram.1"] == "4"
     assert float(r0["avg_drop_pct"]) == 20.0 and r0["degeneracy.degenerate"] == "0"

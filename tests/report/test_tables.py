@@ -14,8 +14,8 @@ from tests.report.fakes import T_975_1, md_row, read_csv
 def test_report_tables_match_hand_computed_values(in_built):
     grid, summary = in_built
     assert (
-        summary["runs"] == len(grid_runs(grid)) == 16
-    )  # 2 seeds × (2 baselines + 2 gaussian + laplace + ldp + clip + size)
+        summary["runs"] == len(grid_runs(grid)) == 18
+    )  # 2 seeds × (2 baselines + 2 gaussian + laplace + laplace-paper + ldp + clip + size)
     t1 = Path("reports/tables/table1_gaussian.md").read_text()
     header = md_row(t1, "smallcnn", "metric")
     assert header == ["metric", "ε = 1 (n = 2)", "ε = 5 (n = 2)", "ε = ∞ (n = 2)"]  # seeds per cell
@@ -84,3 +84,34 @@ def test_degenerate_runs_are_marked(in_built):
     assert metrics["laplace"]["laplace-eps5-smallcnn-s0"]["degenerate"] is False
     runs = {r["run"]: r for r in read_csv("reports/runs.csv")}
     assert runs["laplace-eps5-smallcnn-s1"]["degenerate"] == "1"
+
+
+def test_table2_sets_valid_laplace_beside_the_unguaranteed_replica_and_gaussian(tmp_path, monkeypatch):
+    """With public pretraining on: Table 2a (finetune-laplace's) puts, at each ε, valid Laplace fine-tuned, the
+    paper's replica (NO guarantee) and Gaussian fine-tuned and from scratch side by side; 2b compares from scratch
+    with fine-tuned for each noise."""
+    from tests.report.fakes import fake_grid, write_fake_runs
+
+    monkeypatch.chdir(tmp_path)
+    grid = fake_grid(seeds=[0], finetune={"schemes": ["none", "gaussian", "laplace"]})
+    write_fake_runs(grid)
+    rep.report(grid)
+    t2a = Path("reports/tables/table2a_laplace_valid_vs_paper.md").read_text()
+    assert md_row(t2a, "smallcnn", "metric")[1:] == [
+        "Laplace (L1, valid), fine-tuned ε = 5 (n = 1)",
+        "laplace-paper (NO guarantee), from scratch, nominal ε = 5 (n = 1)",
+        "Gaussian, fine-tuned ε = 5 (n = 1)",
+        "Gaussian, from scratch ε = 5 (n = 1)",
+        "ε = ∞, fine-tuned (n = 1)",
+        "ε = ∞, from scratch (n = 1)",
+    ]
+    t2b = Path("reports/tables/table2b_scratch_vs_finetuned.md").read_text()
+    assert md_row(t2b, "smallcnn", "metric")[1:5] == [
+        "Gaussian, from scratch ε = 5 (n = 1)",
+        "Gaussian, fine-tuned ε = 5 (n = 1)",
+        "Laplace (L1), from scratch ε = 5 (n = 1)",
+        "Laplace (L1), fine-tuned ε = 5 (n = 1)",
+    ]
+    # each cell is the run's own value: the fine-tuned Gaussian column shows the finetune-gaussian run's accuracy
+    acc = json.loads(Path("models/finetune-gaussian/gaussian-eps5-ft-head-smallcnn-s0/train.json").read_text())
+    assert md_row(t2a, "smallcnn", "Test accuracy")[3] == f"{acc['test_accuracy']:.3f}"

@@ -42,5 +42,26 @@ def test_the_report_opens_with_the_verdict(in_built):
     page = Path("reports/index.html").read_text()
     assert page.index('id="verdict"') < page.index('id="tables"')
     verdict = json.loads(Path("reports/metrics.json").read_text())["verdict"]["smallcnn"]
-    assert set(verdict["claims"]) == set("abcdef") and verdict["seeds"] == 2
+    assert set(verdict["claims"]) == {*"abcdef", "a_matched", "a_road", "a_localisation"} and verdict["seeds"] == 2
     assert "delta_test_accuracy_eps1" in verdict
+
+
+def test_claim_c_is_decided_on_the_valid_fine_tuned_pair_and_never_on_the_replica(tmp_path, monkeypatch):
+    from dpcam import report as rep
+    from tests.report.fakes import fake_grid, write_fake_runs
+
+    monkeypatch.chdir(tmp_path)
+    grid = fake_grid(seeds=[0], finetune={"schemes": ["none", "gaussian", "laplace"]})
+    write_fake_runs(grid, degenerate=())
+    rep.report(grid)
+    c = next(line for line in Path("reports/verdict.md").read_text().splitlines() if line.startswith("| (c) "))
+    assert "valid Laplace − Gaussian, both fine-tuned on the public trunk: ε = 5" in c
+    assert "[not counted: the paper's replica laplace-paper (NO guarantee) − Gaussian" in c
+    # without public pretraining the from-scratch families decide it
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    grid = fake_grid(seeds=[0])
+    write_fake_runs(grid, degenerate=())
+    rep.report(grid)
+    c = next(line for line in Path("reports/verdict.md").read_text().splitlines() if line.startswith("| (c) "))
+    assert "valid Laplace − Gaussian, both from scratch" in c

@@ -23,6 +23,7 @@ from dpcam.config import AuditConfig, GridConfig
 from dpcam.errors import UserError
 from dpcam.families import FAMILIES, family_runs, fresh
 from dpcam.layout import AUDIT_JSON, AUDITS_ROOT, TRAIN_JSON
+from dpcam.names import UNGUARANTEED_SCHEMES
 from dpcam.privacy.profile import ADD_REMOVE, REPLACE_ONE, TradeOff, trade_off
 from dpcam.records import AuditCheck, AuditPrivacy, AuditRecord, TrainRecord
 
@@ -259,6 +260,11 @@ def _unchecked(t: _Target, scheme: str | None) -> str:
     if scheme in PROFILE_SCHEMES:
         why = f"{t.train_json} records no achieved ε for this {scheme} run"
         log.warning("%s: not checked against a privacy bound: %s; retrain it with `dpcam train`", t.name, why)
+    elif scheme in UNGUARANTEED_SCHEMES:
+        why = (
+            f"{scheme} has no privacy guarantee (the paper's replica: L2 clipping with Laplace noise), so there is "
+            "no ε to check; its attacks show what it leaks"
+        )
     else:
         why = "local-DP data, no DP-SGD guarantee on the model" if scheme == "ldp" else "not a DP-SGD run (ε = ∞)"
     t.notes.append(f"no check against a bound: {why}")
@@ -384,7 +390,7 @@ def audit_family(family: str, grid: GridConfig, cfg: AuditConfig, *, progress: b
 
     runs = family_runs(grid, family, AUDITS_ROOT, trained=True)
     jobs = [(s.name, cfg, s.audit_dir, progress and grid.executor == "serial") for s in runs]
-    return run_jobs(_audit_fresh, jobs, [s.name for s in runs], executor=grid.executor, workers=grid.workers)
+    return run_jobs(_audit_fresh, jobs, [s.name for s in runs], **grid.run_options())
 
 
 def _audit_fresh(name: str, cfg: AuditConfig, out: Path, progress: bool) -> AuditRecord:
@@ -400,4 +406,4 @@ def audit_grid(grid: GridConfig, cfg: AuditConfig, *, progress: bool = True) -> 
 
     runs = [s for family in FAMILIES for s in family_runs(grid, family, AUDITS_ROOT, trained=True)]
     jobs = [(s.name, cfg, s.audit_dir, progress and grid.executor == "serial") for s in runs]
-    return run_jobs(_audit_fresh, jobs, [s.name for s in runs], executor=grid.executor, workers=grid.workers)
+    return run_jobs(_audit_fresh, jobs, [s.name for s in runs], **grid.run_options())

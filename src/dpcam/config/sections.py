@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from dpcam import names
-from dpcam.layout import LDP_ROOT, NAME_PATTERN, PREPARED_ROOT, SEARCH_REPORT, format_eps, run_name
+from dpcam.layout import LDP_ROOT, NAME_PATTERN, PREPARED_ROOT, SEARCH_REPORT, format_eps, public_dataset, run_name
 
 # dataset, derivative, run, grid and study names: plain names, never paths (layout.check_name)
 DATASET_NAME = NAME_PATTERN
@@ -99,6 +99,23 @@ class SyntheticConfig(Section):
         return v
 
 
+class PublicConfig(Section):
+    """The public set ``dpcam prepare --public`` writes (``data/prepared/<dataset>-public``): the data a trunk is
+    pretrained on without privacy before private fine-tuning. It must share no image with the private set."""
+
+    n: int = Field(12000, ge=10, description="synthetic: number of public images")
+    seed: int = Field(2, description="synthetic: generator and split seed of the public set (not prepare.seed)")
+    source: Path | None = Field(
+        None, description="real formats: a folder of public images in prepare.format's layout (null: no public set)"
+    )
+
+    @model_validator(mode="after")
+    def _source(self) -> PublicConfig:
+        if self.source is not None and not self.source.exists():
+            raise ValueError(f"source = {str(self.source)!r}: does not exist; point it at a folder of public images")
+        return self
+
+
 class PrepareConfig(Section):
     dataset: str = Field("synthetic-fundus", pattern=DATASET_NAME)
     format: Literal[names.FORMATS] = "synthetic"  # type: ignore[valid-type]
@@ -110,6 +127,7 @@ class PrepareConfig(Section):
     skip_bad: bool = False
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per core")
     synthetic: SyntheticConfig = SyntheticConfig()
+    public: PublicConfig = PublicConfig()
 
     @model_validator(mode="after")
     def _source(self) -> PrepareConfig:
@@ -151,10 +169,16 @@ class TrainConfig(Section):
         None, pattern=DATASET_NAME, description="train on data/ldp/<dataset>/<ldp>, e.g. singh-sikka-eps0.5"
     )
     model: ModelName = "smallcnn"
-    weights: Path | None = None
+    weights: Path | None = Field(None, description="local pretrained weights (a state dict); the trunk to fine-tune")
+    trainable: Literal[names.TRAINABLE] = Field(  # type: ignore[valid-type]
+        "all", description="all | head | last-block: train only this part of the model (fine-tuning needs weights)"
+    )
+    public: bool = Field(False, description="train on the public set data/prepared/<dataset>-public")
     small_input: bool | None = None
     scheme: Literal[names.SCHEMES] = "gaussian"  # type: ignore[valid-type]
-    epsilon: float | None = Field(1.0, description="target ε of gaussian/laplace")
+    epsilon: float | None = Field(
+        1.0, description="target ε of gaussian/laplace; laplace-paper: the nominal ε its σ is calibrated from"
+    )
     delta: float = Field(1e-5, gt=0, lt=1)
     clip: float = Field(1.0, gt=0, description="per-example clipping bound C (L2; L1 for laplace)")
     accountant: Literal[names.GAUSSIAN_ACCOUNTANTS] = "prv"  # type: ignore[valid-type]
@@ -179,9 +203,16 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _scheme(self) -> TrainConfig:
-        if self.scheme in names.NOISED_SCHEMES:
+        if self.scheme in names.CALIBRATED_SCHEMES:
             if self.epsilon is None or not (self.epsilon > 0 and math.isfinite(self.epsilon)):
                 raise ValueError(f"epsilon = {self.epsilon!r}: scheme {self.scheme!r} needs a finite target ε > 0")
+        if self.trainable != "all" and self.weights is None:
+            raise ValueError(
+                f"trainable = {self.trainable!r} fine-tunes a pretrained trunk: give its weights (--weights PATH, "
+                "e.g. models/public/<run>/model.pt)"
+            )
+        if self.public and self.ldp:
+            raise ValueError(f"public = true trains on the public set, not on the local-DP derivative {self.ldp!r}")
         if self.scheme == "ldp" and not self.ldp:
             raise ValueError("ldp is required for scheme 'ldp': name a derivative such as singh-sikka-eps0.5")
         if self.ldp and self.scheme != "ldp":
@@ -190,15 +221,26 @@ class TrainConfig(Section):
 
     @property
     def target_epsilon(self) -> float | None:
-        return self.epsilon if self.scheme in names.NOISED_SCHEMES else None
+        """The ε the noise is calibrated for (gaussian, laplace; laplace-paper's nominal ε: not a guarantee)."""
+        return self.epsilon if self.scheme in names.CALIBRATED_SCHEMES else None
 
     @property
     def run_name(self) -> str:
-        return self.name or run_name(self.scheme, self.model, self.seed, epsilon=self.target_epsilon, ldp=self.ldp)
+        return self.name or run_name(
+            self.scheme,
+            self.model,
+            self.seed,
+            epsilon=self.target_epsilon,
+            ldp=self.ldp,
+            public=self.public,
+            trainable=self.trainable,
+        )
 
     @property
     def data_dir(self) -> Path:
-        return LDP_ROOT / self.dataset / self.ldp if self.ldp else PREPARED_ROOT / self.dataset
+        if self.ldp:
+            return LDP_ROOT / self.dataset / self.ldp
+        return PREPARED_ROOT / (public_dataset(self.dataset) if self.public else self.dataset)
 
 
 # ------------------------------------------------------------------------------------- explain
@@ -220,7 +262,11 @@ class ExplainConfig(Section):
         None, ge=0, description="pointing-game tolerance in pixels (None = 15 px at 224 px, scaled)"
     )
     grid_images: int = Field(6, ge=1, le=32)
-    seed: int = Field(0, description="seed of the re-initialised model of the randomisation check")
+    seed: int = Field(
+        0,
+        description="seed of the re-initialised model of the randomisation check, of the random maps of the "
+        "masking baselines and of ROAD's noise and tie-break order (with each image's dataset index)",
+    )
     device: Literal[names.DEVICES] = "auto"  # type: ignore[valid-type]
 
 
@@ -255,6 +301,48 @@ class TrainSizesConfig(Section):
     none: bool = True
 
 
+class FinetuneNonPrivateConfig(Section):
+    """The recipe of ``finetune-none``: the non-private fine-tune (no clipping), the fine-tuned ε = ∞ reference."""
+
+    lr: float = Field(0.3, gt=0)
+    batch_size: int = Field(128, ge=1)
+    epochs: int = Field(8, ge=1)
+
+
+class FinetuneConfig(Section):
+    """Public pretraining, private fine-tuning: the families ``finetune-<scheme>`` (recipe: docs/recipes.md).
+
+    Each trains ``trainable`` (the classifier head or the last block) on the private data, starting from a trunk
+    trained without privacy on public data: the ``public`` family's run (``dpcam prepare --public``'s set), or
+    ``weights`` (local pretrained weights, e.g. on real data). The accountant covers the fine-tuning only.
+    Every run is at the ε of ``grid.laplace``, so Table 2 sets Laplace and Gaussian fine-tuned beside the
+    paper's replica at the same ε.
+    """
+
+    schemes: list[Literal[names.FINETUNE_SCHEMES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(names.FINETUNE_SCHEMES),
+        description="fine-tuning families to run (finetune-<scheme>); [] = none, and no public pretraining",
+    )
+    weights: Path | None = Field(
+        None, description="local trunk weights (a state dict); null = the public family's trunk"
+    )
+    trainable: Literal["head", "last-block"] = "head"
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(512, ge=1, description="expected batch size (Poisson sampling)")
+    lr: float = Field(8.0, gt=0, description="finetune-gaussian's learning rate")
+    clip: float = Field(1.0, gt=0, description="finetune-gaussian's L2 clipping bound")
+    laplace_lr: float = Field(0.5, gt=0, description="finetune-laplace's learning rate")
+    laplace_clip: float = Field(5.0, gt=0, description="finetune-laplace's L1 clipping bound")
+    nonprivate: FinetuneNonPrivateConfig = FinetuneNonPrivateConfig()
+
+    @field_validator("schemes")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("schemes repeat; list each once")
+        return v
+
+
 class GridConfig(Section):
     """The runs `dvc repro` trains and `dpcam report` tabulates (families: dpcam.families)."""
 
@@ -273,16 +361,37 @@ class GridConfig(Section):
     clip_sweep: ClipSweepConfig = ClipSweepConfig()
     train_sizes: TrainSizesConfig = TrainSizesConfig()
     nonprivate: NonPrivateConfig = NonPrivateConfig()
-    executor: Literal["serial", "local"] = Field(
-        "local", description="how a family's runs are run: one after another, or in `workers` local processes"
+    finetune: FinetuneConfig = FinetuneConfig()
+    executor: Literal["serial", "local", "ray"] = Field(
+        "local",
+        description="how a family's runs are run: one after another, in `workers` local processes, or as Ray tasks",
     )
     workers: int = Field(2, ge=1, description="processes of the local executor (1 thread each on 2 cores)")
+    cpus_per_run: float = Field(1.0, gt=0, description="ray: CPUs each run asks for (its torch threads)")
+    gpus_per_run: float = Field(
+        0.0, ge=0, description="ray: GPUs each run asks for; a fraction (0.25) lets several runs share one GPU"
+    )
     protocol: Literal["tuned", "same"] = Field(
         "tuned", description="tuned: non-private runs take grid.nonprivate's recipe; same: every ε the train section's"
     )
     family_seeds: dict[str, list[int]] = Field(
-        default_factory=lambda: {"laplace": [0], "ldp": [0], "clip-sweep": [0], "train-size": [0]},
+        default_factory=lambda: {
+            "laplace": [0],
+            "laplace-paper": [0],
+            "ldp": [0],
+            "clip-sweep": [0],
+            "train-size": [0],
+            "public": [0],
+            "finetune-none": [0],
+            "finetune-gaussian": [0],
+            "finetune-laplace": [0],
+        },
         description="seeds of a family other than grid.seeds (e.g. fewer for the non-headline ones)",
+    )
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per family, train keys its runs change (e.g. gaussian: {grad_sample_mode: ghost}); "
+        "applied after the family's own recipe",
     )
 
     @field_validator("family_seeds")
@@ -295,9 +404,49 @@ class GridConfig(Section):
                 raise ValueError(f"{family}: give one or more distinct seeds")
         return v
 
+    @field_validator("overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        fixed = {
+            "dataset",
+            "model",
+            "seed",
+            "scheme",
+            "epsilon",
+            "ldp",
+            "train_size",
+            "name",
+            "public",
+            "trainable",
+            "weights",
+        }
+        for family, keys in v.items():
+            if family not in names.FAMILIES:
+                raise ValueError(f"unknown family {family!r}; families: {', '.join(names.FAMILIES)}")
+            for key in keys:
+                if key not in TrainConfig.model_fields or key in fixed:
+                    raise ValueError(
+                        f"{family}: {key!r} is not a train key a family can override; "
+                        f"e.g. grad_sample_mode, batch_size, lr, optimizer, epochs, clip"
+                    )
+        return v
+
     def seeds_of(self, family: str) -> list[int]:
         """The seeds a family's runs are trained with."""
         return self.family_seeds.get(family, self.seeds)
+
+    def run_options(self) -> dict[str, Any]:
+        """How a stage runs a family's runs: :func:`dpcam.executor.run_jobs`'s keyword arguments."""
+        return self.model_dump(include={"executor", "workers", "cpus_per_run", "gpus_per_run"})
+
+    @model_validator(mode="after")
+    def _gpus_need_ray(self) -> GridConfig:
+        if self.gpus_per_run > 0 and self.executor != "ray":
+            raise ValueError(
+                f"gpus_per_run = {self.gpus_per_run:g} applies to executor: ray only (executor is {self.executor!r}); "
+                "set executor: ray, or gpus_per_run: 0"
+            )
+        return self
 
 
 # ------------------------------------------------------------------------------------- audit
@@ -459,10 +608,13 @@ __all__ = [
     "DpPixConfig",
     "Epsilon",
     "ExplainConfig",
+    "FinetuneConfig",
+    "FinetuneNonPrivateConfig",
     "GridConfig",
     "LdpConfig",
     "NonPrivateConfig",
     "PrepareConfig",
+    "PublicConfig",
     "SearchConfig",
     "Section",
     "SplitConfig",

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -590,7 +590,12 @@ def _preprocessing_words(fundus: bool, size: int) -> str:
     )
 
 
-def prepare_source(cfg: PrepareConfig, progress: bool = True) -> Path:
+def prepare_source(
+    cfg: PrepareConfig,
+    progress: bool = True,
+    manifest_extra: dict[str, Any] | None = None,
+    check: Callable[[np.ndarray], dict[str, Any]] | None = None,
+) -> Path:
     """Decode a real source into ``data/prepared/<cfg.dataset>/`` and return that folder.
 
     Arrays: images uint8 (N, size, size, 3); labels int64 (N,) of the kept items in listing order;
@@ -600,7 +605,8 @@ def prepare_source(cfg: PrepareConfig, progress: bool = True) -> Path:
     written) unless ``cfg.skip_bad``, which leaves it out and records it under ``skipped``; then the
     kept images are compacted into a second writer of the kept count (only when something was
     skipped). Structural problems (missing CSV, duplicate id_code, bad label, empty class folder)
-    always abort.
+    always abort. ``manifest_extra`` joins the manifest; ``check`` is called with the kept images before the
+    folder is put in place (its dict joins the manifest; raising leaves nothing written).
     """
     from dpcam.layout import PREPARED_ROOT
 
@@ -626,10 +632,13 @@ def prepare_source(cfg: PrepareConfig, progress: bool = True) -> Path:
             "preprocessing": _preprocessing_words(fundus, size),
             "skipped": skipped,
             "masks": n_masked if masks is not None else None,
+            **(manifest_extra or {}),
         }
         if labels.size == n:
+            if check is not None:
+                manifest.update(check(writer.images))
             return writer.finish(labels, splits, manifest)
-        return _compacted(writer, out_dir, labels, splits, manifest)
+        return _compacted(writer, out_dir, labels, splits, manifest, check)
 
 
 def _usable_listing(cfg: PrepareConfig) -> tuple[Listing, list[dict[str, str]]]:
@@ -735,7 +744,7 @@ def _kept_labels(
     return np.asarray(kept_labels, dtype=np.int64)
 
 
-def _compacted(full: store.DatasetWriter, out_dir: Path, labels: np.ndarray, splits, manifest) -> Path:
+def _compacted(full: store.DatasetWriter, out_dir: Path, labels: np.ndarray, splits, manifest, check=None) -> Path:
     """Copy the first ``len(labels)`` rows of ``full`` into a writer of that size and finish it (the
     dataset of a run that skipped images); ``full`` is left to be discarded."""
     kept, size = labels.size, full.images.shape[1]
@@ -746,4 +755,6 @@ def _compacted(full: store.DatasetWriter, out_dir: Path, labels: np.ndarray, spl
             compact.images[s:e] = full.images[s:e]
             if compact.masks is not None:
                 compact.masks[s:e] = full.masks[s:e]
+        if check is not None:
+            manifest.update(check(compact.images))
         return compact.finish(labels, splits, manifest)

@@ -49,10 +49,10 @@ import functools
 import math
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -950,12 +950,18 @@ def generate(
     return images, labels, masks
 
 
-def prepare_synthetic(cfg: PrepareConfig) -> Path:
+def prepare_synthetic(
+    cfg: PrepareConfig,
+    manifest_extra: dict[str, Any] | None = None,
+    check: Callable[[np.ndarray], dict[str, Any]] | None = None,
+) -> Path:
     """Generate ``cfg.synthetic.n`` images into ``data/prepared/<cfg.dataset>/`` and return it.
 
     Chunks stream into the writer's memory-mapped arrays, so only one chunk is held in RAM.
     The stratified split and the generator both use ``cfg.seed``. The folder is written
-    atomically by ``store.DatasetWriter``.
+    atomically by ``store.DatasetWriter``. ``manifest_extra`` is added to the manifest; ``check`` is
+    called with the finished images before the folder is put in place (its dict joins the manifest;
+    raising leaves nothing written): the public set's disjointness check.
     """
     from dpcam.data import store
     from dpcam.layout import PREPARED_ROOT
@@ -994,6 +1000,9 @@ def prepare_synthetic(cfg: PrepareConfig) -> Path:
         for start, im, mk in iter_chunks(labels, cfg.size, cfg.seed, syn.lesion_scale, cfg.workers, progress=True):
             w.images[start : start + len(im)] = im
             w.masks[start : start + len(mk)] = mk
+        manifest.update(manifest_extra or {})
+        if check is not None:
+            manifest.update(check(w.images))
         return w.finish(labels, splits, manifest)
 
 

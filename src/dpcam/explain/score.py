@@ -129,6 +129,7 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
     sums, degeneracy = RunningMean(), DegeneracyStats(s.data.num_classes)
     per_image: dict[str, list[np.ndarray]] = {}
     options = {"deletion-insertion": {"steps": cfg.steps}, "pointing-game": {"tolerance": cfg.tolerance}}
+    options |= {"masking-baselines": {"seed": cfg.seed}, "road": {"seed": cfg.seed}}
     bar = tqdm(total=s.n, desc=f"explain {s.name}", disable=None if progress else True, leave=False)
     for start in range(0, s.n, cfg.batch_size):
         pos = np.arange(start, min(s.n, start + cfg.batch_size))
@@ -142,7 +143,10 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
             k: as_saved(gradcam(m, x, target=target, layer=cfg.layer, method=cfg.method)[0]) if m is not None else None
             for k, m in (("reference_maps", s.reference), ("random_maps", s.randomised))
         }
-        eb = ExplainBatch(s.model, x, saved.float(), target, probs=probs, labels=y, masks=masks, **other)
+        indices = torch.as_tensor(s.test.indices[pos])  # dataset indices: they seed each image's random numbers
+        eb = ExplainBatch(
+            s.model, x, saved.float(), target, probs=probs, labels=y, masks=masks, indices=indices, **other
+        )
         for metric in s.metrics:
             values, valid = metric(eb, **{k: v for k, v in options.get(metric.name, {}).items() if v is not None})
             sums.add(values, valid)
@@ -344,7 +348,7 @@ def score_family(family: str, grid: GridConfig, cfg: ExplainConfig, *, progress:
     runs = family_runs(grid, family, layout.METRICS_ROOT, trained=True)
     quiet = progress and grid.executor == "serial"
     jobs = [(s.name, cfg, s.metrics_dir, _other_seed(s, grid), quiet) for s in runs]
-    return run_jobs(_score_fresh, jobs, [s.name for s in runs], executor=grid.executor, workers=grid.workers)
+    return run_jobs(_score_fresh, jobs, [s.name for s in runs], **grid.run_options())
 
 
 def _score_fresh(name: str, cfg: ExplainConfig, out: Path, reference: str | None, progress: bool) -> ExplainRecord:

@@ -376,6 +376,23 @@ def calibrate_laplace(target_epsilon: float, delta: float, sample_rate: float, s
     return float(lam)
 
 
+def l2_laplace_epsilon_bound(
+    noise_multiplier: float, sample_rate: float, steps: int, delta: float, dimension: int
+) -> float:
+    """The only ε that L2 clipping + Laplace noise (``laplace-paper``) has: ε at ``delta`` by PLD for its L1
+    sensitivity bound.
+
+    A per-example gradient clipped to L2 norm C has L1 norm ≤ √d·C (Cauchy-Schwarz, d = ``dimension`` noised
+    coordinates), so Laplace noise of scale σC per coordinate is the Laplace mechanism with noise multiplier
+    σ/√d relative to its L1 sensitivity: ``laplace_epsilon(σ/√d, q, steps, δ)``. Valid, and useless (thousands
+    for a 15 k-parameter model at the σ of ε = 5): what "no guarantee" means in numbers.
+    """
+    if not (isinstance(dimension, int) and dimension >= 1):
+        raise UserError(f"dimension must be an integer ≥ 1, got {dimension!r}")
+    _check_noise(noise_multiplier, "noise multiplier σ")
+    return laplace_epsilon(noise_multiplier / math.sqrt(dimension), sample_rate, steps, delta)
+
+
 class AutoGridLaplacePLDAccountant(PrivacyAccountant):
     """dp_accounting PrivacyAccountant for Poisson-subsampled Laplace events, PLD on an automatic grid.
 
@@ -421,6 +438,9 @@ class PrivacyReport:
     ``epsilon_rdp_check``: dp_accounting RDP ε (Gaussian), independent of Opacus.
     ``epsilon_composition_bound``: closed-form composition bound (Laplace), independent of dp_accounting.
     ``step_epsilon`` / ``step_epsilon_amplified``: pure ε of one Laplace step, without / with subsampling.
+    ``guarantee``: ``"dp"`` for gaussian and laplace, ``"none"`` for laplace-paper (with ``guarantee_reason``;
+    its ``epsilon``, ``target_epsilon`` and ``delta`` are None and the ε its noise was calibrated from is
+    ``nominal_epsilon``). Fields left None are not run-specific (non-private schemes).
     """
 
     scheme: str
@@ -437,6 +457,13 @@ class PrivacyReport:
     step_epsilon: float | None = None
     step_epsilon_amplified: float | None = None
     steps_planned: int | None = None
+    guarantee: str | None = None  # "dp": (ε, δ) by the accountant; "none": noise without a guarantee (laplace-paper)
+    guarantee_reason: str | None = None
+    noise_scale: float | None = None  # per coordinate: the Gaussian's std σC, the Laplace scale λC or σC
+    nominal_epsilon: float | None = None  # laplace-paper: the ε its σ was calibrated from, not a guarantee
+    nominal_delta: float | None = None
+    nominal_accountant: str | None = None
+    epsilon_l1_bound: float | None = None  # laplace-paper: the valid ε for L1 sensitivity C·√d (useless)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -34,14 +34,27 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from dpcam.errors import UserError
-from dpcam.names import CLIPPED_SCHEMES, GRAD_SAMPLE_MODES, SCHEMES
+from dpcam.names import CLIPPED_SCHEMES, GRAD_SAMPLE_MODES, SCHEMES, UNGUARANTEED_SCHEMES
 from dpcam.privacy import accounting
-from dpcam.privacy.laplace import LEDGER_MECHANISM, LaplaceDPOptimizer, LaplaceLedger
+from dpcam.privacy.laplace import (
+    LEDGER_MECHANISM,
+    NO_GUARANTEE,
+    PAPER_LEDGER_MECHANISM,
+    LaplaceDPOptimizer,
+    LaplaceLedger,
+    PaperLaplaceDPOptimizer,
+)
 from dpcam.privacy.plan import poisson_plan
 
 logger = logging.getLogger(__name__)
 
 L1_CLIPPING = "l1"  # the clipping name DPCamPrivacyEngine maps to LaplaceDPOptimizer
+L2_LAPLACE_CLIPPING = "l2-laplace"  # ... and to PaperLaplaceDPOptimizer (laplace-paper: no guarantee)
+GUARANTEE_REASON = (
+    "L2 clipping bounds a per-example gradient's L1 sensitivity only by C·√d (d = {d} trained parameters), so "
+    "Laplace noise of scale σ·C (σ = {sigma:.4g}, Opacus's Gaussian noise multiplier for the nominal ε = {eps:g} "
+    "at δ = {delta:g}) gives no useful ε: the only valid bound, for L1 sensitivity C·√d, is ε ≤ {bound:.4g}"
+)
 
 __all__ = [
     "DPCamPrivacyEngine",
@@ -52,11 +65,13 @@ __all__ = [
 
 
 class DPCamPrivacyEngine(PrivacyEngine):
-    """Opacus PrivacyEngine that also knows ``clipping="l1"``: per-example L1 clip + Laplace noise.
+    """Opacus PrivacyEngine that also knows ``clipping="l1"``: per-example L1 clip + Laplace noise, and
+    ``clipping="l2-laplace"``: Opacus's L2 clip + Laplace noise of scale σC (``laplace-paper``, no guarantee).
 
     Extension through Opacus's own hook (``_prepare_optimizer``); every other clipping mode is Opacus's.
-    Build it with ``accountant="laplace-pld"`` (the registered ``LaplaceLedger``) for Laplace runs, so
-    Opacus's Gaussian accountants never count a Laplace step.
+    Build it with ``accountant="laplace-pld"`` (the registered ``LaplaceLedger``) for Laplace runs and
+    ``"laplace-paper-none"`` (``NoGuaranteeLedger``, no ε) for the replica, so Opacus's Gaussian accountants
+    never count a Laplace step.
     """
 
     def _prepare_optimizer(
@@ -73,7 +88,7 @@ class DPCamPrivacyEngine(PrivacyEngine):
         grad_sample_mode: str = "hooks",
         **kwargs,
     ) -> DPOptimizer:
-        if clipping != L1_CLIPPING:
+        if clipping not in (L1_CLIPPING, L2_LAPLACE_CLIPPING):
             return super()._prepare_optimizer(
                 optimizer=optimizer,
                 noise_multiplier=noise_multiplier,
@@ -87,15 +102,16 @@ class DPCamPrivacyEngine(PrivacyEngine):
                 **kwargs,
             )
         if distributed:
-            raise UserError("the laplace scheme does not support distributed training; train on one device")
+            raise UserError("the laplace schemes do not support distributed training; train on one device")
         if grad_sample_mode.startswith("ghost"):
             raise UserError(
-                "the laplace scheme needs per-example gradients (L1 norms); use grad_sample_mode hooks, ew or functorch"
+                "the laplace schemes need per-example gradients; use grad_sample_mode hooks, ew or functorch"
             )
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
         generator = self.secure_rng if self.secure_mode else noise_generator
-        return LaplaceDPOptimizer(
+        cls = LaplaceDPOptimizer if clipping == L1_CLIPPING else PaperLaplaceDPOptimizer
+        return cls(
             optimizer=optimizer,
             noise_multiplier=noise_multiplier,
             max_grad_norm=max_grad_norm,
@@ -118,9 +134,9 @@ class PrivateSetup:
     """What training needs for one scheme, plus its privacy ledger.
 
     ``module``: a GradSampleModule for DP schemes (the plain module otherwise); ``optimizer``: a
-    DPOptimizer (LaplaceDPOptimizer for laplace); ``criterion``: the loss to call (Opacus's
-    ``DPLossFastGradientClipping`` wrapper for grad_sample_mode ``ghost``); ``data_loader``: a Poisson
-    DPDataLoader for DP schemes. ``sample_rate`` is the q every step is accounted at and
+    DPOptimizer (LaplaceDPOptimizer for laplace, PaperLaplaceDPOptimizer for laplace-paper); ``criterion``: the
+    loss to call (Opacus's ``DPLossFastGradientClipping`` wrapper for grad_sample_mode ``ghost``);
+    ``data_loader``: a Poisson DPDataLoader for DP schemes. ``sample_rate`` is the q every step is accounted at and
     ``steps_planned`` the steps the noise was calibrated for. Use ``plain_module`` (inside
     ``hooks_off()`` when the model is in training mode) for evaluation, Captum and model logging.
     """
@@ -131,7 +147,7 @@ class PrivateSetup:
     data_loader: DataLoader
     criterion: Any
     target_epsilon: float | None = None
-    delta: float | None = None
+    delta: float | None = None  # the δ of the guarantee (laplace-paper: of the nominal calibration only)
     max_grad_norm: float | None = None
     noise_multiplier: float | None = None
     sample_rate: float | None = None
@@ -144,8 +160,18 @@ class PrivateSetup:
 
     @property
     def is_dp(self) -> bool:
-        """True for the schemes trained with per-example clipping (clip-only, gaussian, laplace)."""
+        """True for the schemes trained with per-example clipping (clip-only, gaussian, laplace, laplace-paper)."""
         return self.scheme in CLIPPED_SCHEMES
+
+    @property
+    def guaranteed(self) -> bool:
+        """False for laplace-paper: noise without a guarantee (no ε at all)."""
+        return self.scheme not in UNGUARANTEED_SCHEMES
+
+    @property
+    def trained_parameters(self) -> int:
+        """d: the number of parameters this setup trains (those Opacus clips and noises in a DP scheme)."""
+        return sum(p.numel() for p in self.plain_module.parameters() if p.requires_grad)
 
     @property
     def plain_module(self) -> nn.Module:
@@ -202,13 +228,15 @@ class PrivateSetup:
 
     # ------------------------------------------------------------------ privacy
 
-    def epsilon(self) -> float:
+    def epsilon(self) -> float | None:
         """ε spent so far at δ, from the ledger of steps actually taken;
-        ``inf`` when not private, 0.0 before any step."""
+        ``inf`` when not private, 0.0 before any step, None for laplace-paper (no guarantee: no ε)."""
         if self.scheme == "gaussian":
             return accounting.gaussian_epsilon_history(self.ledger.history, self.delta, self.accountant)
         if self.scheme == "laplace":
             return self.ledger.get_epsilon(self.delta)
+        if not self.guaranteed:
+            return None
         return math.inf
 
     def state_dict(self) -> dict[str, Any]:
@@ -252,7 +280,14 @@ class PrivateSetup:
         self.ledger.load_state_dict({"history": history, "mechanism": mech})
 
     def report(self) -> dict[str, Any]:
-        """Privacy fields of the run (PrivacyReport.as_dict(): JSON-safe, ε = ∞ becomes None)."""
+        """Privacy fields of the run (PrivacyReport.as_dict(): JSON-safe, ε = ∞ becomes None).
+
+        laplace-paper: ``guarantee: "none"`` and its reason, no ε, no target ε and no δ; the ε its σ was
+        calibrated from under ``nominal_epsilon`` (with ``nominal_delta`` and ``nominal_accountant``), and the
+        valid but useless bound for L1 sensitivity C·√d under ``epsilon_l1_bound``.
+        """
+        if not self.guaranteed:
+            return self._unguaranteed_report()
         steps = self.steps_taken
         rep = accounting.PrivacyReport(
             scheme=self.scheme,
@@ -277,6 +312,40 @@ class PrivateSetup:
                 self.noise_multiplier, self.sample_rate
             )
             rep.epsilon_composition_bound = accounting.laplace_composition_bound(self.ledger.history, self.delta)
+        if self.scheme in ("gaussian", "laplace"):
+            rep.guarantee = "dp"
+            rep.noise_scale = self.noise_multiplier * self.max_grad_norm
+        return rep.as_dict()
+
+    def _unguaranteed_report(self) -> dict[str, Any]:
+        d = self.trained_parameters
+        steps = self.steps_taken
+        bound = accounting.l2_laplace_epsilon_bound(
+            self.noise_multiplier, self.sample_rate, max(steps, 1), self.delta, d
+        )
+        extra = {k: v for k, v in self.extra.items() if not k.startswith("nominal_")}
+        rep = accounting.PrivacyReport(
+            scheme=self.scheme,
+            target_epsilon=None,
+            epsilon=math.inf,  # as_dict: null; guarantee "none" says why
+            delta=None,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            sample_rate=self.sample_rate,
+            steps=steps,
+            accountant=None,
+            steps_planned=self.steps_planned,
+            guarantee="none",
+            guarantee_reason=GUARANTEE_REASON.format(
+                d=d, sigma=self.noise_multiplier, eps=self.extra["nominal_epsilon"], delta=self.delta, bound=bound
+            ),
+            noise_scale=self.noise_multiplier * self.max_grad_norm,
+            nominal_epsilon=self.extra["nominal_epsilon"],
+            nominal_delta=self.delta,
+            nominal_accountant=self.extra["nominal_accountant"],
+            epsilon_l1_bound=bound,
+            extra=extra,
+        )
         return rep.as_dict()
 
 
@@ -327,6 +396,12 @@ def make_private(
       the accounted q over ``epochs`` epochs; ε by the Opacus ``accountant`` (prv, rdp, gdp).
     - ``laplace``: per-example L1 clip + Laplace noise (``LaplaceDPOptimizer``); λ from
       ``calibrate_laplace`` (dp_accounting PLD); steps counted by ``LaplaceLedger``.
+    - ``laplace-paper``: the paper's replica, **no guarantee** (warned): Opacus's L2 clip and Laplace noise of
+      scale σ·C (``PaperLaplaceDPOptimizer``), σ from ``calibrate_gaussian`` exactly as a gaussian run at the
+      same (ε, δ, accountant); steps counted by ``NoGuaranteeLedger``, which gives no ε.
+
+    Only the parameters with ``requires_grad`` are trained, clipped and noised (a fine-tuning run's head or
+    last block): the accountant covers exactly those, for the steps and q of this loader.
 
     ``noise_generator``: a seeded ``torch.Generator`` for reproducible noise (refused with secure mode).
     ``criterion``: the loss (default ``nn.CrossEntropyLoss()``); wrapped by Opacus for grad_sample_mode
@@ -349,6 +424,10 @@ def make_private(
     noise, clipping, ledger_name, accountant_name = _calibrate(
         scheme, target_epsilon, delta, sample_rate, steps_planned, accountant
     )
+    extra: dict[str, Any] = {}
+    if scheme in UNGUARANTEED_SCHEMES:
+        warnings.warn(NO_GUARANTEE, UserWarning, stacklevel=2)
+        extra = {"nominal_epsilon": target_epsilon, "nominal_accountant": accountant}
     if noise_generator is not None and secure_mode:
         raise UserError("a seeded noise generator cannot be used in secure mode; drop the seed or secure mode")
     engine = _new_engine(ledger_name, secure_mode)
@@ -375,7 +454,7 @@ def make_private(
         optimizer=dp_optimizer,
         data_loader=dp_loader,
         criterion=criterion,
-        target_epsilon=None if scheme == "clip-only" else target_epsilon,
+        target_epsilon=None if scheme == "clip-only" or scheme in UNGUARANTEED_SCHEMES else target_epsilon,
         delta=float(delta),
         max_grad_norm=max_grad_norm,
         noise_multiplier=float(noise),
@@ -383,7 +462,7 @@ def make_private(
         steps_planned=steps_planned,
         accountant=accountant_name,
         engine=engine,
-        extra={"poisson_rate": float(dp_loader.sample_rate), "grad_sample_mode": grad_sample_mode},
+        extra={"poisson_rate": float(dp_loader.sample_rate), "grad_sample_mode": grad_sample_mode, **extra},
     )
 
 
@@ -400,9 +479,10 @@ def _validate(
     """Check a clipped scheme's settings (one-line UserErrors); warn when δ ≥ 1/N. Returns (ε, δ, C) as floats."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise UserError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
-    if scheme == "laplace" and grad_sample_mode == "ghost":
+    if scheme in ("laplace", "laplace-paper") and grad_sample_mode == "ghost":
         raise UserError(
-            "the laplace scheme needs per-example gradients (L1 norms); use grad_sample_mode hooks, ew or functorch"
+            f"the {scheme} scheme needs per-example gradients (its own noise); use grad_sample_mode hooks, ew or "
+            "functorch"
         )
     if not poisson_sampling:
         raise UserError(
@@ -446,6 +526,13 @@ def _calibrate(
             L1_CLIPPING,
             LEDGER_MECHANISM,
             accounting.LAPLACE_ACCOUNTANT,
+        )
+    if scheme == "laplace-paper":  # the Gaussian run's σ at the same (ε, δ, q, steps, accountant): no guarantee
+        return (
+            accounting.calibrate_gaussian(target_epsilon, delta, sample_rate, steps, accountant),
+            L2_LAPLACE_CLIPPING,
+            PAPER_LEDGER_MECHANISM,
+            None,
         )
     return 0.0, "flat", "rdp", None  # clip-only: the Opacus accountant just counts steps (σ = 0, ε = ∞)
 

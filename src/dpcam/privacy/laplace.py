@@ -13,6 +13,12 @@ Why L1: Laplace noise of scale b per coordinate is (Δ₁/b)-DP where Δ₁ is t
 per-example gradients to L1 norm C bounds Δ₁ = C (add/remove one example), so scale λC gives 1/λ per
 step. An L2 clip C only bounds Δ₁ ≤ √d·C for d parameters, so L2 clipping with noise λC has no useful
 guarantee.
+
+That unguaranteed mechanism is also here, labelled as such: ``PaperLaplaceDPOptimizer`` is the scheme
+``laplace-paper``, the most plausible reading of Naidu et al.'s Table 2 (Opacus's L2 clipping, its Gaussian σ
+calibrated for the target ε, and the normal draw N(0, (σC)²) replaced by a Laplace draw of the same scale
+parameter b = σC). Its ``NoGuaranteeLedger`` counts the steps (for resuming and the record) and refuses to give
+an ε (docs/privacy.md).
 """
 
 from __future__ import annotations
@@ -28,6 +34,12 @@ from dpcam.errors import UserError
 from dpcam.privacy.accounting import laplace_epsilon_history
 
 LEDGER_MECHANISM = "laplace-pld"
+PAPER_LEDGER_MECHANISM = "laplace-paper-none"  # laplace-paper's ledger: steps counted, no ε
+NO_GUARANTEE = (
+    "laplace-paper has no privacy guarantee: L2 clipping bounds a gradient's L1 norm, what Laplace noise needs, "
+    "only by C·√d, so Laplace noise of scale σ·C (σ: the Gaussian noise multiplier of the nominal ε) gives no "
+    "useful ε; it replicates what the paper measured, not what it claimed"
+)
 
 
 def generate_laplace_noise(
@@ -87,6 +99,19 @@ class LaplaceDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
 
+class PaperLaplaceDPOptimizer(DPOptimizer):
+    """The paper's replica (scheme ``laplace-paper``, **no guarantee**): Opacus's flat per-example **L2** clipping to
+    ``max_grad_norm`` C, unchanged, and Laplace noise of scale b = σ·C per coordinate in place of Opacus's
+    N(0, (σC)²), with σ = ``noise_multiplier`` (Opacus's Gaussian σ for the nominal ε).
+
+    Only ``add_noise`` differs from ``DPOptimizer``: clipping, accumulation, the expected-batch-size
+    normalisation and the accounting hook are Opacus's. The L1 sensitivity of the clipped sum is only bounded
+    by C·√d (d trained parameters): against it, noise of scale σ·C is √d times too small for any useful ε.
+    """
+
+    add_noise = LaplaceDPOptimizer.add_noise
+
+
 class LaplaceLedger(IAccountant):
     """Privacy ledger of Laplace DP-SGD: history ``[(λ, q, steps), ...]`` of the steps actually taken.
 
@@ -140,3 +165,22 @@ class LaplaceLedger(IAccountant):
 
 
 register_accountant(LEDGER_MECHANISM, LaplaceLedger, force=True)
+
+
+class NoGuaranteeLedger(LaplaceLedger):
+    """The ledger of ``laplace-paper``: history ``[(σ, q, steps), ...]`` of the steps taken, and no ε.
+
+    An Opacus ``IAccountant`` registered as ``"laplace-paper-none"``, so the replica's steps are counted through
+    Opacus's optimizer hook (a resumed run keeps its step count) while no Gaussian accountant ever counts a
+    Laplace step and nothing can read an ε off it: ``get_epsilon`` refuses.
+    """
+
+    def get_epsilon(self, delta: float, **kwargs) -> float:
+        raise UserError(NO_GUARANTEE)
+
+    @classmethod
+    def mechanism(cls) -> str:
+        return PAPER_LEDGER_MECHANISM
+
+
+register_accountant(PAPER_LEDGER_MECHANISM, NoGuaranteeLedger, force=True)

@@ -45,6 +45,12 @@ ROWS: tuple[Row, ...] = (
     Row("map_agreement", "Map agreement (vs ε = ∞)", 3),
     Row("deletion_auc", "Deletion AUC ↓", 3),
     Row("insertion_auc", "Insertion AUC ↑", 3),
+    Row("road_gap", "ROAD gap (LeRF − MoRF) ↑", 3),
+    Row("avg_drop_random_pct", "Average Drop % of a random map (baseline)", 2),
+    Row("increase_conf_random_pct", "Increase in Confidence % of a random map (baseline)", 2),
+    Row("masked_score_random_pct", "Masked score % of a random map (baseline)", 2),
+    Row("mask_sensitivity_pct", "Sensitivity to masking % (uniform map of the same mass)", 2),
+    Row("confidence_y", "Confidence Y of the explained class", 3),
 )
 # The audit column group: rows added to a table when some run of it has audit.json (dpcam.audit).
 AUDIT_ROWS: tuple[Row, ...] = (

@@ -45,7 +45,17 @@ EXPLANATION = (
     Measure("energy_pointing_game", "energy pointing game", "higher"),
 )
 AGREEMENT = Measure("map_agreement", "agreement with the ε = ∞ maps", "higher")
+ROAD_GAP = Measure("road_gap", "ROAD gap (LeRF − MoRF)", "higher")
 PAPER = ("avg_drop_pct", "increase_conf_pct", "masked_score_pct")  # Naidu et al.'s three metrics
+ROAD = ("road_gap",)
+LOCALISATION = ("pointing_game", "energy_pointing_game")
+CONFIDENCE_KEY, SENSITIVITY_KEY = "confidence_y", "mask_sensitivity_pct"  # per image (explain's masking baselines)
+CONFIDENCE_CALIPER, SENSITIVITY_CALIPER = 0.05, 5.0  # matched: |ΔY| ≤ 0.05, |ΔS| ≤ 5 points
+RANDOM_MAP = {
+    "avg_drop_pct": "avg_drop_random_pct",
+    "increase_conf_pct": "increase_conf_random_pct",
+    "masked_score_pct": "masked_score_random_pct",
+}
 LARGE_GAP = 0.05  # claim (b): a "large" accuracy gap is at least 5 percentage points
 
 
@@ -63,17 +73,22 @@ def _by_seed(runs: list[Run], refs: list[Run]) -> list[tuple[Run, Run]]:
     return [(r, ref[r.spec.seed]) for r in sorted(runs, key=lambda r: r.spec.seed) if r.spec.seed in ref]
 
 
-def compare(runs: list[Run], refs: list[Run], m: Measure) -> Difference:
-    """``m`` of ``runs`` minus ``m`` of ``refs``, paired by seed and image."""
+def compare(runs: list[Run], refs: list[Run], m: Measure, match: tuple[str, float] | None = None) -> Difference:
+    """``m`` of ``runs`` minus ``m`` of ``refs``, paired by seed and image; with ``match`` = (per-image key, caliper)
+    only on the images where the two runs' values of that key differ by at most the caliper (matched images)."""
     pairs = _by_seed(runs, refs)
     if m.source == "explain":
         data = []
         for r, ref in pairs:
             a, b = r.per_image, ref.per_image
-            if m.key not in a or m.key not in b:
+            if m.key not in a or m.key not in b or (match and (match[0] not in a or match[0] not in b)):
                 continue
             ia, ib = _aligned(a, b)
-            data.append((a[m.key][ia], b[m.key][ib]))
+            x, y = a[m.key][ia].astype(float), b[m.key][ib].astype(float)
+            if match:
+                far = ~(np.abs(a[match[0]][ia] - b[match[0]][ib]) <= match[1])
+                x, y = np.where(far, np.nan, x), np.where(far, np.nan, y)
+            data.append((x, y))
         if data and len({len(x) for x, _ in data}) > 1:
             n = min(len(x) for x, _ in data)
             data = [(x[:n], y[:n]) for x, y in data]
@@ -122,7 +137,11 @@ def eps_rows(runs: list[Run], family: str, model: str) -> list[EpsRow]:
     for eps in sorted({r.spec.epsilon for r in mine if r.spec.epsilon is not None}):
         at = pick(mine, epsilon=eps)
         used = [r for r, _ in _by_seed(at, ref)] + [x for _, x in _by_seed(at, ref)]
-        diffs = {m.key: compare(at, ref, m) for m in (ACCURACY, QWK, *EXPLANATION, AGREEMENT)}
+        diffs = {m.key: compare(at, ref, m) for m in (ACCURACY, QWK, *EXPLANATION, ROAD_GAP, AGREEMENT)}
+        for m in EXPLANATION:
+            if m.key in PAPER:
+                for key, caliper in ((CONFIDENCE_KEY, CONFIDENCE_CALIPER), (SENSITIVITY_KEY, SENSITIVITY_CALIPER)):
+                    diffs[f"{m.key}|{key}"] = compare(at, ref, m, (key, caliper))
         rows.append(EpsRow(eps, at, diffs, flags(used)))
     return rows
 
@@ -161,30 +180,100 @@ def _inconclusive_if_flagged(claim: Claim, why: list[str]) -> Claim:
     return claim
 
 
+def _label(key: str) -> Measure:
+    """The measure of a key, matched keys (``metric|match``) included."""
+    base, _, match = key.partition("|")
+    m = {m.key: m for m in (*EXPLANATION, ROAD_GAP, AGREEMENT, ACCURACY, QWK)}[base]
+    return Measure(key, f"{m.label} ({match.split('_')[0]}-matched)" if match else m.label, m.better, m.decimals)
+
+
 def _metrics_words(row: EpsRow, keys: tuple[str, ...]) -> str:
-    labels = {m.key: m for m in (*EXPLANATION, AGREEMENT, ACCURACY, QWK)}
+    labels = {k: _label(k) for k in keys}
     return "; ".join(f"{labels[k].label} {row.diffs[k].words(labels[k].decimals)}" for k in keys if k in row.diffs)
+
+
+def _trend(rows: list[EpsRow], keys: tuple[str, ...], need: int) -> tuple[str, str]:
+    """(status, evidence) of "quality improves with ε, best at ∞" on ``keys``: reproduced when at the smallest ε at
+    least ``need`` of them are distinguishably worse than ∞ and no ε is distinguishably better on any; contradicted
+    when some ε is distinguishably better on at least ``need``."""
+    present = tuple(k for k in keys if any(k in r.diffs and r.diffs[k].mean is not None for r in rows))
+    if not rows or not present:
+        return "inconclusive", "not measured"
+    low = rows[0]
+    better_at = [r for r in rows if len(r.better(present)) >= min(need, len(present))]
+    if better_at:
+        r = better_at[0]
+        return "contradicted", f"ε = {format_eps(r.epsilon)} − ∞: {_metrics_words(r, present)} (better than ∞)"
+    words = f"ε = {format_eps(low.epsilon)} − ∞: {_metrics_words(low, present)}"
+    if len(low.worse(present)) >= min(need, len(present)) and not any(r.better(present) for r in rows):
+        return "reproduced", words
+    return "inconclusive", words
 
 
 def claim_a(rows: list[EpsRow]) -> Claim:
     rule = (
-        "reproduced when at the smallest ε at least 2 of the paper's 3 metrics (Average Drop, Increase in "
-        "Confidence, masked score) are distinguishably worse than ε = ∞ and no ε is distinguishably better on any "
-        "of them; contradicted when some ε is distinguishably better than ∞ on at least 2 of them"
+        "on the paper's 3 metrics (Average Drop, Increase in Confidence, masked score): reproduced when at the "
+        "smallest ε at least 2 are distinguishably worse than ε = ∞ and no ε is distinguishably better on any; "
+        "contradicted when some ε is distinguishably better than ∞ on at least 2"
     )
-    c = Claim("a", "Explanation quality improves with ε, best at ε = ∞", "Table 1, Fig. 2, 5", "inconclusive", "", rule)
-    if not rows:
-        c.evidence = "no Gaussian runs"
-        return c
-    low = rows[0]
-    better_at = [r for r in rows if len(r.better(PAPER)) >= 2]
-    c.evidence = f"ε = {format_eps(low.epsilon)} − ∞: {_metrics_words(low, PAPER)}"
-    if better_at:
+    c = Claim(
+        "a",
+        "Explanation quality improves with ε, best at ε = ∞ — on the paper's metrics",
+        "Table 1, Fig. 2, 5",
+        "inconclusive",
+        "",
+        rule,
+    )
+    c.status, c.evidence = _trend(rows, PAPER, 2)
+    return _inconclusive_if_flagged(c, [f for r in rows for f in r.flags])
+
+
+def claim_a_matched(rows: list[EpsRow]) -> Claim:
+    rule = (
+        "the same rule on images where the private and the non-private model are equally confident "
+        f"(|ΔY| ≤ {CONFIDENCE_CALIPER:g}) and, separately, equally sensitive to masking with a uniform map of the same "
+        f"mass (|ΔS| ≤ {SENSITIVITY_CALIPER:g} points): reproduced when it holds on both, contradicted when "
+        "contradicted on either"
+    )
+    c = Claim(
+        "a_matched",
+        "… on the matched metrics (confidence- and masking-sensitivity-matched images)",
+        "Table 1",
+        "inconclusive",
+        "",
+        rule,
+    )
+    conf = _trend(rows, tuple(f"{k}|{CONFIDENCE_KEY}" for k in PAPER), 2)
+    sens = _trend(rows, tuple(f"{k}|{SENSITIVITY_KEY}" for k in PAPER), 2)
+    c.evidence = f"confidence-matched {conf[1]}; sensitivity-matched {sens[1]}"
+    if "contradicted" in (conf[0], sens[0]):
         c.status = "contradicted"
-        r = better_at[0]
-        c.evidence = f"ε = {format_eps(r.epsilon)} − ∞: {_metrics_words(r, PAPER)} (better than ∞)"
-    elif len(low.worse(PAPER)) >= 2 and not any(r.better(PAPER) for r in rows):
+    elif conf[0] == sens[0] == "reproduced":
         c.status = "reproduced"
+    return _inconclusive_if_flagged(c, [f for r in rows for f in r.flags])
+
+
+def claim_a_road(rows: list[EpsRow]) -> Claim:
+    rule = (
+        "on ROAD (remove and debias, Rong et al. 2022; LeRF − MoRF gap, higher is better): reproduced when the "
+        "smallest ε's gap is distinguishably below ∞'s and no ε's is distinguishably above; contradicted when some "
+        "ε's is distinguishably above"
+    )
+    c = Claim("a_road", "… on ROAD (imputation instead of black masking)", "—", "inconclusive", "", rule)
+    c.status, c.evidence = _trend(rows, ROAD, 1)
+    return _inconclusive_if_flagged(c, [f for r in rows for f in r.flags])
+
+
+def claim_a_localisation(rows: list[EpsRow]) -> Claim:
+    rule = (
+        "on evidence that needs no masking (pointing game and energy pointing game on the lesion masks): "
+        "reproduced when at the smallest ε at least one is distinguishably worse than ∞ and no ε is distinguishably "
+        "better on either; contradicted when some ε is distinguishably better on one"
+    )
+    c = Claim(
+        "a_localisation", "… on localisation (lesion masks; no masking of the input)", "—", "inconclusive", "", rule
+    )
+    c.status, c.evidence = _trend(rows, LOCALISATION, 1)
     return _inconclusive_if_flagged(c, [f for r in rows for f in r.flags])
 
 
@@ -210,11 +299,28 @@ def claim_b(runs: list[Run], model: str) -> Claim:
     return _inconclusive_if_flagged(c, flags(one + five))
 
 
+def _scheme_pairs(lap: list[Run], gau: list[Run]) -> tuple[list[str], bool, list[Run]]:
+    """Laplace − Gaussian on the paper's three metrics at each ε both have: words, any distinguishable, runs used."""
+    words, differ, used = [], False, []
+    for e in sorted({r.spec.epsilon for r in lap} & {r.spec.epsilon for r in gau}):
+        a, b = pick(lap, epsilon=e), pick(gau, epsilon=e)
+        used += a + b
+        ds = {k: compare(a, b, m) for m in EXPLANATION if (k := m.key) in PAPER}
+        differ |= any(d.distinguishable for d in ds.values())
+        words.append(f"ε = {format_eps(e)}: " + ", ".join(f"{k} {d.words(2)}" for k, d in ds.items()))
+    return words, differ, used
+
+
 def claim_c(runs: list[Run], model: str) -> Claim:
+    """Table 2. Tested on the valid pair that learns: Laplace and Gaussian DP fine-tuning of the same public trunk
+    (finetune-laplace vs finetune-gaussian) when the grid has it, else the from-scratch families. The paper's
+    replica (laplace-paper, no guarantee) is reported beside it and never decides the claim."""
     rule = (
         "reproduced when at every ε both schemes share, none of the paper's 3 metrics differs distinguishably "
-        "between Laplace and Gaussian DP-SGD, and the ε = 0.5 Gaussian model is degenerate (too private to "
-        "learn); contradicted when a paper metric differs distinguishably, or the ε = 0.5 model learns"
+        "between valid Laplace and Gaussian DP (fine-tuned on one public trunk when the grid has it, else from "
+        "scratch), and the ε = 0.5 Gaussian model is degenerate (too private to learn); contradicted when a paper "
+        "metric differs distinguishably, or the ε = 0.5 model learns. laplace-paper (NO guarantee) is reported, "
+        "never counted"
     )
     c = Claim(
         "c",
@@ -224,35 +330,38 @@ def claim_c(runs: list[Run], model: str) -> Claim:
         "",
         rule,
     )
-    lap, gau = pick(runs, family="laplace", model=model), pick(runs, family="gaussian", model=model)
-    shared = sorted({r.spec.epsilon for r in lap} & {r.spec.epsilon for r in gau})
-    if not shared:
+    fam = "finetune-" if pick(runs, family="finetune-laplace", model=model) else ""
+    lap = pick(runs, family=f"{fam}laplace", model=model)
+    gau = pick(runs, family=f"{fam}gaussian", model=model)
+    words, differ, used = _scheme_pairs(lap, gau)
+    if not words:
         c.evidence = "the grid has no Laplace and Gaussian runs at a shared ε"
         return c
-    words, differ, used = [], False, []
-    for e in shared:
-        a, b = pick(lap, epsilon=e), pick(gau, epsilon=e)
-        used += a + b
-        ds = {k: compare(a, b, m) for m in EXPLANATION if (k := m.key) in PAPER}
-        differ |= any(d.distinguishable for d in ds.values())
-        words.append(f"ε = {format_eps(e)}: " + ", ".join(f"{k} {d.words(2)}" for k, d in ds.items()))
-    low = pick(gau, epsilon=0.5)
-    learns = low and not any(r.degenerate for r in low)
-    c.evidence = (
-        "Laplace − Gaussian, "
-        + "; ".join(words)
-        + (
+    low = pick(runs, family="gaussian", model=model, epsilon=0.5)
+    learns = bool(low) and not any(r.degenerate for r in low)
+    how = "fine-tuned on the public trunk" if fam else "from scratch"
+    c.evidence = f"valid Laplace − Gaussian, both {how}: " + "; ".join(words)
+    if low:
+        c.evidence += (
             f"; ε = 0.5 Gaussian {'learns' if learns else 'is degenerate'} "
             f"(accuracy {np.mean([r.train.test_accuracy for r in low]):.3f})"
-            if low
-            else ""
         )
+    paper, _, paper_runs = _scheme_pairs(
+        pick(runs, family="laplace-paper", model=model), pick(runs, family="gaussian", model=model)
     )
+    if paper:
+        bad = flags(paper_runs)
+        c.evidence += (
+            " [not counted: the paper's replica laplace-paper (NO guarantee) − Gaussian, both from scratch, "
+            + "; ".join(paper)
+            + (f" ({'; '.join(bad[:2])})" if bad else "")
+            + "]"
+        )
     if differ or learns:
         c.status = "contradicted"
     elif low:
         c.status = "reproduced"
-    why = [f for f in flags(used) if "laplace" in f]
+    why = flags(used)
     if why:
         c.status, c.evidence = "inconclusive", c.evidence + f" — but {'; '.join(why[:3])}"
     return c
@@ -347,6 +456,7 @@ class Verdict:
     accuracy_from: float | None
     claims: list[Claim]
     notes: list[str] = field(default_factory=list)
+    tracks: list = field(default_factory=list)  # correlations(): what the paper's metrics track
 
 
 def verdict(runs: list[Run], grid: GridConfig, model: str) -> Verdict:
@@ -361,14 +471,25 @@ def verdict(runs: list[Run], grid: GridConfig, model: str) -> Verdict:
         )
     claims = [
         claim_a(rows),
+        claim_a_matched(rows),
+        claim_a_road(rows),
+        claim_a_localisation(rows),
         claim_b(runs, model),
         claim_c(runs, model),
         claim_d(runs, model),
         claim_e(rows),
         claim_f(runs, grid, model),
     ]
+    reference = pick(runs, family="baseline", scheme="none", model=model)
     return Verdict(
-        model, seeds, rows, smallest_eps(rows, QUALITY), smallest_eps(rows, ("test_accuracy",)), claims, notes
+        model,
+        seeds,
+        rows,
+        smallest_eps(rows, QUALITY),
+        smallest_eps(rows, ("test_accuracy",)),
+        claims,
+        notes,
+        correlations(rows, reference),
     )
 
 
@@ -383,5 +504,32 @@ def summary(v: Verdict) -> dict[str, Any]:
     for row in v.rows:
         for key, d in row.diffs.items():
             if d.mean is not None and math.isfinite(d.mean):
-                out[f"delta_{key}_eps{format_eps(row.epsilon)}"] = d.mean
+                out[f"delta_{key.replace('|', '__matched_')}_eps{format_eps(row.epsilon)}"] = d.mean
     return out
+
+
+# ------------------------------------------------------------------------------------ what the metrics track
+
+
+def correlations(rows: list[EpsRow], reference: list[Run]) -> list[tuple[str, dict[str, tuple[float, float]]]]:
+    """Per configuration (∞ first, then each ε): for each paper metric, the mean over seeds of its per-image
+    Spearman correlation with the model's confidence Y and with its sensitivity to masking S."""
+    from scipy.stats import spearmanr
+
+    def of(runs: list[Run]) -> dict[str, tuple[float, float]]:
+        out = {}
+        for key in PAPER:
+            rho_y, rho_s = [], []
+            for r in runs:
+                d = r.per_image
+                if key not in d or CONFIDENCE_KEY not in d or SENSITIVITY_KEY not in d:
+                    continue
+                for cov, acc in ((CONFIDENCE_KEY, rho_y), (SENSITIVITY_KEY, rho_s)):
+                    ok = np.isfinite(d[key]) & np.isfinite(d[cov])
+                    if ok.sum() > 2 and np.ptp(d[key][ok]) > 0 and np.ptp(d[cov][ok]) > 0:
+                        acc.append(float(spearmanr(d[key][ok], d[cov][ok]).statistic))
+            if rho_y and rho_s:
+                out[key] = (float(np.mean(rho_y)), float(np.mean(rho_s)))
+        return out
+
+    return [("ε = ∞", of(reference))] + [(f"ε = {format_eps(r.epsilon)}", of(r.runs)) for r in rows]

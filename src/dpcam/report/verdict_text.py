@@ -9,10 +9,27 @@ from dpcam.config import GridConfig
 from dpcam.layout import format_eps
 from dpcam.report.paired import Difference
 from dpcam.report.runs import Run
-from dpcam.report.verdict import ACCURACY, AGREEMENT, EXPLANATION, QWK, Verdict
+from dpcam.report.verdict import (
+    ACCURACY,
+    AGREEMENT,
+    CONFIDENCE_KEY,
+    EXPLANATION,
+    PAPER,
+    QWK,
+    ROAD_GAP,
+    SENSITIVITY_KEY,
+    Verdict,
+    _label,
+)
 
-MEASURES = (ACCURACY, QWK, *EXPLANATION, AGREEMENT)
+MEASURES = (ACCURACY, QWK, *EXPLANATION, ROAD_GAP, AGREEMENT)
+MATCHED = tuple(_label(f"{k}|{match}") for match in (CONFIDENCE_KEY, SENSITIVITY_KEY) for k in PAPER)
 WORSE, BETTER = "▼", "▲"
+MATCHED_NOTE = (
+    "The paper's metrics on matched images (the same paired differences, on the images where the private and the "
+    "non-private model of a seed are equally confident, |ΔY| ≤ 0.05, or equally sensitive to masking with a uniform "
+    'map of the same mass, |ΔS| ≤ 5 points; docs/metrics.md, "What confounds the paper\'s metrics"):'
+)
 
 
 def _eps(e: float | None) -> str:
@@ -40,14 +57,29 @@ def _cell(d: Difference, decimals: int) -> str:
     return (mark + " " if mark else "") + d.words(decimals)
 
 
-def difference_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
+def difference_rows(v: Verdict, measures=MEASURES) -> tuple[list[str], list[list[str]]]:
     header = ["measure (ε − ∞)"] + [_eps(r.epsilon) for r in v.rows]
     body = [
         [f"{m.label} {'↑' if m.better == 'higher' else '↓'}"] + [_cell(r.diffs[m.key], m.decimals) for r in v.rows]
-        for m in MEASURES
-        if any(r.diffs[m.key].mean is not None for r in v.rows)
+        for m in measures
+        if any(m.key in r.diffs and r.diffs[m.key].mean is not None for r in v.rows)
     ]
     return header, body
+
+
+def tracks_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
+    """What the paper's metrics track: Spearman ρ of each with confidence Y and masking sensitivity S."""
+    labels = {m.key: m.label for m in EXPLANATION}
+    header = ["model"] + [f"{labels[k]}: ρ with Y / with S" for k in PAPER]
+    body = [[name] + [f"{c[k][0]:+.2f} / {c[k][1]:+.2f}" if k in c else "—" for k in PAPER] for name, c in v.tracks]
+    return header, [row for row in body if any(cell != "—" for cell in row[1:])]
+
+
+TRACKS_NOTE = (
+    "What the paper's metrics track: per-image Spearman correlation of each with the model's confidence Y in the "
+    "explained class and with its sensitivity S to masking by a uniform map of the same mass (mean over seeds). A "
+    "metric that follows S rewards a model that is insensitive to masking, whatever its map."
+)
 
 
 def provenance(runs: Sequence[Run], grid: GridConfig) -> str:
@@ -75,6 +107,16 @@ def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> 
         ]
         out += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
         out += ["| " + " | ".join(row) + " |" for row in body] + [""]
+        header, matched = difference_rows(v, MATCHED)
+        if matched:
+            out += [MATCHED_NOTE, ""]
+            out += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+            out += ["| " + " | ".join(row) + " |" for row in matched] + [""]
+        header, tracks = tracks_rows(v)
+        if tracks:
+            out += [TRACKS_NOTE, ""]
+            out += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+            out += ["| " + " | ".join(row) + " |" for row in tracks] + [""]
         flagged = sorted({f for r in v.rows for f in r.flags})
         if flagged:
             out += ["Not to be trusted: " + "; ".join(flagged) + ".", ""]
@@ -108,6 +150,12 @@ def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig)
             f"mean [95 % interval]; {WORSE} distinguishably worse, {BETTER} distinguishably better).</p>"
         )
         parts.append(_table(header, body))
+        header, matched = difference_rows(v, MATCHED)
+        if matched:
+            parts.append(f'<p class="note">{e(MATCHED_NOTE)}</p>' + _table(header, matched))
+        header, tracks = tracks_rows(v)
+        if tracks:
+            parts.append(f'<p class="note">{e(TRACKS_NOTE)}</p>' + _table(header, tracks))
         parts.append(
             _table(
                 ["claim", "paper", "verdict", "the numbers"],
