@@ -65,6 +65,7 @@ TINY = {
         "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12, "epochs": 1},
         "protocol": "tuned",
         "family_seeds": {"laplace": [0]},
+        "overrides": {},
         "finetune": {
             "schemes": ["none", "gaussian", "laplace"],
             "weights": None,

@@ -38,7 +38,7 @@ def test_local_processes_give_the_serial_results(tmp_path):
         folder.mkdir()
         os.chdir(folder)
         make_tiny()
-        torch.set_num_threads(1)  # the local workers train with one thread each (2 cores / 2 workers)
+        torch.set_num_threads(2)  # the caller's threads do not matter: every executor trains with cpus_per_run
         records = train.run_family("gaussian", _grid(executor), _base(), progress=False)
         results[executor] = {
             r.run_name: (
@@ -88,7 +88,7 @@ def test_ray_tasks_give_the_serial_results(tmp_path, local_ray):
         folder.mkdir()
         os.chdir(folder)
         make_tiny()
-        torch.set_num_threads(1)  # each Ray task trains with cpus_per_run = 1 thread
+        torch.set_num_threads(2)  # the caller's threads do not matter: every executor trains with cpus_per_run
         records = train.run_family("gaussian", _grid(executor), _base(), progress=False)
         results[executor] = {
             r.run_name: (r.epsilon, r.val_curve, r.test_accuracy, r.steps, r.noise_multiplier) for r in records

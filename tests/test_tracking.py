@@ -202,26 +202,33 @@ def test_concurrent_workers_share_a_tracking_server_on_postgresql(postgres_url, 
     import time
     import urllib.request
 
+    import psycopg
+
     monkeypatch.chdir(tmp_path)
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # its own database: the search tests use theirs
+        db.execute("DROP DATABASE IF EXISTS mlflow_test")
+        db.execute("CREATE DATABASE mlflow_test")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    backend = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1)
+    backend = postgres_url.replace("postgresql://", "postgresql+psycopg://", 1).rsplit("/", 1)[0] + "/mlflow_test"
+    log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--host", "127.0.0.1",
          "--port", str(port), "--artifacts-destination", str(tmp_path / "artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
+        deadline = time.monotonic() + 300  # creating MLflow's schema takes a while on a busy 2-core machine
+        while time.monotonic() < deadline and server.poll() is None:
             try:
                 urllib.request.urlopen(f"{uri}/health", timeout=1)
                 break
             except OSError:
                 time.sleep(0.5)
         else:
-            pytest.fail("mlflow server did not start")
+            pytest.fail(f"mlflow server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
         run_ids = _workers_log(tmp_path, uri, 4)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         tracking._setup()
@@ -229,3 +236,4 @@ def test_concurrent_workers_share_a_tracking_server_on_postgresql(postgres_url, 
     finally:
         server.terminate()
         server.wait(30)
+        log.close()

@@ -803,3 +803,29 @@ def test_fine_tuning_flags_need_weights():
         cfg(scheme="ldp", ldp="x", public=True)
     assert cfg(public=True).data_dir == Path("data/prepared/tiny-public")
     assert cfg(scheme="laplace-paper", epsilon=5).run_name == "laplace-paper-nominal5-smallcnn-s0"
+
+
+def test_rerunning_a_family_redoes_only_the_runs_without_complete_outputs(tmp_path, monkeypatch):
+    """A stage that failed part-way (a run raised, a worker was killed) is rerun by `dvc repro` (the train
+    outputs are `persist`): finished runs of the same configuration, code and data are kept, the rest trained."""
+    from dpcam.config import GridConfig
+
+    monkeypatch.chdir(tmp_path)
+    make_tiny()
+    grid = GridConfig(
+        models=["smallcnn"], seeds=[0, 1], gaussian=[2], baselines=["none"], family_seeds={}, executor="serial"
+    )
+    base = TrainConfig(dataset="tiny", model="smallcnn", epochs=1, batch_size=32, lr=0.5, device="cpu", delta=1e-3)
+    first = {r.run_name: r for r in train.run_family("gaussian", grid, base, progress=False)}
+    kept, lost = (Path(f"models/gaussian/{n}") for n in sorted(first))
+    kept_inode = (kept / "model.pt").stat().st_ino
+    (lost / "train.json").unlink()  # this run did not finish
+    again = {r.run_name: r for r in train.run_family("gaussian", grid, base, progress=False)}
+    assert (kept / "model.pt").stat().st_ino == kept_inode  # not trained again
+    assert (lost / "train.json").is_file() and again[lost.name].mlflow_run_id != first[lost.name].mlflow_run_id
+    assert again[lost.name].val_curve == first[lost.name].val_curve  # the same seed gives the same run
+    assert again[kept.name] == first[kept.name]
+    # another configuration: every run is trained again; a run no longer in the grid is removed
+    changed = train.run_family("gaussian", grid.model_copy(update={"seeds": [0]}), base.model_copy(update={"lr": 0.4}))
+    assert [r.run_name for r in changed] == [kept.name] and changed[0].mlflow_run_id != first[kept.name].mlflow_run_id
+    assert not lost.exists()

@@ -1,13 +1,15 @@
 """How a stage runs the independent runs of a family: one after another, in local processes, or on Ray.
 
 ``serial`` runs them in the stage's process. ``local`` runs them in ``workers`` processes of this
-machine (spawned: a forked copy of a process that has imported torch is not safe), each with
-``cores // workers`` torch threads: on 2 cores two small-model runs side by side, one thread each,
-train 1.4× faster than one after another with two threads (docs/benchmarks.md). ``ray`` makes each
-run a Ray task asking for ``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs (fractional: 0.25 lets four
-DP runs share one GPU): Ray starts on this machine, or joins the cluster at ``RAY_ADDRESS``
-(docs/scale-out.md). Each run writes its own folder atomically, so results are identical to serial
-runs for the same seeds.
+machine (spawned: a forked copy of a process that has imported torch is not safe), the default of
+the 2-core demo (docs/benchmarks.md, "Executors"). ``ray`` makes each run a Ray task asking for
+``cpus_per_run`` CPUs and ``gpus_per_run`` GPUs (fractional: 0.25 lets four DP runs share one GPU):
+Ray starts on this machine, or joins the cluster at ``RAY_ADDRESS`` (docs/scale-out.md).
+
+Every executor trains a run with ``cpus_per_run`` torch threads: the thread count decides the order
+of floating-point sums, so it is part of what makes a run's numbers, and with it fixed the three
+executors give bit-identical results for the same seeds (tests/test_executor.py), on any number of
+cores. Each run writes its own folder atomically.
 
 A failed run fails the stage with one line naming the run and its error, after the other runs
 have finished (their outputs are kept).
@@ -15,16 +17,30 @@ have finished (their outputs are kept).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from dpcam.errors import UserError
 
 EXECUTORS = ("serial", "local", "ray")
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int) -> Iterator[None]:
+    """Run with ``threads`` torch threads, as every executor runs a run (then restore the caller's count)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _worker_init(threads: int) -> None:
@@ -48,12 +64,13 @@ def run_jobs(
     module-level function)."""
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    threads = max(1, int(cpus_per_run))
     if executor == "ray":
         return _on_ray(fn, jobs, names, cpus_per_run, gpus_per_run)
     if executor == "serial" or len(jobs) <= 1 or workers <= 1:
-        return [fn(*job) for job in jobs]
+        with _torch_threads(threads):
+            return [fn(*job) for job in jobs]
     workers = min(workers, len(jobs))
-    threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")
     results: list[Any] = []
     errors: list[str] = []

@@ -355,6 +355,28 @@ def load_weights(
     ``only``: load no other key (a fine-tuning run's trained part keeps its initialisation: ``excluded``).
     """
     path = Path(path)
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    report, to_load = _sort_tensors(model, state, own, only, WeightsReport(path))
+    _check_required(model, path, required, to_load, report)
+    if not to_load:
+        raise UserError(
+            f"--weights {path}: none of its {len(state)} tensors matches model {type(model).__name__} "
+            f"(e.g. {next(iter(state), '-')}); give weights saved from the same architecture"
+        )
+    model.load_state_dict(to_load, strict=False)
+    report.missing = [
+        k for k in own if k not in to_load and not k.startswith("normalize.") and (only is None or k in only)
+    ]
+    if report.skipped or report.missing:
+        log.warning(report.summary())
+    else:
+        log.info(report.summary())
+    return report
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in the file at ``path`` (weights-only load); UserError when missing or unreadable."""
     if not path.is_file():
         raise UserError(
             f"--weights {path}: no such file; give a local state dict saved with torch.save (nothing is downloaded)"
@@ -367,12 +389,19 @@ def load_weights(
             f"--weights {path}: not a weights-only torch file ({first[:160]}); "
             "save it with torch.save(model.state_dict(), PATH)"
         ) from None
-    state = _state_dict_from(obj, path)
-    own = model.state_dict()
+    return _state_dict_from(obj, path)
+
+
+def _sort_tensors(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    own: dict[str, torch.Tensor],
+    only: Collection[str] | None,
+    report: WeightsReport,
+) -> tuple[WeightsReport, dict[str, torch.Tensor]]:
+    """Each tensor of the file either to load or into the report's reason to skip it."""
     modules = dict(model.named_modules())
     bn_prefixes = {k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")}
-
-    report = WeightsReport(path)
     to_load: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         prefix = key.rpartition(".")[0]
@@ -388,41 +417,35 @@ def load_weights(
         else:
             to_load[key] = tensor
             report.loaded.append(key)
+    return report, to_load
+
+
+def _check_required(
+    model: nn.Module, path: Path, required: Collection[str], to_load: dict, report: WeightsReport
+) -> None:
+    """UserError naming the required (frozen trunk) tensors the file does not fit, by reason."""
     unfit = [k for k in required if k not in to_load]
-    if unfit:
-        shapes = {k.split(" ")[0]: k for k in report.shape_mismatch}
-        bn = [k for k in unfit if k in report.batchnorm]
-        wrong = [shapes[k] for k in unfit if k in shapes]
-        missing = [k for k in unfit if k not in shapes and k not in bn]
-        what = "; ".join(
-            f"{label} {len(keys)}: {_few(keys)}"
-            for label, keys in (
-                ("missing", missing),
-                ("of another shape (file→model)", wrong),
-                ("BatchNorm in the file, GroupNorm here", bn),
-            )
-            if keys
+    if not unfit:
+        return
+    shapes = {k.split(" ")[0]: k for k in report.shape_mismatch}
+    bn = [k for k in unfit if k in report.batchnorm]
+    wrong = [shapes[k] for k in unfit if k in shapes]
+    missing = [k for k in unfit if k not in shapes and k not in bn]
+    what = "; ".join(
+        f"{label} {len(keys)}: {_few(keys)}"
+        for label, keys in (
+            ("missing", missing),
+            ("of another shape (file→model)", wrong),
+            ("BatchNorm in the file, GroupNorm here", bn),
         )
-        raise UserError(
-            f"--weights {path}: {len(unfit)} tensors of the frozen trunk of {type(model).__name__} do not fit "
-            f"({what}); "
-            "fine-tuning only the head or last block needs every trunk tensor from the weights: give weights saved "
-            "from the same architecture (e.g. models/public/<run>/model.pt), or train all parameters (trainable all)"
-        )
-    if not to_load:
-        raise UserError(
-            f"--weights {path}: none of its {len(state)} tensors matches model {type(model).__name__} "
-            f"(e.g. {next(iter(state), '-')}); give weights saved from the same architecture"
-        )
-    model.load_state_dict(to_load, strict=False)
-    report.missing = [
-        k for k in own if k not in to_load and not k.startswith("normalize.") and (only is None or k in only)
-    ]
-    if report.skipped or report.missing:
-        log.warning(report.summary())
-    else:
-        log.info(report.summary())
-    return report
+        if keys
+    )
+    raise UserError(
+        f"--weights {path}: {len(unfit)} tensors of the frozen trunk of {type(model).__name__} do not fit "
+        f"({what}); "
+        "fine-tuning only the head or last block needs every trunk tensor from the weights: give weights saved "
+        "from the same architecture (e.g. models/public/<run>/model.pt), or train all parameters (trainable all)"
+    )
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning

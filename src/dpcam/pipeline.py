@@ -189,9 +189,11 @@ def stages() -> dict[str, Any]:
                 "grid.seeds",
                 "grid.family_seeds",
                 "grid.protocol",
+                "grid.overrides",
                 *_grid(f.grid_keys + f.train_keys),
             ],
-            "outs": [f"models/{f.name}"],
+            # kept when the stage reruns: a run whose stamp still matches is not trained again (train.run_stamp)
+            "outs": [{f"models/{f.name}": {"persist": True}}],
         }
     for f in FAMILIES.values():
         refs = [f"models/{f.name}"] + (["models/baseline"] if f.reference and f.name != "baseline" else [])

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpcam import layout
+from dpcam import layout, records
 from dpcam.config import GridConfig, TrainConfig
 from dpcam.data.store import PreparedDataset, load_dataset
 from dpcam.errors import UserError
@@ -52,6 +52,7 @@ UNDERTRAINED_Z = 2.0  # a last-epoch record by more than this many standard erro
 # settings that may differ between a checkpoint and the run resuming it
 _RESUMABLE = {"device", "eval_batch_size", "keep_best", "name"}
 LOCK_FILE = ".train.lock"  # in the run's folder while a process trains it
+STAMP = ".stamp"  # in a finished grid run's folder: what its outputs were made from (run_stamp)
 # per-epoch MLflow metric keys (steps 1..E) of the history's rows; none of them is a train.json key
 EPOCH_METRICS = {
     "train_loss": "train_loss",
@@ -851,14 +852,21 @@ def run_family(
     """Train every run of ``family`` in the grid into ``models/<family>/`` (one process for all of them).
 
     ``flags``: the CLI flags already folded into ``base``; one the grid sets for some run is refused.
-    The folder is rebuilt from scratch (DVC removed it before running the stage, or the user asked
-    for the family again): a run left half-way by an interrupted stage is trained again from the start,
-    never resumed from a checkpoint of another configuration.
+    A run whose folder holds a finished run of the same configuration, code, data and weights is kept
+    (DVC keeps the folder: the stage's output is ``persist``); any other run is trained again from the
+    start, never resumed from a checkpoint of another configuration; folders of runs no longer in the
+    grid are removed.
     """
     from dpcam.executor import run_jobs
 
     check_flags(family, grid, flags or {})
     specs = family_runs(grid, family, layout.MODELS_ROOT)
+    here = layout.MODELS_ROOT / family
+    for stale in (d for d in (here.iterdir() if here.is_dir() else ()) if d.name not in {s.name for s in specs}):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
     cfgs = [run_config(s, grid, base) for s in specs]  # every config is validated before anything is trained
     parallel = grid.executor != "serial" and len(specs) > 1
     if parallel:
@@ -870,7 +878,39 @@ def run_family(
 
 
 def _train_fresh(cfg: TrainConfig, out: Path, progress: bool, grid: str, profile: str | None) -> TrainRecord:
-    """One grid run into an emptied ``out`` (locked before it is emptied: a live run's folder is left alone)."""
+    """One grid run into an emptied ``out`` (locked before it is emptied: a live run's folder is left alone).
+
+    A folder whose run finished (train.json written) from the same configuration, code, data and starting
+    weights (its stamp, :func:`run_stamp`) is kept: rerunning a stage that failed part-way (a run that
+    raised, a killed worker) redoes only the runs without complete outputs.
+    """
+    stamp = run_stamp(cfg)
     with run_lock(out, cfg.run_name):
+        if (out / layout.TRAIN_JSON).is_file() and _read_stamp(out) == stamp:
+            return records.read(TrainRecord, out / layout.TRAIN_JSON, cfg.run_name)
         _empty_folder(out)
-        return _run_locked(cfg, out, resume=False, progress=progress, grid=grid, profile=profile)
+        record = _run_locked(cfg, out, resume=False, progress=progress, grid=grid, profile=profile)
+        layout.write_text(out / STAMP, stamp + "\n")  # last: a folder without it is trained again
+        return record
+
+
+def run_stamp(cfg: TrainConfig) -> str:
+    """What a grid run's outputs are made from: its configuration, dpcam's code, its data (the manifest, which
+    holds the files' checksums) and its starting weights; SHA-256 hex."""
+    import hashlib
+
+    h = hashlib.sha256(cfg.model_dump_json().encode())
+    package = Path(__file__).resolve().parent
+    for f in sorted(package.rglob("*.py")):
+        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+    for f in (cfg.data_dir / "manifest.json", Path(cfg.weights) if cfg.weights else None):
+        if f is not None and f.is_file():
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _read_stamp(out: Path) -> str | None:
+    try:
+        return (out / STAMP).read_text().strip()
+    except OSError:
+        return None

@@ -37,7 +37,7 @@ Attacks (a score per image; higher means "member"), all computed batched on the 
   threshold at equal per-class false-positive rate.
 - ``gradcam-variance`` and ``gradcam-entropy`` (Shokri et al. 2021): the variance, and the entropy
   ``−Σ p log p`` of ``p = L / ΣL``, of the Grad-CAM map L of the true label
-  (``dpcam.explain.gradcam.gradcam``, DESIGN.md §3; a constant map counts as uniform, entropy
+  (``dpcam.explain.gradcam.gradcam``, docs/metrics.md; a constant map counts as uniform, entropy
   ``log(H·W)``); the attacker knows the candidate's label, as for the loss.
 - ``input-gradient``: the L2 norm of the gradient of the loss with respect to the pixel-space input.
 

@@ -367,7 +367,9 @@ class GridConfig(Section):
         description="how a family's runs are run: one after another, in `workers` local processes, or as Ray tasks",
     )
     workers: int = Field(2, ge=1, description="processes of the local executor (1 thread each on 2 cores)")
-    cpus_per_run: float = Field(1.0, gt=0, description="ray: CPUs each run asks for (its torch threads)")
+    cpus_per_run: float = Field(
+        1.0, gt=0, description="torch threads of each run, whatever the executor (ray: the CPUs each run asks for)"
+    )
     gpus_per_run: float = Field(
         0.0, ge=0, description="ray: GPUs each run asks for; a fraction (0.25) lets several runs share one GPU"
     )

@@ -46,6 +46,9 @@ EXPLANATION = (
 )
 AGREEMENT = Measure("map_agreement", "agreement with the ε = ∞ maps", "higher")
 ROAD_GAP = Measure("road_gap", "ROAD gap (LeRF − MoRF)", "higher")
+# the randomisation check (Adebayo et al. 2018): agreement with the maps of the same model with randomised
+# weights; lower = the maps depend more on what the model learnt. Reported, like AGREEMENT, not counted as quality
+RANDOMISATION = Measure("randomisation_agreement", "agreement with the weight-randomised model's maps", "lower")
 PAPER = ("avg_drop_pct", "increase_conf_pct", "masked_score_pct")  # Naidu et al.'s three metrics
 ROAD = ("road_gap",)
 LOCALISATION = ("pointing_game", "energy_pointing_game")
@@ -137,7 +140,7 @@ def eps_rows(runs: list[Run], family: str, model: str) -> list[EpsRow]:
     for eps in sorted({r.spec.epsilon for r in mine if r.spec.epsilon is not None}):
         at = pick(mine, epsilon=eps)
         used = [r for r, _ in _by_seed(at, ref)] + [x for _, x in _by_seed(at, ref)]
-        diffs = {m.key: compare(at, ref, m) for m in (ACCURACY, QWK, *EXPLANATION, ROAD_GAP, AGREEMENT)}
+        diffs = {m.key: compare(at, ref, m) for m in (ACCURACY, QWK, *EXPLANATION, ROAD_GAP, AGREEMENT, RANDOMISATION)}
         for m in EXPLANATION:
             if m.key in PAPER:
                 for key, caliper in ((CONFIDENCE_KEY, CONFIDENCE_CALIPER), (SENSITIVITY_KEY, SENSITIVITY_CALIPER)):
@@ -183,7 +186,7 @@ def _inconclusive_if_flagged(claim: Claim, why: list[str]) -> Claim:
 def _label(key: str) -> Measure:
     """The measure of a key, matched keys (``metric|match``) included."""
     base, _, match = key.partition("|")
-    m = {m.key: m for m in (*EXPLANATION, ROAD_GAP, AGREEMENT, ACCURACY, QWK)}[base]
+    m = {m.key: m for m in (*EXPLANATION, ROAD_GAP, AGREEMENT, RANDOMISATION, ACCURACY, QWK)}[base]
     return Measure(key, f"{m.label} ({match.split('_')[0]}-matched)" if match else m.label, m.better, m.decimals)
 
 
@@ -305,7 +308,7 @@ def _scheme_pairs(lap: list[Run], gau: list[Run]) -> tuple[list[str], bool, list
     for e in sorted({r.spec.epsilon for r in lap} & {r.spec.epsilon for r in gau}):
         a, b = pick(lap, epsilon=e), pick(gau, epsilon=e)
         used += a + b
-        ds = {k: compare(a, b, m) for m in EXPLANATION if (k := m.key) in PAPER}
+        ds = {m.label: compare(a, b, m) for m in EXPLANATION if m.key in PAPER}
         differ |= any(d.distinguishable for d in ds.values())
         words.append(f"ε = {format_eps(e)}: " + ", ".join(f"{k} {d.words(2)}" for k, d in ds.items()))
     return words, differ, used

@@ -16,13 +16,14 @@ from dpcam.report.verdict import (
     EXPLANATION,
     PAPER,
     QWK,
+    RANDOMISATION,
     ROAD_GAP,
     SENSITIVITY_KEY,
     Verdict,
     _label,
 )
 
-MEASURES = (ACCURACY, QWK, *EXPLANATION, ROAD_GAP, AGREEMENT)
+MEASURES = (ACCURACY, QWK, *EXPLANATION, ROAD_GAP, AGREEMENT, RANDOMISATION)
 MATCHED = tuple(_label(f"{k}|{match}") for match in (CONFIDENCE_KEY, SENSITIVITY_KEY) for k in PAPER)
 WORSE, BETTER = "▼", "▲"
 MATCHED_NOTE = (
