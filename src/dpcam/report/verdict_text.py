@@ -50,7 +50,24 @@ def answer(v: Verdict) -> list[str]:
         if v.accuracy_from is not None
         else f"at every ε of the grid (up to {largest}) test accuracy is distinguishably worse than ε = ∞"
     )
-    return [f"Explanations: {expl}.", f"Accuracy: {acc}."]
+    lines = [f"Explanations: {expl}.", f"Accuracy: {acc}."]
+    status = {c.key: c.status for c in v.claims}
+    readings = [(k, words) for k, words in CLAIM_A_READINGS if k in status]
+    if readings:  # the paper's main claim, read four ways (docs/verdict.md)
+        lines.append(
+            "The paper's claim that explanations improve with ε, best at ∞: "
+            + "; ".join(f"{words} {status[k]}" for k, words in readings)
+            + "."
+        )
+    return lines
+
+
+CLAIM_A_READINGS = (
+    ("a", "on its own metrics"),
+    ("a_matched", "on images matched for confidence and for masking sensitivity"),
+    ("a_road", "on ROAD"),
+    ("a_localisation", "on localisation (no masking)"),
+)
 
 
 def _cell(d: Difference, decimals: int) -> str:
