@@ -30,29 +30,6 @@ def _base() -> TrainConfig:
     return TrainConfig(dataset="tiny", model="smallcnn", epochs=2, batch_size=32, lr=0.5, device="cpu", delta=1e-3)
 
 
-@pytest.mark.slow
-def test_local_processes_give_the_serial_results(tmp_path):
-    results = {}
-    for executor in ("serial", "local"):
-        folder = tmp_path / executor
-        folder.mkdir()
-        os.chdir(folder)
-        make_tiny()
-        torch.set_num_threads(2)  # the caller's threads do not matter: every executor trains with cpus_per_run
-        records = train.run_family("gaussian", _grid(executor), _base(), progress=False)
-        results[executor] = {
-            r.run_name: (
-                r.epsilon,
-                r.val_curve,
-                r.test_accuracy,
-                r.steps,
-                Path(f"models/gaussian/{r.run_name}/model.pt").stat().st_size,
-            )
-            for r in records
-        }
-    assert results["serial"] == results["local"] and len(results["serial"]) == 2
-
-
 def _fails(x):
     if x == 2:
         raise UserError("bad input two")
@@ -81,9 +58,9 @@ def local_ray(monkeypatch):
 
 
 @pytest.mark.slow
-def test_ray_tasks_give_the_serial_results(tmp_path, local_ray):
+def test_every_executor_gives_the_serial_results(tmp_path, local_ray):
     results = {}
-    for executor in ("serial", "ray"):
+    for executor in ("serial", "local", "ray"):
         folder = tmp_path / executor
         folder.mkdir()
         os.chdir(folder)
@@ -91,10 +68,17 @@ def test_ray_tasks_give_the_serial_results(tmp_path, local_ray):
         torch.set_num_threads(2)  # the caller's threads do not matter: every executor trains with cpus_per_run
         records = train.run_family("gaussian", _grid(executor), _base(), progress=False)
         results[executor] = {
-            r.run_name: (r.epsilon, r.val_curve, r.test_accuracy, r.steps, r.noise_multiplier) for r in records
+            r.run_name: (
+                r.epsilon,
+                r.val_curve,
+                r.test_accuracy,
+                r.steps,
+                r.noise_multiplier,
+                Path(f"models/gaussian/{r.run_name}/model.pt").stat().st_size,
+            )
+            for r in records
         }
-        assert all(Path(f"models/gaussian/{name}/model.pt").is_file() for name in results[executor])
-    assert results["serial"] == results["ray"] and len(results["serial"]) == 2
+    assert results["serial"] == results["local"] == results["ray"] and len(results["serial"]) == 2
 
 
 def _dies(x):

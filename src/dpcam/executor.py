@@ -66,7 +66,7 @@ def run_jobs(
         raise UserError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     threads = max(1, int(cpus_per_run))
     if executor == "ray":
-        return _on_ray(fn, jobs, names, cpus_per_run, gpus_per_run)
+        return _on_ray(fn, jobs, names, cpus_per_run, gpus_per_run, threads)
     if executor == "serial" or len(jobs) <= 1 or workers <= 1:
         with _torch_threads(threads):
             return [fn(*job) for job in jobs]
@@ -96,7 +96,7 @@ def _why(name: str, e: BaseException) -> str:
 def _raise_first(errors: list[str]) -> None:
     if errors:
         more = f" ({len(errors) - 1} more failed)" if len(errors) > 1 else ""
-        raise UserError(f"{errors[0]}{more}; rerun the stage (`dvc repro`): it redoes the runs without outputs")
+        raise UserError(f"{errors[0]}{more}; rerun the stage (`dvc repro`)")
 
 
 # ------------------------------------------------------------------------------------ Ray
@@ -156,12 +156,16 @@ def _check_reachable(address: str | None) -> None:
 
 
 def _on_ray(
-    fn: Callable[..., Any], jobs: Sequence[tuple], names: Sequence[str], cpus_per_run: float, gpus_per_run: float
+    fn: Callable[..., Any],
+    jobs: Sequence[tuple],
+    names: Sequence[str],
+    cpus_per_run: float,
+    gpus_per_run: float,
+    threads: int,
 ) -> list[Any]:
     """Each job a Ray task (no retries: a failed or killed run fails the stage, naming it)."""
     ray = _start_ray(cpus_per_run, gpus_per_run)
     task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)(_in_folder)
-    threads = max(1, int(cpus_per_run))
     refs = [task.remote(os.getcwd(), threads, fn, *job) for job in jobs]
     results: list[Any] = []
     errors: list[str] = []

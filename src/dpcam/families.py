@@ -230,10 +230,6 @@ def _nominal_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Col
     ]
 
 
-def _finetune_none_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
-    return [Column("ε = ∞ (fine-tuned)", mine, INF, "finetune-none"), eps_column(INF, _none_of(model_runs), "none")]
-
-
 def _infinities(model_runs: list) -> list[Column]:
     """The two non-private references: fine-tuned (finetune-none) and from scratch (the baseline)."""
     return [
@@ -453,7 +449,7 @@ for _scheme, _title, _table, _columns in (
         "none",
         "Fine-tuned without privacy: the fine-tuned ε = ∞ reference",
         "table2d_finetune_none",
-        _finetune_none_columns,
+        lambda mine, model_runs, grid: _infinities(model_runs),
     ),
     (
         "gaussian",
@@ -554,14 +550,13 @@ def run_config(s: RunSpec, grid: GridConfig, base: TrainConfig) -> TrainConfig:
 
 
 # keys a grid run always sets itself; the CLI refuses them as flags with --family
-RUN_KEYS = ("scheme", "model", "seed", "name", "ldp", "train_size", "epsilon")
 
 
 def check_flags(family: str, grid: GridConfig, flags: dict[str, Any]) -> None:
     """Refuse (one line) a ``dpcam train --family`` flag that the grid sets for some run of ``family``:
     it would be silently lost for that run."""
     for s in family_runs(grid, family, MODELS_ROOT):
-        for key in set(train_overrides(s, grid)) - set(RUN_KEYS):
+        for key in set(train_overrides(s, grid)) - set(names.RUN_KEYS):
             if flags.get(key) is not None:
                 flag = "--" + key.replace("_", "-")
                 raise UserError(

@@ -18,6 +18,8 @@ UNGUARANTEED_SCHEMES = ("laplace-paper",)
 CALIBRATED_SCHEMES = NOISED_SCHEMES + UNGUARANTEED_SCHEMES  # noise calibrated from a (target or nominal) ε
 CLIPPED_SCHEMES = ("clip-only", "gaussian", "laplace", "laplace-paper")  # per-example clipping: Opacus + Poisson
 UNCLIPPED_SCHEMES = ("none", "ldp")  # plain training (for ldp the data carry the guarantee)
+# the train keys that name a run (a --family flag never sets them; a family's overrides never change them)
+RUN_KEYS = ("scheme", "model", "seed", "name", "ldp", "train_size", "epsilon")
 TRAINABLE = ("all", "head", "last-block")  # what a run trains; head / last-block fine-tune a pretrained trunk
 
 GAUSSIAN_ACCOUNTANTS = ("prv", "rdp", "gdp")

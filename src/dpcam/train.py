@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import logging
 import math
@@ -861,8 +862,8 @@ def run_family(
 
     check_flags(family, grid, flags or {})
     specs = family_runs(grid, family, layout.MODELS_ROOT)
-    here = layout.MODELS_ROOT / family
-    for stale in (d for d in (here.iterdir() if here.is_dir() else ()) if d.name not in {s.name for s in specs}):
+    here, keep = layout.MODELS_ROOT / family, {s.name for s in specs}
+    for stale in (d for d in (here.iterdir() if here.is_dir() else ()) if d.name not in keep):
         if stale.is_dir():
             shutil.rmtree(stale)
         else:
@@ -900,13 +901,23 @@ def run_stamp(cfg: TrainConfig) -> str:
     import hashlib
 
     h = hashlib.sha256(cfg.model_dump_json().encode())
-    package = Path(__file__).resolve().parent
-    for f in sorted(package.rglob("*.py")):
-        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+    h.update(_code_digest())
     for f in (cfg.data_dir / "manifest.json", Path(cfg.weights) if cfg.weights else None):
         if f is not None and f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()
+
+
+@functools.cache
+def _code_digest() -> bytes:
+    """SHA-256 of dpcam's source files (names and bytes), read once per process."""
+    import hashlib
+
+    h = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for f in sorted(package.rglob("*.py")):
+        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.digest()
 
 
 def _read_stamp(out: Path) -> str | None:

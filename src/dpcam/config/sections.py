@@ -377,17 +377,7 @@ class GridConfig(Section):
         "tuned", description="tuned: non-private runs take grid.nonprivate's recipe; same: every ε the train section's"
     )
     family_seeds: dict[str, list[int]] = Field(
-        default_factory=lambda: {
-            "laplace": [0],
-            "laplace-paper": [0],
-            "ldp": [0],
-            "clip-sweep": [0],
-            "train-size": [0],
-            "public": [0],
-            "finetune-none": [0],
-            "finetune-gaussian": [0],
-            "finetune-laplace": [0],
-        },
+        default_factory=lambda: {f: [0] for f in names.FAMILIES if f not in names.HEADLINE_FAMILIES},
         description="seeds of a family other than grid.seeds (e.g. fewer for the non-headline ones)",
     )
     overrides: dict[str, dict[str, Any]] = Field(
@@ -409,19 +399,7 @@ class GridConfig(Section):
     @field_validator("overrides")
     @classmethod
     def _overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        fixed = {
-            "dataset",
-            "model",
-            "seed",
-            "scheme",
-            "epsilon",
-            "ldp",
-            "train_size",
-            "name",
-            "public",
-            "trainable",
-            "weights",
-        }
+        fixed = {*names.RUN_KEYS, "dataset", "public", "trainable", "weights"}  # what a run is and starts from
         for family, keys in v.items():
             if family not in names.FAMILIES:
                 raise ValueError(f"unknown family {family!r}; families: {', '.join(names.FAMILIES)}")

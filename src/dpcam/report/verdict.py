@@ -213,22 +213,22 @@ def _trend(rows: list[EpsRow], keys: tuple[str, ...], need: int) -> tuple[str, s
     return "inconclusive", words
 
 
+def _trend_claim(rows: list[EpsRow], key: str, statement: str, source: str, rule: str, keys, need: int) -> Claim:
+    """A claim decided by :func:`_trend` on ``keys`` (inconclusive when a run involved is flagged)."""
+    status, evidence = _trend(rows, keys, need)
+    return _inconclusive_if_flagged(
+        Claim(key, statement, source, status, evidence, rule), [f for r in rows for f in r.flags]
+    )
+
+
 def claim_a(rows: list[EpsRow]) -> Claim:
     rule = (
         "on the paper's 3 metrics (Average Drop, Increase in Confidence, masked score): reproduced when at the "
         "smallest ε at least 2 are distinguishably worse than ε = ∞ and no ε is distinguishably better on any; "
         "contradicted when some ε is distinguishably better than ∞ on at least 2"
     )
-    c = Claim(
-        "a",
-        "Explanation quality improves with ε, best at ε = ∞ — on the paper's metrics",
-        "Table 1, Fig. 2, 5",
-        "inconclusive",
-        "",
-        rule,
-    )
-    c.status, c.evidence = _trend(rows, PAPER, 2)
-    return _inconclusive_if_flagged(c, [f for r in rows for f in r.flags])
+    statement = "Explanation quality improves with ε, best at ε = ∞ — on the paper's metrics"
+    return _trend_claim(rows, "a", statement, "Table 1, Fig. 2, 5", rule, PAPER, 2)
 
 
 def claim_a_matched(rows: list[EpsRow]) -> Claim:
@@ -262,9 +262,7 @@ def claim_a_road(rows: list[EpsRow]) -> Claim:
         "smallest ε's gap is distinguishably below ∞'s and no ε's is distinguishably above; contradicted when some "
         "ε's is distinguishably above"
     )
-    c = Claim("a_road", "… on ROAD (imputation instead of black masking)", "—", "inconclusive", "", rule)
-    c.status, c.evidence = _trend(rows, ROAD, 1)
-    return _inconclusive_if_flagged(c, [f for r in rows for f in r.flags])
+    return _trend_claim(rows, "a_road", "… on ROAD (imputation instead of black masking)", "—", rule, ROAD, 1)
 
 
 def claim_a_localisation(rows: list[EpsRow]) -> Claim:
@@ -273,11 +271,8 @@ def claim_a_localisation(rows: list[EpsRow]) -> Claim:
         "reproduced when at the smallest ε at least one is distinguishably worse than ∞ and no ε is distinguishably "
         "better on either; contradicted when some ε is distinguishably better on one"
     )
-    c = Claim(
-        "a_localisation", "… on localisation (lesion masks; no masking of the input)", "—", "inconclusive", "", rule
-    )
-    c.status, c.evidence = _trend(rows, LOCALISATION, 1)
-    return _inconclusive_if_flagged(c, [f for r in rows for f in r.flags])
+    statement = "… on localisation (lesion masks; no masking of the input)"
+    return _trend_claim(rows, "a_localisation", statement, "—", rule, LOCALISATION, 1)
 
 
 def claim_b(runs: list[Run], model: str) -> Claim:
