@@ -114,3 +114,16 @@ def test_a_writer_removes_the_temporary_folders_dead_processes_left():
     (root / f".d.json.tmp-{dead}-{host}.json").write_text("half")
     layout.write_json(root / "d.json", {})
     assert not (root / f".d.json.tmp-{dead}-{host}.json").exists()
+
+
+def test_saved_weights_are_the_same_bytes_whatever_the_file_and_process(tmp_path):
+    """torch names a zip archive after the path it is saved to: the temporary file's pid must not reach the bytes."""
+    import torch
+
+    from dpcam.layout import save_torch
+
+    state = {"w": torch.arange(6.0).reshape(2, 3)}
+    a = save_torch(state, tmp_path / "a" / "model.pt")
+    b = save_torch(state, tmp_path / "b" / "a-much-longer-file-name.pt")
+    assert a.read_bytes() == b.read_bytes()
+    assert torch.equal(torch.load(b, weights_only=True)["w"], state["w"])

@@ -292,10 +292,18 @@ def write_json(path: Path, obj: Any) -> Path:
 
 
 def save_torch(obj: Any, path: Path) -> Path:
-    """``torch.save(obj)`` to ``path``, atomically (checkpoints, weights)."""
+    """``torch.save(obj)`` to ``path``, atomically (checkpoints, weights).
+
+    Saved through an open file, not a path: given a path, torch names the zip archive inside after the file,
+    here the temporary one with its pid, so the same weights would give other bytes in every process.
+    """
     import torch
 
-    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    return write_atomic(path, write)
 
 
 def replace_dir(src: Path, dst: Path) -> None:
