@@ -8,8 +8,8 @@ Every model built here
 - returns logits of shape ``(B, num_classes)``;
 - is valid for Opacus (``ModuleValidator.validate(model, strict=False) == []``) and free of
   in-place operations, so both ``grad_sample_mode="hooks"`` and ``"ew"`` work: BatchNorm is
-  replaced by GroupNorm, every ReLU is out-of-place and ResNet's ``out += identity`` is
-  ``out = out + identity``;
+  replaced by GroupNorm (or, for pretrained BatchNorm weights, frozen BatchNorm: below), every ReLU
+  is out-of-place and ResNet's ``out += identity`` is ``out = out + identity``;
 - names its Grad-CAM target layer in ``model.gradcam_layer`` (a dotted submodule name), which
   :func:`target_layer` resolves.
 
@@ -44,6 +44,28 @@ Registered models (``MODELS``):
     under DP-SGD cost batch size × that much memory.
 
 ``weights=PATH`` loads a local state dict (see :func:`load_weights`); nothing is ever downloaded.
+
+Pretrained BatchNorm weights (torchvision's ImageNet files; docs/paper-profile.md says how to get one
+onto a machine without internet) are used as a frozen affine, never as batch statistics:
+
+- ``resnet18``: each GroupNorm whose tensors the file fills becomes a
+  :class:`~dpcam.layers.FrozenBatchNorm2d` under the same name: the file's running statistics fixed for
+  good (training mode too), its affine ``weight``/``bias`` as parameters. Frozen with the trunk
+  (``trainable: head``; ``last-block`` freezes all but ``layer4`` and ``fc``) they are constants; with
+  ``trainable: all`` the affine trains with per-example gradients that Opacus clips and noises like any
+  other, while the statistics stay the public data's. A part trained from initialisation (``layer4``
+  under ``last-block``, as every fine-tuned part in dpcam) keeps GroupNorm: the file's statistics describe
+  convs that are not there. The saved model.pt says by its keys which layers are frozen BatchNorm, so
+  ``train.load_model`` rebuilds it from model.json unchanged.
+- ``vgg16`` is torchvision's ``vgg16`` (no BatchNorm), whose files load as they are; a ``vgg16_bn`` file
+  loads with each BatchNorm folded into the conv before it (exact in eval mode), so the model, its layer
+  names and its saved format stay ``vgg16``'s. ``alexnet`` has no BatchNorm.
+
+Either way the model computes what torchvision's computes in eval mode (tests/test_tvmodels.py: within
+1e-4 of the outputs' scale, float32 rounding), and nothing in it computes a batch statistic, so
+per-example gradients stay per-example (DP-SGD's clipping bounds each example's influence). Training a
+frozen BatchNorm's affine (``trainable: all``) needs ``grad_sample_mode`` hooks, functorch or ghost:
+torch's expanded weights (``ew``) have no per-channel product (refused in one line).
 """
 
 from __future__ import annotations
@@ -58,7 +80,16 @@ import torch
 from torch import nn
 
 from dpcam.errors import UserError
-from dpcam.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize, group_norm
+from dpcam.layers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AdoptsBatchNorm,
+    Normalize,
+    batchnorm_layers,
+    freeze_batchnorm_into,
+    group_norm,
+    restore_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +221,10 @@ def create_model(
     ``(B, num_classes)`` logits, in training mode, with ``gradcam_layer`` set.
     ``small_input``: None → ``image_size <= 96``. ``seed``: deterministic initialisation that
     leaves the global RNG untouched (None → draws from the global RNG). ``weights``: a local
-    state dict loaded by :func:`load_weights` after initialisation. ``kwargs`` go to the builder
+    state dict loaded by :func:`load_weights` after initialisation (``trainable: all``): every tensor
+    of the model but the head's must come from it and every tensor of the file must have a place in the
+    model (UserError otherwise); the head loads when it is for the same classes and is trained from
+    initialisation when not (ImageNet's 1000 classes). ``kwargs`` go to the builder
     (e.g. ``widths=(16, 32, 32, 64)`` for smallcnn; ``mean``/``std`` for every model).
     Raises UserError for an unknown name, fewer than 2 classes, an image too small for the model,
     or bad weights.
@@ -219,8 +253,16 @@ def create_model(
     target_layer(model)  # the named layer must exist
     _check_input_size(key, model, int(image_size), bool(small_input))
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, required=trunk_keys(model))
     return model
+
+
+def trunk_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys a weights file must hold for ``model`` trained whole (``trainable: all``): all but the
+    head's (which may be for other classes) and the fixed input normalisation."""
+    if "head" in getattr(model, "finetune_layers", {}):
+        return frozen_keys(model, "head")
+    return [k for k in model.state_dict() if not k.startswith("normalize.")]
 
 
 def _check_input_size(key: str, model: nn.Module, image_size: int, small_input: bool) -> None:
@@ -272,45 +314,82 @@ def target_layer(model: nn.Module) -> nn.Module:
 
 @dataclass
 class WeightsReport:
-    """What :func:`load_weights` did, by state-dict key."""
+    """What :func:`load_weights` did with each tensor of the file, and what the model holds now.
+
+    Every tensor of the file is in exactly one of ``used``, ``ignored``, ``excluded``, ``mismatched`` and
+    ``unexpected`` (file keys), so ``in_file`` is the sum of their lengths (:meth:`summary` prints the counts).
+    """
 
     path: Path
-    loaded: list[str] = field(default_factory=list)
-    batchnorm: list[str] = field(default_factory=list)  # BatchNorm tensors with no GroupNorm counterpart
-    shape_mismatch: list[str] = field(default_factory=list)  # e.g. a classifier head for other classes
-    unexpected: list[str] = field(default_factory=list)  # keys the model does not have
+    in_file: int = 0  # tensors in the file
+    used: list[str] = field(default_factory=list)  # file tensors the model now holds (as they are, or folded)
+    ignored: list[str] = field(default_factory=list)  # BatchNorm step counters; the file's input normalisation
+    excluded: list[str] = field(default_factory=list)  # of the part fine-tuning trains from initialisation (only)
+    mismatched: list[str] = field(default_factory=list)  # of another shape than the model's tensor
+    unexpected: list[str] = field(default_factory=list)  # no place for them in the model
+    loaded: list[str] = field(default_factory=list)  # model tensors loaded
+    shape_mismatch: list[str] = field(default_factory=list)  # "model key (file shape)→(model shape)"
     missing: list[str] = field(default_factory=list)  # model tensors left at initialisation
-    excluded: list[str] = field(default_factory=list)  # not asked for (``only``): what fine-tuning trains afresh
+    folded: list[str] = field(default_factory=list)  # BatchNorm tensors folded into the conv before them
+    frozen_batchnorm: list[str] = field(default_factory=list)  # model layers now holding the file's BatchNorm
+    head: tuple[str, ...] = ()  # the model's head (finetune_layers["head"]): another class count is no error
 
     @property
     def skipped(self) -> list[str]:
-        return self.batchnorm + self.shape_mismatch + self.unexpected
+        """File tensors that did not fit: of another shape or unknown to the model."""
+        return self.mismatched + self.unexpected
+
+    def _in_head(self, key: str) -> bool:
+        return _under(key.split(" ")[0], self.head) if self.head else False
+
+    @property
+    def problems(self) -> list[str]:
+        """What did not fit outside the head (a head for another class count is trained from initialisation)."""
+        head_shapes = [s for s in self.shape_mismatch if self._in_head(s)]
+        return (
+            self.unexpected
+            + [s for s in self.shape_mismatch if s not in head_shapes]
+            + [k for k in self.missing if not self._in_head(k)]
+        )
 
     def summary(self) -> str:
-        """One line: counts and a few names of every category."""
-
-        def few(keys: list[str]) -> str:
-            shown = ", ".join(keys[:4])
-            return f"{shown}, ... ({len(keys)} in all)" if len(keys) > 4 else shown
-
-        parts = [f"weights {self.path}: loaded {len(self.loaded)} tensors"]
-        if self.batchnorm:
-            parts.append(
-                f"skipped {len(self.batchnorm)} BatchNorm tensors (no GroupNorm counterpart; GroupNorm kept at init)"
-            )
-        if self.shape_mismatch:
-            parts.append(f"skipped {len(self.shape_mismatch)} of another shape ({few(self.shape_mismatch)})")
-        if self.unexpected:
-            parts.append(f"skipped {len(self.unexpected)} unknown to the model ({few(self.unexpected)})")
-        if self.missing:
-            parts.append(f"{len(self.missing)} model tensors left at initialisation ({few(self.missing)})")
+        """One line: the file's tensor count, how many the model uses, and what became of the others."""
+        used = f"{len(self.used)} used"
+        how = []
+        if self.frozen_batchnorm:
+            how.append(f"BatchNorm of {len(self.frozen_batchnorm)} layers as frozen statistics and affine")
+        if self.folded:
+            layers = len({k.rpartition(".")[0] for k in self.folded})
+            how.append(f"{len(self.folded)} BatchNorm tensors of {layers} layers folded into the conv before them")
+        used += f" ({'; '.join(how)})" if how else ""
+        parts = [f"weights {self.path}: {self.in_file} tensors in the file, {used}"]
+        counters = [k for k in self.ignored if k.endswith(".num_batches_tracked")]
+        if counters:
+            parts.append(f"{len(counters)} ignored (BatchNorm's num_batches_tracked: a step counter)")
+        if len(counters) < len(self.ignored):
+            n = len(self.ignored) - len(counters)
+            parts.append(f"{n} ignored (the file's input normalisation: the model keeps its own)")
         if self.excluded:
-            parts.append(f"{len(self.excluded)} tensors not loaded: trained from initialisation ({few(self.excluded)})")
+            parts.append(f"{len(self.excluded)} not used: trained from initialisation ({_few(self.excluded)})")
+        head = [s for s in self.shape_mismatch if self._in_head(s)]
+        other = [s for s in self.shape_mismatch if s not in head]
+        if head:
+            parts.append(
+                f"{len(head)} not used: the head is for another class count, trained from initialisation ({_few(head)})"
+            )
+        if other:
+            parts.append(f"{len(other)} of another shape (file→model: {_few(other)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unknown to the model ({_few(self.unexpected)})")
+        left = [k for k in self.missing if not self._in_head(k)]
+        if left:
+            parts.append(f"{len(left)} model tensors left at initialisation ({_few(left)})")
         return "; ".join(parts)
 
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 _PREFIXES = ("_module.", "module.")  # Opacus GradSampleModule, DataParallel
+_STATISTICS = ("running_mean", "running_var")
 
 
 def _few(keys: list[str], n: int = 4) -> str:
@@ -339,40 +418,66 @@ def _state_dict_from(obj, path: Path) -> dict[str, torch.Tensor]:
 def load_weights(
     model: nn.Module, path: Path | str, *, required: Collection[str] = (), only: Collection[str] | None = None
 ) -> WeightsReport:
-    """Load a local state dict into ``model`` by name, skipping what cannot map; returns the report.
+    """Load a local state dict into ``model`` by name; returns the report of every tensor of the file.
 
     Reads with ``torch.load(weights_only=True)`` (nothing pickled is executed; nothing downloaded).
     Accepts a plain state dict, one under ``state_dict``/``model``/``model_state_dict``, and
-    ``module.``/``_module.`` prefixes. Tensors are skipped when they belong to a BatchNorm layer
-    in the file whose module here is not BatchNorm (GroupNorm cannot use batch statistics or
-    their affine terms), when their shape differs (a classifier head for another number of
-    classes, the small-input stem), or when the model has no such key. Anything skipped or left
-    at initialisation is logged as one warning line. Raises UserError for a missing or unreadable
-    file, or when no tensor matches.
+    ``module.``/``_module.`` prefixes. BatchNorm weights (torchvision's ImageNet files):
 
-    ``required``: state-dict keys that must load (a fine-tuning run's frozen trunk, :func:`frozen_keys`): one
-    that the file lacks or holds in another shape is a UserError naming them, and nothing is loaded.
+    - a model that adopts them (``resnet18``: :class:`~dpcam.layers.AdoptsBatchNorm`) turns each GroupNorm
+      the file holds BatchNorm weights for, and whose tensors it loads, into a
+      :class:`~dpcam.layers.FrozenBatchNorm2d` (the file's statistics, fixed; its affine);
+    - a model with a ``translate_state_dict`` method takes the file in its own layout (``vgg16`` folds a
+      ``vgg16_bn`` file's BatchNorm into its convs);
+    - ``num_batches_tracked`` (BatchNorm's step counter) is ignored.
+
+    A tensor is not loaded when its shape differs (a head for another class count, the small-input stem)
+    or the model has no place for it; what was not used is in the report, logged as one line (a warning
+    when something outside the head did not fit). Raises UserError for a missing or unreadable file, or
+    when no tensor matches.
+
+    ``required``: state-dict keys that must load (the trunk, :func:`frozen_keys`; a frozen BatchNorm
+    layer's statistics are added): one the file lacks or holds in another shape, or a file tensor with no
+    place in the model (another architecture), is a UserError naming them, and the model is left as it was.
     ``only``: load no other key (a fine-tuning run's trained part keeps its initialisation: ``excluded``).
     """
     path = Path(path)
-    state = _read_state_dict(path)
-    own = model.state_dict()
-    report, to_load = _sort_tensors(model, state, own, only, WeightsReport(path))
-    _check_required(model, path, required, to_load, report)
-    if not to_load:
-        raise UserError(
-            f"--weights {path}: none of its {len(state)} tensors matches model {type(model).__name__} "
-            f"(e.g. {next(iter(state), '-')}); give weights saved from the same architecture"
-        )
+    file_state = _read_state_dict(path)
+    report = WeightsReport(path, in_file=len(file_state), head=_head(model))
+    own_keys = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in file_state.items():
+        if key.endswith(".num_batches_tracked") and key not in own_keys:
+            report.ignored.append(key)
+        else:
+            state[key] = tensor
+    state, sources = _in_model_layout(model, state, report)
+    replaced = _adopt_batchnorm(model, state, only)
+    try:
+        required, only = _with_statistics(required, only, replaced)
+        own = model.state_dict()
+        to_load = _sort_tensors(state, sources, own, only, report)
+        _check_fit(model, path, file_state, required, to_load, report, fine_tuning=only is not None)
+        if not to_load:
+            raise UserError(
+                f"--weights {path}: none of its {len(file_state)} tensors matches model {type(model).__name__} "
+                f"(e.g. {next(iter(file_state), '-')}); give weights saved from the same architecture"
+            )
+    except UserError:
+        restore_layers(model, replaced)
+        raise
     model.load_state_dict(to_load, strict=False)
+    report.folded = [k for k in report.folded if k in set(report.used)]
+    report.frozen_batchnorm = sorted(replaced)
     report.missing = [
         k for k in own if k not in to_load and not k.startswith("normalize.") and (only is None or k in only)
     ]
-    if report.skipped or report.missing:
-        log.warning(report.summary())
-    else:
-        log.info(report.summary())
+    log.log(logging.WARNING if report.problems else logging.INFO, report.summary())
     return report
+
+
+def _head(model: nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(model, "finetune_layers", {}).get("head", ()))
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -392,60 +497,150 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return _state_dict_from(obj, path)
 
 
+def _in_model_layout(
+    model: nn.Module, state: dict[str, torch.Tensor], report: WeightsReport
+) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """The file's tensors in the model's layout (``model.translate_state_dict``, e.g. vgg16_bn → vgg16) and, per
+    key, the file tensors it was made from."""
+    translate = getattr(model, "translate_state_dict", None)
+    out = translate(state) if translate is not None else None
+    if out is None:
+        return state, {k: [k] for k in state}
+    new, sources = out
+    norms = set(batchnorm_layers(state))
+    report.folded = sorted({k for keys in sources.values() for k in keys if k.rpartition(".")[0] in norms})
+    return new, sources
+
+
+def _adopt_batchnorm(
+    model: nn.Module, state: dict[str, torch.Tensor], only: Collection[str] | None
+) -> dict[str, nn.Module]:
+    """GroupNorm → FrozenBatchNorm2d for the layers the file holds BatchNorm for and that are loaded (not the
+    part trained from initialisation, which keeps GroupNorm); the layers replaced."""
+    if not isinstance(model, AdoptsBatchNorm):
+        return {}
+    layers = [p for p in batchnorm_layers(state) if only is None or f"{p}.weight" in only]
+    return freeze_batchnorm_into(model, layers)
+
+
+def _with_statistics(
+    required: Collection[str], only: Collection[str] | None, replaced: Collection[str]
+) -> tuple[list[str], set[str] | None]:
+    """``required`` and ``only`` with the statistics of the layers that became frozen BatchNorm."""
+    required = list(required)
+    wanted = set(required)
+    for layer in replaced:
+        if f"{layer}.weight" in wanted:
+            required += [f"{layer}.{s}" for s in _STATISTICS]
+    if only is not None:
+        only = set(only) | {f"{layer}.{s}" for layer in replaced for s in _STATISTICS}
+    return required, only
+
+
 def _sort_tensors(
-    model: nn.Module,
     state: dict[str, torch.Tensor],
+    sources: dict[str, list[str]],
     own: dict[str, torch.Tensor],
     only: Collection[str] | None,
     report: WeightsReport,
-) -> tuple[WeightsReport, dict[str, torch.Tensor]]:
-    """Each tensor of the file either to load or into the report's reason to skip it."""
-    modules = dict(model.named_modules())
-    bn_prefixes = {k[: -len(".running_mean")] for k in state if k.endswith(".running_mean")}
+) -> dict[str, torch.Tensor]:
+    """Each tensor of the file either to load or into the report's reason not to."""
+    # modules of the part trained from initialisation: a file tensor of theirs that the model lacks (the
+    # BatchNorm statistics of a layer that stays GroupNorm) is excluded with them, not unknown
+    trained = {k.rpartition(".")[0] for k in own if only is not None and k not in only}
     to_load: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        prefix = key.rpartition(".")[0]
-        if prefix in bn_prefixes and not isinstance(modules.get(prefix), nn.modules.batchnorm._BatchNorm):
-            report.batchnorm.append(key)
+        files = sources.get(key, [key])
+        if only is not None and key.startswith("normalize."):  # fixed input normalisation: the model's own
+            report.ignored += files
+        elif only is not None and key not in only and (key in own or key.rpartition(".")[0] in trained):
+            report.excluded += files
         elif key not in own:
-            report.unexpected.append(key)
-        elif only is not None and key not in only:
-            if not key.startswith("normalize."):  # fixed input normalisation: the model's own, never trained
-                report.excluded.append(key)
+            report.unexpected += files
         elif tuple(own[key].shape) != tuple(tensor.shape):
             report.shape_mismatch.append(f"{key} {tuple(tensor.shape)}→{tuple(own[key].shape)}")
+            report.mismatched += files
         else:
             to_load[key] = tensor
             report.loaded.append(key)
-    return report, to_load
+            report.used += files
+    for name in ("used", "excluded", "mismatched", "unexpected", "ignored"):  # a folded BatchNorm feeds 2 tensors
+        setattr(report, name, list(dict.fromkeys(getattr(report, name))))
+    return to_load
 
 
-def _check_required(
-    model: nn.Module, path: Path, required: Collection[str], to_load: dict, report: WeightsReport
+def _check_fit(
+    model: nn.Module,
+    path: Path,
+    file_state: dict[str, torch.Tensor],
+    required: Collection[str],
+    to_load: dict,
+    report: WeightsReport,
+    *,
+    fine_tuning: bool,
 ) -> None:
-    """UserError naming the required (frozen trunk) tensors the file does not fit, by reason."""
+    """UserError naming the required (trunk) tensors the file does not fit, by reason, and the file's tensors
+    that have no place in the model (another architecture)."""
     unfit = [k for k in required if k not in to_load]
-    if not unfit:
+    unknown = report.unexpected if required else []
+    if not unfit and not unknown:
         return
     shapes = {k.split(" ")[0]: k for k in report.shape_mismatch}
-    bn = [k for k in unfit if k in report.batchnorm]
     wrong = [shapes[k] for k in unfit if k in shapes]
-    missing = [k for k in unfit if k not in shapes and k not in bn]
+    missing = [k for k in unfit if k not in shapes]
     what = "; ".join(
         f"{label} {len(keys)}: {_few(keys)}"
         for label, keys in (
             ("missing", missing),
             ("of another shape (file→model)", wrong),
-            ("BatchNorm in the file, GroupNorm here", bn),
+            ("unknown to the model", unknown),
         )
         if keys
     )
+    part = "frozen trunk" if fine_tuning else "trunk"
+    name = type(model).__name__
+    lead = f"{len(unfit)} tensors of the {part} of {name} do not fit" if unfit else f"the file does not fit {name}"
+    guess = _file_architecture(file_state)
+    hint = ""
+    if getattr(model, "small_input", False) and any(k.startswith("conv1.weight") for k in wrong):
+        hint = (
+            "; this model's small-input stem (3×3 conv1, the default for images of 96 px or less) is not the "
+            "file's: set train.small_input: false for the ImageNet stem"
+        )
     raise UserError(
-        f"--weights {path}: {len(unfit)} tensors of the frozen trunk of {type(model).__name__} do not fit "
-        f"({what}); "
-        "fine-tuning only the head or last block needs every trunk tensor from the weights: give weights saved "
-        "from the same architecture (e.g. models/public/<run>/model.pt), or train all parameters (trainable all)"
+        f"--weights {path}: {lead} ({what})"
+        + (f"; the file looks like torchvision's {guess}" if guess else "")
+        + hint
+        + "; give weights saved from the same architecture (torchvision's state dict of resnet18, alexnet, "
+        "vgg16 or vgg16_bn, or a dpcam trunk: models/public/<run>/model.pt)"
     )
+
+
+_RESNETS = {
+    ((2, 2, 2, 2), False): "resnet18",
+    ((3, 4, 6, 3), False): "resnet34",
+    ((3, 4, 6, 3), True): "resnet50",
+    ((3, 4, 23, 3), True): "resnet101",
+    ((3, 8, 36, 3), True): "resnet152",
+}
+_VGGS = {8: "vgg11", 10: "vgg13", 13: "vgg16", 16: "vgg19"}
+
+
+def _file_architecture(state: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision architecture a state dict looks like, with its class count (for error messages)."""
+    bn = any(k.endswith(".running_mean") for k in state)
+    if "fc.weight" in state and any(k.startswith("layer1.") for k in state):
+        blocks = tuple(len({k.split(".")[1] for k in state if k.startswith(f"layer{i}.")}) for i in range(1, 5))
+        name = _RESNETS.get((blocks, any(".conv3." in k for k in state)), f"a ResNet of {blocks} blocks")
+        return f"{name} ({state['fc.weight'].shape[0]} classes)"
+    convs = [k for k, v in state.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4]
+    head = state.get("classifier.6.weight")
+    if convs and head is not None:
+        name = "alexnet" if len(convs) == 5 else _VGGS.get(len(convs), f"a VGG of {len(convs)} convs")
+        if name.startswith("vgg") and bn:
+            name += "_bn"
+        return f"{name} ({head.shape[0]} classes)"
+    return None
 
 
 # ------------------------------------------------------------------------------------------ fine-tuning
