@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from dpcam.cli import app
@@ -76,3 +77,118 @@ def test_search_epochs_option_overrides_the_range(monkeypatch):
     res = invoke("search", "--epochs", "3", "1")
     assert res.exit_code == 2
     assert res.output.strip().startswith("error: --epochs: search.epochs = [3, 1]: inverted range"), res.output
+
+
+# ------------------------------------------------------------------------------- issue 25: stores and data
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A folder with tiny data and one run trained (1 epoch), explained and audited through the CLI."""
+    import os
+
+    from tests.conftest import make_tiny
+
+    root = tmp_path_factory.mktemp("scored")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        make_tiny(masks=True)
+        flags = ["--scheme", "none", "--epochs", "1", "--batch-size", "32", "--lr", "0.1", "--device", "cpu"]
+        for args in (
+            ["train", "--dataset", "tiny", *flags, "--name", "r"],
+            ["explain", "r", "--device", "cpu", "--max-images", "20", "--steps", "2"],
+            ["audit", "r", "--device", "cpu", "--max-per-group", "20", "--attack", "loss"],
+        ):
+            res = invoke(*args)
+            assert res.exit_code == 0, (args, res.output)
+    finally:
+        os.chdir(old)
+    return root
+
+
+@pytest.fixture
+def in_copy(scored, tmp_path, monkeypatch):
+    """A copy of the scored folder (each test damages its own), as the current folder."""
+    import shutil
+
+    shutil.copytree(scored, tmp_path / "copy")
+    monkeypatch.chdir(tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def _owned() -> dict[str, tuple[int, bytes]]:
+    """Every file of models/, metrics/ and audits/ with its modification time and bytes."""
+    return {
+        str(p): (p.stat().st_mtime_ns, p.read_bytes())
+        for root in ("models", "metrics", "audits")
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
+
+
+STORE_COMMANDS = [
+    ("train", "--dataset", "tiny", "--scheme", "none", "--epochs", "1", "--device", "cpu", "--name", "r"),
+    ("train", "--dataset", "tiny", "--scheme", "none", "--epochs", "1", "--device", "cpu", "--name", "new"),
+    ("explain", "r", "--device", "cpu", "--max-images", "20", "--steps", "2"),
+    ("audit", "r", "--device", "cpu", "--max-per-group", "20", "--attack", "loss"),
+    ("search", "--trials", "1", "--device", "cpu"),
+]
+
+
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        ("not a database", "corrupt (not a SQLite database); move it aside with `mv "),
+        ("truncated", "corrupt (damaged"),
+        ("a half-finished migration", "corrupt (a half-finished migration: it holds _alembic_tmp_experiments"),
+    ],
+)
+def test_a_store_fault_is_one_line_naming_it_and_touches_no_file_dpcam_owns(in_copy, damage, why):
+    """Issue 25, case 2: every command that logs to MLflow names a store fault for what it is (exit 2, one line,
+    never "make it writable" for a corrupt store) before it changes models/, metrics/ or audits/."""
+    import sqlite3
+
+    db = Path("mlruns/mlflow.db")
+    if damage == "not a database":
+        db.write_bytes(b"<html>not a database</html>\n" * 100)
+    elif damage == "truncated":
+        with open(db, "r+b") as f:
+            f.truncate(db.stat().st_size // 2)
+    else:
+        with sqlite3.connect(db) as con:
+            con.execute("CREATE TABLE _alembic_tmp_experiments (experiment_id INTEGER)")
+    before = _owned()
+    for args in STORE_COMMANDS:
+        res = invoke(*args)
+        assert res.exit_code == 2, (args, res.output)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1, (args, lines)
+        assert lines[0].startswith(f"error: MLflow tracking store sqlite:///{db.resolve()}: {why}"), (args, lines)
+        assert "writable" not in lines[0]
+    assert _owned() == before
+
+
+def test_explain_and_audit_refuse_data_that_changed_since_training_unless_allowed(in_copy):
+    """Issue 25, case 6: `dpcam prepare --size 48` (or another --n) after training, then `dpcam explain` / `dpcam
+    audit` on the old run scored a 32-px model on 48-px images, and the audit's non-members included members."""
+    from tests.conftest import make_tiny
+
+    before = _owned()
+    make_tiny(size=24, n=200, masks=True)  # the data folder now holds another draw, of another size
+    for stage, extra in (("explain", ["--max-images", "20", "--steps", "2"]), ("audit", ["--attack", "loss"])):
+        res = invoke(stage, "r", "--device", "cpu", *extra)
+        assert res.exit_code == 2, res.output
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith("error: run r was trained on data/prepared/tiny as it was then"), lines
+        assert ", 16 px, 240 images" in lines[0] and ", 24 px, 200 images" in lines[0]
+    assert _owned() == before
+    res = invoke("explain", "r", "--device", "cpu", "--max-images", "20", "--steps", "2", "--allow-data-change")
+    assert res.exit_code == 0, res.output
+    record = json.loads(Path("metrics/r/explain.json").read_text())
+    assert record["data_change"].startswith("data changed since training (--allow-data-change): run r was trained")
+    assert record["data_change"] in record["notes"]
+    res = invoke("audit", "r", "--device", "cpu", "--max-per-group", "20", "--attack", "loss", "--allow-data-change")
+    assert res.exit_code == 0, res.output
+    assert json.loads(Path("audits/r/audit.json").read_text())["data_change"] == record["data_change"]

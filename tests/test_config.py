@@ -163,3 +163,60 @@ def test_cli_refuses_an_ldp_path_and_an_unknown_model_before_any_run_starts():
         errors = [line for line in res.output.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), res.output
     assert sorted(p.name for p in Path(".").iterdir()) == [], "no mlruns/, models/ or data/ was created"
+
+
+# ------------------------------------------------------------------------------------ numbers that match the maths
+
+
+@pytest.mark.parametrize(
+    "section, data, expected",
+    [
+        ("train", {"lr": float("inf")}, "params.yaml: train.lr = inf: Input should be a finite number"),
+        ("train", {"lr": 1e300}, "train.lr = 1e+300: too large for the float32 arithmetic of training"),
+        ("train", {"clip": float("inf")}, "train.clip = inf: Input should be a finite number"),
+        ("train", {"epsilon": float("nan")}, "train.epsilon = nan: Input should be a finite number"),
+        ("train", {"delta": float("nan")}, "train.delta = nan: Input should be a finite number"),
+        ("train", {"momentum": float("nan")}, "train.momentum = nan: Input should be a finite number"),
+        ("train", {"weight_decay": float("inf")}, "train.weight_decay = inf: Input should be a finite number"),
+        ("grid", {"gaussian": [1, float("inf")]}, "grid.gaussian[1] = inf"),
+        ("grid", {"laplace_lr": float("nan")}, "grid.laplace_lr = nan: Input should be a finite number"),
+        ("grid", {"nonprivate": {"lr": float("inf")}}, "grid.nonprivate.lr = inf"),
+        ("grid", {"clip_sweep": {"clips": [0.1, float("inf")]}}, "grid.clip_sweep.clips[1] = inf"),
+        ("grid", {"overrides": {"gaussian": {"lr": float("inf")}}}, "gaussian.lr = inf: Input should be a finite"),
+        ("ldp", {"delta": float("inf")}, "ldp.delta = inf: Input should be a finite number"),
+        ("search", {"lr": [0.1, 1e300]}, "search.lr = [0.1, 1e+300]: too large for the float32"),
+    ],
+)
+def test_non_finite_and_overflowing_numbers_are_refused(section, data, expected):
+    """Issue 25, case 4: `train.lr: .inf` trained and saved NaN weights (FINISHED, exit 0); 1e300 overflowed in
+    the optimiser with a traceback."""
+    assert expected in error_of(section, {section: data})
+
+
+def test_an_inf_flag_is_refused_naming_the_flag():
+    assert error_of("train", overrides={"lr": float("inf")}).startswith("--lr: train.lr = inf: ")
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"gaussian": [1, 1]}, "grid.gaussian = [1, 1]: 1 is listed twice; list each value once"),
+        ({"seeds": [0, 0]}, "grid.seeds = [0, 0]: 0 is listed twice"),
+        ({"models": ["smallcnn", "smallcnn"]}, "grid.models = ['smallcnn', 'smallcnn']: 'smallcnn' is listed twice"),
+        ({"laplace": [5, 1, 5]}, "grid.laplace = [5, 1, 5]: 5 is listed twice"),
+        ({"baselines": ["none", "none"]}, "'none' is listed twice"),
+        ({"ldp": ["dp-pix-eps1", "dp-pix-eps1"]}, "'dp-pix-eps1' is listed twice"),
+        ({"train_sizes": {"sizes": [100, 100]}}, "grid.train_sizes.sizes = [100, 100]: 100 is listed twice"),
+        ({"seeds": []}, "grid.seeds = []: empty; give at least one seed"),
+        ({"models": []}, "grid.models = []: empty; give at least one model"),
+    ],
+)
+def test_grid_lists_without_repeats_and_the_lists_every_family_needs_not_empty(data, expected):
+    """Issue 25, case 4: `grid.gaussian: [1, 1]` trained one run twice (its sibling's lock failed it, the report
+    counted it twice); `grid.seeds: []` made every family empty and `dpcam train --family` deleted its runs."""
+    assert expected in error_of("grid", {"grid": data})
+
+
+def test_a_family_is_dropped_by_emptying_its_own_list():
+    grid = config.load_section("grid", None, write_params({"grid": {"gaussian": [], "ldp": [], "baselines": []}}))
+    assert grid.gaussian == [] and grid.ldp == [] and grid.baselines == []

@@ -127,3 +127,42 @@ def test_saved_weights_are_the_same_bytes_whatever_the_file_and_process(tmp_path
     b = save_torch(state, tmp_path / "b" / "a-much-longer-file-name.pt")
     assert a.read_bytes() == b.read_bytes()
     assert torch.equal(torch.load(b, weights_only=True)["w"], state["w"])
+
+
+# ------------------------------------------------------------------------------------ issue 25: a full disk
+
+
+def _full(errno_: int):
+    def write(path):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno_, os.strerror(errno_))
+
+    return write
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temporary_file():
+    """Issue 25, case 5: a full disk (ENOSPC) or the file-size limit (EFBIG, `ulimit -f`) was a traceback."""
+    import errno
+
+    for code, words in (
+        (errno.ENOSPC, "cannot write, no space left on the device, "),
+        (errno.EFBIG, "file too large "),
+    ):
+        with pytest.raises(UserError) as err:
+            layout.write_atomic(Path("out/x.json"), _full(code))
+        assert str(err.value).startswith(f"out/x.json: {words}") and "\n" not in str(err.value)
+        assert list(Path("out").iterdir()) == []
+    with pytest.raises(OSError, match="Permission"):  # any other error is not a full disk
+        layout.write_atomic(Path("out/x.json"), _full(errno.EACCES))
+
+
+def test_a_full_disk_inside_a_staged_folder_names_the_folder_and_leaves_no_temporary_folder():
+    import errno
+
+    with pytest.raises(UserError, match=r"^reports/search: cannot write, no space left on the device"):
+        with layout.staged_dir(Path("reports/search")) as tmp:
+            _full(errno.ENOSPC)(tmp / "front.csv")
+    assert list(Path("reports").iterdir()) == []
+    assert layout.disk_full(OSError(errno.EIO, "I/O error"), "x") is None
+    need = str(layout.disk_full(OSError(errno.EDQUOT, "quota"), "x", need=5_000_000))
+    assert need.startswith("x: cannot write, disk quota exceeded; it needs about 5.0 MB")

@@ -66,6 +66,7 @@ LAYERS = [
     "dpcam",
     "dpcam.errors",
     "dpcam.names",
+    "dpcam.guard",
     "dpcam.layout",
     "dpcam.config",
     "dpcam.families",

@@ -426,3 +426,48 @@ def test_two_workers_share_one_postgresql_study(postgres_url, tmp_path):
     rows = list(__import__("csv").DictReader(open(workers[0][0] / "reports/search/front.csv")))
     assert {int(r["trial"]) for r in rows} == {t.number for t in study.best_trials}
     assert all(r["test_accuracy"] and r["model_source"] in ("saved", "retrained") for r in rows)
+
+
+# ------------------------------------------------------------------------------- issue 25: stores and the report
+
+
+def test_a_corrupt_study_storage_is_named_corrupt_with_how_to_move_it_aside():
+    Path("mlruns").mkdir()
+    Path("mlruns/optuna.db").write_bytes(b"PK\x03\x04 a zip file, not a database" * 40)
+    with pytest.raises(UserError) as err:
+        S.open_storage(S.DEFAULT_STORAGE, heartbeat=1, grace_period=None, max_retry=0)
+    assert str(err.value) == (
+        "Optuna study storage mlruns/optuna.db: corrupt (not a SQLite database); move it aside with "
+        "`mv mlruns/optuna.db mlruns/optuna.db.broken` and run the command again (a new store is made; what was "
+        "logged so far stays in the moved file)"
+    )
+
+
+def test_two_searches_never_write_the_report_at_once(monkeypatch):
+    """Issue 25, case 7: reports/search/ had no lock, so two searches finishing together overwrote each other's
+    report half-way. The writer holds reports/.search.lock; one that cannot get it in time names the holder."""
+    from dpcam.search import report
+
+    cfg, base, explain = configs()
+    ctx = S.SearchContext(cfg, base, explain, S.OBJECTIVES[cfg.objective], "dpcam-tiny", "tiny")
+    Path("reports").mkdir()
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from dpcam import layout\n"
+        "with layout.locked(Path('reports/.search.lock'), 'reports/search/', timeout=5, fix='wait'):\n"
+        "    print('held', flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(report, "REPORT_WAIT", 0.3)
+        with pytest.raises(UserError) as err:
+            S.write_report(None, ctx, {})
+        assert str(err.value).startswith(f"reports/search/ is locked by process {holder.pid} on ")
+        assert str(err.value).endswith(f"wait for it (or stop it: kill {holder.pid})")
+        assert not Path("reports/search").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait(60)

@@ -829,3 +829,113 @@ def test_rerunning_a_family_redoes_only_the_runs_without_complete_outputs(tmp_pa
     changed = train.run_family("gaussian", grid.model_copy(update={"seeds": [0]}), base.model_copy(update={"lr": 0.4}))
     assert [r.run_name for r in changed] == [kept.name] and changed[0].mlflow_run_id != first[kept.name].mlflow_run_id
     assert not lost.exists()
+
+
+# ------------------------------------------------------------------------------ issue 25: numbers, families, faults
+
+
+def _mlflow_runs(experiment: str) -> dict[str, str]:
+    """Run name -> status of every run of ``experiment`` in the current folder's store."""
+    from mlflow.tracking import MlflowClient
+
+    tracking._setup()
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+    return {r.info.run_name: r.info.status for r in runs}
+
+
+def test_a_diverging_training_stops_with_one_line_and_ends_failed(tiny):
+    """Issue 25, case 4: a training whose loss turned NaN or inf went on and ended FINISHED with NaN weights."""
+    args = ["train", *TRAIN_ARGS[:2], "--scheme", "none", "--device", "cpu", "--epochs", "1", "--lr", "1e30"]
+    res = CliRunner().invoke(app, [*args, "--batch-size", "32", "--name", "div"])
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: div: training diverged in epoch 1 (loss = nan"), lines
+    assert "lr = 1e+30 is too large" in lines[0]
+    assert _mlflow_runs("tiny") == {"div": "FAILED"}
+    assert not Path("models/div").exists()  # no weights, no checkpoint to --resume into the same divergence
+
+
+def test_a_grid_that_drops_a_family_removes_its_runs_saying_how_many_and_an_empty_seed_list_is_refused(tiny):
+    """Issue 25, case 4: `grid.seeds: []` made `dpcam train --family gaussian` exit 0 and delete every trained
+    model of the family. An empty seeds (or models) list is refused before anything is touched; a family the
+    grid drops (its own list emptied) has its runs removed, and the command says how many."""
+    import yaml
+
+    grid = _grid(gaussian=[2, 5], executor="serial")
+    base = cfg(scheme="gaussian", epochs=1, delta=1e-3)
+    trained = sorted(r.run_name for r in train.run_family("gaussian", grid, base, progress=False))
+    before = {p: p.read_bytes() for p in sorted(Path("models/gaussian").rglob("*")) if p.is_file()}
+    Path("params.yaml").write_text(yaml.safe_dump({"grid": {**grid.model_dump(mode="json"), "seeds": []}}))
+    res = CliRunner().invoke(app, ["train", "--family", "gaussian"])
+    assert res.exit_code == 2 and res.output.startswith("error: params.yaml: grid.seeds = []: empty; "), res.output
+    assert {p: p.read_bytes() for p in sorted(Path("models/gaussian").rglob("*")) if p.is_file()} == before
+    with pytest.warns(UserWarning, match=r"family gaussian: removed 2 trained runs from models/gaussian .*"):
+        assert train.run_family("gaussian", grid.model_copy(update={"gaussian": []}), base, progress=False) == []
+    assert [p.name for p in Path("models/gaussian").iterdir()] == [] and len(trained) == 2
+
+
+def test_a_run_a_killed_process_left_running_is_ended_killed_when_the_stage_reruns_it(tiny):
+    """Issue 25, case 7: a SIGKILLed run stayed RUNNING in MLflow beside its retrained copy. A killed process
+    leaves its run's id in the run folder (and its checkpoint); the stage that trains the run again ends it."""
+    from mlflow.tracking import MlflowClient
+
+    grid, base = _grid(executor="serial"), cfg(scheme="gaussian", epochs=1, delta=1e-3)
+    folder = Path("models/gaussian/gaussian-eps2-smallcnn-s0")
+    folder.mkdir(parents=True)
+    tracking._setup()
+    killed = MlflowClient().create_run(tracking._experiment_id("tiny"), run_name=folder.name).info.run_id
+    (folder / train.RUN_ID_FILE).write_text(killed + "\n")  # what a SIGKILLed run leaves
+    (record,) = train.run_family("gaussian", grid, base, progress=False)
+    assert _status(killed) == "KILLED" and _status(record.mlflow_run_id) == "FINISHED"
+    assert not (folder / train.RUN_ID_FILE).exists()  # a run that ended leaves no id file behind
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_cuda_device_from_params_yaml_is_named_as_its_key_not_as_a_flag(tiny):
+    """Issue 25, case 7: `train.device: cuda` in params.yaml was reported as "--device cuda"."""
+    import yaml
+
+    Path("params.yaml").write_text(yaml.safe_dump({"train": {"dataset": "tiny", "device": "cuda", "epochs": 1}}))
+    res = CliRunner().invoke(app, ["train"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == [
+        "error: params.yaml: train.device = cuda: no CUDA device is available here; set it to cpu or auto "
+        "(or override it with --device cpu)"
+    ]
+    res = CliRunner().invoke(app, ["train", "--device", "cuda"])
+    assert res.output.strip().splitlines() == [
+        "error: --device cuda: no CUDA device is available here; use --device cpu or auto"
+    ]
+    assert not Path("models").exists() and not Path("mlruns").exists()
+
+
+def test_a_file_size_limit_while_training_is_one_line_naming_the_file(tiny):
+    """Issue 25, case 5: `ulimit -f` during `dpcam train` was an `OSError [Errno 27] File too large` traceback.
+    A resnet18 checkpoint (about 90 MB) meets an 8 MB limit that the tracking store stays under."""
+    import resource
+    import subprocess
+    import sys
+
+    limit = 8 << 20
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    args = ["--dataset", "tiny", "--scheme", "none", "--model", "resnet18", "--epochs", "1", "--batch-size", "64"]
+    out = subprocess.run(
+        [sys.executable, "-m", "dpcam", "train", *args, "--device", "cpu", "--name", "big"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        timeout=600,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert lines == [
+        "error: models/big/checkpoint.pt: file too large to write (the file-size limit of this process, `ulimit -f`, "
+        "stops it); raise the limit (`ulimit -f unlimited`) and run the command again"
+    ], out.stderr
+    assert _mlflow_runs("tiny") == {"big": "FAILED"}
+    assert not Path("models").exists() or list(Path("models").rglob("*")) == []  # no temporary file left

@@ -17,7 +17,7 @@ import typer
 
 from dpcam import config
 from dpcam.errors import UserError
-from dpcam.layout import PARAMS_FILE
+from dpcam.layout import PARAMS_FILE, disk_full
 
 app = typer.Typer(
     add_completion=False,
@@ -49,6 +49,11 @@ def _user_errors(fn):
         except UserError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(e.exit_code) from None
+        except OSError as e:  # a full disk where no stage named the file it was writing
+            if (err := disk_full(e, e.filename or "a file dpcam was writing")) is None:
+                raise
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(err.exit_code) from None
         except _interruptions() as e:
             code = getattr(e, "exit_code", 130)
             what = str(e) if code != 130 else "interrupted"
@@ -70,6 +75,16 @@ def _main(
     ),
 ) -> None:
     _state["params"] = params
+
+
+def _check_device(flag: str | None, value: str, section: str) -> None:
+    """Refuse a CUDA device that is not here before any work, naming where the setting came from: the
+    ``--device`` flag, or the params file's ``<section>.device``."""
+    if value != "cuda":
+        return
+    from dpcam.train import resolve_device
+
+    resolve_device(value, None if flag is not None else f"{_state['params'] or PARAMS_FILE}: {section}.device")
 
 
 def _whole(values):
@@ -217,6 +232,7 @@ def train(
             )
         grid = config.load_section("grid", None, _state["params"])
         base = config.load_section("train", shared, _state["params"])
+        _check_device(device, base.device, "train")
         for m in stage.run_family(family, grid, base, profile=profile, flags=shared):
             _echo_trained(m)
         return
@@ -240,6 +256,7 @@ def train(
         },
         _state["params"],
     )
+    _check_device(device, cfg.device, "train")
     _echo_trained(stage.run(cfg, resume=resume, profile=profile))
 
 
@@ -279,6 +296,11 @@ def explain(
     steps: int | None = typer.Option(None, help="deletion/insertion steps K (≥ 2)"),
     max_images: int | None = typer.Option(None, help="score at most this many test images"),
     device: str | None = typer.Option(None, help="auto|cpu|cuda"),
+    allow_data_change: bool = typer.Option(
+        False,
+        "--allow-data-change",
+        help="score a run whose data changed since it was trained (refused otherwise); explain.json notes it",
+    ),
 ) -> None:
     """Grad-CAM maps of a run's test split, scored; writes metrics/<run>/explain.json, maps and pictures."""
     from dpcam.explain.score import score, score_family
@@ -298,8 +320,12 @@ def explain(
         },
         _state["params"],
     )
+    _check_device(device, cfg.device, "explain")
+    grid = config.load_section("grid", None, _state["params"]) if family else None
     results = (
-        score_family(family, config.load_section("grid", None, _state["params"]), cfg) if family else [score(run, cfg)]
+        score_family(family, grid, cfg, allow_data_change=allow_data_change)
+        if family
+        else [score(run, cfg, allow_data_change=allow_data_change)]
     )
     for r in results:
         _echo_explained(r)
@@ -334,6 +360,11 @@ def audit(
     fail_on_violation: bool = typer.Option(
         False, "--fail-on-violation", help="exit 1 when an attack beats what ε allows"
     ),
+    allow_data_change: bool = typer.Option(
+        False,
+        "--allow-data-change",
+        help="audit a run whose data changed since it was trained (refused otherwise); audit.json notes it",
+    ),
 ) -> None:
     """Membership-inference audit of a run against its ε; writes audits/<run>/audit.json and roc.png."""
     from dpcam.audit import audit_family, audit_grid, audit_run
@@ -347,11 +378,13 @@ def audit(
         {"attacks": attack or None, "max_per_group": max_per_group, "seed": seed, "device": device},
         _state["params"],
     )
+    _check_device(device, cfg.device, "audit")
+    allow = {"allow_data_change": allow_data_change}
     if run is not None:
-        results = [audit_run(run, cfg)]
+        results = [audit_run(run, cfg, **allow)]
     else:
         grid_cfg = config.load_section("grid", None, _state["params"])
-        results = audit_family(family, grid_cfg, cfg) if family else audit_grid(grid_cfg, cfg)
+        results = audit_family(family, grid_cfg, cfg, **allow) if family else audit_grid(grid_cfg, cfg, **allow)
     for r in results:
         _echo_audited(r)
     if fail_on_violation and any(r.violation for r in results):
@@ -464,6 +497,8 @@ def search(
     )
     base = config.load_section("train", {"device": device}, _state["params"])
     explain = config.load_section("explain", {"device": device}, _state["params"])
+    _check_device(device, base.device, "train")
+    _check_device(device, explain.device, "explain")
     run(cfg, base, explain, echo=typer.echo)
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from dpcam import names
 from dpcam.config import GridConfig, NonPrivateConfig, TrainConfig
@@ -545,8 +545,17 @@ def train_overrides(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
 
 
 def run_config(s: RunSpec, grid: GridConfig, base: TrainConfig) -> TrainConfig:
-    """The TrainConfig of one grid run: the train section with what the run and its family change."""
-    return TrainConfig.model_validate({**base.model_dump(), **train_overrides(s, grid)})
+    """The TrainConfig of one grid run: the train section with what the run and its family change; a combination
+    that is not a valid run is one line naming the run and the key."""
+    try:
+        return TrainConfig.model_validate({**base.model_dump(), **train_overrides(s, grid)})
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in err["loc"])
+        shown = f"train.{key} = {err.get('input')!r}: " if key else ""
+        raise UserError(
+            f"grid run {s.name}: {shown}{err['msg'].removeprefix('Value error, ')}; fix the grid or train section"
+        ) from None
 
 
 # keys a grid run always sets itself; the CLI refuses them as flags with --family

@@ -16,12 +16,16 @@ place) and every folder through :func:`staged_dir` / :func:`replace_dir`, so an 
 never leaves a half-written output where a reader would look. Temporary names carry their owner
 (``.<name>.tmp-<pid>-<host>…``), and the next writer of the same output removes what a dead owner
 left (:func:`remove_stale`). Run, dataset and derivative names are plain names (:func:`check_name`),
-never paths, so ``<root>/<name>`` stays inside its root.
+never paths, so ``<root>/<name>`` stays inside its root. A full disk (ENOSPC, EDQUOT, or EFBIG under
+``ulimit -f``) while writing is one line naming what was being written (:func:`disk_full`,
+:func:`writing`); :func:`locked` is the file lock (``filelock``) of what only one process may write at a
+time, naming the holder to those who wait too long.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -32,6 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from dpcam import guard
 from dpcam.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
@@ -188,9 +193,11 @@ def resolve_run(run: str, name_of_run_id: Callable[[str], str | None] | None = N
 def training_run_id(name: str) -> str | None:
     """The MLflow run id recorded in a trained run's train.json (None when there is none)."""
     path = run_dir(name) / TRAIN_JSON
+    if not path.is_file():
+        return None
     try:
-        return json.loads(path.read_text()).get("mlflow_run_id") if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return guard.read_json(path, fix="train the run again").get("mlflow_run_id")
+    except UserError:  # a damaged train.json: the stage that reads it says so; here it only has no id
         return None
 
 
@@ -259,22 +266,144 @@ def remove_stale(target: Path) -> list[Path]:
     return removed
 
 
+# ------------------------------------------------------------------------------------ locks
+
+
+def _stamp_owner(fd: int) -> None:
+    """Write ``<pid> <host>`` into a lock file just taken (filelock's ``on_acquired``), for those who wait."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+
+
+def lock_holder(lock_path: Path) -> tuple[int, str] | None:
+    """``(pid, host)`` written in a lock file by :func:`locked`'s holder; None when it says nothing readable."""
+    try:
+        words = Path(lock_path).read_text(errors="replace").split()
+        return int(words[0]), (words[1] if len(words) > 1 else "?")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def locked(lock_path: Path, what: str, *, timeout: float, fix: str, optional: bool = False) -> Iterator[bool]:
+    """Hold an exclusive lock on ``lock_path`` for the block (``filelock``; the holder's pid and host are written
+    in the file); yields True.
+
+    Another holder is waited for up to ``timeout`` seconds, then one line (UserError) names it: ``<what> is
+    locked by process <pid> on <host> (<lock_path>) ...; <fix>``. ``optional``: where the lock file cannot be
+    made (a read-only folder, where nobody can write what the lock guards either) the block runs unlocked and
+    the context yields False.
+    """
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(lock_path), timeout=timeout, on_acquired=_stamp_owner)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = lock_holder(Path(lock_path))
+        who = f"process {holder[0]} on {holder[1]}" if holder else "another process"
+        stop = f" (or stop it: kill {holder[0]})" if holder else ""
+        raise UserError(f"{what} is locked by {who} ({lock_path}) for more than {timeout:g} s; {fix}{stop}") from None
+    except OSError:
+        if not optional:
+            raise
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
+# ------------------------------------------------------------------------------------ a full disk
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _file_size_limit() -> int | None:
+    """This process's file-size limit (``ulimit -f``) in bytes, None when there is none."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n} bytes"
+
+
+def disk_full(e: BaseException, path: Path | str, need: int | None = None) -> UserError | None:
+    """The one line for a write to ``path`` that failed because the disk (or the process's file-size limit,
+    ``ulimit -f``) is full, with the space it needs where known; None for any other error."""
+    if not isinstance(e, OSError) or e.errno not in DISK_FULL:
+        return None
+    needs = f"; it needs about {_megabytes(need)}" if need else ""
+    if e.errno == errno.EFBIG:
+        if _file_size_limit() is None:
+            return UserError(
+                f"{path}: file too large for its file system{needs}; write it to another file system (one without "
+                "a file-size limit, such as ext4 or XFS) and run the command again"
+            )
+        return UserError(
+            f"{path}: file too large to write (the file-size limit of this process, `ulimit -f`, stops it{needs}); "
+            "raise the limit (`ulimit -f unlimited`) and run the command again"
+        )
+    folder = next((p for p in (Path(path), *Path(path).parents) if p.is_dir()), Path("."))
+    try:
+        free = f", {_megabytes(shutil.disk_usage(folder).free)} free"
+    except OSError:
+        free = ""
+    quota = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on the device"
+    return UserError(f"{path}: cannot write, {quota}{needs}{free}; free some space and run the command again")
+
+
+@contextlib.contextmanager
+def writing(path: Path | str, need: int | None = None) -> Iterator[None]:
+    """Turn a full disk (ENOSPC, EDQUOT, EFBIG) in the block into one line naming ``path`` (:func:`disk_full`)."""
+    try:
+        yield
+    except OSError as e:
+        if (err := disk_full(e, path, need)) is None:
+            raise
+        raise err from None
+
+
+def reserve(path: Path) -> None:
+    """Allocate the disk blocks of ``path`` (a new memory map's file, which is sparse), so that a full disk fails
+    here with ENOSPC, not later with SIGBUS while the map is written; a file system that cannot preallocate
+    is left as it is."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place; returns ``path``.
 
     The temporary file is removed when ``write`` fails, so ``path`` is either the old file or the new one;
     those a killed process left (kill -9) are removed by the next write of ``path`` (:func:`remove_stale`).
+    A full disk is one line naming ``path`` (:func:`disk_full`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path)
-    tmp = tmp_sibling(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path)
+        tmp = tmp_sibling(path)
+        try:
+            write(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -301,9 +430,37 @@ def save_torch(obj: Any, path: Path) -> Path:
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            sink = _Sink(f)
+            try:
+                torch.save(obj, sink)
+            except Exception:
+                if sink.error is not None:  # torch's zip writer turns a failed write into "unexpected pos"
+                    raise sink.error from None
+                raise
 
     return write_atomic(path, write)
+
+
+class _Sink:
+    """A file torch writes through, keeping the OSError of a failed write (a full disk) that torch's C++ zip writer
+    would report only as a RuntimeError without its cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
 
 
 def replace_dir(src: Path, dst: Path) -> None:
@@ -335,9 +492,10 @@ def temp_dir(near: Path) -> Path:
     makes 0700; a dataset or report shared by a team must be readable by it.
     """
     near = Path(near)
-    near.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(near)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.tmp-{_owner()}-", dir=near.parent))
+    with writing(near):
+        near.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(near)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.tmp-{_owner()}-", dir=near.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
@@ -346,10 +504,13 @@ def temp_dir(near: Path) -> Path:
 
 @contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty temporary folder; on success it replaces ``out`` whole, on failure it is removed."""
+    """Yield an empty temporary folder; on success it replaces ``out`` whole, on failure it is removed.
+
+    A full disk while the block writes is one line naming ``out`` (:func:`disk_full`)."""
     tmp = temp_dir(out)
     try:
-        yield tmp
-        replace_dir(tmp, Path(out))
+        with writing(out):
+            yield tmp
+            replace_dir(tmp, Path(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -9,13 +9,13 @@ naming it and how to make it again.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
+from dpcam import guard
 from dpcam.errors import UserError
 from dpcam.layout import write_json
 
@@ -105,14 +105,7 @@ def read(cls: type[R], path: Path, what: str = "") -> R:
     """Load a record; a missing, unreadable or invalid file is a one-line UserError naming it."""
     who = f"{what}: " if what else ""
     hint = "run its stage again (`dvc repro`, or the dpcam command that writes it)"
-    if not Path(path).is_file():
-        raise UserError(f"{who}missing {path}; {hint}")
-    try:
-        data = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{who}{path} is not valid JSON ({e}); {hint}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{who}{path} is not a JSON object; {hint}")
+    data = guard.read_json(path, fix=hint, who=who)
     version = data.get("schema", 1)
     if version != SCHEMA:
         raise UserError(f"{who}{path} has record schema {version!r}, this dpcam reads {SCHEMA}; {hint}")
@@ -151,12 +144,15 @@ class TrainRecord(Record):
         "weights",
         "weights_sha256",
         "public_data",
+        "data_fingerprint",
     )
 
     run_name: str | None = None
     profile: str | None = None
     dataset: str
     data_dir: str | None = None  # the folder trained on (data/prepared/<dataset>-public for the public trunk)
+    # what that folder held (data.store.fingerprint): explain and audit refuse other data (data.store.data_change)
+    data_fingerprint: dict[str, Any] | None = None
     ldp: str | None = None
     ldp_guarantee: dict[str, Any] | None = None
     model: str
@@ -256,11 +252,13 @@ class ExplainRecord(Record):
         "map_agreement",
         "randomisation_agreement",
         "reference_run",
+        "data_change",
     )
 
     run_name: str
     dataset: str
     data_dir: str
+    data_change: str | None = None  # scored on other data than it was trained on (--allow-data-change)
     method: str
     target: str
     images: int
@@ -382,11 +380,13 @@ class AuditRecord(Record):
         "mia_epsilon_lb_gradcam_variance",
         "mia_epsilon_lb_gradcam_entropy",
         "mia_epsilon_lb_input_gradient",
+        "data_change",
     )
 
     run_name: str
     dataset: str
     data_dir: str
+    data_change: str | None = None  # audited on other data than it was trained on (--allow-data-change)
     privacy: AuditPrivacy
     members: int
     non_members: int

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from dpcam import layout, records
+from dpcam import guard, layout, records
 from dpcam.config import GridConfig, TrainConfig
-from dpcam.data.store import PreparedDataset, load_dataset
+from dpcam.data.store import PreparedDataset, fingerprint, load_dataset
 from dpcam.errors import UserError
 from dpcam.families import check_flags, family_runs, run_config
 from dpcam.names import CLIPPED_SCHEMES, NOISED_SCHEMES, UNGUARANTEED_SCHEMES
@@ -54,6 +54,7 @@ UNDERTRAINED_Z = 2.0  # a last-epoch record by more than this many standard erro
 _RESUMABLE = {"device", "eval_batch_size", "keep_best", "name"}
 LOCK_FILE = ".train.lock"  # in the run's folder while a process trains it
 STAMP = ".stamp"  # in a finished grid run's folder: what its outputs were made from (run_stamp)
+RUN_ID_FILE = ".mlflow-run-id"  # in a run's folder while its MLflow run is open: ended KILLED if left RUNNING
 # per-epoch MLflow metric keys (steps 1..E) of the history's rows; none of them is a train.json key
 EPOCH_METRICS = {
     "train_loss": "train_loss",
@@ -88,11 +89,18 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, origin: str | None = None) -> torch.device:
+    """The torch device of a ``device`` setting; a CUDA device that is not here is one line naming where the
+    setting came from: ``origin`` (e.g. ``params.yaml: train.device``), or the ``--device`` flag when None."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+        if origin is None:
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
+        raise UserError(
+            f"{origin} = cuda: no CUDA device is available here; set it to cpu or auto (or override it with "
+            "--device cpu)"
+        )
     return torch.device(device)
 
 
@@ -173,12 +181,7 @@ def _make_schedule(cfg: TrainConfig, optimizer):
 
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Load a checkpoint for resuming ``cfg``; refuse one from another config or without its ledger."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(
-            f"{path}: not a readable dpcam checkpoint ({type(e).__name__}); delete it and train without --resume"
-        ) from None
+    ckpt = guard.read_pt(path, fix="delete it and train without --resume")
     theirs, ours = ckpt.get("config", {}), _fingerprint(cfg)
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
@@ -368,16 +371,33 @@ def _train_epoch(t: _Training, epoch: int, progress: bool) -> float:
         out = setup.module(x)
         # an empty Poisson batch is still a step: noise only
         loss = out.sum() * 0.0 if len(y) == 0 else setup.criterion(out, y.to(t.device))
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise Diverged(t, epoch, f"loss = {value} at step {t.steps + 1}")
         with warnings.catch_warnings():
             # Opacus's hooks on the first layer: the images need no gradient, and that is fine
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
         setup.optimizer.step()
         t.steps += 1
-        total += float(loss.detach()) * len(y)
+        total += value * len(y)
         count += len(y)
     t.schedule.step()
+    if not all(bool(torch.isfinite(p).all()) for p in setup.plain_module.parameters()):
+        raise Diverged(t, epoch, "the weights are not finite")
     return total / max(count, 1)
+
+
+class Diverged(UserError):
+    """Training diverged (a loss or weight of inf or NaN): the run stops, its MLflow run ends FAILED, nothing of
+    it is saved (its checkpoint is removed: resuming would diverge again)."""
+
+    def __init__(self, t: _Training, epoch: int, what: str):
+        cfg = t.cfg
+        super().__init__(
+            f"{cfg.run_name}: training diverged in epoch {epoch + 1} ({what}); lr = {cfg.lr:g} is too large for "
+            f"this run ({cfg.scheme}, batch size {cfg.batch_size}, {cfg.optimizer}): lower it and train again"
+        )
 
 
 def _validate(t: _Training, epoch: int, train_loss: float) -> dict[str, float]:
@@ -450,6 +470,7 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
     record = TrainRecord(
         dataset=cfg.dataset,
         data_dir=str(cfg.data_dir),
+        data_fingerprint=fingerprint(t.data),
         ldp=cfg.ldp,
         ldp_guarantee=t.data.manifest.get("guarantee") if cfg.ldp else None,
         model=cfg.model,
@@ -556,16 +577,13 @@ def load_model(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if not weights.is_file() or not described.is_file():
         raise UserError(f"run {str(run)!r}: no trained model at {path}/model.pt; run `dpcam train` for it first")
     again = "train the run again (`dpcam train`, or `dvc repro` for a grid run)"
+    spec = guard.read_json(described, fix=again)
     try:
-        spec = json.loads(described.read_text())
         kind, classes, size, small = spec["model"], spec["num_classes"], spec["image_size"], spec["small_input"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except KeyError as e:
         raise UserError(f"{described}: not a readable dpcam model description ({_reason(e)}); {again}") from None
     model = create_model(kind, classes, size, small_input=small)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds for a damaged file; its text suggests weights_only=False
-        raise UserError(f"{weights}: not a readable dpcam model file ({type(e).__name__}); {again}") from None
+    state = guard.read_pt(weights, fix=again)
     try:
         model.load_state_dict(state)
     except Exception as e:
@@ -615,6 +633,8 @@ def _run_locked(
     checkpoint = out / layout.CHECKPOINT
     run_id = _resumed_run_id(checkpoint, cfg, name, out, resume)
     data = open_data(cfg)
+    if run_id is None:
+        end_abandoned(out)
     tags = {
         "dpcam.scheme": cfg.scheme,
         "dpcam.dataset": cfg.dataset,
@@ -623,34 +643,65 @@ def _run_locked(
         **guarantee_tags(cfg),
     }
     tags.update({k: v for k, v in (("dpcam.grid", grid), ("dpcam.profile", profile)) if v})
-    with tracking.run(cfg.dataset, name, run_id=run_id, tags=tags) as mlflow_id:
-        if run_id is None:
-            tracking.log_params(mlflow_params(cfg, data))
+    try:
+        with tracking.run(cfg.dataset, name, run_id=run_id, tags=tags) as mlflow_id:
+            layout.write_text(out / RUN_ID_FILE, mlflow_id + "\n")
+            if run_id is None:
+                tracking.log_params(mlflow_params(cfg, data))
 
-        def on_epoch(epoch: int, row: dict[str, float]) -> None:
-            tracking.log_metrics({EPOCH_METRICS[k]: v for k, v in row.items() if k in EPOCH_METRICS}, step=epoch)
+            def on_epoch(epoch: int, row: dict[str, float]) -> None:
+                tracking.log_metrics({EPOCH_METRICS[k]: v for k, v in row.items() if k in EPOCH_METRICS}, step=epoch)
 
-        result = fit(
-            cfg,
-            checkpoint=checkpoint,
-            resume=resume,
-            on_epoch=on_epoch,
-            extra_state={"mlflow_run_id": mlflow_id},
-            progress=progress,
-        )
-        record = result.metrics.model_copy(update={"run_name": name, "mlflow_run_id": mlflow_id, "profile": profile})
-        save_model(result.model, cfg, data, out)
-        # every test prediction, for paired differences between runs (report.verdict)
-        layout.write_atomic(out / PREDICTIONS, lambda p: np.savez(p, **result.predictions))
-        tracking.log_metrics(mlflow_metrics(record, data))
-        tracking.set_tags({"dpcam.collapsed": record.collapsed, "dpcam.accountant": record.accountant})
-        example = data.split("test").batch([0, 1])[0].numpy()
-        clean, _ = load_model(out)  # rebuilt from the saved files: no Opacus hooks, proves the save reloads
-        record.mlflow_model_uri = tracking.log_model(clean, input_example=example)
-        record.write(out / layout.TRAIN_JSON)
-        tracking.log_artifact(out / layout.TRAIN_JSON)
+            try:
+                result = fit(
+                    cfg,
+                    checkpoint=checkpoint,
+                    resume=resume,
+                    on_epoch=on_epoch,
+                    extra_state={"mlflow_run_id": mlflow_id},
+                    progress=progress,
+                )
+            except Diverged:
+                checkpoint.unlink(missing_ok=True)  # its weights lead to the same divergence: no --resume from it
+                raise
+            record = result.metrics.model_copy(
+                update={"run_name": name, "mlflow_run_id": mlflow_id, "profile": profile}
+            )
+            save_model(result.model, cfg, data, out)
+            # every test prediction, for paired differences between runs (report.verdict)
+            layout.write_atomic(out / PREDICTIONS, lambda p: np.savez(p, **result.predictions))
+            tracking.log_metrics(mlflow_metrics(record, data))
+            tracking.set_tags({"dpcam.collapsed": record.collapsed, "dpcam.accountant": record.accountant})
+            example = data.split("test").batch([0, 1])[0].numpy()
+            clean, _ = load_model(out)  # rebuilt from the saved files: no Opacus hooks, proves the save reloads
+            record.mlflow_model_uri = tracking.log_model(clean, input_example=example)
+            record.write(out / layout.TRAIN_JSON)
+            tracking.log_artifact(out / layout.TRAIN_JSON)
+    finally:  # the MLflow run is ended (FINISHED, FAILED or KILLED): only a SIGKILL leaves the file behind
+        (out / RUN_ID_FILE).unlink(missing_ok=True)
     checkpoint.unlink()  # finished: the model and metrics are the run's outputs now
     return record
+
+
+def end_abandoned(out: Path) -> list[str]:
+    """End KILLED the MLflow runs of ``out`` that a killed process left RUNNING (named in its run-id file or its
+    checkpoint), before the run is trained again from the start; returns their ids."""
+    from dpcam import tracking
+
+    ids = []
+    try:
+        ids.append((out / RUN_ID_FILE).read_text().strip())
+    except OSError:
+        pass
+    if (out / layout.CHECKPOINT).is_file():
+        try:
+            ids.append(guard.read_pt(out / layout.CHECKPOINT, fix="").get("mlflow_run_id"))
+        except UserError:
+            pass
+    ended = [i for i in dict.fromkeys(ids) if i and tracking.end_abandoned(i)]
+    for i in ended:
+        log.warning("%s: MLflow run %s was left RUNNING by a killed process; ended it KILLED", out.name, i)
+    return ended
 
 
 def guarantee_tags(cfg: TrainConfig) -> dict[str, str]:
@@ -858,24 +909,48 @@ def run_family(
     start, never resumed from a checkpoint of another configuration; folders of runs no longer in the
     grid are removed.
     """
+    from dpcam import tracking
     from dpcam.executor import run_jobs
 
     check_flags(family, grid, flags or {})
     specs = family_runs(grid, family, layout.MODELS_ROOT)
-    here, keep = layout.MODELS_ROOT / family, {s.name for s in specs}
-    for stale in (d for d in (here.iterdir() if here.is_dir() else ()) if d.name not in keep):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        else:
-            stale.unlink()
-    cfgs = [run_config(s, grid, base) for s in specs]  # every config is validated before anything is trained
+    cfgs = [run_config(s, grid, base) for s in specs]  # every config is validated before anything is changed
+    tracking.open_store()  # a store fault stops the stage here, before any run folder is changed
+    _remove_stale_runs(family, {s.name for s in specs})
     parallel = grid.executor != "serial" and len(specs) > 1
     if parallel:
-        from dpcam import tracking
-
         tracking.ensure_experiment(base.dataset)
     jobs = [(cfg, s.model_dir, progress and not parallel, grid.name, profile) for s, cfg in zip(specs, cfgs)]
     return run_jobs(_train_fresh, jobs, [s.name for s in specs], **grid.run_options())
+
+
+def _remove_stale_runs(family: str, keep: set[str]) -> list[str]:
+    """Remove what ``models/<family>/`` holds besides the runs of ``keep`` (runs the grid no longer has); say how
+    many trained runs that removes (a warning line), all of them when the grid drops the family.
+
+    Only an empty family's own grid list can drop it: ``grid.models`` and ``grid.seeds``, which every family
+    needs, are refused when empty (:class:`~dpcam.config.GridConfig`), so an emptied family never deletes runs
+    by accident. A folder a live process is training is locked and refused (:func:`run_lock`)."""
+    here = layout.MODELS_ROOT / family
+    stale = sorted(d for d in (here.iterdir() if here.is_dir() else ()) if d.name not in keep)
+    trained = [d.name for d in stale if (d / layout.MODEL_JSON).is_file() or (d / layout.TRAIN_JSON).is_file()]
+    for d in stale:
+        if d.is_dir() and not d.is_symlink():
+            with run_lock(d, d.name):
+                _empty_folder(d)
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            d.unlink()
+    if trained:
+        why = "the grid drops the family" if not keep else "they are no longer in the grid"
+        shown = ", ".join(trained[:3]) + (", ..." if len(trained) > 3 else "")
+        warnings.warn(
+            f"family {family}: removed {len(trained)} trained run{'s' if len(trained) != 1 else ''} from {here} "
+            f"({shown}): {why}",
+            UserWarning,
+            stacklevel=3,
+        )
+    return trained
 
 
 def _train_fresh(cfg: TrainConfig, out: Path, progress: bool, grid: str, profile: str | None) -> TrainRecord:
@@ -889,6 +964,7 @@ def _train_fresh(cfg: TrainConfig, out: Path, progress: bool, grid: str, profile
     with run_lock(out, cfg.run_name):
         if (out / layout.TRAIN_JSON).is_file() and _read_stamp(out) == stamp:
             return records.read(TrainRecord, out / layout.TRAIN_JSON, cfg.run_name)
+        end_abandoned(out)
         _empty_folder(out)
         record = _run_locked(cfg, out, resume=False, progress=progress, grid=grid, profile=profile)
         layout.write_text(out / STAMP, stamp + "\n")  # last: a folder without it is trained again

@@ -143,3 +143,73 @@ def test_a_prepare_killed_with_sigkill_leaves_nothing_the_next_one_keeps(tmp_pat
     assert (left / "images.npy").stat().st_size >= 50 * 32 * 32 * 3
     make_tiny()
     assert sorted(p.name for p in root.iterdir()) == ["tiny"]
+
+
+# ------------------------------------------------------------------------- issue 25: a full disk, a run's data
+
+
+def test_a_file_size_limit_while_preparing_is_one_line_and_leaves_no_temporary_folder():
+    """Issue 25, case 5: under `ulimit -f`, `dpcam prepare` died with an `OSError [Errno 27] File too large`
+    traceback and left data/prepared/.<name>.tmp-<pid>-*/ behind: the writer failed in its constructor, before
+    its clean-up was armed."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dpcam", "prepare", "--n", "200", "--size", "32", "--workers", "1"],
+        capture_output=True,
+        text=True,
+        preexec_fn=limited,
+        timeout=300,
+    )
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "error: data/prepared/synthetic-fundus: file too large to write (the file-size limit of this process, "
+        "`ulimit -f`, stops it; it needs about 0.8 MB); raise the limit (`ulimit -f unlimited`) and run the command "
+        "again"
+    ], out.stderr
+    assert list(Path("data/prepared").iterdir()) == []  # neither the dataset nor a temporary folder
+
+
+def test_a_full_disk_when_the_writer_starts_is_one_line_with_the_space_free_and_needed(tmp_path, monkeypatch):
+    import errno
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", no_space)
+    with pytest.raises(UserError) as err:
+        store.DatasetWriter(tmp_path / "big", 1000, 64, 64, with_masks=True)
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'big'}: cannot write, no space left on the device; it needs about 16.4 MB, ")
+    assert "free; free some space and run the command again" in msg and "\n" not in msg
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_and_its_data_stay_a_pair(tmp_path):
+    """Issue 25, case 6: the data a run was trained on is recorded (train.json's data_fingerprint); other data in
+    its folder is refused naming both, or with --allow-data-change noted."""
+    path = make_tiny(root=tmp_path, size=16)
+    recorded = store.fingerprint(store.load_dataset(path))
+    assert recorded["image_size"] == 16 and recorded["images"] == 240 and len(recorded["manifest_sha256"]) == 64
+    assert store.data_change("r", recorded, store.load_dataset(path), allow=False) is None
+    assert store.data_change("r", None, store.load_dataset(path), allow=False) is None  # trained before records
+    make_tiny(root=tmp_path, size=24)  # `dpcam prepare --size 24` over the same folder
+    now = store.load_dataset(path)
+    with pytest.raises(UserError) as err:
+        store.data_change("r", recorded, now, allow=False)
+    msg = str(err.value)
+    assert msg.startswith(
+        f"run r was trained on {path} as it was then (manifest sha256 {recorded['manifest_sha256'][:12]}"
+    )
+    assert ", 16 px, 240 images, seed none); it now holds other data (manifest sha256 " in msg
+    assert ", 24 px, 240 images" in msg and msg.endswith(
+        "or pass --allow-data-change to go on anyway (the record notes it)"
+    )
+    note = store.data_change("r", recorded, now, allow=True)
+    assert note.startswith("data changed since training (--allow-data-change): run r was trained on ")

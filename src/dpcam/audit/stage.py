@@ -64,13 +64,19 @@ class _Target:
     is_member: np.ndarray
     selection: np.ndarray
     notes: list[str] = field(default_factory=lambda: [CAVEAT])
+    data_change: str | None = None
 
     def count(self, member: bool, selection: bool) -> int:
         return int(((self.is_member == member) & (self.selection == selection)).sum())
 
 
-def audit_run(run: str, cfg: AuditConfig, *, out: Path | None = None, progress: bool = True) -> AuditRecord:
+def audit_run(
+    run: str, cfg: AuditConfig, *, out: Path | None = None, progress: bool = True, allow_data_change: bool = False
+) -> AuditRecord:
     """Audit ``run`` (a name under models/ or an MLflow run id); write ``out`` (default ``audits/<run>/``).
+
+    The run's data must be the data it was trained on (its members and non-members are read from it);
+    ``allow_data_change`` goes on anyway, noted in audit.json (``data_change`` and ``notes``).
 
     Returns the :class:`~dpcam.records.AuditRecord` written to audit.json: privacy (scheme, ε, δ, σ, q,
     steps, accountant), group and half sizes, member and non-member accuracy and loss, ``attacks``
@@ -78,7 +84,7 @@ def audit_run(run: str, cfg: AuditConfig, *, out: Path | None = None, progress: 
     ``mia_epsilon_lb`` (largest bound, joint ``confidence``), ``mia_epsilon_lb_<attack>``, ``check``,
     ``violation`` and ``notes``. Also writes roc.png and logs both to the training's MLflow run.
     """
-    t = _open(run, cfg)
+    t = _open(run, cfg, allow_data_change)
     signals = compute_signals(
         t.model,
         t.data,
@@ -103,10 +109,11 @@ def audit_run(run: str, cfg: AuditConfig, *, out: Path | None = None, progress: 
 # ------------------------------------------------------------------------------------ the steps
 
 
-def _open(run: str, cfg: AuditConfig) -> _Target:
-    """Load the run, its train.json and data, and sample its members and non-members (fails before any work)."""
+def _open(run: str, cfg: AuditConfig, allow_data_change: bool = False) -> _Target:
+    """Load the run, its train.json and data, and sample its members and non-members (fails before any work:
+    also a tracking store fault, and data other than the run was trained on unless ``allow_data_change``)."""
     from dpcam import tracking
-    from dpcam.data.store import ImageDataset, load_dataset
+    from dpcam.data.store import ImageDataset, check_run_data, load_dataset
     from dpcam.explain.gradcam import resolve_layer
     from dpcam.train import load_model, resolve_device
 
@@ -116,12 +123,18 @@ def _open(run: str, cfg: AuditConfig) -> _Target:
     train_json = layout.run_dir(name) / TRAIN_JSON
     train = records.read(TrainRecord, train_json, f"run {name}") if train_json.is_file() else None
     device = resolve_device(cfg.device)
-    model.to(device)
+    if train is not None and train.mlflow_run_id:
+        tracking.open_store()  # a store fault stops here, before audits/ is touched
     data = load_dataset(spec["data_dir"])
+    change = check_run_data(name, data, allow=allow_data_change, image_size=spec.get("image_size"))
+    model.to(device)
     members, nonmembers = sample_groups(data, cfg.max_per_group, cfg.seed, spec["config"].get("train_size"))
     is_member, selection = _halves(members.size, cfg.seed)
     both = ImageDataset(data, np.concatenate([members, nonmembers]))
-    return _Target(name, model, spec, train, train_json, device, both, is_member, selection)
+    target = _Target(name, model, spec, train, train_json, device, both, is_member, selection, data_change=change)
+    if change:
+        target.notes.append(change)
+    return target
 
 
 def _halves(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -296,6 +309,7 @@ def _record(
         run_name=t.name,
         dataset=t.spec["dataset"],
         data_dir=t.spec["data_dir"],
+        data_change=t.data_change,
         privacy=privacy,
         members=int(mem.sum()),
         non_members=int((~mem).sum()),
@@ -381,29 +395,49 @@ def _log_to_mlflow(record: AuditRecord, artifacts: list[Path]) -> None:
 # ------------------------------------------------------------------------------------ families and the grid
 
 
-def audit_family(family: str, grid: GridConfig, cfg: AuditConfig, *, progress: bool = True) -> list[AuditRecord]:
+def audit_family(
+    family: str, grid: GridConfig, cfg: AuditConfig, *, progress: bool = True, allow_data_change: bool = False
+) -> list[AuditRecord]:
     """Audit every run of ``family`` into a fresh ``audits/<family>/<run>/`` (one process for all).
 
-    Every run's model must exist before anything is written (``families.family_runs``).
+    Every run's model must exist, the tracking store open and every run's data be its own before anything is
+    written (:func:`_before_any_run`).
     """
+    runs = family_runs(grid, family, AUDITS_ROOT, trained=True)
+    return _audit_runs(runs, grid, cfg, progress, allow_data_change)
+
+
+def _audit_runs(runs: list, grid: GridConfig, cfg: AuditConfig, progress: bool, allow: bool) -> list[AuditRecord]:
     from dpcam.executor import run_jobs
 
-    runs = family_runs(grid, family, AUDITS_ROOT, trained=True)
-    jobs = [(s.name, cfg, s.audit_dir, progress and grid.executor == "serial") for s in runs]
+    _before_any_run(runs, allow)
+    jobs = [(s.name, cfg, s.audit_dir, progress and grid.executor == "serial", allow) for s in runs]
     return run_jobs(_audit_fresh, jobs, [s.name for s in runs], **grid.run_options())
 
 
-def _audit_fresh(name: str, cfg: AuditConfig, out: Path, progress: bool) -> AuditRecord:
-    return audit_run(name, cfg, out=fresh(out), progress=progress)
+def _before_any_run(runs: list, allow: bool) -> None:
+    """The checks that must pass before any run's folder is emptied: the tracking store, every run's data."""
+    from dpcam import guard, tracking
+    from dpcam.data.store import check_run_data, load_dataset
+
+    if runs:
+        tracking.open_store()
+    if not allow:
+        for s in runs:
+            spec = guard.read_json(s.model_dir / layout.MODEL_JSON, fix="train the run again (`dvc repro`)")
+            check_run_data(s.name, load_dataset(spec["data_dir"]), allow=False, image_size=spec.get("image_size"))
 
 
-def audit_grid(grid: GridConfig, cfg: AuditConfig, *, progress: bool = True) -> list[AuditRecord]:
+def _audit_fresh(name: str, cfg: AuditConfig, out: Path, progress: bool, allow: bool = False) -> AuditRecord:
+    return audit_run(name, cfg, out=fresh(out), progress=progress, allow_data_change=allow)
+
+
+def audit_grid(
+    grid: GridConfig, cfg: AuditConfig, *, progress: bool = True, allow_data_change: bool = False
+) -> list[AuditRecord]:
     """Audit every run of the grid, family by family, into ``audits/<family>/<run>/`` (the DVC stage ``audit``).
 
     Every run's model must exist before anything is written (UserError naming the first missing one).
     """
-    from dpcam.executor import run_jobs
-
     runs = [s for family in FAMILIES for s in family_runs(grid, family, AUDITS_ROOT, trained=True)]
-    jobs = [(s.name, cfg, s.audit_dir, progress and grid.executor == "serial") for s in runs]
-    return run_jobs(_audit_fresh, jobs, [s.name for s in runs], **grid.run_options())
+    return _audit_runs(runs, grid, cfg, progress, allow_data_change)

@@ -12,7 +12,16 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dpcam import names
 from dpcam.layout import LDP_ROOT, NAME_PATTERN, PREPARED_ROOT, SEARCH_REPORT, format_eps, public_dataset, run_name
@@ -22,7 +31,44 @@ DATASET_NAME = NAME_PATTERN
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every number is finite: an lr, clip, ε, δ, momentum or weight decay of inf or NaN has no meaning
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _distinct(v: list) -> list:
+    """A list without repeats: a repeated ε, seed or model would name one run twice (one folder, counted twice)."""
+    seen: list = []
+    for x in v:
+        if x in seen:
+            shown = format_eps(x) if isinstance(x, float) else repr(x)
+            raise ValueError(f"{shown} is listed twice; list each value once")
+        seen.append(x)
+    return v
+
+
+def _needed(why: str):
+    """Validator of a list that may not be empty (``why``: what needs it)."""
+
+    def check(v: list) -> list:
+        if not v:
+            raise ValueError(f"empty; {why}")
+        return v
+
+    return check
+
+
+Distinct = AfterValidator(_distinct)
+
+FLOAT32_MAX = 3.4028234663852886e38  # the weights are float32: a step size or bound above this overflows
+
+
+def _float32(v: float) -> float:
+    if abs(v) > FLOAT32_MAX:
+        raise ValueError(f"too large for the float32 arithmetic of training (at most {FLOAT32_MAX:.3g})")
+    return v
+
+
+Float32 = AfterValidator(_float32)
 
 
 def _eps_literal(v: Any) -> Any:
@@ -150,8 +196,8 @@ class DpPixConfig(Section):
 
 
 class LdpConfig(Section):
-    mechanisms: list[Mechanism] = Field(default_factory=lambda: ["singh-sikka", "dp-pix"])
-    epsilons: list[Epsilon] = Field(default_factory=lambda: [0.25, 0.5, 1])
+    mechanisms: Annotated[list[Mechanism], Distinct] = Field(default_factory=lambda: ["singh-sikka", "dp-pix"])
+    epsilons: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [0.25, 0.5, 1])
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of pixel-gaussian (per value)")
     seed: int = 0
     secure: bool = False
@@ -180,13 +226,13 @@ class TrainConfig(Section):
         1.0, description="target ε of gaussian/laplace; laplace-paper: the nominal ε its σ is calibrated from"
     )
     delta: float = Field(1e-5, gt=0, lt=1)
-    clip: float = Field(1.0, gt=0, description="per-example clipping bound C (L2; L1 for laplace)")
+    clip: Annotated[float, Float32] = Field(1.0, gt=0, description="per-example clipping bound C (L2; L1 for laplace)")
     accountant: Literal[names.GAUSSIAN_ACCOUNTANTS] = "prv"  # type: ignore[valid-type]
     grad_sample_mode: Literal[names.GRAD_SAMPLE_MODES] = "hooks"  # type: ignore[valid-type]
     optimizer: Literal[names.OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
-    lr: float = Field(1.0, gt=0)
+    lr: Annotated[float, Float32] = Field(1.0, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: Annotated[float, Float32] = Field(0.0, ge=0)
     schedule: Literal[names.SCHEDULES] = "cosine"  # type: ignore[valid-type]
     step_size: int = Field(5, ge=1, description="epochs between decays of the step schedule")
     gamma: float = Field(0.5, gt=0, le=1, description="decay factor of the step schedule")
@@ -251,7 +297,7 @@ class ExplainConfig(Section):
 
     method: str = Field("gradcam", description="gradcam | guided-gradcam")
     target: Literal["prediction", "label"] = "prediction"
-    metrics: list[str] = Field(default_factory=lambda: list(names.EXPLAIN_METRICS))
+    metrics: Annotated[list[str], Distinct] = Field(default_factory=lambda: list(names.EXPLAIN_METRICS))
     max_images: int | None = Field(200, ge=1, description="score at most this many test images (None = all)")
     batch_size: int = Field(128, ge=1)
     steps: int = Field(8, ge=2, le=256, description="deletion/insertion steps K")
@@ -290,14 +336,14 @@ class ClipSweepConfig(Section):
     """The paper's Figure 6b: Gaussian runs at one ε with other clipping bounds C."""
 
     epsilon: Epsilon = 1
-    clips: list[Epsilon] = Field(default_factory=lambda: [0.1, 10])
+    clips: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [0.1, 10])
 
 
 class TrainSizesConfig(Section):
     """DP needs data: the same runs on the first N training images of each size."""
 
-    sizes: list[Annotated[int, Field(ge=10)]] = Field(default_factory=lambda: [2000])
-    gaussian: list[Epsilon] = Field(default_factory=lambda: [1, 10])
+    sizes: Annotated[list[Annotated[int, Field(ge=10)]], Distinct] = Field(default_factory=lambda: [2000])
+    gaussian: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [1, 10])
     none: bool = True
 
 
@@ -347,14 +393,28 @@ class GridConfig(Section):
     """The runs `dvc repro` trains and `dpcam report` tabulates (families: dpcam.families)."""
 
     name: str = Field("quick", pattern=DATASET_NAME, description="grid tag of the MLflow runs")
-    models: list[ModelName] = Field(default_factory=lambda: ["smallcnn"])
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    gaussian: list[Epsilon] = Field(default_factory=lambda: [0.5, 1, 5, 10])
-    laplace: list[Epsilon] = Field(default_factory=lambda: [1, 5, 10])
+    # a family is dropped by emptying its own list (gaussian: []); models and seeds are what every family needs
+    models: Annotated[
+        list[ModelName], AfterValidator(_needed("give at least one model: every family trains each")), Distinct
+    ] = Field(default_factory=lambda: ["smallcnn"])
+    seeds: Annotated[
+        list[int],
+        AfterValidator(
+            _needed(
+                "give at least one seed: the families without grid.family_seeds run on them (to drop a family, "
+                "empty its own list instead, e.g. grid.gaussian: [])"
+            )
+        ),
+        Distinct,
+    ] = Field(default_factory=lambda: [0, 1, 2])
+    gaussian: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [0.5, 1, 5, 10])
+    laplace: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [1, 5, 10])
     laplace_clip: float = Field(100, gt=0, description="L1 clipping bound of the laplace runs")
     laplace_lr: float = Field(0.75, gt=0)
-    baselines: list[Literal["none", "clip-only"]] = Field(default_factory=lambda: ["none", "clip-only"])
-    ldp: list[Annotated[str, Field(pattern=DATASET_NAME)]] = Field(
+    baselines: Annotated[list[Literal["none", "clip-only"]], Distinct] = Field(
+        default_factory=lambda: ["none", "clip-only"]
+    )
+    ldp: Annotated[list[Annotated[str, Field(pattern=DATASET_NAME)]], Distinct] = Field(
         default_factory=lambda: ["singh-sikka-eps0.25", "singh-sikka-eps0.5", "singh-sikka-eps1", "dp-pix-eps1"],
         description="local-DP derivatives to train on, e.g. singh-sikka-eps0.5",
     )
@@ -409,6 +469,12 @@ class GridConfig(Section):
                         f"{family}: {key!r} is not a train key a family can override; "
                         f"e.g. grad_sample_mode, batch_size, lr, optimizer, epochs, clip"
                     )
+            for key, value in keys.items():  # each value as the train section would take it (finite, in range)
+                try:
+                    setattr(TrainConfig(), key, value)
+                except ValidationError as e:
+                    msg = e.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"{family}.{key} = {value!r}: {msg}") from None
         return v
 
     def seeds_of(self, family: str) -> list[int]:
@@ -480,6 +546,8 @@ def _search_range(kind: str):
             raise ValueError("both ends must be whole numbers >= 1")
         if kind == "log" and not (low > 0 and math.isfinite(high)):
             raise ValueError("both ends must be finite numbers > 0 (the range is searched on a log scale)")
+        if kind == "log":
+            _float32(high)
         if low > high:
             raise ValueError(f"inverted range (low {low:g} > high {high:g}); write [low, high]")
         return v

@@ -25,7 +25,6 @@ names): only numpy at the top; scipy.special, Pillow, matplotlib and tqdm are im
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import zlib
@@ -34,6 +33,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from dpcam import guard
 from dpcam.config import LdpConfig
 from dpcam.data import store
 from dpcam.errors import UserError
@@ -734,8 +734,7 @@ def _find_derivatives(base: Path, dataset: str) -> dict[str, list[tuple[float, P
     """Mechanism name -> [(ε, folder)] of the derivatives under ``base``; UserError when there is none."""
     found: dict[str, list[tuple[float, Path]]] = {}
     for mpath in sorted(base.glob("*/manifest.json")):
-        with open(mpath) as f:
-            man = json.load(f)
+        man = guard.read_json(mpath, fix=f"derive it again (`dpcam ldp --dataset {dataset}`)")
         if man.get("kind") != "ldp":
             continue
         found.setdefault(man["mechanism"]["name"], []).append((float(man["mechanism"]["epsilon"]), mpath.parent))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from dpcam import guard
 from dpcam.config import PrepareConfig
 from dpcam.data.store import PreparedDataset, file_sha256, load_dataset
 from dpcam.errors import UserError
@@ -167,10 +168,7 @@ def open_public(path: Path) -> PreparedDataset:
     """The public set at ``path``; UserError when it is a folder without a set or its manifest does not say public."""
     manifest = path / "manifest.json"
     if manifest.is_file():
-        try:
-            head = json.loads(manifest.read_text())
-        except (OSError, ValueError):
-            head = {}
+        head = guard.read_json(manifest, fix="prepare the public set again (`dpcam prepare --public`)")
         if head.get("kind") == ABSENT:
             raise UserError(f"{path}: {head.get('reason', 'no public set')}")
     data = load_dataset(path)
@@ -221,8 +219,8 @@ def trunk_provenance(weights: Path, private: PreparedDataset, *, private_scheme:
                 "the fine-tuning only and assumes they saw none of the private images"
             ),
         }
+    spec = guard.read_json(spec_path, fix="train the trunk again", who=f"--weights {weights}: ")
     try:
-        spec = json.loads(spec_path.read_text())
         data_dir = Path(spec["data_dir"])
         trunk_scheme = spec.get("config", {}).get("scheme")
     except (OSError, ValueError, KeyError, TypeError) as e:

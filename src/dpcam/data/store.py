@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from dpcam import guard
 from dpcam.errors import UserError
-from dpcam.layout import replace_dir, temp_dir
+from dpcam.layout import replace_dir, reserve, temp_dir, writing
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -72,16 +73,25 @@ class DatasetWriter:
 
     def __init__(self, out_dir: str | Path, n: int, height: int, width: int, with_masks: bool):
         self.out_dir = Path(out_dir)
-        self._tmp = temp_dir(self.out_dir)
-        self.images = np.lib.format.open_memmap(
-            self._tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, height, width, 3)
-        )
-        self.masks = (
-            np.lib.format.open_memmap(self._tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, height, width))
-            if with_masks
-            else None
-        )
+        self.images = self.masks = None
         self._done = False
+        self._tmp = temp_dir(self.out_dir)
+        # the memory maps take their whole size now: a full disk fails here, and the folder must not stay behind
+        self.need = n * height * width * (4 if with_masks else 3)
+        try:
+            with writing(self.out_dir, self.need):
+                self.images = np.lib.format.open_memmap(
+                    self._tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, height, width, 3)
+                )
+                reserve(self._tmp / "images.npy")
+                if with_masks:
+                    self.masks = np.lib.format.open_memmap(
+                        self._tmp / "masks.npy", mode="w+", dtype=np.uint8, shape=(n, height, width)
+                    )
+                    reserve(self._tmp / "masks.npy")
+        except BaseException:
+            self.abort()
+            raise
 
     def __enter__(self) -> DatasetWriter:
         return self
@@ -95,6 +105,10 @@ class DatasetWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def finish(self, labels: np.ndarray, splits: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
+        with writing(self.out_dir, self.need):
+            return self._finish(labels, splits, manifest)
+
+    def _finish(self, labels: np.ndarray, splits: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
         n = self.images.shape[0]
         labels = np.asarray(labels, dtype=np.int64)
         if labels.shape != (n,):
@@ -191,19 +205,92 @@ def load_dataset(path: str | Path) -> PreparedDataset:
         raise UserError(
             f"{path}: not a prepared dataset (no manifest.json); run `dpcam prepare` (or `dpcam ldp`) first"
         )
-    with open(manifest_path) as f:
-        manifest = json.load(f)
+    fix = "prepare it again (`dpcam prepare`, or `dpcam ldp` for a local-DP derivative)"
+    manifest = guard.read_json(manifest_path, fix=fix)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise UserError(
             f"{manifest_path}: format_version {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
             "re-run `dpcam prepare` with this dpcam"
         )
-    images = np.load(path / "images.npy", mmap_mode="r")
-    labels = np.load(path / "labels.npy")
-    masks = np.load(path / "masks.npy", mmap_mode="r") if (path / "masks.npy").exists() else None
-    with np.load(path / "splits.npz") as z:
-        splits = {k: z[k] for k in z.files}
+    images = guard.read_npy(path / "images.npy", fix=fix, mmap=True, shape=(None, None, None, 3), dtype=np.uint8)
+    n, h, w, _ = images.shape
+    labels = guard.read_npy(path / "labels.npy", fix=fix, shape=(n,), dtype=np.integer)
+    masks = (
+        guard.read_npy(path / "masks.npy", fix=fix, mmap=True, shape=(n, h, w), dtype=np.uint8)
+        if (path / "masks.npy").exists()
+        else None
+    )
+    splits = guard.read_npz(path / "splits.npz", fix=fix, keys=SPLITS, shapes={k: (None,) for k in SPLITS})
+    for name in SPLITS:
+        idx = splits[name]
+        if not np.issubdtype(idx.dtype, np.integer) or (idx.size and (idx.min() < 0 or idx.max() >= n)):
+            raise guard.problem(path / "splits.npz", f"split {name!r} is not indices into the {n} images", fix)
     return PreparedDataset(path, images, labels, masks, splits, manifest)
+
+
+# ------------------------------------------------------------------------------------ a run and its data
+
+
+def fingerprint(data: PreparedDataset) -> dict[str, Any]:
+    """What a run records of the data it trained on (train.json's ``data_fingerprint``), to know it again: the
+    SHA-256 of ``manifest.json`` (which holds every file's checksum), the image size, the manifest's seed (the split
+    and generator seed of a prepared set; the noise seed of a local-DP derivative) and the image count."""
+    return {
+        "manifest_sha256": file_sha256(data.path / "manifest.json"),
+        "image_size": data.image_size,
+        "seed": data.manifest.get("seed"),
+        "images": int(data.images.shape[0]),
+    }
+
+
+def _described(fp: dict[str, Any]) -> str:
+    seed = fp.get("seed")
+    return (
+        f"manifest sha256 {str(fp.get('manifest_sha256'))[:12]}, {fp.get('image_size')} px, "
+        f"{fp.get('images')} images, seed {'none' if seed is None else seed}"
+    )
+
+
+def data_change(run: str, recorded: dict[str, Any] | None, data: PreparedDataset, *, allow: bool) -> str | None:
+    """Check that ``data`` is still the data run ``run`` was trained on (``recorded``: train.json's
+    ``data_fingerprint``; None for a run trained before dpcam recorded it, which is not checked).
+
+    The same data: None. Other data: a UserError naming both (a model scored on images of another size, or an
+    audit whose "non-members" include the model's training images, would be silently wrong), unless ``allow``
+    (``--allow-data-change``): then the sentence to note in the stage's record.
+    """
+    if not recorded:
+        return None
+    now = fingerprint(data)
+    if all(recorded.get(k) == now[k] for k in now if k in recorded):
+        return None
+    what = (
+        f"run {run} was trained on {data.path} as it was then ({_described(recorded)}); it now holds other data "
+        f"({_described(now)})"
+    )
+    if allow:
+        return f"data changed since training (--allow-data-change): {what}"
+    raise UserError(
+        f"{what}: the test split may include training images and the model may not fit the images; train the run "
+        "again (`dpcam train`, or `dvc repro`), restore the data it was trained on, or pass --allow-data-change "
+        "to go on anyway (the record notes it)"
+    )
+
+
+def check_run_data(run: str, data: PreparedDataset, *, allow: bool, image_size: int | None = None) -> str | None:
+    """That ``data`` is the data trained run ``run`` was trained on, by its train.json's ``data_fingerprint``
+    (:func:`data_change`); a run recorded before fingerprints is checked by its model's ``image_size`` only.
+    None when it is; else UserError naming both, or with ``allow`` the note for the stage's record."""
+    from dpcam import records
+    from dpcam.layout import TRAIN_JSON, run_dir
+
+    train_json = run_dir(run) / TRAIN_JSON
+    recorded = (
+        records.read(records.TrainRecord, train_json, f"run {run}").data_fingerprint if train_json.is_file() else None
+    )
+    if recorded is None and image_size not in (None, data.image_size):
+        recorded = {**fingerprint(data), "image_size": image_size}
+    return data_change(run, recorded, data, allow=allow)
 
 
 class ImageDataset:

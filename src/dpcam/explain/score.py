@@ -17,7 +17,6 @@ and logs the metrics and pictures to the training's MLflow run. Definitions: doc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,11 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpcam import layout
+from dpcam import guard, layout, records
 from dpcam.config import ExplainConfig, GridConfig
-from dpcam.data.store import load_dataset
+from dpcam.data.store import check_run_data, load_dataset
 from dpcam.errors import UserError
-from dpcam.records import Degeneracy, ExplainRecord
+from dpcam.records import Degeneracy, ExplainRecord, TrainRecord
 
 log = logging.getLogger("dpcam.explain")
 PER_IMAGE = "per_image.npz"
@@ -62,10 +61,13 @@ class _Scoring:
     reference_name: str | None = None
     randomised: torch.nn.Module | None = None
     notes: list[str] = field(default_factory=list)
+    data_change: str | None = None
 
 
-def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None) -> _Scoring:
-    """Load the run and check everything a user can get wrong before any output is started."""
+def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None, allow_data_change: bool = False) -> _Scoring:
+    """Load the run and check everything a user can get wrong before any output is started: the method and layer,
+    the device, the tracking store (when the run has an MLflow run), and that its data is still the data it was
+    trained on (``allow_data_change``: go on, noting it)."""
     from dpcam import tracking
     from dpcam.explain.gradcam import METHODS, random_init_copy, resolve_layer
     from dpcam.explain.metrics import get_metrics
@@ -78,9 +80,12 @@ def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None) -> _Sco
     model, spec = load_model(name)
     resolve_layer(model, cfg.layer)  # an unknown layer fails here, before any output is started
     device = resolve_device(cfg.device)
-    model.to(device)
+    if layout.training_run_id(name):
+        tracking.open_store()  # a store fault stops here, before metrics/ is touched
     data = load_dataset(spec["data_dir"])
-    notes: list[str] = []
+    change = check_run_data(name, data, allow=allow_data_change, image_size=spec.get("image_size"))
+    model.to(device)
+    notes: list[str] = [change] if change else []
     want_masks = any("masks" in m.needs for m in metrics)
     if want_masks and data.masks is None:
         notes.append(f"{data.path} has no lesion masks: pointing-game metrics skipped")
@@ -89,7 +94,7 @@ def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None) -> _Sco
     n = len(test) if cfg.max_images is None else min(cfg.max_images, len(test))
     if n == 0:
         raise UserError(f"{data.path}: the test split is empty; prepare the dataset with a test split")
-    s = _Scoring(name, cfg, model, spec, data, test, n, metrics, notes=notes)
+    s = _Scoring(name, cfg, model, spec, data, test, n, metrics, notes=notes, data_change=change)
     if any("reference_maps" in m.needs for m in metrics):
         s.reference = _reference(s, load_model, device, reference)
     if any("random_maps" in m.needs for m in s.metrics):
@@ -166,8 +171,10 @@ def _write_maps(s: _Scoring, out: Path, progress: bool):
     size = s.data.image_size
     layout.remove_stale(out / "maps.npy")  # what a killed explain left (kill -9): one map file's worth
     tmp = layout.tmp_sibling(out / "maps.npy")
-    maps_file = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(s.n, size, size))
     try:
+        with layout.writing(out / "maps.npy", need=2 * s.n * size * size):
+            maps_file = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(s.n, size, size))
+            layout.reserve(tmp)
         sums, degeneracy, per_image = _stream(s, maps_file, progress)
         maps_file.flush()
         del maps_file
@@ -182,14 +189,21 @@ def _write_maps(s: _Scoring, out: Path, progress: bool):
 
 
 def score(
-    run: str, cfg: ExplainConfig, *, progress: bool = True, out: Path | None = None, reference: str | None = None
+    run: str,
+    cfg: ExplainConfig,
+    *,
+    progress: bool = True,
+    out: Path | None = None,
+    reference: str | None = None,
+    allow_data_change: bool = False,
 ) -> ExplainRecord:
     """Score ``run``'s explanations on its test split; write them to ``out`` (default ``metrics/<run>/``).
 
     ``reference``: the run map agreement compares with (default: the non-private run of the same
-    model and seed, none for the non-private run itself).
+    model and seed, none for the non-private run itself). ``allow_data_change``: score a run whose data has
+    changed since it was trained (refused otherwise), noted in explain.json's ``data_change`` and ``notes``.
     """
-    s = _prepare(run, cfg, reference)
+    s = _prepare(run, cfg, reference, allow_data_change)
     out = Path(out) if out is not None else layout.METRICS_ROOT / s.name
     out.mkdir(parents=True, exist_ok=True)
     sums, degeneracy = _write_maps(s, out, progress)
@@ -198,6 +212,7 @@ def score(
         run_name=s.name,
         dataset=s.spec["dataset"],
         data_dir=s.spec["data_dir"],
+        data_change=s.data_change,
         method=cfg.method,
         target=cfg.target,
         images=s.n,
@@ -218,7 +233,7 @@ def score(
     save_cams_grid(
         grid,
         s.test.batch(np.arange(min(cfg.grid_images, s.n)))[0],
-        np.load(out / "maps.npy", mmap_mode="r"),
+        guard.read_npy(out / "maps.npy", fix=f"run `dpcam explain {s.name}` again", mmap=True),
         title=f"{s.name}: Grad-CAM on test images" + ("  [DEGENERATE MODEL]" if record.degenerate else ""),
     )
     record.write(out / layout.EXPLAIN_JSON)
@@ -310,7 +325,7 @@ def figure_cams(runs: list[str], out: Path, images: int = 6) -> Path:
             axes[i][j].imshow(overlay(img, np.asarray(c["maps"][k], dtype=np.float32)))
             if i == 0:
                 eps = "ε = ∞" if c["eps"] == float("inf") else f"ε = {c['eps']:.3g}"
-                flag = "\nDEGENERATE" if c["info"]["degenerate"] else ""
+                flag = "\nDEGENERATE" if c["info"].degenerate else ""
                 axes[i][j].set_title(f"{c['name']}\n{eps}{flag}", fontsize=7)
         if i == 0:
             axes[i][0].set_title("input", fontsize=7)
@@ -327,34 +342,50 @@ def _cams_column(name: str) -> dict[str, Any]:
     folder = layout.metrics_dir(name)
     if not (folder / "maps.npy").is_file():
         raise UserError(f"run {name!r} has no saved maps ({folder}/maps.npy); run `dpcam explain {name}` first")
-    info = json.loads((folder / layout.EXPLAIN_JSON).read_text())
+    fix = f"run `dpcam explain {name}` again"
+    idx = guard.read_npy(folder / "map_indices.npy", fix=fix, shape=(None,), dtype=np.integer)
+    maps = guard.read_npy(folder / "maps.npy", fix=fix, mmap=True, shape=(idx.size, None, None))
+    info = records.read(ExplainRecord, folder / layout.EXPLAIN_JSON, f"run {name}")
     train_json = layout.run_dir(name) / layout.TRAIN_JSON
-    eps = (json.loads(train_json.read_text()) if train_json.is_file() else {}).get("epsilon")
+    eps = records.read(TrainRecord, train_json, f"run {name}").epsilon if train_json.is_file() else None
     return {
         "name": name,
         "eps": float("inf") if eps is None else float(eps),
         "info": info,
-        "maps": np.load(folder / "maps.npy", mmap_mode="r"),
-        "idx": np.load(folder / "map_indices.npy"),
-        "data": load_dataset(info["data_dir"]),
+        "maps": maps,
+        "idx": idx,
+        "data": load_dataset(info.data_dir),
     }
 
 
-def score_family(family: str, grid: GridConfig, cfg: ExplainConfig, *, progress: bool = True) -> list[ExplainRecord]:
-    """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all)."""
+def score_family(
+    family: str, grid: GridConfig, cfg: ExplainConfig, *, progress: bool = True, allow_data_change: bool = False
+) -> list[ExplainRecord]:
+    """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all).
+
+    The tracking store is opened and every run's data checked before any run's folder is emptied."""
+    from dpcam import tracking
     from dpcam.executor import run_jobs
     from dpcam.families import family_runs
 
     runs = family_runs(grid, family, layout.METRICS_ROOT, trained=True)
+    if runs:
+        tracking.open_store()
+    if not allow_data_change:
+        for s in runs:
+            spec = guard.read_json(s.model_dir / layout.MODEL_JSON, fix="train the run again (`dvc repro`)")
+            check_run_data(s.name, load_dataset(spec["data_dir"]), allow=False, image_size=spec.get("image_size"))
     quiet = progress and grid.executor == "serial"
-    jobs = [(s.name, cfg, s.metrics_dir, _other_seed(s, grid), quiet) for s in runs]
+    jobs = [(s.name, cfg, s.metrics_dir, _other_seed(s, grid), quiet, allow_data_change) for s in runs]
     return run_jobs(_score_fresh, jobs, [s.name for s in runs], **grid.run_options())
 
 
-def _score_fresh(name: str, cfg: ExplainConfig, out: Path, reference: str | None, progress: bool) -> ExplainRecord:
+def _score_fresh(
+    name: str, cfg: ExplainConfig, out: Path, reference: str | None, progress: bool, allow_data_change: bool = False
+) -> ExplainRecord:
     from dpcam.families import fresh
 
-    return score(name, cfg, progress=progress, out=fresh(out), reference=reference)
+    return score(name, cfg, progress=progress, out=fresh(out), reference=reference, allow_data_change=allow_data_change)
 
 
 def _other_seed(s, grid: GridConfig) -> str | None:

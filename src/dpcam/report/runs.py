@@ -7,7 +7,7 @@ from functools import cached_property
 
 import numpy as np
 
-from dpcam import records
+from dpcam import guard, records
 from dpcam.config import GridConfig
 from dpcam.errors import UserError
 from dpcam.families import RunSpec, grid_runs
@@ -68,10 +68,17 @@ class Run:
 
 
 def _npz(path, name: str) -> dict[str, np.ndarray]:
-    if not path.is_file():
-        raise UserError(f"grid run {name}: missing {path}; run `dvc repro` (or dpcam train/explain for it) first")
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
+    """A run's per-image arrays, read through :mod:`dpcam.guard`: one line naming the file when it is missing,
+    truncated or has arrays of different lengths."""
+    fix = "run `dvc repro` (or dpcam train/explain for it) again"
+    data = guard.read_npz(path, fix=fix, who=f"grid run {name}: ", keys=("index",))
+    n = np.shape(data["index"])[:1]
+    odd = sorted(k for k, v in data.items() if np.shape(v)[:1] != n)
+    if odd:
+        raise guard.problem(
+            path, f"has arrays of another length than its {n[0]} images ({', '.join(odd)})", fix, f"grid run {name}: "
+        )
+    return data
 
 
 def load_run(spec: RunSpec) -> Run:

@@ -28,6 +28,7 @@ SETTINGS_COLUMNS = (
     "batch_size",
     "noise_multiplier",
 )
+REPORT_WAIT = 1800.0  # seconds a search waits for another one writing the same report (it may retrain front models)
 TEST_COLUMNS = ("test_accuracy", "test_macro_f1", "test_qwk", "test_explain", "test_degenerate", "model_source")
 
 
@@ -40,19 +41,27 @@ def write_report(
     ``retrain``: retrain front members whose model is not here (trials of other workers)."""
     names = objective_names(ctx.objective)
     out = Path(ctx.cfg.out)
-    with layout.staged_dir(out) as tmp:
-        trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-        _write_csv(tmp / "trials.csv", [trial_row(t, names) for t in trials])
-        front = pareto_front(study)
-        rows = front_rows(front, ctx, names, evaluate=evaluate, retrain=retrain)
-        _write_csv(tmp / "front.csv", rows)
-        (tmp / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
-        images = _plots(study, names, tmp) if front else []
-        cols = [*SETTINGS_COLUMNS, *names, "degenerate", *(TEST_COLUMNS if evaluate else ())]
-        done = len(complete_trials(study))
-        (tmp / "front.md").write_text(_markdown(ctx, names, rows, cols, cost, len(front), done, len(trials)))
-        (tmp / "index.html").write_text(_html(ctx, rows, cols, images, cost, len(front), done))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # one writer at a time: two searches finishing together each swap in a whole report, one after the other
+    with layout.locked(out.with_name(f".{out.name}.lock"), f"{out}/", timeout=REPORT_WAIT, fix="wait for it"):
+        with layout.staged_dir(out) as tmp:
+            _write(tmp, study, ctx, cost, names, evaluate=evaluate, retrain=retrain)
     return out
+
+
+def _write(tmp: Path, study, ctx: SearchContext, cost: dict[str, Any], names, *, evaluate: bool, retrain: bool) -> None:
+    """The report's files into ``tmp`` (swapped in whole by :func:`write_report`)."""
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    _write_csv(tmp / "trials.csv", [trial_row(t, names) for t in trials])
+    front = pareto_front(study)
+    rows = front_rows(front, ctx, names, evaluate=evaluate, retrain=retrain)
+    _write_csv(tmp / "front.csv", rows)
+    (tmp / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
+    images = _plots(study, names, tmp) if front else []
+    cols = [*SETTINGS_COLUMNS, *names, "degenerate", *(TEST_COLUMNS if evaluate else ())]
+    done = len(complete_trials(study))
+    (tmp / "front.md").write_text(_markdown(ctx, names, rows, cols, cost, len(front), done, len(trials)))
+    (tmp / "index.html").write_text(_html(ctx, rows, cols, images, cost, len(front), done))
 
 
 def front_rows(

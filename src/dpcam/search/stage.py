@@ -46,6 +46,7 @@ def search(
     """
     from dpcam import tracking
 
+    tracking.open_store()  # a tracking store fault stops the search before any study or model is touched
     objective = _objective(cfg, explain)
     train_size = _train_size(cfg, base, objective)
     ctx = SearchContext(

@@ -64,9 +64,21 @@ def open_storage(url: str, *, heartbeat: int, grace_period: int | None, max_retr
             f"--storage {shown}: not a database URL; use e.g. {DEFAULT_STORAGE} or postgresql://user:password@host/db"
         ) from None
     url, engine_kwargs = _engine_options(url, parsed, shown)
+    from dpcam import tracking
+
+    path = Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+    if path is not None and str(path) == ":memory:":
+        path = None
+    what = "Optuna study storage"
     try:
-        return _connect(url, engine_kwargs, heartbeat=heartbeat, grace_period=grace_period, max_retry=max_retry)
+        # the first worker on a new sqlite file creates Optuna's tables while the others wait (one lock, no race)
+        with tracking.creation_lock(path, what):
+            if path is not None:
+                tracking.check_sqlite(path, what)
+            return _connect(url, engine_kwargs, heartbeat=heartbeat, grace_period=grace_period, max_retry=max_retry)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as e:
+        if (err := tracking.sqlite_fault(e, path, what, "open it")) is not None:
+            raise err from None
         why = str(getattr(e, "orig", None) or e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         why = why.replace(url, shown).replace(parsed.password or "\0", "***")
         raise UserError(
