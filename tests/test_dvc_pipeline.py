@@ -81,6 +81,7 @@ TINY = {
     },
     "explain": {"max_images": 6, "batch_size": 6, "steps": 2, "grid_images": 2, "device": "cpu"},
     "audit": {"max_per_group": 10, "batch_size": 10, "device": "cpu"},
+    "verdict": {"marks": "holm"},
 }
 
 

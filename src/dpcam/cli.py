@@ -448,7 +448,8 @@ def report(
     """The paper's tables and figures for the grid of params.yaml, and one HTML page (reports/index.html)."""
     from dpcam.report import report as run
 
-    summary = run(config.load_section("grid", None, _state["params"]), out)
+    params = _state["params"]
+    summary = run(config.load_section("grid", None, params), out, verdict=config.load_section("verdict", None, params))
     typer.echo(
         f"wrote {summary['index']} ({summary['runs']} runs, {len(summary['tables'])} tables, "
         f"{len(summary['figures'])} figures)"

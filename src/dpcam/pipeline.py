@@ -219,7 +219,7 @@ def stages() -> dict[str, Any]:
     out["report"] = {
         "cmd": "dpcam report",
         "deps": ["models", "metrics", "audits", _data("prepared"), _data("ldp"), *import_closure(ENTRIES["report"])],
-        "params": ["grid"],
+        "params": ["grid", "verdict"],
         "outs": [
             "reports/index.html",
             "reports/tables",

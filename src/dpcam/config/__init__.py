@@ -34,6 +34,7 @@ from dpcam.config.sections import (  # noqa: F401  (re-exported: the models ever
     SyntheticConfig,
     TrainConfig,
     TrainSizesConfig,
+    VerdictConfig,
 )
 from dpcam.errors import UserError
 from dpcam.layout import PARAMS_FILE, PREPARED_ROOT, format_eps  # noqa: F401

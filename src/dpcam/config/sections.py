@@ -638,6 +638,53 @@ class SearchConfig(Section):
         return self
 
 
+# ------------------------------------------------------------------------------------- verdict
+
+# the largest acceptable loss of each verdict measure (non-inferiority margins; docs/verdict.md, "Margins"): the
+# mean absolute difference between two non-private (ε = ∞) models of different seeds on the built-in data (the
+# three ε = ∞ runs of a fresh-clone study of commit 2bd02b5, 2026-12-07, scripts/margins.py), rounded up to two
+# significant figures; a private model that loses less than another non-private seed would is not called worse
+MARGINS: dict[str, float] = {
+    "test_accuracy": 0.073,
+    "test_qwk": 0.023,
+    "avg_drop_pct": 7.2,
+    "increase_conf_pct": 3.0,
+    "masked_score_pct": 7.8,
+    "masked_accuracy_pct": 8.7,
+    "deletion_auc": 0.072,
+    "insertion_auc": 0.047,
+    "pointing_game": 0.021,
+    "energy_pointing_game": 0.0082,
+    "road_gap": 0.043,
+    "randomisation_agreement": 0.045,
+}
+
+
+class VerdictConfig(Section):
+    """How `dpcam report` turns paired differences into words (docs/verdict.md); fixed before the study."""
+
+    marks: Literal["bh", "holm"] = Field(
+        "bh",
+        description="the correction behind the tables' ▲/▼ over all cells of one table: bh (Benjamini–Hochberg, "
+        "false-discovery rate 5 %) or holm (family-wise error 5 %)",
+    )
+    margins: dict[str, float] = Field(
+        default_factory=lambda: dict(MARGINS),
+        description="largest acceptable loss per measure (non-inferiority), in the measure's own units",
+    )
+
+    @field_validator("margins")
+    @classmethod
+    def _margins(cls, v: dict[str, float]) -> dict[str, float]:
+        unknown = [k for k in v if k not in MARGINS]
+        if unknown:
+            raise ValueError(f"unknown measure {unknown[0]!r}; measures: {', '.join(MARGINS)}")
+        bad = [k for k, x in v.items() if not (isinstance(x, (int, float)) and math.isfinite(x) and x > 0)]
+        if bad:
+            raise ValueError(f"{bad[0]} = {v[bad[0]]!r}: a margin is a finite number > 0")
+        return {**MARGINS, **{k: float(x) for k, x in v.items()}}  # a measure left out keeps its default
+
+
 SECTIONS: dict[str, type[Section]] = {
     "prepare": PrepareConfig,
     "ldp": LdpConfig,
@@ -646,6 +693,7 @@ SECTIONS: dict[str, type[Section]] = {
     "grid": GridConfig,
     "audit": AuditConfig,
     "search": SearchConfig,
+    "verdict": VerdictConfig,
 }
 
 __all__ = [
@@ -669,5 +717,6 @@ __all__ = [
     "SyntheticConfig",
     "TrainConfig",
     "TrainSizesConfig",
+    "VerdictConfig",
     "format_eps",
 ]

@@ -1,26 +1,27 @@
-"""Paired differences to ε = ∞: the same seed, the same test images, with a 95 % interval.
+"""Paired differences to a reference: the same seeds, the same test images, an interval that covers.
 
-For a metric m, a private configuration (e.g. Gaussian ε = 1) and its reference (ε = ∞):
+For a metric m, a configuration (e.g. Gaussian ε = 1) and its reference (ε = ∞):
 
     d_s(i) = m(ε, seed s, image i) − m(∞, seed s, image i)         (images both runs scored validly)
-    D̂      = mean over seeds s of mean over images i of d_s(i)
+    D̂_s    = mean over images i of d_s(i)
+    D̂      = mean over seeds s of D̂_s
 
-D̂ estimates the difference a team would see on new test images with a new training seed, so its
-uncertainty has two sources, both in the interval:
+D̂ estimates the difference a team would see with a new training seed on new test images, so the
+interval covers both sources (docs/verdict.md, "The interval"):
 
-- **training randomness**: the per-seed differences D̂_s vary; its standard error is
-  SE_seed = sd(D̂_s) / √S (needs S ≥ 2 seeds);
-- **test-image sampling**: a paired bootstrap over test images (the same resampled images for the
-  ε and ∞ runs, and for every seed, since all runs of a study score the same test images);
-  SE_img = the bootstrap standard deviation of D̂.
+- **A, the seed part** = sd(D̂_s)² / S, with k = S − 1 degrees of freedom. Each D̂_s also carries
+  its own image noise (the seed × image interaction), so A holds that too.
+- **B, the image part the seeds share** = the mean covariance, between two different seeds'
+  D̂_s, that sharing the same test images induces (the image effects common to every seed, which
+  averaging over seeds cannot remove); from each seed's influence values (a mean: exact
+  linearisation, no resampling) or from a paired bootstrap over images (a statistic such as QWK).
+  Truncated at 0.
 
-SE² = SE_seed² + SE_img² (a little conservative: image noise inside each seed's D̂_s is counted in
-both) and the interval is D̂ ± t_{0.975, ν}·SE with ν = (S − 1)·(SE/SE_seed)⁴ (Welch–Satterthwaite:
-only the seed part has finite degrees of freedom). With one seed the interval covers test-image
-sampling only, and says so. A difference is *distinguishable from zero* when its interval excludes 0.
-
-Non-additive metrics (quadratic weighted kappa) use the same scheme with the statistic recomputed
-on each bootstrap resample (multinomial weights, vectorised).
+SE² = A + B, and the level-(1 − α) interval is D̂ ± t_{1−α/2, ν}·SE with Satterthwaite's ν computed
+with the seed part counted c(k, α) times (:mod:`.coverage`: c is calibrated so that the interval
+covers at least 1 − α at every ratio of seed to image variance). The two-sided p-value of D = 0 is
+the smallest α whose interval excludes 0. With one seed there is no A: the interval covers test
+images only, and says so.
 """
 
 from __future__ import annotations
@@ -28,17 +29,28 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
+
+from dpcam.report import coverage
 
 LEVEL = 0.95
 BOOTSTRAP = 2000
 SEED = 20261130  # the bootstrap's own seed: the report is deterministic
+ONE_SEED = "one seed: the interval covers test-image sampling only"
+WORSE, BETTER = "▼", "▲"
 
 
 @dataclass
 class Difference:
-    """One paired difference (ε − ∞) with its interval; ``better`` says which sign is an improvement."""
+    """One paired difference (configuration − reference) with its interval.
+
+    ``better`` says which sign is an improvement. ``a`` / ``b`` are the seed and image parts of the
+    variance (:mod:`dpcam.report.paired`), ``images`` the images valid in at least one seed and
+    ``per_seed_images`` per seed; ``mark`` is set by a multiplicity correction (:func:`correct`); ``problem``
+    says why there is no difference when a run had no partner or a file could not be read.
+    """
 
     mean: float | None
     lo: float | None
@@ -48,22 +60,115 @@ class Difference:
     per_seed: list[float] = field(default_factory=list)
     better: str = "higher"  # "higher" or "lower": the direction in which the metric improves
     note: str = ""
+    a: float | None = None
+    b: float | None = None
+    per_seed_images: list[int] = field(default_factory=list)
+    mark: str = ""
+    problem: str = ""  # why the comparison could not be made (an unpaired run, an unreadable file)
+
+    # -------------------------------------------------------------------- the interval at any level
+
+    @property
+    def se(self) -> float | None:
+        if self.mean is None or self.b is None:
+            return None
+        return math.sqrt((self.a or 0.0) + self.b)
+
+    def df(self, alpha: float = 1 - LEVEL) -> float:
+        """Degrees of freedom of the level-(1 − α) interval (∞ with one seed: the image part is known)."""
+        if self.seeds < 2 or self.a is None:
+            return math.inf if self.images < 2 else float(max(self.images - 1, 1))
+        return coverage.degrees_of_freedom(self.a, self.b or 0.0, self.seeds - 1, max(self.images, 2), alpha)
+
+    def half_width(self, alpha: float = 1 - LEVEL) -> float | None:
+        from scipy import stats
+
+        se = self.se
+        if se is None:
+            return None
+        return float(stats.t.ppf(1 - alpha / 2, min(self.df(alpha), 1e7)) * se)
+
+    def interval(self, alpha: float = 1 - LEVEL) -> tuple[float, float] | None:
+        h = self.half_width(alpha)
+        return None if h is None else (self.mean - h, self.mean + h)
+
+    @cached_property
+    def p(self) -> float | None:
+        """Two-sided p-value of "no difference": the smallest α whose interval excludes 0."""
+        return self.p_shifted(0.0)
+
+    def p_shifted(self, shift: float) -> float | None:
+        """Two-sided p-value of "the difference is ``shift``" (the smallest α whose interval excludes it)."""
+        from scipy import optimize
+
+        se = self.se
+        if se is None:
+            return None
+        gap = abs(self.mean - shift)
+        if se == 0:
+            return 0.0 if gap > 0 else 1.0
+        excess = lambda log_a: self.half_width(math.exp(log_a)) - gap  # falls as α grows
+        lo_a, hi_a = math.log(1e-12), math.log(1.0 - 1e-9)
+        if excess(hi_a) >= 0:
+            return 1.0
+        if excess(lo_a) <= 0:
+            return 1e-12
+        return float(math.exp(optimize.brentq(excess, lo_a, hi_a, xtol=1e-6)))
+
+    # -------------------------------------------------------------------- words
+
+    def _towards_better(self, x: float) -> float:
+        return x if self.better == "higher" else -x
 
     @property
     def distinguishable(self) -> bool:
+        """The 95 % interval excludes 0 (unadjusted for multiplicity)."""
         return self.lo is not None and (self.lo > 0 or self.hi < 0)
 
     @property
     def worse(self) -> bool:
-        """Distinguishably worse than the reference."""
-        if not self.distinguishable:
-            return False
-        return self.hi < 0 if self.better == "higher" else self.lo > 0
+        """Distinguishably worse than the reference (unadjusted)."""
+        return self.distinguishable and self._towards_better(self.mean) < 0
 
     @property
     def improved(self) -> bool:
-        """Distinguishably better than the reference."""
-        return self.distinguishable and not self.worse
+        """Distinguishably better than the reference (unadjusted)."""
+        return self.distinguishable and self._towards_better(self.mean) > 0
+
+    def worst_end(self) -> float | None:
+        """The end of the 95 % interval furthest in the worse direction, as a signed loss (> 0 = a loss)."""
+        if self.lo is None:
+            return None
+        return max(-self._towards_better(self.lo), -self._towards_better(self.hi))
+
+    def best_end(self) -> float | None:
+        """The end of the 95 % interval furthest in the better direction, as a signed gain (> 0 = a gain)."""
+        if self.lo is None:
+            return None
+        return max(self._towards_better(self.lo), self._towards_better(self.hi))
+
+    def noninferior(self, margin: float) -> bool:
+        """Non-inferiority shown: the whole 95 % interval lies on the better side of −margin (a one-sided
+        2.5 % test that the loss is smaller than ``margin``)."""
+        end = self.worst_end()
+        return end is not None and end < margin
+
+    def detectable(self, power: float = 0.8, alpha: float = 1 - LEVEL) -> float | None:
+        """The smallest true difference this comparison would call distinguishable with probability ``power``:
+        (t_{1−α/2, ν} + t_{power, ν})·SE."""
+        from scipy import stats
+
+        se = self.se
+        if se is None:
+            return None
+        nu = min(self.df(alpha), 1e7)
+        return float((stats.t.ppf(1 - alpha / 2, nu) + stats.t.ppf(power, nu)) * se)
+
+    def images_words(self) -> str:
+        """``200 images`` or ``12–91 images per seed``."""
+        counts = self.per_seed_images or [self.images]
+        lo, hi = min(counts), max(counts)
+        return f"{lo} images" + (" per seed" if len(counts) > 1 else "") if lo == hi else f"{lo}–{hi} images per seed"
 
     def words(self, decimals: int = 3) -> str:
         """``-0.052 [-0.081, -0.023]`` or ``—``."""
@@ -75,57 +180,50 @@ class Difference:
         return f"{f.format(self.mean)} [{f.format(self.lo)}, {f.format(self.hi)}]"
 
 
-def _weights(n: int, b: int, rng: np.random.Generator) -> np.ndarray:
-    """Bootstrap resampling counts: (b, n), each row a multinomial draw of n out of n."""
-    return rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
-
-
-def _interval(point: float, per_seed: np.ndarray, boot: np.ndarray, level: float) -> tuple[float, float, str]:
-    from scipy import stats
-
-    se_img = float(np.std(boot, ddof=1)) if boot.size > 1 else 0.0
+def _finish(point: float, per_seed: np.ndarray, cov: np.ndarray, n: int, counts: list[int], better: str) -> Difference:
+    """The Difference from the per-seed differences and the image-sampling covariance ``cov`` (S × S) of them."""
     s = per_seed.size
-    if s < 2:
-        half = stats.norm.ppf((1 + level) / 2) * se_img
-        return point - half, point + half, "one seed: the interval covers test-image sampling only"
-    se_seed = float(np.std(per_seed, ddof=1) / math.sqrt(s))
-    se = math.sqrt(se_seed**2 + se_img**2)
-    if se == 0:
-        return point, point, ""
-    df = (s - 1) * (se / se_seed) ** 4 if se_seed > 0 else math.inf
-    q = stats.t.ppf((1 + level) / 2, min(df, 1e6))
-    return point - q * se, point + q * se, ""
+    if s == 1:
+        a, b, note = None, float(max(cov[0, 0], 0.0)), ONE_SEED
+    else:
+        a = float(np.var(per_seed, ddof=1) / s)
+        off = cov[~np.eye(s, dtype=bool)]
+        b, note = float(max(off.mean(), 0.0)), ""
+    d = Difference(point, None, None, s, n, per_seed.tolist(), better, note, a, b, counts)
+    iv = d.interval()
+    d.lo, d.hi = iv if iv else (None, None)
+    return d
 
 
-def paired_mean(
-    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
-    *,
-    better: str = "higher",
-    level: float = LEVEL,
-    n_boot: int = BOOTSTRAP,
-) -> Difference:
-    """D̂ of a per-image metric: ``pairs`` holds per seed (ε values, ∞ values), aligned by image, NaN = not valid.
+def paired_mean(pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, better: str = "higher") -> Difference:
+    """D̂ of a per-image metric: ``pairs`` holds per seed (configuration values, reference values), aligned by
+    image, NaN = not valid there (left out of that seed's mean).
 
-    Every seed's arrays must cover the same images in the same order (the study's scored test images).
+    Every seed's arrays must cover the same images in the same order (ValueError otherwise: never cut).
     """
-    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in pairs]
+    pairs = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in pairs]
     if not pairs:
         return Difference(None, None, None, 0, 0, better=better, note="no paired runs")
     n = pairs[0][0].size
-    if any(a.size != n or b.size != n for a, b in pairs):
+    if any(x.size != n or y.size != n for x, y in pairs):
         raise ValueError("every seed's runs must score the same images")
-    d = np.stack([a - b for a, b in pairs])  # (S, N)
+    d = np.stack([x - y for x, y in pairs])  # (S, N)
     valid = np.isfinite(d)
-    if not valid.any(axis=1).all():
+    counts = valid.sum(axis=1)
+    if not (counts > 0).all():
         return Difference(None, None, None, len(pairs), 0, better=better, note="no image with a valid value")
     per_seed = np.array([row[ok].mean() for row, ok in zip(d, valid)])
-    point = float(per_seed.mean())
-    w = _weights(n, n_boot, np.random.default_rng(SEED))
-    dz = np.where(valid, d, 0.0)
-    num, den = w @ dz.T, w @ valid.T.astype(np.float64)  # (B, S)
-    boot = np.nanmean(np.where(den > 0, num / np.where(den > 0, den, 1), np.nan), axis=1)
-    lo, hi, note = _interval(point, per_seed, boot[np.isfinite(boot)], level)
-    return Difference(point, lo, hi, len(pairs), int(valid.any(axis=0).sum()), per_seed.tolist(), better, note)
+    used = int(valid.any(axis=0).sum())
+    # influence of image i on D̂_s: D̂_s ≈ D̂_s + (1/N) Σ_i u_s(i); its image-sampling covariance across seeds
+    u = np.where(valid, d - per_seed[:, None], 0.0) * (used / counts)[:, None]
+    u = u[:, valid.any(axis=0)]
+    cov = (u @ u.T) / (used * max(used - 1, 1))
+    return _finish(float(per_seed.mean()), per_seed, cov, used, counts.tolist(), better)
+
+
+def _weights(n: int, b: int, rng: np.random.Generator) -> np.ndarray:
+    """Bootstrap resampling counts: (b, n), each row a multinomial draw of n out of n."""
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
 
 
 def quadratic_kappa(counts: np.ndarray, k: int) -> np.ndarray:
@@ -146,22 +244,63 @@ def paired_statistic(
     k: int,
     *,
     better: str = "higher",
-    level: float = LEVEL,
     n_boot: int = BOOTSTRAP,
 ) -> Difference:
-    """D̂ of a statistic of (prediction, label) pairs, e.g. QWK: ``pairs`` holds per seed (ε predictions, ∞
-    predictions, labels) on the same images; ``statistic`` maps confusion counts (…, k²) to values (…)."""
+    """D̂ of a statistic of (prediction, label) pairs, e.g. QWK: ``pairs`` holds per seed (configuration
+    predictions, reference predictions, labels) on the same images; ``statistic`` maps confusion counts (…, k²)
+    to values (…). The image part comes from a paired bootstrap over images (the same resamples for every seed)."""
     if not pairs:
         return Difference(None, None, None, 0, 0, better=better, note="no paired runs")
     n = len(pairs[0][2])
+    if any(len(p) != n or len(q) != n or len(y) != n for p, q, y in pairs):
+        raise ValueError("every seed's runs must score the same images")
     w = _weights(n, n_boot, np.random.default_rng(SEED))
-    per_seed, boot = [], np.zeros(n_boot)
+    per_seed, boot = [], []
     for pred_a, pred_b, label in pairs:
         onehot_a = np.eye(k * k)[np.asarray(label) * k + np.asarray(pred_a)]
         onehot_b = np.eye(k * k)[np.asarray(label) * k + np.asarray(pred_b)]
         per_seed.append(float(statistic(onehot_a.sum(0)) - statistic(onehot_b.sum(0))))
-        boot += statistic(w @ onehot_a) - statistic(w @ onehot_b)
+        boot.append(statistic(w @ onehot_a) - statistic(w @ onehot_b))
     per = np.array(per_seed)
-    point = float(per.mean())
-    lo, hi, note = _interval(point, per, boot / len(pairs), level)
-    return Difference(point, lo, hi, len(pairs), n, per_seed, better, note)
+    cov = np.atleast_2d(np.cov(np.stack(boot)))
+    return _finish(float(per.mean()), per, cov, n, [n] * len(pairs), better)
+
+
+# ---------------------------------------------------------------------------------------- multiplicity
+
+
+def correct(diffs: Sequence[Difference], method: str = "holm", alpha: float = 1 - LEVEL) -> int:
+    """Mark (``▲``/``▼`` in ``Difference.mark``) the differences that stay distinguishable from 0 after
+    ``method`` over the family ``diffs``: ``holm`` (family-wise error ≤ α) or ``bh`` (Benjamini–Hochberg,
+    false-discovery rate ≤ α). Differences without a p-value are not counted. Returns the family size."""
+    tested = [(d.p, i) for i, d in enumerate(diffs) if d.p is not None]
+    m = len(tested)
+    for d in diffs:
+        d.mark = ""
+    order = sorted(tested)
+    keep: list[int] = []
+    if method == "holm":
+        for j, (p, i) in enumerate(order):
+            if p > alpha / (m - j):
+                break
+            keep.append(i)
+    elif method == "bh":
+        last = max((j for j, (p, _) in enumerate(order) if p <= (j + 1) * alpha / m), default=-1)
+        keep = [i for _, i in order[: last + 1]]
+    else:
+        raise ValueError(f"unknown correction {method!r}; holm or bh")
+    for i in keep:
+        d = diffs[i]
+        d.mark = BETTER if d._towards_better(d.mean) > 0 else WORSE
+    return m
+
+
+def holm_rejects(ps: Sequence[float | None], alpha: float = 1 - LEVEL) -> list[bool]:
+    """Holm's step-down over ``ps`` (None = no test): which hypotheses are rejected at family-wise level α."""
+    tested = sorted((p, i) for i, p in enumerate(ps) if p is not None)
+    out = [False] * len(ps)
+    for j, (p, i) in enumerate(tested):
+        if p > alpha / (len(tested) - j):
+            break
+        out[i] = True
+    return out

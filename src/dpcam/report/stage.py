@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from dpcam.config import GridConfig
+from dpcam.config import GridConfig, VerdictConfig
 from dpcam.errors import UserError
 from dpcam.layout import REPORTS_ROOT, swap_in, temp_dir, write_text
 from dpcam.report.figures import FIGURE_NAMES, draw_figures
@@ -22,7 +22,9 @@ OWNED = ("index.html", "verdict.md", "tables", "figures", "plots", "runs.csv", "
 FOLDERS = ("tables", "figures", "plots")
 
 
-def report(grid: GridConfig, out: Path = REPORTS_ROOT, *, cam_images: int = 4) -> dict[str, Any]:
+def report(
+    grid: GridConfig, out: Path = REPORTS_ROOT, *, cam_images: int = 4, verdict: VerdictConfig | None = None
+) -> dict[str, Any]:
     """Write the report of ``grid`` under ``out`` (see :mod:`dpcam.report`); returns a summary.
 
     Summary: ``{"out", "index", "runs", "tables", "figures", "skipped"}`` (paths as strings,
@@ -34,10 +36,13 @@ def report(grid: GridConfig, out: Path = REPORTS_ROOT, *, cam_images: int = 4) -
         raise UserError(
             "params.yaml: the grid section has no runs (grid.models or grid.seeds is empty); list at least one"
         )
+    from dpcam import tracking
+
+    tracking.open_store()  # a store fault stops the report before reports/ is touched
     out = Path(out)
     tmp = temp_dir(out)
     try:
-        summary = _build(grid, runs, out, tmp, cam_images)
+        summary = _build(grid, runs, out, tmp, cam_images, verdict or VerdictConfig())
         for name in OWNED:
             swap_in(tmp / name, out / name)
     finally:
@@ -57,17 +62,20 @@ def _log_verdict(verdicts, runs: list[Run], grid: GridConfig, path: Path) -> Non
         for v in verdicts:
             numbers = summary(v)
             tracking.log_metrics({f"{v.model}.{k}": x for k, x in numbers.items() if k != "claims"})
-            tracking.set_tags({f"dpcam.claim.{v.model}.{c.key}": c.status for c in v.claims})
+            tracking.set_tags({f"dpcam.claim.{v.model}.{c.key}": c.verdict for c in v.claims})
         tracking.log_artifact(path)
 
 
-def _build(grid: GridConfig, runs: list[Run], out: Path, tmp: Path, cam_images: int) -> dict[str, Any]:
+def _build(
+    grid: GridConfig, runs: list[Run], out: Path, tmp: Path, cam_images: int, config: VerdictConfig
+) -> dict[str, Any]:
     """Every entry of the report into ``tmp`` (``out``: the report being replaced, for what it keeps)."""
     for d in FOLDERS:
         (tmp / d).mkdir()
     tables, notes = build_tables(runs, grid)
     written_tables = write_tables(tables, tmp / "tables")
-    verdicts = [verdict(runs, grid, model) for model in grid.models]
+    verdicts = [verdict(runs, grid, model, config) for model in grid.models]
+    notes += [f"verdict ({v.model}): {p}" for v in verdicts for p in v.problems()]
     write_text(tmp / "verdict.md", markdown(verdicts, runs, grid))
     write_flat_files(runs, grid, tmp, {v.model: summary(v) for v in verdicts})
     figures, skipped = draw_figures(grid, tables, tmp / "figures", cam_images)

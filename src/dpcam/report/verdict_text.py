@@ -7,61 +7,23 @@ from collections.abc import Sequence
 
 from dpcam.config import GridConfig
 from dpcam.layout import format_eps
-from dpcam.report.paired import Difference
+from dpcam.report.compare import ACCURACY, EXCLUDED, EXPLANATION, MATCHED, MEASURES, PAPER, label
+from dpcam.report.paired import BETTER, WORSE, Difference
 from dpcam.report.runs import Run
-from dpcam.report.verdict import (
-    ACCURACY,
-    AGREEMENT,
-    CONFIDENCE_KEY,
-    EXPLANATION,
-    PAPER,
-    QWK,
-    RANDOMISATION,
-    ROAD_GAP,
-    SENSITIVITY_KEY,
-    Verdict,
-    _label,
-)
+from dpcam.report.verdict import Answer, Verdict
 
-MEASURES = (ACCURACY, QWK, *EXPLANATION, ROAD_GAP, AGREEMENT, RANDOMISATION)
-MATCHED = tuple(_label(f"{k}|{match}") for match in (CONFIDENCE_KEY, SENSITIVITY_KEY) for k in PAPER)
-WORSE, BETTER = "▼", "▲"
+MARKS = {"bh": "Benjamini–Hochberg (false-discovery rate 5 %)", "holm": "Holm (family-wise error 5 %)"}
 MATCHED_NOTE = (
     "The paper's metrics on matched images (the same paired differences, on the images where the private and the "
     "non-private model of a seed are equally confident, |ΔY| ≤ 0.05, or equally sensitive to masking with a uniform "
-    'map of the same mass, |ΔS| ≤ 5 points; docs/metrics.md, "What confounds the paper\'s metrics"):'
+    'map of the same mass, |ΔS| ≤ 5 points; docs/metrics.md, "What confounds the paper\'s metrics"); each cell '
+    "names the images it rests on:"
 )
-
-
-def _eps(e: float | None) -> str:
-    return "none" if e is None else f"ε = {format_eps(e)}"
-
-
-def answer(v: Verdict) -> list[str]:
-    """The two sentences a team asks for first."""
-    largest = _eps(v.rows[-1].epsilon) if v.rows else "—"
-    expl = (
-        f"from {_eps(v.explanations_from)} on, no explanation metric is distinguishably worse than ε = ∞"
-        if v.explanations_from is not None
-        else f"at every ε of the grid (up to {largest}) some explanation metric is distinguishably worse than ε = ∞"
-    )
-    acc = (
-        f"from {_eps(v.accuracy_from)} on, test accuracy is not distinguishably worse than ε = ∞"
-        if v.accuracy_from is not None
-        else f"at every ε of the grid (up to {largest}) test accuracy is distinguishably worse than ε = ∞"
-    )
-    lines = [f"Explanations: {expl}.", f"Accuracy: {acc}."]
-    status = {c.key: c.status for c in v.claims}
-    readings = [(k, words) for k, words in CLAIM_A_READINGS if k in status]
-    if readings:  # the paper's main claim, read four ways (docs/verdict.md)
-        lines.append(
-            "The paper's claim that explanations improve with ε, best at ∞: "
-            + "; ".join(f"{words} {status[k]}" for k, words in readings)
-            + "."
-        )
-    return lines
-
-
+TRACKS_NOTE = (
+    "What the paper's metrics track: per-image Spearman correlation of each with the model's confidence Y in the "
+    "explained class and with its sensitivity S to masking by a uniform map of the same mass (mean over seeds). A "
+    "metric that follows S rewards a model that is insensitive to masking, whatever its map."
+)
 CLAIM_A_READINGS = (
     ("a", "on its own metrics"),
     ("a_matched", "on images matched for confidence and for masking sensitivity"),
@@ -70,18 +32,110 @@ CLAIM_A_READINGS = (
 )
 
 
-def _cell(d: Difference, decimals: int) -> str:
-    mark = WORSE if d.worse else BETTER if d.improved else ""
-    return (mark + " " if mark else "") + d.words(decimals)
+def _eps(e: float | None) -> str:
+    return "none" if e is None else f"ε = {format_eps(e)}"
 
 
-def difference_rows(v: Verdict, measures=MEASURES) -> tuple[list[str], list[list[str]]]:
-    header = ["measure (ε − ∞)"] + [_eps(r.epsilon) for r in v.rows]
-    body = [
-        [f"{m.label} {'↑' if m.better == 'higher' else '↓'}"] + [_cell(r.diffs[m.key], m.decimals) for r in v.rows]
-        for m in measures
-        if any(m.key in r.diffs and r.diffs[m.key].mean is not None for r in v.rows)
+def _failing(a: Answer) -> str:
+    """Where the answer's non-inferiority fails first (from the largest ε down)."""
+    for eps in sorted({e for e, _ in a.cells}, reverse=True):
+        bad = [label(k).label for (e, k), s in a.cells.items() if e == eps and s in ("not shown", "degenerate")]
+        if bad:
+            return f"{_eps(eps)}: not shown for {', '.join(bad)}"
+    return ""
+
+
+def answer(v: Verdict) -> list[str]:
+    """The sentences a team asks for first."""
+    largest = _eps(v.rows[-1].epsilon) if v.rows else "—"
+    n = len(v.explanations.keys)
+    if v.explanations_from is not None:
+        expl = (
+            f"from {_eps(v.explanations_from)} on, all {n} explanation metrics are shown to lose less than their "
+            "margins against ε = ∞ (non-inferiority)"
+        )
+    else:
+        expl = (
+            f"at no ε of the grid (up to {largest}) are all {n} explanation metrics shown to lose less than their "
+            f"margins against ε = ∞ ({_failing(v.explanations)})"
+        )
+    margin = v.config.margins[ACCURACY.key]
+    if v.accuracy_from is not None:
+        acc = f"from {_eps(v.accuracy_from)} on, test accuracy is shown to lose less than {margin:g} against ε = ∞"
+    else:
+        worst = v.rows[-1].diffs[ACCURACY.key] if v.rows else None
+        acc = (
+            f"at no ε of the grid (up to {largest}) is test accuracy shown to lose less than {margin:g} against "
+            "ε = ∞" + (f" ({largest}: {worst.words()})" if worst is not None and worst.mean is not None else "")
+        )
+    lines = [f"Explanations: {expl}.", f"Accuracy: {acc}."]
+    verdicts = {c.key: c.verdict for c in v.claims}
+    readings = [(k, words) for k, words in CLAIM_A_READINGS if k in verdicts]
+    if readings:
+        lines.append(
+            "The paper's claim that explanations improve with ε, best at ∞: "
+            + "; ".join(f"{words} {verdicts[k]}" for k, words in readings)
+            + " (the readings share the same ε = ∞ models: they are not independent confirmations)."
+        )
+    return lines
+
+
+def method(v: Verdict) -> list[str]:
+    """How the numbers were made: the interval, the marks, the answer's test, the claims' correction."""
+    s = len(v.seeds)
+    return [
+        f"Intervals: 95 %, paired by seed ({s} seed{'s' if s != 1 else ''}) and by test image; the seed part "
+        "(S − 1 degrees of freedom) plus the image part the seeds share, with degrees of freedom calibrated so "
+        "that the interval covers at least 95 % at every ratio of seed to image variance (docs/verdict.md, "
+        '"The interval"). The intervals in the tables are unadjusted for multiplicity.',
+        f"Marks {WORSE}/{BETTER} (distinguishably worse/better): {MARKS[v.config.marks]} over all cells of one "
+        f"table — {v.families.get('main', 0)} cells in the table of differences, {v.families.get('matched', 0)} "
+        "in the matched table.",
+        '"Shown to lose less than the margin": non-inferiority — the whole 95 % interval lies on the better side '
+        "of −margin (a one-sided 2.5 % test per cell); the answer needs it for every metric at every ε from X on "
+        "(an intersection of tests: no correction needed). Margins (verdict.margins, fixed before the study) and "
+        "the loss each comparison could detect are in the non-inferiority table.",
+        "Claims: each rule below names the tests it combines and corrects them with Holm's method; a claim on one "
+        "seed, a degenerate model or a missing partner is inconclusive and says so. Left out of the answer: "
+        + "; ".join(f"{label(k).label} ({why})" for k, why in EXCLUDED.items())
+        + ".",
     ]
+
+
+def _cell(d: Difference, decimals: int, images: bool = False) -> str:
+    if d.mean is None:
+        return "—" + (f" ({d.problem})" if d.problem else "")
+    return (d.mark + " " if d.mark else "") + d.words(decimals) + (f" (n {d.images_words()})" if images else "")
+
+
+def difference_rows(v: Verdict, keys: Sequence[str], images: bool = False) -> tuple[list[str], list[list[str]]]:
+    header = ["measure (ε − ∞)"] + [_eps(r.epsilon) for r in v.rows]
+    body = []
+    for k in keys:
+        m = label(k)
+        if any(k in r.diffs and r.diffs[k].mean is not None for r in v.rows):
+            cells = [_cell(r.diffs[k], m.decimals, images) if k in r.diffs else "—" for r in v.rows]
+            body.append([f"{m.label} {'↑' if m.better == 'higher' else '↓'}"] + cells)
+    return header, body
+
+
+def margin_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
+    """Per measure of the answer: its margin, and per ε whether non-inferiority is shown, the interval's worst end
+    (the largest loss the interval allows) and the loss the comparison could detect (80 % power)."""
+    header = ["measure", "margin"] + [_eps(r.epsilon) for r in v.rows]
+    body = []
+    for a in (v.accuracy, v.explanations):
+        for k in a.keys:
+            m = label(k)
+            cells = []
+            for r in v.rows:
+                d, state = r.diffs.get(k), a.cells.get((r.epsilon, k), "not measured")
+                if d is None or d.mean is None:
+                    cells.append(state)
+                    continue
+                f = f"{{:.{m.decimals}f}}"
+                cells.append(f"{state}: loss ≤ {f.format(d.worst_end())}, detectable {f.format(d.detectable())}")
+            body.append([m.label, f"{v.config.margins[k]:g}"] + cells)
     return header, body
 
 
@@ -93,11 +147,9 @@ def tracks_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
     return header, [row for row in body if any(cell != "—" for cell in row[1:])]
 
 
-TRACKS_NOTE = (
-    "What the paper's metrics track: per-image Spearman correlation of each with the model's confidence Y in the "
-    "explained class and with its sensitivity S to masking by a uniform map of the same mass (mean over seeds). A "
-    "metric that follows S rewards a model that is insensitive to masking, whatever its map."
-)
+def claim_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
+    header = ["claim", "paper", "verdict", "rests on", "the numbers"]
+    return header, [[f"({c.key}) {c.statement}", c.source, c.verdict, c.basis, c.evidence] for c in v.claims]
 
 
 def provenance(runs: Sequence[Run], grid: GridConfig) -> str:
@@ -112,47 +164,55 @@ def provenance(runs: Sequence[Run], grid: GridConfig) -> str:
     )
 
 
+def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)] + [
+        "| " + " | ".join(row) + " |" for row in body
+    ]
+
+
+def _sections(v: Verdict) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
+    """(note, table) of each table of one model's verdict, in order."""
+    keys = [m.key for m in MEASURES]
+    return [
+        (
+            f"Differences to ε = ∞ (Gaussian DP-SGD; the same seed and the same test images; mean [95 % interval, "
+            f"unadjusted]; {WORSE}/{BETTER} distinguishably worse/better after {MARKS[v.config.marks]} over the "
+            f"{v.families.get('main', 0)} cells of this table):",
+            difference_rows(v, keys),
+        ),
+        (
+            "Non-inferiority against ε = ∞: per measure its margin (the largest acceptable loss), and per ε whether "
+            "the whole interval lies within it (shown / not shown), the largest loss the interval allows, and the "
+            "smallest loss this comparison would detect with 80 % power (its seeds and images):",
+            margin_rows(v),
+        ),
+        (
+            MATCHED_NOTE + f" ({v.families.get('matched', 0)} cells, the same correction)",
+            difference_rows(v, MATCHED, True),
+        ),
+        (TRACKS_NOTE, tracks_rows(v)),
+    ]
+
+
 def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
     out = [f"# Verdict: grid `{grid.name}`", ""]
     for v in verdicts:
         out += [f"## {v.model} — seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
         out += [f"- **{line}**" for line in answer(v)] + [""]
-        header, body = difference_rows(v)
-        out += [
-            "Differences to ε = ∞ (Gaussian DP-SGD; the same seed and the same test images; mean [95 % interval]; "
-            f"{WORSE} distinguishably worse, {BETTER} distinguishably better):",
-            "",
-        ]
-        out += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-        out += ["| " + " | ".join(row) + " |" for row in body] + [""]
-        header, matched = difference_rows(v, MATCHED)
-        if matched:
-            out += [MATCHED_NOTE, ""]
-            out += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-            out += ["| " + " | ".join(row) + " |" for row in matched] + [""]
-        header, tracks = tracks_rows(v)
-        if tracks:
-            out += [TRACKS_NOTE, ""]
-            out += ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-            out += ["| " + " | ".join(row) + " |" for row in tracks] + [""]
+        out += ["How these statements were made:", ""] + [f"- {line}" for line in method(v)] + [""]
+        for note, (header, body) in _sections(v):
+            if body:
+                out += [note, ""] + _md_table(header, body) + [""]
         flagged = sorted({f for r in v.rows for f in r.flags})
         if flagged:
             out += ["Not to be trusted: " + "; ".join(flagged) + ".", ""]
-        out += [
-            "### The paper's claims on this data",
-            "",
-            "| claim | paper | verdict | the numbers |",
-            "|---|---|---|---|",
-        ]
-        out += [f"| ({c.key}) {c.statement} | {c.source} | **{c.status}** | {c.evidence} |" for c in v.claims]
-        out += ["", "Rules: " + " ".join(f"({c.key}) {c.rule}." for c in v.claims), ""]
+        problems = v.problems()
+        if problems:
+            out += ["Could not be compared: " + "; ".join(problems) + ".", ""]
+        out += ["### The paper's claims on this data", ""] + _md_table(*claim_rows(v)) + [""]
+        out += ["Rules: " + " ".join(f"({c.key}) {c.rule}." for c in v.claims), ""]
         out += [f"_{note}_" for note in v.notes]
-    out += [
-        "",
-        f"Provenance: {provenance(runs, grid)}. Intervals: seeds (Student t, Welch–Satterthwaite) combined "
-        "with a paired bootstrap over test images (2000 resamples); definitions in docs/metrics.md.",
-        "",
-    ]
+    out += ["", f"Provenance: {provenance(runs, grid)}. Definitions in docs/metrics.md and docs/verdict.md.", ""]
     return "\n".join(out)
 
 
@@ -162,24 +222,15 @@ def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig)
     for v in verdicts:
         parts.append(f"<h3>{e(v.model)}: seeds {e(', '.join(map(str, v.seeds)) or '—')}</h3>")
         parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v)) + "</ul>")
-        header, body = difference_rows(v)
-        parts.append(
-            '<p class="note">Differences to ε = ∞ (Gaussian DP-SGD; the same seed and the same test images; '
-            f"mean [95 % interval]; {WORSE} distinguishably worse, {BETTER} distinguishably better).</p>"
-        )
-        parts.append(_table(header, body))
-        header, matched = difference_rows(v, MATCHED)
-        if matched:
-            parts.append(f'<p class="note">{e(MATCHED_NOTE)}</p>' + _table(header, matched))
-        header, tracks = tracks_rows(v)
-        if tracks:
-            parts.append(f'<p class="note">{e(TRACKS_NOTE)}</p>' + _table(header, tracks))
-        parts.append(
-            _table(
-                ["claim", "paper", "verdict", "the numbers"],
-                [[f"({c.key}) {c.statement}", c.source, c.status.upper(), c.evidence] for c in v.claims],
-            )
-        )
+        parts.append('<ul class="note">' + "".join(f"<li>{e(line)}</li>" for line in method(v)) + "</ul>")
+        for note, (header, body) in _sections(v):
+            if body:
+                parts.append(f'<p class="note">{e(note)}</p>' + _table(header, body))
+        problems = v.problems()
+        if problems:
+            parts.append(f'<p class="deg">Could not be compared: {e("; ".join(problems))}.</p>')
+        header, body = claim_rows(v)
+        parts.append(_table(header, [[r[0], r[1], r[2].upper(), r[3], r[4]] for r in body]))
         parts.append('<p class="note">' + e(" ".join(f"({c.key}) {c.rule}." for c in v.claims)) + "</p>")
         parts += [f'<p class="deg">{e(n)}</p>' for n in v.notes]
     parts.append(f'<p class="note">Provenance: {e(provenance(runs, grid))}. <a href="verdict.md">verdict.md</a></p>')
