@@ -250,6 +250,16 @@ def test_ghost_clipping_trains_with_the_same_accounting(tiny):
     assert m["steps"] == hooks["steps"]
 
 
+def test_bf16_trains_with_the_same_accounting_and_says_so(tiny):
+    """precision bf16: the same plan and ε (accounting does not depend on dtype), recorded in train.json."""
+    bf = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1, precision="bf16"), progress=False)
+    fp = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1), progress=False).metrics
+    m = bf.metrics
+    assert m["precision"] == "bf16" and fp["precision"] == "fp32"
+    assert m["epsilon"] == fp["epsilon"] and m["noise_multiplier"] == fp["noise_multiplier"]
+    assert all(p.dtype == torch.float32 for p in bf.model.parameters())  # the saved model stays float32
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_epsilon(tiny):
     """A real `kill -9` after an epoch's checkpoint; `--resume` ends with the ε of a run never killed."""
     import subprocess

@@ -181,6 +181,7 @@ def train(
     clip: float | None = typer.Option(None, help="per-example clipping bound C"),
     accountant: str | None = typer.Option(None, help="prv|rdp|gdp (gaussian)"),
     grad_sample_mode: str | None = typer.Option(None, help="hooks|ew|functorch|ghost (gaussian, clip-only)"),
+    precision: str | None = typer.Option(None, help="fp32|bf16: bfloat16 autocast (clipping stays exact in float32)"),
     model: str | None = typer.Option(None, help="smallcnn|resnet18|alexnet|vgg16"),
     weights: Path | None = typer.Option(None, help="local pretrained weights (state dict): the trunk to fine-tune"),
     trainable: str | None = typer.Option(
@@ -214,6 +215,7 @@ def train(
         "delta": delta,
         "accountant": accountant,
         "grad_sample_mode": grad_sample_mode,
+        "precision": precision,
         "weights": weights,
         "optimizer": optimizer,
         "lr": lr,

@@ -173,6 +173,7 @@ class TrainRecord(Record):
     steps_planned: int | None = None
     poisson_rate: float | None = None
     grad_sample_mode: str | None = None
+    precision: str = "fp32"  # fp32 | bf16: the dtype of the steps' activations (clipping and noise: float32)
     # "dp" (gaussian, laplace: ε by the accountant) or "none" (laplace-paper: noise without a guarantee, so
     # epsilon, target_epsilon and delta are null; the ε its σ was calibrated from is nominal_epsilon)
     guarantee: str | None = None

@@ -182,7 +182,7 @@ def _make_schedule(cfg: TrainConfig, optimizer):
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Load a checkpoint for resuming ``cfg``; refuse one from another config or without its ledger."""
     ckpt = guard.read_pt(path, fix="delete it and train without --resume")
-    theirs, ours = ckpt.get("config", {}), _fingerprint(cfg)
+    theirs, ours = {"precision": "fp32", **ckpt.get("config", {})}, _fingerprint(cfg)  # older ones: fp32
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in diff[:4])
@@ -266,6 +266,7 @@ def _start(cfg: TrainConfig) -> _Training:
         accountant=cfg.accountant,
         grad_sample_mode=cfg.grad_sample_mode,
         noise_generator=noise_gen,
+        precision=cfg.precision,
     )
     return _Training(
         cfg,
@@ -368,9 +369,10 @@ def _train_epoch(t: _Training, epoch: int, progress: bool) -> float:
     for x, y in bar:
         setup.optimizer.zero_grad(set_to_none=True)
         x = x.to(t.device).contiguous()  # Opacus's per-example conv gradients assume contiguous NCHW
-        out = setup.module(x)
-        # an empty Poisson batch is still a step: noise only
-        loss = out.sum() * 0.0 if len(y) == 0 else setup.criterion(out, y.to(t.device))
+        with setup.autocast():  # bfloat16 activations for precision bf16; a no-op for fp32
+            out = setup.module(x)
+            # an empty Poisson batch is still a step: noise only
+            loss = out.sum() * 0.0 if len(y) == 0 else setup.criterion(out, y.to(t.device))
         value = float(loss.detach())
         if not math.isfinite(value):
             raise Diverged(t, epoch, f"loss = {value} at step {t.steps + 1}")
@@ -482,6 +484,7 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
         **classification_metrics(test_pred, test_true, t.data.num_classes, "test"),
         train_seconds=seconds,
         device=t.device.type,
+        precision=cfg.precision,
         collapsed=False,
         val_curve=[row["val_accuracy"] for row in t.history],
         undertrained=undertrained([row["val_accuracy"] for row in t.history], len(t.splits[1])),

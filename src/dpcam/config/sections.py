@@ -229,6 +229,11 @@ class TrainConfig(Section):
     clip: Annotated[float, Float32] = Field(1.0, gt=0, description="per-example clipping bound C (L2; L1 for laplace)")
     accountant: Literal[names.GAUSSIAN_ACCOUNTANTS] = "prv"  # type: ignore[valid-type]
     grad_sample_mode: Literal[names.GRAD_SAMPLE_MODES] = "hooks"  # type: ignore[valid-type]
+    precision: Literal[names.PRECISIONS] = Field(  # type: ignore[valid-type]
+        "fp32",
+        description="bf16: bfloat16 autocast of each step's forward pass (per-example clipping and noise stay float32; "
+        "faster only on CPUs with native bfloat16, docs/benchmarks.md)",
+    )
     optimizer: Literal[names.OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
     lr: Annotated[float, Float32] = Field(1.0, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
