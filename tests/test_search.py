@@ -355,6 +355,36 @@ def _worker(trials: int) -> None:
     os._exit(0)
 
 
+def _wait_for(condition, seconds: float) -> bool:
+    """Poll ``condition`` until it holds or ``seconds`` pass (waiting on state, never a fixed sleep)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _running_with_heartbeat(url: str, complete: int) -> bool:
+    """At least ``complete`` trials finished and one running trial has a recorded heartbeat."""
+    import sqlite3
+
+    trials = _trials(url, "dpcam-tiny")
+    running = [t._trial_id for t in trials if t.state.name == "RUNNING"]
+    if sum(t.state.name == "COMPLETE" for t in trials) < complete or not running:
+        return False
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as db:
+        beats = {r[0] for r in db.execute("SELECT trial_id FROM trial_heartbeats")}
+    return any(i in beats for i in running)
+
+
+def _stale(url: str) -> bool:
+    """Optuna's own test of a stale trial says the killed one is stale."""
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=2)
+    study_id = storage.get_study_id_from_name("dpcam-tiny")
+    return bool(storage._get_stale_trial_ids(study_id))
+
+
 @pytest.mark.slow
 def test_resume_after_a_killed_worker_keeps_finished_trials_and_retries_the_killed_one():
     import multiprocessing
@@ -364,19 +394,17 @@ def test_resume_after_a_killed_worker_keeps_finished_trials_and_retries_the_kill
     url = "sqlite:///mlruns/optuna.db"
     worker = multiprocessing.get_context("fork").Process(target=_worker, args=(20,))
     worker.start()
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        trials = _trials(url, "dpcam-tiny")
-        if sum(t.state.name == "COMPLETE" for t in trials) >= 2 and any(t.state.name == "RUNNING" for t in trials):
-            break
-        time.sleep(0.1)
+    # kill it mid-trial: two trials finished and one running whose heartbeat is recorded (Optuna never calls a
+    # trial without a heartbeat stale, so a kill between its creation and its first heartbeat would strand it)
+    assert _wait_for(lambda: _running_with_heartbeat(url, 2), 90), "no running trial after two finished ones"
     os.kill(worker.pid, signal.SIGKILL)  # no chance to clean up: the heartbeat stops
     worker.join(30)
     before = {t.number: (t.state.name, t.values) for t in _trials(url, "dpcam-tiny")}
     finished = {n: v for n, (s, v) in before.items() if s == "COMPLETE"}
     killed = [n for n, (s, _) in before.items() if s == "RUNNING"]
     assert len(finished) >= 2 and len(killed) == 1
-    time.sleep(2.5)  # past the grace period
+    # past the grace period by the database's clock (sqlite's now() has whole seconds): the trial is stale now
+    assert _wait_for(lambda: _stale(url), 30), "the killed trial never became stale"
     res = CliRunner().invoke(app, ["search", "--trials", "1"])
     assert res.exit_code == 0, res.output
     after = {t.number: t for t in _trials(url, "dpcam-tiny")}
