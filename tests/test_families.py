@@ -47,8 +47,9 @@ def test_grid_config_applies_what_each_family_varies():
 def test_every_run_is_named_by_what_it_varies_and_belongs_to_a_registered_family():
     grid = GridConfig()
     runs = grid_runs(grid)
-    # headline families: 3 seeds; laplace, laplace-paper, ldp, clip-sweep, train-size, public, finetune-*: one
-    assert len({r.name for r in runs}) == len(runs) == 2 * 3 + 4 * 3 + 3 + 3 + 4 + 2 + 3 + 1 + 1 + 3 + 3
+    # headline families: 3 seeds; laplace, laplace-paper, ldp, clip-sweep (2 C × lr fixed / lr·C held), train-size,
+    # public, finetune-*: one
+    assert len({r.name for r in runs}) == len(runs) == 2 * 3 + 4 * 3 + 3 + 3 + 4 + 4 + 3 + 1 + 1 + 3 + 3
     assert {r.family for r in runs} == set(families.FAMILIES)
     assert [r.name for r in runs][:3] == [
         "none-epsinf-smallcnn-s0",
@@ -191,3 +192,49 @@ def test_the_paper_profiles_give_gaussian_ghost_and_keep_laplace_on_hooks():
     for name in ("paper-aptos", "paper-catsdogs"):
         grid = profiles.load_overlay(name, Path(__file__).resolve().parents[1] / "profiles")["grid"]
         assert grid["overrides"]["gaussian"] == {"grad_sample_mode": "ghost"} and "laplace" not in grid["overrides"]
+
+
+SCHEDULES = {
+    "short": {"epsilons": [1], "epochs": 3, "batch_size": 64, "lr": 2.0, "reference_lr": 0.3},
+    "long": {"epsilons": [2], "epochs": 6, "batch_size": 128, "lr": 4.0, "ema": 0.9, "reference_lr": 0.5},
+}
+
+
+def test_each_eps_trains_with_its_schedule_and_each_schedule_has_its_references():
+    grid = _grid(gaussian=[1, 2], baselines=["none", "clip-only"], schedules=SCHEDULES, budget=12)
+    got = {s.name: families.run_config(s, grid, cfg(scheme="gaussian", lr=0.5)) for s in grid_runs(grid)}
+    g1, g2 = got["gaussian-eps1-smallcnn-s0"], got["gaussian-eps2-smallcnn-s0"]
+    assert (g1.epochs, g1.batch_size, g1.lr, g1.ema) == (3, 64, 2.0, None)
+    assert (g2.epochs, g2.batch_size, g2.lr, g2.ema) == (6, 128, 4.0, 0.9)
+    assert got["none-epsinf-smallcnn-s0"].lr == 0.01  # the tuned reference keeps grid.nonprivate
+    ref = got["none-epsinf-sched-long-smallcnn-s0"]  # ε = ∞ with the long schedule: its steps, its own lr
+    assert (ref.scheme, ref.epochs, ref.batch_size, ref.lr, ref.ema) == ("none", 6, 128, 0.5, 0.9)
+    clip = got["clip-only-epsinf-sched-short-smallcnn-s0"]  # clip-only: the DP recipe without noise
+    assert (clip.scheme, clip.epochs, clip.batch_size, clip.lr, clip.clip) == ("clip-only", 3, 64, 2.0, 1.0)
+    assert "clip-only-epsinf-smallcnn-s0" not in got  # with schedules, clipping is measured per schedule
+
+
+def test_the_held_clipping_sweep_keeps_lr_times_c():
+    grid = _grid(clip_sweep={"epsilon": 2, "clips": [4]})
+    got = {s.name: families.run_config(s, grid, cfg(scheme="gaussian", lr=0.5, clip=1.0)) for s in grid_runs(grid)}
+    fixed, held = got["gaussian-eps2-clip4-smallcnn-s0"], got["gaussian-eps2-clip4-held-smallcnn-s0"]
+    assert (fixed.clip, fixed.lr) == (4, 0.5) and (held.clip, held.lr) == (4, 0.125)
+
+
+@pytest.mark.parametrize(
+    "schedules, message",
+    [
+        ({"a": {"epsilons": [7], "epochs": 3}}, "schedules.a: ε 7 is not in grid.gaussian"),
+        ({"a": {"epsilons": [1, 2]}, "b": {"epsilons": [2]}}, "ε 2 is in both a and b"),
+        ({"a": {"epsilons": [1]}}, "no schedule trains Gaussian ε 2"),
+        ({"a": {"epsilons": [1, 2], "epochs": 7, "aug_mult": 4, "augment": "flip-shift"}}, "more than the budget"),
+        ({"a": {"epsilons": [1, 2], "aug_mult": 2}}, "aug_mult = 2 averages augmented views"),
+        ({"a": {"epsilons": [1, 2], "ema": 1.5}}, "ema"),
+        ({"Long!": {"epsilons": [1, 2]}}, "lowercase letters and digits"),
+    ],
+)
+def test_bad_schedules_are_refused_before_any_training(schedules, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        _grid(gaussian=[1, 2], schedules=schedules, budget=24)

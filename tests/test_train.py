@@ -58,8 +58,9 @@ def test_laplace_epsilon_within_target(tiny):
     )
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path):
-    c = cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=3)
+@pytest.mark.parametrize("recipe", [{}, {"ema": 0.9, "augment": "flip-shift", "aug_mult": 2}])
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path, recipe):
+    c = cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=3, **recipe)
     whole = train.fit(c, checkpoint=tmp_path / "a.pt", progress=False)
 
     class Killed(BaseException):
@@ -260,6 +261,37 @@ def test_bf16_trains_with_the_same_accounting_and_says_so(tiny):
     assert all(p.dtype == torch.float32 for p in bf.model.parameters())  # the saved model stays float32
 
 
+def test_ema_and_augmentation_multiplicity_keep_the_accounting_and_are_recorded(tiny):
+    """Averaging views before clipping and averaging the weights are not privacy events: the same plan and ε."""
+    plain = train.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=2), progress=False)
+    res = train.fit(
+        cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=2, ema=0.9, augment="flip-shift", aug_mult=3),
+        progress=False,
+    )
+    m = res.metrics
+    assert (m["ema"], m["augment"], m["aug_mult"]) == (0.9, "flip-shift", 3)
+    for key in ("epsilon", "noise_multiplier", "sample_rate", "steps"):
+        assert m[key] == plain.metrics[key], key
+    assert not any(torch.equal(a, b) for a, b in zip(res.model.parameters(), plain.model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"ema": 1.0}, "ema"),
+        ({"ema": 0.0}, "ema"),
+        ({"aug_mult": 0}, "aug_mult"),
+        ({"aug_mult": 2}, "aug_mult = 2 averages augmented views: set augment"),
+        ({"aug_mult": 2, "augment": "flip-shift", "grad_sample_mode": "ghost"}, "use grad_sample_mode hooks"),
+    ],
+)
+def test_bad_recipe_keys_are_refused_naming_the_key(tiny, bad, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        cfg(scheme="gaussian", epsilon=2.0, **bad)
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_epsilon(tiny):
     """A real `kill -9` after an epoch's checkpoint; `--resume` ends with the ε of a run never killed."""
     import subprocess
@@ -339,6 +371,13 @@ def test_run_family_trains_every_run_of_the_family_into_its_folder(tiny):
     assert train.run_family("ldp", grid, cfg(), progress=False) == [] and Path("models/ldp").is_dir()
     with pytest.raises(UserError, match="unknown grid family 'gausian'"):
         train.run_family("gausian", grid, cfg())
+
+
+def test_a_grid_eps_no_noise_reaches_is_refused_before_any_run_trains(tiny):
+    grid = _grid(gaussian=[2, 1e-9])
+    with pytest.raises(UserError, match=r"gaussian-eps1e-09-smallcnn-s0: target ε = 1e-09 .* cannot be reached"):
+        train.run_family("gaussian", grid, cfg(scheme="gaussian", epochs=1), progress=False)
+    assert not Path("models/gaussian/gaussian-eps2-smallcnn-s0/train.json").exists()  # ε = 2 was not trained first
 
 
 @pytest.mark.gpu

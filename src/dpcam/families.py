@@ -49,6 +49,8 @@ class RunSpec(BaseModel):
     public: bool = False  # trained on the public set (the public trunk)
     trainable: str | None = None  # head | last-block: a fine-tuning run (None: the whole model)
     weights: str | None = None  # the trunk a fine-tuning run starts from (models/public/<run>/model.pt)
+    schedule: str | None = None  # a reference trained with this DP schedule's recipe (grid.schedules)
+    held: bool = False  # a clipping-sweep run whose lr·C is held at the main run's
 
     @property
     def model_dir(self) -> Path:
@@ -79,6 +81,8 @@ def spec(family: str, scheme: str, model: str, seed: int, **varies: Any) -> RunS
         train_size=varies.get("train_size"),
         public=varies.get("public", False),
         trainable=varies.get("trainable"),
+        schedule=varies.get("schedule"),
+        held=varies.get("held", False),
     )
     return RunSpec(name=name, family=family, scheme=scheme, model=model, seed=seed, **varies)
 
@@ -158,11 +162,20 @@ def get_family(name: str) -> Family:
 
 def _baseline_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
     words = {"none": "none (no clipping, no noise)", "clip-only": "clip-only (clipping, no noise)"}
-    return [Column(words[s], pick(mine, scheme=s), INF, s) for s in grid.baselines]
+    cols = []
+    for sched in sorted({r.spec.schedule for r in mine}, key=lambda s: (s is not None, s or "")):
+        tail = "" if sched is None else f", {sched} schedule"
+        cols += [
+            Column(words[s] + (", tuned" if sched is None and s == "none" and grid.schedules else tail), runs, INF, s)
+            for s in grid.baselines
+            if (runs := pick(mine, scheme=s, schedule=sched))
+        ]
+    return cols
 
 
 def _none_of(model_runs: list) -> list:
-    return pick(model_runs, family="baseline", scheme="none")
+    """The ε = ∞ reference: the baseline's non-private runs with their own (tuned) recipe."""
+    return pick(model_runs, family="baseline", scheme="none", schedule=None)
 
 
 def _eps_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
@@ -189,7 +202,12 @@ def _ldp_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]
 def _clip_sweep_columns(mine: list, model_runs: list, grid: GridConfig) -> list[Column]:
     main = pick(model_runs, family="gaussian", epsilon=grid.clip_sweep.epsilon)
     cols = [
-        Column(f"C = {format_eps(c)}", pick(mine, clip=c), c, "gaussian") for c in sorted({r.spec.clip for r in mine})
+        Column(
+            f"C = {format_eps(c)}" + (", lr·C held" if held else ", lr fixed"), runs, c, "held" if held else "gaussian"
+        )
+        for c in sorted({r.spec.clip for r in mine})
+        for held in (False, True)
+        if (runs := pick(mine, clip=c, held=held))
     ]
     if main:
         c = main[0].value("max_grad_norm")
@@ -335,6 +353,16 @@ def _finetune_sources(scheme: str) -> dict[str, str]:
     }
 
 
+def _baseline_runs(grid: GridConfig, model: str, seed: int) -> list[RunSpec]:
+    """The ε = ∞ reference (``none``, its own tuned recipe) and, per DP schedule, the references the gap is split
+    by: ``none`` and ``clip-only`` trained with the schedule's recipe. Without schedules, ``clip-only`` trains with
+    the train section's recipe (the DP runs' recipe)."""
+    runs = [spec("baseline", "none", model, seed)] if "none" in grid.baselines else []
+    if not grid.schedules:
+        return runs + ([spec("baseline", "clip-only", model, seed)] if "clip-only" in grid.baselines else [])
+    return runs + [spec("baseline", s, model, seed, schedule=name) for name in grid.schedules for s in grid.baselines]
+
+
 def _ldp_epsilon(name: str) -> float | None:
     eps = name.rsplit("-eps", 1)[-1]
     return float(eps) if eps.replace(".", "", 1).isdigit() else None
@@ -345,7 +373,7 @@ register_family(
         "baseline",
         "Baselines: non-private vs clipping only",
         "table6_baselines",
-        runs=lambda grid, model, seed: [spec("baseline", s, model, seed) for s in grid.baselines],
+        runs=lambda grid, model, seed: _baseline_runs(grid, model, seed),
         columns=_baseline_columns,
         grid_keys=("baselines",),
         train_keys=("nonprivate",),
@@ -407,8 +435,9 @@ register_family(
         "Clipping bound C at fixed ε",
         "table4_clip_sweep",
         runs=lambda grid, model, seed: [
-            spec("clip-sweep", "gaussian", model, seed, epsilon=grid.clip_sweep.epsilon, clip=c)
+            spec("clip-sweep", "gaussian", model, seed, epsilon=grid.clip_sweep.epsilon, clip=c, held=held)
             for c in grid.clip_sweep.clips
+            for held in ((False, True) if grid.clip_sweep.hold_step else (False,))
         ],
         columns=_clip_sweep_columns,
         grid_keys=("clip_sweep",),
@@ -535,6 +564,7 @@ def train_overrides(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
         over["epsilon"] = s.epsilon
     if s.scheme in names.UNCLIPPED_SCHEMES and grid.protocol == "tuned":
         over.update(grid.nonprivate.model_dump())
+    over.update(_schedule_recipe(s, grid))  # a DP schedule's recipe: its ε's, or the one a reference trains with
     over.update(FAMILIES[s.family].train(grid))  # a family's own recipe wins (finetune-none's)
     over.update(grid.overrides.get(s.family, {}))  # then what the grid sets for the family (grid.overrides)
     if s.clip is not None:
@@ -544,11 +574,26 @@ def train_overrides(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
     return over
 
 
+def _schedule_recipe(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
+    """The train keys a DP schedule sets for run ``s``: a reference's own schedule (``none``: the schedule's steps
+    and views with its reference lr; ``clip-only``: the DP recipe), or the schedule of a Gaussian run's ε."""
+    if s.schedule is not None:
+        sched = grid.schedules[s.schedule]
+        return sched.reference() if s.scheme == "none" else sched.recipe()
+    if s.scheme == "gaussian" and s.trainable is None and (name := grid.schedule_of(s.epsilon)) is not None:
+        return grid.schedules[name].recipe()
+    return {}
+
+
 def run_config(s: RunSpec, grid: GridConfig, base: TrainConfig) -> TrainConfig:
     """The TrainConfig of one grid run: the train section with what the run and its family change; a combination
     that is not a valid run is one line naming the run and the key."""
+    values = {**base.model_dump(), **train_overrides(s, grid)}
+    if s.held:  # DP-SGD's update scales with lr·C: hold it at the main run's (the same run with its own C)
+        main = {**base.model_dump(), **train_overrides(s.model_copy(update={"clip": None, "held": False}), grid)}
+        values["lr"] = main["lr"] * main["clip"] / s.clip
     try:
-        return TrainConfig.model_validate({**base.model_dump(), **train_overrides(s, grid)})
+        return TrainConfig.model_validate(values)
     except ValidationError as e:
         err = e.errors(include_url=False)[0]
         key = ".".join(str(p) for p in err["loc"])

@@ -73,13 +73,16 @@ def run_name(
     train_size: int | None = None,
     public: bool = False,
     trainable: str | None = None,
+    schedule: str | None = None,
+    held: bool = False,
 ) -> str:
-    """``<scheme>-eps<ε>[-clip<C>][-n<N>][-public][-ft-<trainable>]-<model>-s<seed>``.
+    """``<scheme>-eps<ε>[-clip<C>[-held]][-n<N>][-public][-ft-<trainable>][-sched-<schedule>]-<model>-s<seed>``.
 
     ``eps inf`` when not noised; ``ldp-<derivative>-...`` for local-DP data; ``laplace-paper-nominal<ε>-...``
     for the paper's replica, whose ε is only the nominal one its noise was calibrated from (no guarantee);
     ``-public`` for a run on the public set (:func:`public_dataset`); ``-ft-head`` / ``-ft-last-block`` for a
-    fine-tuning run that trains only that part of a pretrained trunk.
+    fine-tuning run that trains only that part of a pretrained trunk; ``-held`` for a clipping-sweep run whose
+    lr·C is held at the main run's; ``-sched-<name>`` for a reference run trained with a DP schedule's recipe.
     """
     if scheme == "ldp":
         head = f"ldp-{ldp}"
@@ -88,13 +91,15 @@ def run_name(
     else:
         head = f"{scheme}-eps" + (format_eps(epsilon) if epsilon is not None else "inf")
     if clip is not None:
-        head += f"-clip{format_eps(clip)}"
+        head += f"-clip{format_eps(clip)}" + ("-held" if held else "")
     if train_size is not None:
         head += f"-n{train_size}"
     if public:
         head += "-public"
     if trainable not in (None, "all"):
         head += f"-ft-{trainable}"
+    if schedule is not None:
+        head += f"-sched-{schedule}"
     return f"{head}-{model}-s{seed}"
 
 

@@ -24,6 +24,7 @@ TRAINABLE = ("all", "head", "last-block")  # what a run trains; head / last-bloc
 
 GAUSSIAN_ACCOUNTANTS = ("prv", "rdp", "gdp")
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")
+AUGMENTATIONS = ("none", "flip-shift")  # training-time augmentation (dpcam.data.augment)
 PRECISIONS = ("fp32", "bf16")  # the dtype of a training step's activations (per-example clipping stays exact)
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "step", "cosine")

@@ -174,6 +174,9 @@ class TrainRecord(Record):
     poisson_rate: float | None = None
     grad_sample_mode: str | None = None
     precision: str = "fp32"  # fp32 | bf16: the dtype of the steps' activations (clipping and noise: float32)
+    ema: float | None = None  # decay of the moving average of the weights that was released (None: last iterate)
+    augment: str = "none"  # training-time augmentation
+    aug_mult: int = 1  # augmented views per example, averaged before clipping
     # "dp" (gaussian, laplace: ε by the accountant) or "none" (laplace-paper: noise without a guarantee, so
     # epsilon, target_epsilon and delta are null; the ε its σ was calibrated from is nominal_epsilon)
     guarantee: str | None = None

@@ -40,6 +40,7 @@ from torch import nn
 
 from dpcam import guard, layout, records
 from dpcam.config import GridConfig, TrainConfig
+from dpcam.data.augment import views
 from dpcam.data.store import PreparedDataset, fingerprint, load_dataset
 from dpcam.errors import UserError
 from dpcam.families import check_flags, family_runs, run_config
@@ -182,7 +183,8 @@ def _make_schedule(cfg: TrainConfig, optimizer):
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     """Load a checkpoint for resuming ``cfg``; refuse one from another config or without its ledger."""
     ckpt = guard.read_pt(path, fix="delete it and train without --resume")
-    theirs, ours = {"precision": "fp32", **ckpt.get("config", {})}, _fingerprint(cfg)  # older ones: fp32
+    older = {"precision": "fp32", "ema": None, "augment": "none", "aug_mult": 1}  # keys older checkpoints lack
+    theirs, ours = {**older, **ckpt.get("config", {})}, _fingerprint(cfg)
     diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if diff:
         shown = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in diff[:4])
@@ -214,6 +216,8 @@ class _Training:
     noise_gen: torch.Generator
     trained: list[str] = field(default_factory=list)  # the parameters trained (a DP run's private ones)
     origin: dict[str, Any] = field(default_factory=dict)  # weights, weights_sha256, public_data (the record's)
+    ema: Any = None  # torch.optim.swa_utils.AveragedModel of the weights (cfg.ema), or None
+    aug_gen: torch.Generator | None = None  # the augmentation's random numbers (cfg.augment)
     start_epoch: int = 0
     steps: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
@@ -242,6 +246,7 @@ def _start(cfg: TrainConfig) -> _Training:
     torch.manual_seed(cfg.seed)
     model, trained = _model(cfg, data)
     model = model.to(device)
+    ema = _ema(cfg, model)  # a copy of the plain model, before Opacus wraps it
     optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     sampler_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
@@ -279,7 +284,26 @@ def _start(cfg: TrainConfig) -> _Training:
         noise_gen,
         trained=trained,
         origin=origin,
+        ema=ema,
+        aug_gen=torch.Generator().manual_seed(cfg.seed + 2) if cfg.augment != "none" else None,
     )
+
+
+def _ema(cfg: TrainConfig, model: nn.Module):
+    """An exponential moving average of ``model``'s weights (PyTorch's AveragedModel; decay ``cfg.ema``), or None.
+
+    Averaging the private iterates is post-processing: it spends no privacy. The average is what is
+    validated, kept (``keep_best``) and released."""
+    if cfg.ema is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+
+
+def _evaluated(t: _Training) -> nn.Module:
+    """The weights validation, keep_best and the release use: the moving average when there is one."""
+    return t.ema.module if t.ema is not None else t.setup.plain_module
 
 
 def _model(cfg: TrainConfig, data: PreparedDataset) -> tuple[nn.Module, list[str]]:
@@ -346,6 +370,10 @@ def _restore(t: _Training, ckpt: dict[str, Any]) -> None:
     t.sampler_gen.set_state(ckpt["sampler_rng"])
     t.noise_gen.set_state(ckpt["noise_rng"])  # a CPU ByteTensor, also for a CUDA generator
     torch.set_rng_state(ckpt["torch_rng"])
+    if t.ema is not None:
+        t.ema.load_state_dict(ckpt["ema"])
+    if t.aug_gen is not None:
+        t.aug_gen.set_state(ckpt["aug_rng"])
     t.start_epoch, t.history, t.steps = ckpt["epoch"], list(ckpt["history"]), int(ckpt["steps"])
     t.best = {"val_accuracy": ckpt["best_val_accuracy"], "epoch": ckpt["best_epoch"], "state": ckpt["best_state"]}
     eps = t.setup.epsilon()
@@ -369,6 +397,9 @@ def _train_epoch(t: _Training, epoch: int, progress: bool) -> float:
     for x, y in bar:
         setup.optimizer.zero_grad(set_to_none=True)
         x = x.to(t.device).contiguous()  # Opacus's per-example conv gradients assume contiguous NCHW
+        if t.aug_gen is not None:  # cfg.aug_mult views of each example, view-major (data.augment)
+            x = views(x, cfg.aug_mult, t.aug_gen, shift=max(1, round(x.shape[-1] / 16)))
+            y = y.repeat_interleave(cfg.aug_mult)
         with setup.autocast():  # bfloat16 activations for precision bf16; a no-op for fp32
             out = setup.module(x)
             # an empty Poisson batch is still a step: noise only
@@ -380,7 +411,10 @@ def _train_epoch(t: _Training, epoch: int, progress: bool) -> float:
             # Opacus's hooks on the first layer: the images need no gradient, and that is fine
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
+        setup.average_views(cfg.aug_mult)  # one gradient per example before clipping
         setup.optimizer.step()
+        if t.ema is not None:
+            t.ema.update_parameters(setup.plain_module)
         t.steps += 1
         total += value * len(y)
         count += len(y)
@@ -404,7 +438,7 @@ class Diverged(UserError):
 
 def _validate(t: _Training, epoch: int, train_loss: float) -> dict[str, float]:
     """The epoch's row of the history; keeps the best-validation weights."""
-    val_pred, val_true = predict(t.setup.plain_module, t.splits[1], t.cfg.eval_batch_size, t.device)
+    val_pred, val_true = predict(_evaluated(t), t.splits[1], t.cfg.eval_batch_size, t.device)
     row: dict[str, Any] = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
@@ -417,7 +451,7 @@ def _validate(t: _Training, epoch: int, train_loss: float) -> dict[str, float]:
         t.best = {
             "val_accuracy": row["val_accuracy"],
             "epoch": epoch + 1,
-            "state": copy.deepcopy(t.setup.plain_module.state_dict()),
+            "state": copy.deepcopy(_evaluated(t).state_dict()),
         }
     return row
 
@@ -439,6 +473,8 @@ def _save_checkpoint(t: _Training, epoch: int, path: Path, extra_state: dict[str
             "best_val_accuracy": t.best["val_accuracy"],
             "best_epoch": t.best["epoch"],
             "best_state": t.best["state"],
+            **({"ema": t.ema.state_dict()} if t.ema is not None else {}),
+            **({"aug_rng": t.aug_gen.get_state()} if t.aug_gen is not None else {}),
             **(extra_state or {}),
         },
         path,
@@ -467,6 +503,8 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
     cfg, plain = t.cfg, t.setup.plain_module
     if cfg.keep_best and t.best["state"] is not None:
         plain.load_state_dict(t.best["state"])
+    elif t.ema is not None:  # the released weights are the average's
+        plain.load_state_dict(t.ema.module.state_dict())
     test_pred, test_true = predict(plain, t.splits[2], cfg.eval_batch_size, t.device)
     privacy = {**t.setup.report(), "steps": t.steps}  # steps taken (the ledger's count is the same for DP runs)
     record = TrainRecord(
@@ -485,6 +523,9 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
         train_seconds=seconds,
         device=t.device.type,
         precision=cfg.precision,
+        ema=cfg.ema,
+        augment=cfg.augment,
+        aug_mult=cfg.aug_mult,
         collapsed=False,
         val_curve=[row["val_accuracy"] for row in t.history],
         undertrained=undertrained([row["val_accuracy"] for row in t.history], len(t.splits[1])),
@@ -918,6 +959,7 @@ def run_family(
     check_flags(family, grid, flags or {})
     specs = family_runs(grid, family, layout.MODELS_ROOT)
     cfgs = [run_config(s, grid, base) for s in specs]  # every config is validated before anything is changed
+    _check_reachable(specs, cfgs, grid)
     tracking.open_store()  # a store fault stops the stage here, before any run folder is changed
     _remove_stale_runs(family, {s.name for s in specs})
     parallel = grid.executor != "serial" and len(specs) > 1
@@ -925,6 +967,34 @@ def run_family(
         tracking.ensure_experiment(base.dataset)
     jobs = [(cfg, s.model_dir, progress and not parallel, grid.name, profile) for s, cfg in zip(specs, cfgs)]
     return run_jobs(_train_fresh, jobs, [s.name for s in specs], **grid.run_options())
+
+
+def _check_reachable(specs: list, cfgs: list[TrainConfig], grid: GridConfig) -> None:
+    """Refuse, before any run trains, a DP run whose target ε no noise ≤ 10⁶ reaches in the steps its recipe takes."""
+    from dpcam.names import CALIBRATED_SCHEMES
+    from dpcam.privacy.accounting import reachable
+    from dpcam.privacy.plan import training_plan
+
+    sizes: dict[tuple, int] = {}
+    for s, cfg in zip(specs, cfgs):
+        if cfg.scheme not in CALIBRATED_SCHEMES:
+            continue
+        key = (str(cfg.data_dir), cfg.train_size)
+        if key not in sizes:
+            sizes[key] = len(_splits(cfg, open_data(cfg))[0])
+        q, steps = training_plan(sizes[key], cfg.batch_size, cfg.epochs)
+        accountant = "laplace" if cfg.scheme == "laplace" else cfg.accountant
+        if not reachable(cfg.scheme, cfg.epsilon, cfg.delta, q, steps, accountant):
+            where = (
+                f"grid.schedules.{grid.schedule_of(cfg.epsilon)}"
+                if s.family == "gaussian" and grid.schedule_of(cfg.epsilon)
+                else "the train section"
+            )
+            raise UserError(
+                f"grid run {s.name}: target ε = {cfg.epsilon:g} at δ = {cfg.delta:g} cannot be reached in {steps} "
+                f"steps at sample rate {q:.4g} with any noise ≤ 1e6 ({where}: epochs {cfg.epochs}, batch size "
+                f"{cfg.batch_size}); train fewer steps or choose a larger ε"
+            )
 
 
 def _remove_stale_runs(family: str, keep: set[str]) -> list[str]:

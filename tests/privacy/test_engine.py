@@ -326,3 +326,31 @@ def test_frozen_parameters_are_not_clipped_noised_or_changed(scheme):
     assert torch.equal(after["0.weight"], before["0.weight"]) and torch.equal(after["0.bias"], before["0.bias"])
     assert not torch.equal(after["2.weight"], before["2.weight"])
     assert model[0].weight.grad is None
+
+
+@pytest.mark.parametrize("scheme, norm", [("clip-only", 2), ("laplace", 1)])
+def test_augmentation_multiplicity_clips_the_mean_of_each_examples_views(scheme, norm):
+    """Each example contributes one clipped gradient: the mean of its k views' gradients, clipped to C."""
+    setup = _setup(scheme, target=5.0)
+    plain = setup.plain_module
+    reference = nn.Linear(5, 2)
+    reference.load_state_dict(plain.state_dict())
+    k, b = 3, 4
+    x, y = torch.randn(b * k, 5) * 4, torch.randint(0, 2, (b,))  # b examples × k views, view-major
+    setup.optimizer.zero_grad()
+    setup.criterion(setup.module(x), y.repeat_interleave(k)).backward()
+    setup.average_views(k)
+    assert all(p.grad_sample.shape[0] == b for p in plain.parameters())
+    c = setup.optimizer.max_grad_norm
+    want = [torch.zeros_like(p) for p in reference.parameters()]
+    for i in range(b):  # by hand: the mean over the views, one example at a time, clipped
+        reference.zero_grad()
+        for j in range(k):
+            nn.functional.cross_entropy(reference(x[i * k + j : i * k + j + 1]), y[i : i + 1]).backward()
+        g = [p.grad / k for p in reference.parameters()]
+        size = sum(float(t.abs().pow(norm).sum()) for t in g) ** (1 / norm)
+        for acc, t in zip(want, g):
+            acc += t * min(1.0, c / (size + 1e-6))
+    setup.optimizer.step()  # the clipped sum it formed, before noise: summed_grad
+    for got, w in zip([p.summed_grad for p in plain.parameters()], want):
+        torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)

@@ -7,7 +7,7 @@ from dpcam.config import GridConfig, VerdictConfig
 from dpcam.report import claims as C
 from dpcam.report.compare import HEADLINE, compare, eps_rows, label
 from dpcam.report.verdict import answer
-from tests.report.synthetic import gaussian, make, reference
+from tests.report.synthetic import DIFFICULTY, gaussian, make, reference
 
 CONFIG = VerdictConfig()
 GRID = GridConfig(seeds=[0, 1, 2])
@@ -218,3 +218,35 @@ def test_seeds_that_scored_different_images_are_paired_on_the_images_they_share_
     assert d.images == 150 and d.per_seed_images == [150, 150, 150]
     full = compare(runs[3:6], runs[:3], label("masked_score_pct"))
     assert np.isfinite(full.mean)
+
+
+# --------------------------------------------------------------------------------- what privacy costs, split
+
+
+def test_the_gap_splits_into_budget_clipping_and_noise_that_add_up():
+    runs = reference(seed_sd=0.05, accuracy=0.85)
+    runs += make("baseline", "none", (0, 1, 2), schedule="long", quality=-3, accuracy=0.80, seed_sd=0.05)
+    runs += make("baseline", "clip-only", (0, 1, 2), schedule="long", quality=-5, accuracy=0.75, seed_sd=0.05)
+    runs += gaussian(10, quality=-9, accuracy=0.60, seed_sd=0.05)
+    (row,) = eps_rows(runs, "gaussian", "smallcnn", {10: "long"})
+    assert row.schedule == "long"
+    for key in ("test_accuracy", "masked_score_pct", "avg_drop_pct"):
+        parts = row.split[key]
+        total = sum(parts[p].mean for p in ("budget", "clipping", "noise"))
+        assert total == pytest.approx(row.diffs[key].mean, abs=1e-9)  # paired on the same seeds and images
+    acc = row.split["test_accuracy"]
+    share = {a: float((DIFFICULTY < a).mean()) for a in (0.85, 0.80, 0.75, 0.60)}  # the images each gets right
+    assert acc["budget"].mean == pytest.approx(share[0.80] - share[0.85], abs=0.005)
+    assert acc["noise"].mean == pytest.approx(share[0.60] - share[0.75], abs=0.005)
+    gain = row.split["avg_drop_pct"]  # lower is better: the parts are losses, so positive
+    assert gain["clipping"].mean > 0 and gain["clipping"].worse
+    (plain,) = eps_rows(runs, "gaussian", "smallcnn")  # without the ε's schedule there is nothing to split by
+    assert plain.split == {}
+
+
+def test_f_is_decided_on_the_held_reading_and_reports_both():
+    runs = gaussian(1, accuracy=0.6)
+    runs += make("clip-sweep", "gaussian", (0, 1, 2), epsilon=1, clip=10, accuracy=0.2, degenerate=True)
+    runs += make("clip-sweep", "gaussian", (0, 1, 2), epsilon=1, clip=10, held=True, accuracy=0.6)
+    c = C.claim_f(runs, GRID, "smallcnn", CONFIG)
+    assert c.status == "contradicted" and "lr·C held" in c.evidence and "lr fixed" in c.evidence

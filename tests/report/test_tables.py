@@ -14,8 +14,8 @@ from tests.report.fakes import T_975_1, md_row, read_csv
 def test_report_tables_match_hand_computed_values(in_built):
     grid, summary = in_built
     assert (
-        summary["runs"] == len(grid_runs(grid)) == 18
-    )  # 2 seeds × (2 baselines + 2 gaussian + laplace + laplace-paper + ldp + clip + size)
+        summary["runs"] == len(grid_runs(grid)) == 20
+    )  # 2 seeds × (2 baselines + 2 gaussian + laplace + laplace-paper + ldp + 2 clip (lr fixed, lr·C held) + size)
     t1 = Path("reports/tables/table1_gaussian.md").read_text()
     header = md_row(t1, "smallcnn", "metric")
     assert header == ["metric", "ε = 1 (n = 2)", "ε = 5 (n = 2)", "ε = ∞ (n = 2)"]  # seeds per cell
@@ -42,7 +42,8 @@ def test_report_tables_match_hand_computed_values(in_built):
         "no LDP (ε = ∞) (n = 2)",
     ]
     assert md_row(Path("reports/tables/table4_clip_sweep.md").read_text(), "smallcnn", "metric")[1:] == [
-        "C = 0.1 (n = 2)",
+        "C = 0.1, lr fixed (n = 2)",
+        "C = 0.1, lr·C held (n = 2)",
         "C = 1 (main run) (n = 2)",
     ]
     assert md_row(Path("reports/tables/table5_train_size.md").read_text(), "smallcnn", "metric")[1:] == [
@@ -68,7 +69,7 @@ def test_report_tables_match_hand_computed_values(in_built):
     ]
     # the clip-sweep's main column is the Gaussian ε = 1 run: same accuracy cell
     assert (
-        md_row(Path("reports/tables/table4_clip_sweep.md").read_text(), "smallcnn", "Test accuracy")[2]
+        md_row(Path("reports/tables/table4_clip_sweep.md").read_text(), "smallcnn", "Test accuracy")[3]
         == "0.600 ± 1.271"
     )
 

@@ -80,3 +80,39 @@ def test_a_truncated_per_image_file_is_one_line_and_the_claims_on_it_inconclusiv
     assert lines and all("\n" not in s and "gaussian-eps1-smallcnn-s0" in s for s in lines)
     claim_a = next(x for x in Path("reports/verdict.md").read_text().splitlines() if x.startswith("| (a) "))
     assert "| inconclusive (grid run gaussian-eps1-smallcnn-s0: " in claim_a
+
+
+def test_with_dp_schedules_the_verdict_splits_the_cost_and_draws_it(tmp_path, monkeypatch):
+    from dpcam import report as rep
+    from tests.report.fakes import fake_grid, write_fake_runs
+
+    monkeypatch.chdir(tmp_path)
+    schedules = {"short": {"epsilons": [1], "epochs": 1}, "long": {"epsilons": [5], "epochs": 2}}
+    grid = fake_grid(schedules=schedules, baselines=["none", "clip-only"])
+    write_fake_runs(grid, degenerate=())
+    summary = rep.report(grid)
+    md = Path("reports/verdict.md").read_text()
+    assert "What ε costs in accuracy (ε − ∞ = noise + clipping + budget" in md
+    assert "| test accuracy: budget |" in md and "| ε = 1 (short) | ε = 5 (long) |" in md
+    assert "figures/fig_cost_split.png" in summary["figures"] and Path("reports/figures/fig_cost_split.png").is_file()
+    assert "Effort: the ε = ∞ reference trained" in md
+
+
+def test_effort_names_a_reference_that_took_more_steps_or_examples():
+    from types import SimpleNamespace as NS
+
+    from dpcam.report.verdict_text import effort
+
+    def run(scheme, epochs, steps, schedule=None, family="baseline"):
+        spec = NS(family=family, scheme=scheme, model="m", schedule=schedule, epsilon=None, seed=0)
+        return NS(spec=spec, train=NS(epochs=epochs, aug_mult=1, steps=steps))
+
+    ref = run("none", 24, 1584)
+    same_examples = NS(model="m", rows=[NS(epsilon=10.0, runs=[run("gaussian", 24, 394, family="gaussian")])])
+    assert "it took more optimiser steps (smaller batches, the same examples) than the runs at ε = 10" in effort(
+        same_examples, [ref]
+    )
+    fewer = NS(model="m", rows=[NS(epsilon=1.0, runs=[run("gaussian", 8, 131, family="gaussian")])])
+    assert "the reference processed more examples than the private runs at ε = 1" in effort(fewer, [ref])
+    equal = NS(model="m", rows=[NS(epsilon=1.0, runs=[run("gaussian", 24, 1584, family="gaussian")])])
+    assert effort(equal, [ref]).endswith("no private run had less training than the reference.")

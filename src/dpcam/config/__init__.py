@@ -28,6 +28,7 @@ from dpcam.config.sections import (  # noqa: F401  (re-exported: the models ever
     NonPrivateConfig,
     PrepareConfig,
     PublicConfig,
+    ScheduleConfig,
     SearchConfig,
     Section,
     SplitConfig,

@@ -9,6 +9,7 @@ the shipped file says, never something else. Validators read only leaf registrie
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -244,6 +245,19 @@ class TrainConfig(Section):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(512, ge=1, description="expected batch size (Poisson sampling for DP runs)")
     train_size: int | None = Field(None, ge=10, description="train on this many training images (None = all)")
+    ema: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="decay of an exponential moving average of the weights (evaluated and "
+        "released instead of the last iterate; De et al. 2022); None = off",
+    )
+    augment: Literal[names.AUGMENTATIONS] = Field(  # type: ignore[valid-type]
+        "none", description="flip-shift: random left-right flips and shifts of the training images"
+    )
+    aug_mult: int = Field(
+        1, ge=1, description="augmented views per example, averaged before clipping (augmentation multiplicity)"
+    )
     eval_batch_size: int = Field(512, ge=1)
     seed: int = 0
     device: Literal[names.DEVICES] = "auto"  # type: ignore[valid-type]
@@ -268,6 +282,10 @@ class TrainConfig(Section):
             raise ValueError("ldp is required for scheme 'ldp': name a derivative such as singh-sikka-eps0.5")
         if self.ldp and self.scheme != "ldp":
             raise ValueError(f"ldp = {self.ldp!r}: training on local-DP data is scheme 'ldp', not {self.scheme!r}")
+        if self.aug_mult > 1 and self.augment == "none":
+            raise ValueError(f"aug_mult = {self.aug_mult} averages augmented views: set augment (e.g. flip-shift)")
+        if self.aug_mult > 1 and self.grad_sample_mode == "ghost" and self.scheme in names.CLIPPED_SCHEMES:
+            raise ValueError("aug_mult > 1 averages per-example gradients before clipping: use grad_sample_mode hooks")
         return self
 
     @property
@@ -337,11 +355,53 @@ class NonPrivateConfig(Section):
     schedule: Literal[names.SCHEDULES] = "cosine"  # type: ignore[valid-type]
 
 
+class ScheduleConfig(Section):
+    """A DP-SGD recipe for a band of ε (chosen on validation data of an independent draw: docs/recipes.md), and the
+    learning rate of the non-private reference trained with its schedule (the "budget" part of the gap)."""
+
+    epsilons: Annotated[list[Epsilon], Distinct] = Field(description="the grid's Gaussian ε this recipe trains")
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(512, ge=1, description="expected batch size (Poisson sampling)")
+    lr: Annotated[float, Float32] = Field(1.0, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    clip: Annotated[float, Float32] = Field(1.0, gt=0)
+    ema: float | None = Field(None, gt=0, lt=1, description="decay of the moving average of the weights")
+    augment: Literal[names.AUGMENTATIONS] = "none"  # type: ignore[valid-type]
+    aug_mult: int = Field(1, ge=1)
+    reference_lr: Annotated[float, Float32] = Field(
+        0.4, gt=0, description="lr of ε = ∞ trained with this schedule (same batch, epochs, views; no clipping)"
+    )
+
+    @model_validator(mode="after")
+    def _views(self) -> ScheduleConfig:
+        if self.aug_mult > 1 and self.augment == "none":
+            raise ValueError(f"aug_mult = {self.aug_mult} averages augmented views: set augment (e.g. flip-shift)")
+        return self
+
+    def recipe(self) -> dict[str, Any]:
+        """The train keys of the DP runs of this schedule (and of its clip-only reference)."""
+        return self.model_dump(exclude={"epsilons", "reference_lr"})
+
+    def reference(self) -> dict[str, Any]:
+        """The train keys of ε = ∞ trained with this schedule: the same steps and views, its own lr."""
+        keys = self.model_dump(include={"epochs", "batch_size", "momentum", "ema", "augment", "aug_mult"})
+        return {**keys, "lr": self.reference_lr}
+
+    def examples(self) -> int:
+        """Epochs of examples processed (views count): the compute the budget limits."""
+        return self.epochs * self.aug_mult
+
+
 class ClipSweepConfig(Section):
     """The paper's Figure 6b: Gaussian runs at one ε with other clipping bounds C."""
 
     epsilon: Epsilon = 1
     clips: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [0.1, 10])
+    hold_step: bool = Field(
+        True,
+        description="also train each C with lr·C held at the main run's (DP-SGD's step scales with lr·C); claim (f) "
+        "is decided on these",
+    )
 
 
 class TrainSizesConfig(Section):
@@ -445,6 +505,14 @@ class GridConfig(Section):
         default_factory=lambda: {f: [0] for f in names.FAMILIES if f not in names.HEADLINE_FAMILIES},
         description="seeds of a family other than grid.seeds (e.g. fewer for the non-headline ones)",
     )
+    schedules: dict[str, ScheduleConfig] = Field(
+        default_factory=dict,
+        description="budget-fair DP recipes per band of Gaussian ε (docs/recipes.md), each with its non-private and "
+        "clip-only references; {} = every ε trains with the train section's recipe",
+    )
+    budget: int = Field(
+        24, ge=1, description="the most epochs of examples (views count) any recipe of the grid may process"
+    )
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per family, train keys its runs change (e.g. gaussian: {grad_sample_mode: ghost}); "
@@ -489,6 +557,34 @@ class GridConfig(Section):
     def run_options(self) -> dict[str, Any]:
         """How a stage runs a family's runs: :func:`dpcam.executor.run_jobs`'s keyword arguments."""
         return self.model_dump(include={"executor", "workers", "cpus_per_run", "gpus_per_run"})
+
+    @model_validator(mode="after")
+    def _schedules(self) -> GridConfig:
+        owner: dict[float, str] = {}
+        for name, s in self.schedules.items():
+            if not re.fullmatch(r"[a-z0-9]+", name):
+                raise ValueError(f"schedules.{name}: a schedule's name is lowercase letters and digits (it names runs)")
+            for e in s.epsilons:
+                if e not in self.gaussian:
+                    raise ValueError(f"schedules.{name}: ε {format_eps(e)} is not in grid.gaussian")
+                if e in owner:
+                    raise ValueError(f"schedules: ε {format_eps(e)} is in both {owner[e]} and {name}; give it one")
+                owner[e] = name
+            if s.examples() > self.budget:
+                raise ValueError(
+                    f"schedules.{name}: {s.epochs} epochs × {s.aug_mult} views = {s.examples()} epochs of examples, "
+                    f"more than the budget of {self.budget}; shorten it or raise grid.budget"
+                )
+        missing = [format_eps(e) for e in self.gaussian if e not in owner]
+        if self.schedules and missing:
+            raise ValueError(f"schedules: no schedule trains Gaussian ε {', '.join(missing)}; add it to one")
+        if self.nonprivate.epochs > self.budget:
+            raise ValueError(f"nonprivate.epochs = {self.nonprivate.epochs} is more than the budget of {self.budget}")
+        return self
+
+    def schedule_of(self, epsilon: float | None) -> str | None:
+        """The name of the schedule that trains Gaussian ``epsilon`` (None: the train section's recipe)."""
+        return next((n for n, s in self.schedules.items() if epsilon in s.epsilons), None)
 
     @model_validator(mode="after")
     def _gpus_need_ray(self) -> GridConfig:
@@ -651,7 +747,6 @@ class SearchConfig(Section):
 # significant figures; a private model that loses less than another non-private seed would is not called worse
 MARGINS: dict[str, float] = {
     "test_accuracy": 0.073,
-    "test_qwk": 0.023,
     "avg_drop_pct": 7.2,
     "increase_conf_pct": 3.0,
     "masked_score_pct": 7.8,
@@ -718,6 +813,7 @@ __all__ = [
     "PublicConfig",
     "SearchConfig",
     "Section",
+    "ScheduleConfig",
     "SplitConfig",
     "SyntheticConfig",
     "TrainConfig",

@@ -211,6 +211,32 @@ def calibrate_gaussian(
     return float(sigma)
 
 
+def reachable(
+    scheme: str, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> bool:
+    """Whether some noise ≤ 10⁶ reaches ``target_epsilon`` (checked before a grid trains, so an impossible recipe
+    stops before any run): a cheap upper bound first (RDP for Gaussian, basic composition for Laplace), the
+    calibration itself only when that bound is not enough."""
+    if scheme == "laplace":
+        if steps * math.log1p(sample_rate * math.expm1(1 / MAX_NOISE_MULTIPLIER)) <= target_epsilon:
+            return True
+        calibrate = calibrate_laplace
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            if gaussian_epsilon(MAX_NOISE_MULTIPLIER, sample_rate, steps, delta, accountant="rdp") <= target_epsilon:
+                return True
+
+        def calibrate(t, d, q, n):
+            return calibrate_gaussian(t, d, q, n, accountant)
+
+    try:
+        calibrate(target_epsilon, delta, sample_rate, steps)
+    except UserError:
+        return False
+    return True
+
+
 def _unreachable(target_epsilon: float, delta: float, sample_rate: float, steps: int, param: str) -> str:
     return (
         f"target ε={target_epsilon:g} at δ={delta:g} cannot be reached in {steps} steps at sample rate "

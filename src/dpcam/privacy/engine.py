@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import AbstractGradSampleModule
+from opacus.grad_sample import AbstractGradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -338,6 +338,24 @@ class PrivateSetup:
         after it; evaluation and Captum run without it (float32)."""
         p = next(self.plain_module.parameters(), None)
         return precision_context(p.device if p is not None else "cpu", self.precision)
+
+    def average_views(self, k: int) -> None:
+        """Augmentation multiplicity (De et al. 2022): after ``loss.backward()`` on a batch of B examples × ``k``
+        views (view-major per example, :func:`dpcam.data.augment.views`), make each trained parameter's
+        per-sample gradients (B·k, …) the mean over each example's ``k`` views (B, …), so the optimizer clips
+        one gradient per example: the sensitivity, the Poisson rate and the accounting are those of B examples.
+        Non-DP schemes need nothing (their loss already averages the views)."""
+        if k == 1 or not self.is_dp:
+            return
+        if isinstance(self.module, GradSampleModuleFastGradientClipping):
+            raise UserError("augmentation multiplicity needs per-example gradients: use grad_sample_mode hooks")
+        for p in self.plain_module.parameters():
+            g = getattr(p, "grad_sample", None)
+            if g is None:
+                continue
+            if not isinstance(g, torch.Tensor) or g.shape[0] % k:
+                raise RuntimeError(f"per-sample gradients of {g.shape[0]} rows are not {k} views per example")
+            p.grad_sample = g.view(g.shape[0] // k, k, *g.shape[1:]).mean(dim=1)
 
     @contextmanager
     def hooks_off(self) -> Iterator[nn.Module]:

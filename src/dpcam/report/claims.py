@@ -81,19 +81,20 @@ def _basis(runs: list[Run]) -> str:
 
 
 def _settle(c: Claim, status: str, diffs: list[Difference], runs: list[Run], flagged: list[str]) -> Claim:
-    """``status`` unless a guard makes the claim inconclusive: a problem, nothing measured, one seed, a flagged run."""
-    c.basis = _basis(runs)
+    """``status`` unless a guard makes the claim inconclusive — a problem, nothing measured, one seed, a flagged
+    (degenerate or undertrained) run — naming every guard that applies."""
+    c.basis = _basis(runs) if runs else "no runs"
     c.problems = sorted({d.problem for d in diffs if d.problem})
     measured = [d for d in diffs if d.mean is not None]
-    if c.problems:
-        c.status, c.reason = "inconclusive", c.problems[0]
-    elif not measured:
-        c.status, c.reason = "inconclusive", c.reason or "not measured"
-    elif len(_seeds(runs)) < 2 or min(d.seeds for d in measured) < 2:
-        c.status, c.reason = "inconclusive", "one seed"
-    elif flagged:
-        c.status = "inconclusive"
-        c.reason = "; ".join(flagged[:3]) + (f" (and {len(flagged) - 3} more)" if len(flagged) > 3 else "")
+    reasons = list(c.problems)
+    if not c.problems and not measured:
+        reasons.append(c.reason or "not measured")
+    if measured and (len(_seeds(runs)) < 2 or min(d.seeds for d in measured) < 2):
+        reasons.append("one seed")
+    if flagged:
+        reasons.append("; ".join(flagged[:3]) + (f" (and {len(flagged) - 3} more)" if len(flagged) > 3 else ""))
+    if reasons:
+        c.status, c.reason = "inconclusive", "; ".join(reasons)
     else:
         c.status = status
     return c
@@ -102,13 +103,23 @@ def _settle(c: Claim, status: str, diffs: list[Difference], runs: list[Run], fla
 # ------------------------------------------------------------------------------------ (a): a trend over ε
 
 
-def _trend(rows: list[EpsRow], groups: list[tuple[str, ...]], need: int) -> tuple[str, str, list[Difference], int]:
-    """(status, evidence, differences used, tests) of "quality improves with ε, best at ∞" on each group of keys.
+def _better_than_reference(rows: list[EpsRow], keys: list[str]) -> tuple[set[tuple[float, str]], int]:
+    """The (ε, key) cells distinguishably better than ∞ after Holm over every ε × key cell given (the family)."""
+    cells = [(r, k) for r in rows for k in keys if k in r.diffs]
+    rejected = holm_rejects([r.diffs[k].p for r, k in cells])
+    return {(r.epsilon, k) for (r, k), rej in zip(cells, rejected) if rej and _gain(r.diffs[k]) > 0}, len(cells)
 
-    Contradicted when, after Holm over every (ε, key) cell of every group, some ε is better than ∞ on at least
-    ``need`` keys of a group. Reproduced when no cell is better than ∞ and, in every group, at least ``need`` keys
-    show both the gap (smallest ε worse than ∞) and the rise (largest ε better than smallest), Holm over those
-    2 × |group| tests."""
+
+def _trend(
+    rows: list[EpsRow], groups: list[tuple[str, ...]], need: int, better: set[tuple[float, str]]
+) -> tuple[str, str, list[Difference], int]:
+    """(status, evidence, differences used, gap-and-rise tests) of "quality improves with ε, best at ∞".
+
+    ``better``: the cells distinguishably better than ∞ after the contradiction family's correction (all readings
+    of claim (a) together: :func:`claims_a`). Contradicted when some ε is better than ∞ on at least ``need`` keys
+    of a group. Reproduced when no cell of these groups is better than ∞ and, in every group, at least ``need``
+    keys show both the gap (smallest ε worse than ∞) and the rise (largest ε better than the smallest), Holm over
+    those 2 × |group| tests."""
     everything = [r.diffs[k] for r in rows for g in groups for k in g if k in r.diffs]
     if any(d.problem for d in everything):
         return "inconclusive", "", everything, 0
@@ -116,20 +127,14 @@ def _trend(rows: list[EpsRow], groups: list[tuple[str, ...]], need: int) -> tupl
     if len(rows) < 2:
         return "inconclusive", "fewer than two ε measured", everything, 0
     low, high = rows[0], rows[-1]
-    cells = [(r, k) for g in groups for r in rows for k in g]
-    rejected = holm_rejects([r.diffs[k].p for r, k in cells])
-    better = {(r.epsilon, k) for (r, k), rej in zip(cells, rejected) if rej and _gain(r.diffs[k]) > 0}
-    used = [r.diffs[k] for r, k in cells]
-    tests = len(cells)
     for g in groups:
         for r in rows:
             hits = [k for k in g if (r.epsilon, k) in better]
             if len(hits) >= min(need, len(g)):
                 words = "; ".join(_words(r.diffs[k], k) for k in hits)
-                return "contradicted", f"ε = {format_eps(r.epsilon)} − ∞: {words} (better than ∞)", used, tests
+                return "contradicted", f"ε = {format_eps(r.epsilon)} − ∞: {words} (better than ∞)", everything, 0
     rises = {k: _rise(high, low, k) for g in groups for k in g}
-    used += list(rises.values())
-    passed = []
+    passed, tests = [], 0
     for g in groups:
         tests_g = [low.diffs[k] for k in g] + [rises[k] for k in g]
         rej = holm_rejects([d.p for d in tests_g])
@@ -143,8 +148,9 @@ def _trend(rows: list[EpsRow], groups: list[tuple[str, ...]], need: int) -> tupl
         f"ε = {format_eps(high.epsilon)} − ε = {format_eps(low.epsilon)}: "
         + "; ".join(_words(rises[k], k) for k in keys)
     )
-    status = "reproduced" if all(passed) and not better else "inconclusive"
-    return status, evidence, used, tests
+    blocked = any((r.epsilon, k) in better for r in rows for k in keys)
+    status = "reproduced" if all(passed) and not blocked else "inconclusive"
+    return status, evidence, everything + list(rises.values()), tests
 
 
 def _rise(high: EpsRow, low: EpsRow, key: str) -> Difference:
@@ -154,39 +160,53 @@ def _rise(high: EpsRow, low: EpsRow, key: str) -> Difference:
 
 TREND_RULE = (
     "reproduced when, on at least {need} of {what}, the smallest ε is worse than ∞ and the largest ε better than "
-    "the smallest (Holm over those tests), and no ε is better than ∞ on any; contradicted when some ε is better "
-    "than ∞ on at least {need} of them (Holm over every ε × metric cell); otherwise inconclusive"
+    "the smallest (Holm over these {tests} tests), and no ε is better than ∞ on any (a guard: it can only block); "
+    "contradicted when some ε is better than ∞ on at least {need} of them, Holm over the {family} ε × metric cells "
+    "of all four readings of (a) together (they share the ε = ∞ models and are one claim); otherwise inconclusive"
 )
-
-
-def _trend_claim(rows, key, statement, source, groups, need, what) -> Claim:
-    status, evidence, used, tests = _trend(rows, groups, need)
-    rule = TREND_RULE.format(need=need, what=what) + f" ({tests} tests)"
-    c = Claim(key, statement, source, "inconclusive", evidence, rule)
-    return _settle(c, status, used, [r for row in rows for r in row.runs], [f for r in rows for f in r.flags])
-
-
-def claim_a(rows: list[EpsRow]) -> Claim:
-    return _trend_claim(
-        rows,
+# (key, statement, paper source, groups of keys, how many of a group must agree, the words for the rule)
+READINGS = (
+    (
         "a",
         "Explanation quality improves with ε, best at ε = ∞ — on the paper's metrics",
         "Table 1, Fig. 2, 5",
         [PAPER],
         2,
         "the paper's 3 metrics (Average Drop, Increase in Confidence, masked score)",
-    )
-
-
-def claim_a_matched(rows: list[EpsRow]) -> Claim:
-    groups = [tuple(f"{k}|{match}" for k in PAPER) for match, _ in MATCHES]
-    what = (
+    ),
+    (
+        "a_matched",
+        "… on the matched metrics (confidence- and masking-sensitivity-matched images)",
+        "Table 1",
+        [tuple(f"{k}|{match}" for k in PAPER) for match, _ in MATCHES],
+        2,
         f"the paper's 3 metrics on confidence-matched images (|ΔY| ≤ {CONFIDENCE_CALIPER:g}) and, separately, on "
         f"masking-sensitivity-matched images (|ΔS| ≤ {SENSITIVITY_CALIPER:g} points) — both for reproduced, either "
-        "for contradicted"
-    )
-    statement = "… on the matched metrics (confidence- and masking-sensitivity-matched images)"
-    c = _trend_claim(rows, "a_matched", statement, "Table 1", groups, 2, what)
+        "for contradicted",
+    ),
+    ("a_road", "… on ROAD (imputation instead of black masking)", "—", [ROAD], 1, "ROAD's LeRF − MoRF gap"),
+    (
+        "a_localisation",
+        "… on localisation (lesion masks; no masking of the input)",
+        "—",
+        [LOCALISATION],
+        1,
+        "the pointing game and the energy pointing game",
+    ),
+)
+
+
+def claims_a(rows: list[EpsRow]) -> list[Claim]:
+    """Claim (a) read four ways; "contradicted" on any reading is corrected over all readings' cells together."""
+    keys = [k for *_, groups, _, _ in READINGS for g in groups for k in g]
+    better, family = _better_than_reference(rows, keys)
+    out = []
+    for key, statement, source, groups, need, what in READINGS:
+        status, evidence, used, tests = _trend(rows, groups, need, better)
+        rule = TREND_RULE.format(need=need, what=what, tests=tests or "its", family=family)
+        c = Claim(key, statement, source, "inconclusive", evidence, rule)
+        out.append(_settle(c, status, used, [r for row in rows for r in row.runs], [f for r in rows for f in r.flags]))
+    matched = next(c for c in out if c.key == "a_matched")
     counts = [
         f"{m}-matched {row.diffs[k].images_words()} at ε = {format_eps(row.epsilon)}"
         for m, k in (("confidence", f"{PAPER[2]}|{CONFIDENCE_KEY}"), ("sensitivity", f"{PAPER[2]}|{SENSITIVITY_KEY}"))
@@ -194,26 +214,24 @@ def claim_a_matched(rows: list[EpsRow]) -> Claim:
         if k in row.diffs and row.diffs[k].mean is not None
     ]
     if counts:
-        c.evidence += " (images: " + "; ".join(counts) + ")"
-    return c
+        matched.evidence += " (images: " + "; ".join(counts) + ")"
+    return out
+
+
+def claim_a(rows: list[EpsRow]) -> Claim:
+    return claims_a(rows)[0]
+
+
+def claim_a_matched(rows: list[EpsRow]) -> Claim:
+    return claims_a(rows)[1]
 
 
 def claim_a_road(rows: list[EpsRow]) -> Claim:
-    return _trend_claim(
-        rows, "a_road", "… on ROAD (imputation instead of black masking)", "—", [ROAD], 1, "ROAD's LeRF − MoRF gap"
-    )
+    return claims_a(rows)[2]
 
 
 def claim_a_localisation(rows: list[EpsRow]) -> Claim:
-    return _trend_claim(
-        rows,
-        "a_localisation",
-        "… on localisation (lesion masks; no masking of the input)",
-        "—",
-        [LOCALISATION],
-        1,
-        "the pointing game and the energy pointing game",
-    )
+    return claims_a(rows)[3]
 
 
 # ------------------------------------------------------------------------------------ (b): accuracy gap
@@ -335,7 +353,7 @@ def claim_d(runs: list[Run], model: str) -> Claim:
     )
     c = Claim("d", "Local-DP explanations degrade as ε falls", "Fig. 2, 4", "inconclusive", "", rule)
     ldp = [r for r in pick(runs, family="ldp", model=model) if r.spec.epsilon is not None]
-    ref = pick(runs, family="baseline", scheme="none", model=model)
+    ref = pick(runs, family="baseline", scheme="none", model=model, schedule=None)
     if not ldp or not ref:
         c.reason = "not measured: the grid has no local-DP runs"
         return _settle(c, "inconclusive", [], [], [])
@@ -402,10 +420,11 @@ def claim_e(rows: list[EpsRow]) -> Claim:
 def claim_f(runs: list[Run], grid: GridConfig, model: str, config: VerdictConfig) -> Claim:
     margin = config.margins["test_accuracy"]
     rule = (
-        "accuracy at the largest clipping bound C minus the main run's C at the sweep's ε: reproduced when it is "
-        "distinguishably lower and the large-C model is degenerate (collapsed); contradicted when it is shown not "
-        f"to be lower by more than the accuracy margin ({margin:g}) or is distinguishably higher; otherwise "
-        "inconclusive"
+        "accuracy at the largest clipping bound C minus the main run's C at the sweep's ε, decided on the runs whose "
+        "lr·C is held at the main run's (DP-SGD's step scales with lr·C; with lr fixed a larger C is also a larger "
+        "step), both readings reported: reproduced when it is distinguishably lower and the large-C model is "
+        "degenerate (collapsed); contradicted when it is shown not to be lower by more than the accuracy margin "
+        f"({margin:g}) or is distinguishably higher; otherwise inconclusive"
     )
     c = Claim("f", "Accuracy collapses for large clipping bounds", "Fig. 6b", "inconclusive", "", rule)
     sweep = pick(runs, family="clip-sweep", model=model)
@@ -413,31 +432,38 @@ def claim_f(runs: list[Run], grid: GridConfig, model: str, config: VerdictConfig
     if not sweep or not main:
         c.reason = "not measured: the grid has no clipping sweep with its main run"
         return _settle(c, "inconclusive", [], [], [])
-    big = pick(sweep, clip=max(r.spec.clip for r in sweep))
-    d = compare(big, main, ACCURACY)
-    collapsed = all(r.degenerate for r in big)
+    top = max(r.spec.clip for r in sweep)
+    readings = {held: pick(sweep, clip=top, held=held) for held in (True, False)}
+    words = []
+    for held, big in readings.items():
+        if big:
+            d = compare(big, main, ACCURACY)
+            state = "degenerate" if all(r.degenerate for r in big) else "not degenerate"
+            words.append(
+                f"{'lr·C held' if held else 'lr fixed'}: accuracy(C = {format_eps(top)}) − accuracy(C = "
+                f"{main[0].train.max_grad_norm:g}) {d.words()}, {state} "
+                f"(accuracy {np.mean([r.train.test_accuracy for r in big]):.3f})"
+            )
+    decided = readings[True] or readings[False]
+    d = compare(decided, main, ACCURACY)
     c.evidence = (
-        f"accuracy(C = {format_eps(big[0].spec.clip)}) − accuracy(C = {main[0].train.max_grad_norm:g}) at "
-        f"ε = {format_eps(grid.clip_sweep.epsilon)}: {d.words()}; C = {format_eps(big[0].spec.clip)} "
-        f"{'degenerate' if collapsed else 'not degenerate'} "
-        f"(accuracy {np.mean([r.train.test_accuracy for r in big]):.3f})"
+        f"at ε = {format_eps(grid.clip_sweep.epsilon)}: "
+        + "; ".join(words)
+        + ("" if readings[True] else " (no held reading in the grid: decided with lr fixed)")
     )
-    if d.worse and collapsed:
+    if d.worse and all(r.degenerate for r in decided):
         status = "reproduced"
     elif d.noninferior(margin) or d.improved:
         status = "contradicted"
     else:
         status = "inconclusive"
-    paired = [r for r in main if r.spec.seed in {x.spec.seed for x in big}]
-    return _settle(c, status, [d], big + paired, flags(paired))
+    paired = [r for r in main if r.spec.seed in {x.spec.seed for x in decided}]
+    return _settle(c, status, [d], decided + paired, flags(paired))
 
 
 def claims(runs: list[Run], rows: list[EpsRow], grid: GridConfig, model: str, config: VerdictConfig) -> list[Claim]:
     return [
-        claim_a(rows),
-        claim_a_matched(rows),
-        claim_a_road(rows),
-        claim_a_localisation(rows),
+        *claims_a(rows),
         claim_b(runs, model),
         claim_c(runs, model, config),
         claim_c_low(runs, model),

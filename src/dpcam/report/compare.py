@@ -8,7 +8,7 @@ shorter array. :func:`eps_rows` makes one :class:`EpsRow` per ε of a family wit
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -51,9 +51,7 @@ LOCALISATION = ("pointing_game", "energy_pointing_game")
 # the explanation rows the answer ("from ε = X on, explanations are not worse") tests: every explanation row but
 # agreement with the ε = ∞ maps, which is similarity to one reference model, not quality (EXCLUDED says why)
 HEADLINE = (*(m.key for m in EXPLANATION), ROAD_GAP.key, RANDOMISATION.key)
-EXCLUDED = {
-    AGREEMENT.key: "similarity to the ε = ∞ model's maps, not explanation quality (two ε = ∞ seeds differ as much)"
-}
+EXCLUDED = {AGREEMENT.key: "similarity to one reference model's maps, not explanation quality"}
 CONFIDENCE_KEY, SENSITIVITY_KEY = "confidence_y", "mask_sensitivity_pct"  # per image (explain's masking baselines)
 CONFIDENCE_CALIPER, SENSITIVITY_CALIPER = 0.05, 5.0  # matched: |ΔY| ≤ 0.05, |ΔS| ≤ 5 points
 MATCHES = ((CONFIDENCE_KEY, CONFIDENCE_CALIPER), (SENSITIVITY_KEY, SENSITIVITY_CALIPER))
@@ -63,7 +61,8 @@ def label(key: str) -> Measure:
     """The measure of a key, matched keys (``metric|match``) included."""
     base, _, match = key.partition("|")
     m = {m.key: m for m in MEASURES}[base]
-    return Measure(key, f"{m.label} ({match.split('_')[0]}-matched)" if match else m.label, m.better, m.decimals)
+    words = f"{m.label} ({match.split('_')[0]}-matched)" if match else m.label
+    return Measure(key, words, m.better, m.decimals, m.source)
 
 
 MATCHED = tuple(f"{k}|{match}" for match, _ in MATCHES for k in PAPER)
@@ -153,14 +152,21 @@ def flags(runs: list[Run]) -> list[str]:
 # ------------------------------------------------------------------------------------ per ε
 
 
+PARTS = ("budget", "clipping", "noise")  # the gap ε − ∞, split (docs/verdict.md, "What privacy costs")
+SPLIT = (ACCURACY.key, *HEADLINE)
+
+
 @dataclass
 class EpsRow:
-    """One ε of a family against ε = ∞: every measure's paired difference."""
+    """One ε of a family against ε = ∞: every measure's paired difference; with a DP schedule, the difference split
+    into its parts (``split[measure][part]``) and the schedule's name."""
 
     epsilon: float
     runs: list[Run]
     diffs: dict[str, Difference]
     flags: list[str]
+    schedule: str | None = None
+    split: dict[str, dict[str, Difference]] = field(default_factory=dict)
 
     def worse(self, keys: tuple[str, ...]) -> list[str]:
         return [k for k in keys if k in self.diffs and self.diffs[k].worse]
@@ -169,9 +175,27 @@ class EpsRow:
         return [k for k in keys if k in self.diffs and self.diffs[k].improved]
 
 
-def eps_rows(runs: list[Run], family: str, model: str) -> list[EpsRow]:
-    """Each ε of ``family`` (one model) against the non-private runs of the same seeds."""
-    ref = pick(runs, family="baseline", scheme="none", model=model)
+def references(runs: list[Run], model: str, schedule: str | None) -> tuple[list[Run], list[Run]]:
+    """The ε = ∞ and clip-only runs trained with ``schedule``'s recipe (the baseline family's references)."""
+    base = pick(runs, family="baseline", model=model, schedule=schedule)
+    return pick(base, scheme="none"), pick(base, scheme="clip-only")
+
+
+def split(at: list[Run], runs: list[Run], model: str, schedule: str | None) -> dict[str, dict[str, Difference]]:
+    """ε − ∞ (tuned) = noise (ε − clip-only) + clipping (clip-only − ∞) + budget (∞ − ∞ tuned), the references
+    trained with the ε's schedule, each a paired difference; {} without the schedule's references."""
+    none_s, clip_s = references(runs, model, schedule)
+    tuned = pick(runs, family="baseline", scheme="none", model=model, schedule=None)
+    if schedule is None or not none_s or not clip_s or not tuned:
+        return {}
+    sides = {"budget": (none_s, tuned), "clipping": (clip_s, none_s), "noise": (at, clip_s)}
+    return {key: {part: compare(*sides[part], label(key)) for part in PARTS} for key in SPLIT}
+
+
+def eps_rows(runs: list[Run], family: str, model: str, schedules: dict[float, str] | None = None) -> list[EpsRow]:
+    """Each ε of ``family`` (one model) against the non-private runs of the same seeds; ``schedules`` maps an ε to the
+    DP schedule that trains it (grid.schedules), whose references split the difference."""
+    ref = pick(runs, family="baseline", scheme="none", model=model, schedule=None)
     mine = pick(runs, family=family, model=model)
     rows = []
     for eps in sorted({r.spec.epsilon for r in mine if r.spec.epsilon is not None}):
@@ -182,5 +206,6 @@ def eps_rows(runs: list[Run], family: str, model: str) -> list[EpsRow]:
         for key in MATCHED:
             base, _, match = key.partition("|")
             diffs[key] = compare(at, ref, label(base), (match, dict(MATCHES)[match]))
-        rows.append(EpsRow(eps, at, diffs, flags(used)))
+        sched = (schedules or {}).get(eps)
+        rows.append(EpsRow(eps, at, diffs, flags(used), sched, split(at, runs, model, sched)))
     return rows

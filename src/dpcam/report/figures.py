@@ -34,6 +34,7 @@ FIGURE_NAMES = frozenset(
         "fig6b_masked_accuracy_vs_clip.png",
         "fig_train_size.png",
         "fig_leakage_vs_eps.png",
+        "fig_cost_split.png",
     }
 )
 LEAKAGE = "fig_leakage_vs_eps.png"

@@ -15,6 +15,7 @@ from dpcam.report.page import render_html
 from dpcam.report.runs import Run, load_runs
 from dpcam.report.tables import build_tables, write_tables
 from dpcam.report.verdict import summary, verdict
+from dpcam.report.verdict_figures import COST_SPLIT, fig_cost_split
 from dpcam.report.verdict_text import html_section, markdown
 
 # the report's own entries under out/: only these are replaced
@@ -80,6 +81,17 @@ def _build(
     write_flat_files(runs, grid, tmp, {v.model: summary(v) for v in verdicts})
     figures, skipped = draw_figures(grid, tables, tmp / "figures", cam_images)
     notes += skipped
+    for v in verdicts:  # the verdict's own picture (the first model's; the others' files beside it)
+        name = COST_SPLIT if v is verdicts[0] else COST_SPLIT.replace(".png", f"_{v.model}.png")
+        if fig_cost_split(v, tmp / "figures" / name) is not None:
+            figures.insert(
+                0,
+                (
+                    f"figures/{name}",
+                    f"What privacy costs ({v.model}): ε − ∞ split into the DP budget, "
+                    "clipping and noise, per ε (verdict.md has every metric)",
+                ),
+            )
     _keep_other_figures(out / "figures", tmp / "figures")
     page = render_html(
         grid,

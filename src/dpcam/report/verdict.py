@@ -49,27 +49,41 @@ class Answer:
 
     keys: tuple[str, ...]
     smallest: float | None  # X; None when even the largest ε fails
-    cells: dict[tuple[float, str], str]  # (ε, key) -> "shown" | "not shown" | "degenerate" | "not measured"
+    # (ε, key) -> "shown" | "not shown" | "worse" (the whole interval beyond −margin: a larger loss is shown) |
+    # "degenerate" | "not measured"
+    cells: dict[tuple[float, str], str]
+    underpowered: dict[tuple[float, str], bool] = field(default_factory=dict)  # detectable loss > margin
+
+    def at(self, state: str) -> list[float]:
+        """The ε at which some key is in ``state``."""
+        return sorted({e for (e, _), s in self.cells.items() if s == state})
 
 
 def answer(rows: list[EpsRow], keys: tuple[str, ...], margins: dict[str, float]) -> Answer:
     cells: dict[tuple[float, str], str] = {}
+    underpowered: dict[tuple[float, str], bool] = {}
     for row in rows:
         for k in keys:
             d = row.diffs.get(k)
             if d is None or d.mean is None:
                 cells[(row.epsilon, k)] = "not measured"
-            elif row.flags:
+                continue
+            underpowered[(row.epsilon, k)] = (d.detectable() or 0.0) > margins[k]
+            if row.flags:
                 cells[(row.epsilon, k)] = "degenerate"
+            elif d.noninferior(margins[k]):
+                cells[(row.epsilon, k)] = "shown"
+            elif (d.best_end() or 0.0) < -margins[k]:
+                cells[(row.epsilon, k)] = "worse"
             else:
-                cells[(row.epsilon, k)] = "shown" if d.noninferior(margins[k]) else "not shown"
+                cells[(row.epsilon, k)] = "not shown"
     smallest = None
     for row in sorted(rows, key=lambda r: -r.epsilon):
-        if any(cells[(row.epsilon, k)] in ("not shown", "degenerate") for k in keys):
+        if any(cells[(row.epsilon, k)] in ("not shown", "worse", "degenerate") for k in keys):
             break
         if any(cells[(row.epsilon, k)] == "shown" for k in keys):
             smallest = row.epsilon
-    return Answer(keys, smallest, cells)
+    return Answer(keys, smallest, cells, underpowered)
 
 
 # ------------------------------------------------------------------------------------ the verdict
@@ -105,7 +119,7 @@ class Verdict:
 def verdict(runs: list[Run], grid: GridConfig, model: str, config: VerdictConfig | None = None) -> Verdict:
     """The verdict of one model of the grid (Gaussian DP-SGD against ε = ∞, and the paper's claims)."""
     config = config or VerdictConfig()
-    rows = eps_rows(runs, "gaussian", model)
+    rows = eps_rows(runs, "gaussian", model, {e: grid.schedule_of(e) for e in grid.gaussian})
     seeds = sorted({r.spec.seed for row in rows for r in row.runs})
     notes = []
     if len(seeds) < 2:
@@ -116,8 +130,9 @@ def verdict(runs: list[Run], grid: GridConfig, model: str, config: VerdictConfig
     families = {
         "main": correct([r.diffs[m.key] for r in rows for m in MEASURES if m.key in r.diffs], config.marks),
         "matched": correct([r.diffs[k] for r in rows for k in MATCHED if k in r.diffs], config.marks),
+        "split": correct([d for r in rows for parts in r.split.values() for d in parts.values()], config.marks),
     }
-    reference = pick(runs, family="baseline", scheme="none", model=model)
+    reference = pick(runs, family="baseline", scheme="none", model=model, schedule=None)
     return Verdict(
         model,
         seeds,

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from dpcam.config import GridConfig
 from dpcam.layout import format_eps
-from dpcam.report.compare import ACCURACY, EXCLUDED, EXPLANATION, MATCHED, MEASURES, PAPER, label
+from dpcam.report.compare import ACCURACY, EXCLUDED, EXPLANATION, MATCHED, MEASURES, PAPER, PARTS, SPLIT, label
 from dpcam.report.paired import BETTER, WORSE, Difference
 from dpcam.report.runs import Run
 from dpcam.report.verdict import Answer, Verdict
@@ -37,11 +37,18 @@ def _eps(e: float | None) -> str:
 
 
 def _failing(a: Answer) -> str:
-    """Where the answer's non-inferiority fails first (from the largest ε down)."""
+    """Where the answer's non-inferiority fails first (from the largest ε down), and whether it could have held."""
     for eps in sorted({e for e, _ in a.cells}, reverse=True):
-        bad = [label(k).label for (e, k), s in a.cells.items() if e == eps and s in ("not shown", "degenerate")]
+        bad = [k for (e, k), s in a.cells.items() if e == eps and s in ("not shown", "worse", "degenerate")]
         if bad:
-            return f"{_eps(eps)}: not shown for {', '.join(bad)}"
+            weak = [k for k in bad if a.underpowered.get((eps, k))]
+            words = f"{_eps(eps)}: not shown for {', '.join(label(k).label for k in bad)}"
+            if weak:
+                words += (
+                    f"; for {len(weak)} of them the loss these seeds and images could detect is larger than the "
+                    "margin, so non-inferiority could not have been shown: too few seeds, not evidence of a loss"
+                )
+            return words
     return ""
 
 
@@ -68,16 +75,83 @@ def answer(v: Verdict) -> list[str]:
             f"at no ε of the grid (up to {largest}) is test accuracy shown to lose less than {margin:g} against "
             "ε = ∞" + (f" ({largest}: {worst.words()})" if worst is not None and worst.mean is not None else "")
         )
+    worse = v.accuracy.at("worse")
+    if worse:
+        acc += f"; a loss larger than {margin:g} is shown at {', '.join(_eps(e) for e in worse)}"
     lines = [f"Explanations: {expl}.", f"Accuracy: {acc}."]
+    lines += cost_lines(v)
     verdicts = {c.key: c.verdict for c in v.claims}
     readings = [(k, words) for k, words in CLAIM_A_READINGS if k in verdicts]
     if readings:
         lines.append(
             "The paper's claim that explanations improve with ε, best at ∞: "
             + "; ".join(f"{words} {verdicts[k]}" for k, words in readings)
-            + " (the readings share the same ε = ∞ models: they are not independent confirmations)."
+            + " (the readings share the same ε = ∞ models: one claim, corrected together, not independent "
+            "confirmations)."
         )
     return lines
+
+
+PART_WORDS = {"noise": "privacy (noise)", "clipping": "clipping", "budget": "the DP budget"}
+
+
+def cost_lines(v: Verdict) -> list[str]:
+    """What privacy costs, split: accuracy per ε, and which explanation parts are distinguishably worse."""
+    rows = [r for r in v.rows if r.split]
+    if not rows:
+        return []
+    acc = "; ".join(
+        f"at {_eps(r.epsilon)} privacy (noise) costs {r.split[ACCURACY.key]['noise'].words()} on top of clipping "
+        f"({r.split[ACCURACY.key]['clipping'].words()}) and the DP budget ({r.split[ACCURACY.key]['budget'].words()})"
+        for r in rows
+    )
+    worse = [
+        f"{_eps(r.epsilon)}: {label(k).label} ({part})"
+        for r in rows
+        for k in SPLIT[1:]
+        for part in PARTS
+        if r.split[k][part].mark == WORSE
+    ]
+    expl = (
+        "what is distinguishably worse after the correction: " + "; ".join(worse)
+        if worse
+        else "no part of any explanation metric is distinguishably worse after the correction"
+    )
+    return [
+        f"What ε costs in accuracy (ε − ∞ = noise + clipping + budget, the references trained with each ε's "
+        f"schedule): {acc}.",
+        f"The same split for explanations (table below): {expl}.",
+    ]
+
+
+def effort(v: Verdict, runs: Sequence[Run]) -> str:
+    """How much training each side had (examples processed: epochs × images × views; optimiser steps)."""
+    from dpcam.families import pick
+
+    ref = pick(runs, family="baseline", scheme="none", model=v.model, schedule=None)
+
+    def of(rs: Sequence[Run]) -> tuple[float, int]:
+        return max(r.train.epochs * max(r.train.aug_mult, 1) for r in rs), max(r.train.steps or 0 for r in rs)
+
+    if not ref or not v.rows:
+        return ""
+    e_ref, s_ref = of(ref)
+    private = [(r.epsilon, *of(r.runs)) for r in v.rows]
+    more = [e for e, ep, _ in private if ep < e_ref]
+    steps = [e for e, ep, st in private if ep >= e_ref and st < s_ref]
+    words = ", ".join(f"{_eps(e)} {ep:g} epochs ({st} steps)" for e, ep, st in private)
+    head = f"Effort: the ε = ∞ reference trained {e_ref:g} epochs of examples ({s_ref} steps); the private runs {words}"
+    tail = []
+    if more:
+        tail.append(f"the reference processed more examples than the private runs at {', '.join(map(_eps, more))}")
+    if steps:
+        tail.append(
+            f"it took more optimiser steps (smaller batches, the same examples) than the runs at "
+            f"{', '.join(map(_eps, steps))}"
+        )
+    if tail:
+        return head + " — " + "; ".join(tail) + ": the gap to it includes that (the budget part)."
+    return head + ": no private run had less training than the reference."
 
 
 def method(v: Verdict) -> list[str]:
@@ -86,8 +160,9 @@ def method(v: Verdict) -> list[str]:
     return [
         f"Intervals: 95 %, paired by seed ({s} seed{'s' if s != 1 else ''}) and by test image; the seed part "
         "(S − 1 degrees of freedom) plus the image part the seeds share, with degrees of freedom calibrated so "
-        "that the interval covers at least 95 % at every ratio of seed to image variance (docs/verdict.md, "
-        '"The interval"). The intervals in the tables are unadjusted for multiplicity.',
+        "that the interval covers at least 95 % at every ratio of seed to image variance under a normal model of "
+        'the per-seed means, which three seeds cannot check (docs/verdict.md, "The interval"). The intervals in '
+        "the tables are unadjusted for multiplicity.",
         f"Marks {WORSE}/{BETTER} (distinguishably worse/better): {MARKS[v.config.marks]} over all cells of one "
         f"table — {v.families.get('main', 0)} cells in the table of differences, {v.families.get('matched', 0)} "
         "in the matched table.",
@@ -134,7 +209,9 @@ def margin_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
                     cells.append(state)
                     continue
                 f = f"{{:.{m.decimals}f}}"
-                cells.append(f"{state}: loss ≤ {f.format(d.worst_end())}, detectable {f.format(d.detectable())}")
+                worst = d.worst_end()
+                bound = f"loss ≤ {f.format(worst)}" if worst > 0 else f"no loss (gain ≥ {f.format(-worst)})"
+                cells.append(f"{state}: {bound}, detectable {f.format(d.detectable())}")
             body.append([m.label, f"{v.config.margins[k]:g}"] + cells)
     return header, body
 
@@ -191,7 +268,26 @@ def _sections(v: Verdict) -> list[tuple[str, tuple[list[str], list[list[str]]]]]
             difference_rows(v, MATCHED, True),
         ),
         (TRACKS_NOTE, tracks_rows(v)),
+        (
+            "What privacy costs, split: ε − ∞ = noise (ε − clip-only) + clipping (clip-only − ∞ with the ε's "
+            "schedule) + budget (∞ with the ε's schedule − ∞ tuned), the references trained with each ε's DP schedule, "
+            "same seeds "
+            f"and images; {WORSE}/{BETTER} after {MARKS[v.config.marks]} over the {v.families.get('split', 0)} cells "
+            "of this table:",
+            split_rows(v),
+        ),
     ]
+
+
+def split_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
+    rows = [r for r in v.rows if r.split]
+    header = ["measure: part"] + [f"{_eps(r.epsilon)} ({r.schedule})" for r in rows]
+    body = []
+    for k in SPLIT:
+        m = label(k)
+        for part in PARTS:
+            body.append([f"{m.label}: {part}"] + [_cell(r.split[k][part], m.decimals) for r in rows])
+    return header, body if rows else []
 
 
 def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
@@ -199,6 +295,8 @@ def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> 
     for v in verdicts:
         out += [f"## {v.model} — seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
         out += [f"- **{line}**" for line in answer(v)] + [""]
+        if effort(v, runs):
+            out += [effort(v, runs), ""]
         out += ["How these statements were made:", ""] + [f"- {line}" for line in method(v)] + [""]
         for note, (header, body) in _sections(v):
             if body:
@@ -222,6 +320,8 @@ def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig)
     for v in verdicts:
         parts.append(f"<h3>{e(v.model)}: seeds {e(', '.join(map(str, v.seeds)) or '—')}</h3>")
         parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v)) + "</ul>")
+        if effort(v, runs):
+            parts.append(f"<p>{e(effort(v, runs))}</p>")
         parts.append('<ul class="note">' + "".join(f"<li>{e(line)}</li>" for line in method(v)) + "</ul>")
         for note, (header, body) in _sections(v):
             if body:
