@@ -63,6 +63,9 @@ TINY = {
         "clip_sweep": {"epsilon": 1, "clips": [10]},
         "train_sizes": {"sizes": [40], "gaussian": [1], "none": True},
         "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12, "epochs": 1},
+        "schedules": {  # one DP schedule for both ε: its references split what ε costs
+            "all": {"epsilons": [1, 5], "epochs": 1, "batch_size": 12, "lr": 0.5, "ema": 0.9, "reference_lr": 0.1}
+        },
         "protocol": "tuned",
         "family_seeds": {"laplace": [0]},
         "overrides": {},
@@ -134,7 +137,14 @@ def test_repro_runs_every_stage_and_writes_the_report(repro):
     ):
         assert f"Running stage '{stage}'" in out
     runs = [p.parent.name for p in (root / "models").glob("*/*/model.json")]
-    assert len(runs) == 2 + 2 + 1 + 1 + 1 + 2 + 1 + 1 + 3  # + laplace-paper, the public trunk, 3 fine-tunes
+    # baselines (∞ tuned, and ∞ and clip-only with the schedule), gaussian, laplace, ldp, clip-sweep (C = 10 with lr
+    # fixed and with lr·C held), train-size, laplace-paper, the public trunk, 3 fine-tunes
+    assert len(runs) == 3 + 2 + 1 + 1 + 2 + 2 + 1 + 1 + 3
+    assert {"none-epsinf-sched-all-smallcnn-s0", "clip-only-epsinf-sched-all-smallcnn-s0"} <= set(runs), runs
+    assert any(r.startswith("gaussian-eps1-clip10-held") for r in runs), runs
+    verdict = (root / "reports/verdict.md").read_text()
+    assert "What ε costs in accuracy (ε − ∞ = noise + clipping + budget" in verdict and "| ε = 1 (all) |" in verdict
+    assert (root / "reports/figures/fig_cost_split.png").is_file()
     paper = json.loads(next((root / "models").glob("laplace-paper/*/train.json")).read_text())
     assert paper["guarantee"] == "none" and paper["epsilon"] is None
     html = (root / "reports/index.html").read_text()

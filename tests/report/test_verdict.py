@@ -116,3 +116,26 @@ def test_effort_names_a_reference_that_took_more_steps_or_examples():
     assert "the reference processed more examples than the private runs at ε = 1" in effort(fewer, [ref])
     equal = NS(model="m", rows=[NS(epsilon=1.0, runs=[run("gaussian", 24, 1584, family="gaussian")])])
     assert effort(equal, [ref]).endswith("no private run had less training than the reference.")
+
+
+def test_a_cell_whose_interval_shows_a_loss_is_never_called_underpowered():
+    from dpcam.report.compare import EpsRow
+    from dpcam.report.paired import Difference
+    from dpcam.report.verdict import answer
+    from dpcam.report.verdict_text import _failing
+
+    keys = ("masked_accuracy_pct", "masked_score_pct")
+    diffs = {
+        # below 0 but not beyond the 8.7 margin: a loss is shown (unadjusted), non-inferiority is not
+        "masked_accuracy_pct": Difference(-10.0, -17.0, -4.0, 3, 200, a=9.0, b=0.5),
+        # wide around 0: nothing shown either way, and the detectable loss exceeds the margin
+        "masked_score_pct": Difference(-1.0, -12.0, 10.0, 3, 200, a=9.0, b=0.5),
+    }
+    a = answer([EpsRow(10.0, [], diffs, [])], keys, dict.fromkeys(keys, 8.7))
+    assert a.cells == {(10.0, k): "not shown" for k in keys}
+    assert a.underpowered == {(10.0, "masked_accuracy_pct"): False, (10.0, "masked_score_pct"): True}
+    words = _failing(a)
+    assert "for masked score % the loss these seeds and images detect with 80 % power is larger" in words
+    assert "masked accuracy % the loss" not in words
+    beyond = {"masked_accuracy_pct": Difference(-12.0, -15.0, -9.0, 3, 200, a=1.0, b=0.5)}
+    assert answer([EpsRow(10.0, [], beyond, [])], keys[:1], {keys[0]: 8.7}).cells == {(10.0, keys[0]): "worse"}

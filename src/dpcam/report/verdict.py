@@ -52,7 +52,8 @@ class Answer:
     # (ε, key) -> "shown" | "not shown" | "worse" (the whole interval beyond −margin: a larger loss is shown) |
     # "degenerate" | "not measured"
     cells: dict[tuple[float, str], str]
-    underpowered: dict[tuple[float, str], bool] = field(default_factory=dict)  # detectable loss > margin
+    # detectable loss > margin, and no loss shown by the interval itself
+    underpowered: dict[tuple[float, str], bool] = field(default_factory=dict)
 
     def at(self, state: str) -> list[float]:
         """The ε at which some key is in ``state``."""
@@ -68,7 +69,8 @@ def answer(rows: list[EpsRow], keys: tuple[str, ...], margins: dict[str, float])
             if d is None or d.mean is None:
                 cells[(row.epsilon, k)] = "not measured"
                 continue
-            underpowered[(row.epsilon, k)] = (d.detectable() or 0.0) > margins[k]
+            # underpowered: the detectable loss exceeds the margin, and the interval does not itself show a loss
+            underpowered[(row.epsilon, k)] = (d.detectable() or 0.0) > margins[k] and not d.worse
             if row.flags:
                 cells[(row.epsilon, k)] = "degenerate"
             elif d.noninferior(margins[k]):

@@ -41,19 +41,20 @@ def _failing(a: Answer) -> str:
     for eps in sorted({e for e, _ in a.cells}, reverse=True):
         bad = [k for (e, k), s in a.cells.items() if e == eps and s in ("not shown", "worse", "degenerate")]
         if bad:
-            weak = [k for k in bad if a.underpowered.get((eps, k))]
+            weak = [k for k in bad if a.underpowered.get((eps, k)) and a.cells[(eps, k)] == "not shown"]
             words = f"{_eps(eps)}: not shown for {', '.join(label(k).label for k in bad)}"
             if weak:
                 words += (
-                    f"; for {len(weak)} of them the loss these seeds and images could detect is larger than the "
-                    "margin, so non-inferiority could not have been shown: too few seeds, not evidence of a loss"
+                    f"; for {', '.join(label(k).label for k in weak)} the loss these seeds and images detect with "
+                    "80 % power is larger than the margin: too few seeds to show non-inferiority even without a loss"
                 )
             return words
     return ""
 
 
-def answer(v: Verdict) -> list[str]:
-    """The sentences a team asks for first."""
+def answer(v: Verdict, runs: Sequence[Run] = ()) -> list[str]:
+    """The sentences a team asks for first; with ``runs``, the accuracy sentence says when the reference trained
+    more than the private runs (the effort line tells how much)."""
     largest = _eps(v.rows[-1].epsilon) if v.rows else "—"
     n = len(v.explanations.keys)
     if v.explanations_from is not None:
@@ -78,6 +79,11 @@ def answer(v: Verdict) -> list[str]:
     worse = v.accuracy.at("worse")
     if worse:
         acc += f"; a loss larger than {margin:g} is shown at {', '.join(_eps(e) for e in worse)}"
+    if " — " in effort(v, runs):
+        acc += (
+            " — against a reference that trained more than the private runs (Effort, below), so the loss includes "
+            "that budget" + ("; the split below separates it" if any(r.split for r in v.rows) else "")
+        )
     lines = [f"Explanations: {expl}.", f"Accuracy: {acc}."]
     lines += cost_lines(v)
     verdicts = {c.key: c.verdict for c in v.claims}
@@ -294,7 +300,7 @@ def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> 
     out = [f"# Verdict: grid `{grid.name}`", ""]
     for v in verdicts:
         out += [f"## {v.model} — seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
-        out += [f"- **{line}**" for line in answer(v)] + [""]
+        out += [f"- **{line}**" for line in answer(v, runs)] + [""]
         if effort(v, runs):
             out += [effort(v, runs), ""]
         out += ["How these statements were made:", ""] + [f"- {line}" for line in method(v)] + [""]
@@ -319,7 +325,7 @@ def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig)
     parts = ['<h2 id="verdict">Verdict</h2>']
     for v in verdicts:
         parts.append(f"<h3>{e(v.model)}: seeds {e(', '.join(map(str, v.seeds)) or '—')}</h3>")
-        parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v)) + "</ul>")
+        parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v, runs)) + "</ul>")
         if effort(v, runs):
             parts.append(f"<p>{e(effort(v, runs))}</p>")
         parts.append('<ul class="note">' + "".join(f"<li>{e(line)}</li>" for line in method(v)) + "</ul>")
