@@ -29,6 +29,29 @@ def _isolated_cwd(tmp_path, monkeypatch):
     yield
 
 
+def tiny_grid(**kw):
+    """A small grid of every family but local DP, without DP schedules (the train section's recipe for every ε)."""
+    from dpcam.config import GridConfig
+
+    base = dict(
+        name="t",
+        models=["smallcnn"],
+        seeds=[0],
+        gaussian=[2],
+        laplace=[5],
+        laplace_clip=7,
+        laplace_lr=0.05,
+        baselines=["none"],
+        ldp=[],
+        clip_sweep={"epsilon": 2, "clips": [3]},
+        train_sizes={"sizes": [40], "gaussian": [2], "none": False},
+        nonprivate={"optimizer": "adam", "lr": 0.01, "batch_size": 16, "epochs": 2},
+        finetune={"schemes": ["none", "gaussian", "laplace"]},
+        schedules=None,
+    )
+    return GridConfig.model_validate({**base, **kw})
+
+
 def make_tiny(name="tiny", n=240, size=16, root=Path("data/prepared"), masks=False):
     """Two classes a small CNN separates in a few epochs: class 1 has a bright centre square (its mask)."""
     rng = np.random.default_rng(0)

@@ -23,6 +23,7 @@ def _grid(executor: str) -> GridConfig:
         executor=executor,
         workers=2,
         nonprivate={"optimizer": "adam", "lr": 0.003, "batch_size": 32, "epochs": 2},
+        schedules=None,
     )
 
 

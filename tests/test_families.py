@@ -1,11 +1,13 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dpcam import families
 from dpcam.config import GridConfig, TrainConfig
 from dpcam.errors import UserError
 from dpcam.families import grid_runs
+from tests.conftest import tiny_grid
 
 
 def cfg(**kw) -> TrainConfig:
@@ -13,26 +15,8 @@ def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _grid(**kw):
-    base = dict(
-        name="t",
-        models=["smallcnn"],
-        seeds=[0],
-        gaussian=[2],
-        laplace=[5],
-        laplace_clip=7,
-        laplace_lr=0.05,
-        baselines=["none"],
-        ldp=[],
-        clip_sweep={"epsilon": 2, "clips": [3]},
-        train_sizes={"sizes": [40], "gaussian": [2], "none": False},
-        nonprivate={"optimizer": "adam", "lr": 0.01, "batch_size": 16},
-    )
-    return GridConfig.model_validate({**base, **kw})
-
-
 def test_grid_config_applies_what_each_family_varies():
-    grid, base = _grid(), cfg(scheme="gaussian", lr=0.5, clip=1.0)
+    grid, base = tiny_grid(), cfg(scheme="gaussian", lr=0.5, clip=1.0)
     got = {s.name: families.run_config(s, grid, base) for s in grid_runs(grid)}
     none = got["none-epsinf-smallcnn-s0"]
     assert (none.scheme, none.optimizer, none.lr, none.batch_size) == ("none", "adam", 0.01, 16)
@@ -45,17 +29,26 @@ def test_grid_config_applies_what_each_family_varies():
 
 
 def test_every_run_is_named_by_what_it_varies_and_belongs_to_a_registered_family():
-    grid = GridConfig()
-    runs = grid_runs(grid)
-    # headline families: 3 seeds; laplace, laplace-paper, ldp, clip-sweep (2 C × lr fixed / lr·C held), train-size,
-    # public, finetune-*: one
-    assert len({r.name for r in runs}) == len(runs) == 2 * 3 + 4 * 3 + 3 + 3 + 4 + 4 + 3 + 1 + 1 + 3 + 3
-    assert {r.family for r in runs} == set(families.FAMILIES)
+    from dpcam import profiles
+
+    runs = grid_runs(GridConfig())
+    # the default: ε = ∞ (tuned) and, per DP schedule (short, long), ε = ∞ and clip-only with it; 4 Gaussian ε; on 3
+    # seeds; the clipping sweep (2 C × lr fixed / lr·C held) on one
+    assert len({r.name for r in runs}) == len(runs) == 5 * 3 + 4 * 3 + 4
     assert [r.name for r in runs][:3] == [
         "none-epsinf-smallcnn-s0",
-        "clip-only-epsinf-smallcnn-s0",
-        "none-epsinf-smallcnn-s1",
+        "none-epsinf-sched-short-smallcnn-s0",
+        "clip-only-epsinf-sched-short-smallcnn-s0",
     ]
+    repo = Path(__file__).resolve().parents[1]
+    params = profiles.merge(
+        yaml.safe_load((repo / "params.yaml").read_text()), profiles.load_overlay("full", repo / "profiles")
+    )
+    full = grid_runs(GridConfig.model_validate(params["grid"]))
+    # full adds, on one seed: laplace, laplace-paper (3 ε), ldp (4), train-size (none + 2 ε), public, finetune-none,
+    # finetune-gaussian and -laplace (3 ε)
+    assert len({r.name for r in full}) == len(full) == len(runs) + 3 + 3 + 4 + 3 + 1 + 1 + 3 + 3
+    assert {r.family for r in full} == set(families.FAMILIES)
 
 
 @pytest.mark.parametrize(
@@ -68,23 +61,23 @@ def test_every_run_is_named_by_what_it_varies_and_belongs_to_a_registered_family
 )
 def test_a_flag_the_grid_sets_for_a_run_is_refused_not_lost(family, flag, source):
     with pytest.raises(UserError) as e:
-        families.check_flags(family, _grid(), {flag: 0.5})
+        families.check_flags(family, tiny_grid(), {flag: 0.5})
     msg = str(e.value)
     assert msg.startswith(f"--{flag.replace('_', '-')}: the grid sets {flag} for run") and f"({source})" in msg
 
 
 def test_flags_the_grid_leaves_alone_are_accepted():
-    families.check_flags("gaussian", _grid(), {"lr": 0.5, "batch_size": 64, "device": "cpu"})
-    families.check_flags("baseline", _grid(baselines=["clip-only"]), {"lr": 0.5})
+    families.check_flags("gaussian", tiny_grid(), {"lr": 0.5, "batch_size": 64, "device": "cpu"})
+    families.check_flags("baseline", tiny_grid(baselines=["clip-only"]), {"lr": 0.5})
 
 
 def test_unknown_family_is_one_line():
     with pytest.raises(UserError, match="unknown grid family 'gausian'; families: baseline, gaussian"):
-        families.family_runs(_grid(), "gausian", families.MODELS_ROOT)
+        families.family_runs(tiny_grid(), "gausian", families.MODELS_ROOT)
 
 
 def test_family_seeds_and_the_protocol():
-    grid = _grid(seeds=[0, 1], family_seeds={"laplace": [7]}, protocol="same")
+    grid = tiny_grid(seeds=[0, 1], family_seeds={"laplace": [7]}, protocol="same")
     runs = grid_runs(grid)
     assert {r.seed for r in runs if r.family == "laplace"} == {7} and {
         r.seed for r in runs if r.family == "gaussian"
@@ -92,11 +85,11 @@ def test_family_seeds_and_the_protocol():
     none = families.run_config(next(r for r in runs if r.scheme == "none"), grid, cfg(lr=0.5))
     assert none.lr == 0.5 and none.optimizer == "sgd"  # protocol same: the train section's recipe for every ε
     with pytest.raises(ValueError, match="unknown family 'lapalce'"):
-        _grid(family_seeds={"lapalce": [0]})
+        tiny_grid(family_seeds={"lapalce": [0]})
 
 
 def test_laplace_paper_runs_at_the_laplace_eps_with_the_gaussian_recipe_named_nominal():
-    grid, base = _grid(laplace=[1, 5]), cfg(scheme="gaussian", lr=0.5, clip=1.0)
+    grid, base = tiny_grid(laplace=[1, 5]), cfg(scheme="gaussian", lr=0.5, clip=1.0)
     runs = [r for r in grid_runs(grid) if r.family == "laplace-paper"]
     assert [r.name for r in runs] == ["laplace-paper-nominal1-smallcnn-s0", "laplace-paper-nominal5-smallcnn-s0"]
     c = families.run_config(runs[1], grid, base)
@@ -104,10 +97,11 @@ def test_laplace_paper_runs_at_the_laplace_eps_with_the_gaussian_recipe_named_no
 
 
 def test_public_pretraining_and_fine_tuning_families():
-    grid = _grid(
+    grid = tiny_grid(
         laplace=[5],
         nonprivate={"optimizer": "sgd", "lr": 0.2, "batch_size": 16, "epochs": 3},
         finetune={
+            "schemes": ["none", "gaussian", "laplace"],
             "epochs": 4,
             "batch_size": 64,
             "lr": 3.0,
@@ -131,15 +125,17 @@ def test_public_pretraining_and_fine_tuning_families():
     assert (none.lr, none.batch_size, none.epochs, none.optimizer) == (0.7, 32, 5, "sgd")
     assert str(none.weights) == weights and not none.public
     # real data: local trunk weights, no public trunk to train
-    local = _grid(finetune={"weights": "trunk.pt", "trainable": "last-block"})
+    local = tiny_grid(
+        finetune={"schemes": ["none", "gaussian", "laplace"], "weights": "trunk.pt", "trainable": "last-block"}
+    )
     names = [r.name for r in grid_runs(local)]
     assert not any(n.endswith("public-smallcnn-s0") for n in names)
     ft = next(r for r in grid_runs(local) if r.family == "finetune-gaussian")
     assert ft.name == "gaussian-eps5-ft-last-block-smallcnn-s0" and ft.weights == "trunk.pt"
     # off
-    off = _grid(finetune={"schemes": []})
+    off = tiny_grid(finetune={"schemes": []})
     assert not [r for r in grid_runs(off) if r.family == "public" or r.family.startswith("finetune-")]
-    only = _grid(finetune={"schemes": ["laplace"]})
+    only = tiny_grid(finetune={"schemes": ["laplace"]})
     assert {r.family for r in grid_runs(only)} >= {"public", "finetune-laplace"}
     assert not [r for r in grid_runs(only) if r.family in ("finetune-gaussian", "finetune-none")]
 
@@ -156,13 +152,13 @@ def test_public_pretraining_and_fine_tuning_families():
 )
 def test_a_fine_tuning_flag_the_grid_sets_names_its_key(family, flag, source):
     with pytest.raises(UserError) as e:
-        families.check_flags(family, _grid(), {flag: 0.5})
+        families.check_flags(family, tiny_grid(), {flag: 0.5})
     assert f"({source})" in str(e.value)
 
 
 def test_per_family_overrides_change_only_that_familys_runs():
     """grid.overrides: the paper profiles give Gaussian DP-SGD ghost clipping while Laplace keeps hooks."""
-    grid = _grid(overrides={"gaussian": {"grad_sample_mode": "ghost", "batch_size": 64}})
+    grid = tiny_grid(overrides={"gaussian": {"grad_sample_mode": "ghost", "batch_size": 64}})
     base = cfg(scheme="gaussian", grad_sample_mode="hooks")
     got = {s.name: families.run_config(s, grid, base) for s in grid_runs(grid)}
     g = got["gaussian-eps2-smallcnn-s0"]
@@ -183,7 +179,7 @@ def test_per_family_overrides_change_only_that_familys_runs():
 )
 def test_bad_overrides_are_refused(overrides, words):
     with pytest.raises(ValueError, match=words):
-        _grid(overrides=overrides)
+        tiny_grid(overrides=overrides)
 
 
 def test_the_paper_profiles_give_gaussian_ghost_and_keep_laplace_on_hooks():
@@ -195,13 +191,13 @@ def test_the_paper_profiles_give_gaussian_ghost_and_keep_laplace_on_hooks():
 
 
 SCHEDULES = {
-    "short": {"epsilons": [1], "epochs": 3, "batch_size": 64, "lr": 2.0, "reference_lr": 0.3},
-    "long": {"epsilons": [2], "epochs": 6, "batch_size": 128, "lr": 4.0, "ema": 0.9, "reference_lr": 0.5},
+    "short": {"max_epsilon": 1, "epochs": 3, "batch_size": 64, "lr": 2.0, "reference_lr": 0.3},
+    "long": {"max_epsilon": None, "epochs": 6, "batch_size": 128, "lr": 4.0, "ema": 0.9, "reference_lr": 0.5},
 }
 
 
 def test_each_eps_trains_with_its_schedule_and_each_schedule_has_its_references():
-    grid = _grid(gaussian=[1, 2], baselines=["none", "clip-only"], schedules=SCHEDULES, budget=12)
+    grid = tiny_grid(gaussian=[1, 2], baselines=["none", "clip-only"], schedules=SCHEDULES, budget=12)
     got = {s.name: families.run_config(s, grid, cfg(scheme="gaussian", lr=0.5)) for s in grid_runs(grid)}
     g1, g2 = got["gaussian-eps1-smallcnn-s0"], got["gaussian-eps2-smallcnn-s0"]
     assert (g1.epochs, g1.batch_size, g1.lr, g1.ema) == (3, 64, 2.0, None)
@@ -215,7 +211,7 @@ def test_each_eps_trains_with_its_schedule_and_each_schedule_has_its_references(
 
 
 def test_the_held_clipping_sweep_keeps_lr_times_c():
-    grid = _grid(clip_sweep={"epsilon": 2, "clips": [4]})
+    grid = tiny_grid(clip_sweep={"epsilon": 2, "clips": [4]})
     got = {s.name: families.run_config(s, grid, cfg(scheme="gaussian", lr=0.5, clip=1.0)) for s in grid_runs(grid)}
     fixed, held = got["gaussian-eps2-clip4-smallcnn-s0"], got["gaussian-eps2-clip4-held-smallcnn-s0"]
     assert (fixed.clip, fixed.lr) == (4, 0.5) and (held.clip, held.lr) == (4, 0.125)
@@ -224,17 +220,19 @@ def test_the_held_clipping_sweep_keeps_lr_times_c():
 @pytest.mark.parametrize(
     "schedules, message",
     [
-        ({"a": {"epsilons": [7], "epochs": 3}}, "schedules.a: ε 7 is not in grid.gaussian"),
-        ({"a": {"epsilons": [1, 2]}, "b": {"epsilons": [2]}}, "ε 2 is in both a and b"),
-        ({"a": {"epsilons": [1]}}, "no schedule trains Gaussian ε 2"),
-        ({"a": {"epsilons": [1, 2], "epochs": 7, "aug_mult": 4, "augment": "flip-shift"}}, "more than the budget"),
-        ({"a": {"epsilons": [1, 2], "aug_mult": 2}}, "aug_mult = 2 averages augmented views"),
-        ({"a": {"epsilons": [1, 2], "ema": 1.5}}, "ema"),
-        ({"Long!": {"epsilons": [1, 2]}}, "lowercase letters and digits"),
+        ({"a": {"max_epsilon": 1}, "b": {"max_epsilon": 1}}, "a and b both have max_epsilon 1"),
+        ({"a": {}, "b": {"max_epsilon": None}}, "a and b both have no bound"),
+        ({"a": {"max_epsilon": 1}}, "no schedule's band holds Gaussian ε 2"),
+        ({"a": {"epochs": 7, "aug_mult": 4, "augment": "flip-shift"}}, "more than the budget"),
+        ({"a": {"aug_mult": 2}}, "aug_mult = 2 averages augmented views"),
+        ({"a": {"ema": 1.5}}, "ema"),
+        ({"a": {"ema": 0}}, "ema"),
+        ({"a": {"aug_mult": 0}}, "aug_mult"),
+        ({"Long!": {}}, "lowercase letters and digits"),
     ],
 )
 def test_bad_schedules_are_refused_before_any_training(schedules, message):
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match=message):
-        _grid(gaussian=[1, 2], schedules=schedules, budget=24)
+        tiny_grid(gaussian=[1, 2], schedules=schedules, budget=24)

@@ -58,7 +58,7 @@ def test_merge_keeps_every_key_the_overlay_does_not_name():
     }
 
 
-@pytest.mark.parametrize("name", ["paper-aptos", "paper-catsdogs", "quick"])
+@pytest.mark.parametrize("name", ["paper-aptos", "paper-catsdogs", "quick", "full"])
 def test_the_shipped_profiles_are_valid_overlays_of_the_shipped_params(name, tmp_path):
     overlay = profiles.load_overlay(name, REPO / "profiles")
     source = (overlay.get("prepare") or {}).get("source")
@@ -71,3 +71,26 @@ def test_the_shipped_profiles_are_valid_overlays_of_the_shipped_params(name, tmp
     for section in merged:
         if section in config.SECTIONS:
             assert merged[section].keys() <= config.SECTIONS[section].model_fields.keys()
+
+
+def test_an_empty_mapping_is_refused_and_null_clears_one_as_dvc_exp_run_does():
+    from dvc.utils.hydra import apply_overrides
+
+    _write("empty", {"grid": {"schedules": {}}})
+    with pytest.raises(UserError, match=r"empty.yaml: grid.schedules: \{\} keeps params.yaml's mapping.*write null"):
+        profiles.command("empty")
+    _write("off", {"grid": {"schedules": None}})
+    Path("params.yaml").write_text((REPO / "params.yaml").read_text())
+    sets = profiles.command("off")[5:]
+    assert "grid.schedules=null" in sets
+    apply_overrides("params.yaml", [s for s in sets[1::2] if s.startswith("grid.")])  # what `dvc exp run -S` does
+    assert config.load_section("grid").schedules == {}
+    assert (
+        profiles.merge(config.read_params(REPO / "params.yaml"), {"grid": {"schedules": None}})["grid"]["schedules"]
+        is None
+    )
+
+
+def test_the_paper_profiles_train_every_eps_with_the_papers_one_recipe():
+    for name in ("paper-aptos", "paper-catsdogs"):
+        assert profiles.load_overlay(name, REPO / "profiles")["grid"]["schedules"] is None

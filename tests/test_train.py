@@ -12,7 +12,7 @@ from dpcam import layout, tracking, train
 from dpcam.cli import app
 from dpcam.config import TrainConfig
 from dpcam.errors import UserError
-from tests.conftest import make_tiny
+from tests.conftest import make_tiny, tiny_grid
 
 
 def cfg(**kw) -> TrainConfig:
@@ -338,28 +338,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_epsilon(tiny):
     assert k["test_accuracy"] == w["test_accuracy"]
 
 
-def _grid(**kw):
-    from dpcam.config import GridConfig
-
-    base = dict(
-        name="t",
-        models=["smallcnn"],
-        seeds=[0],
-        gaussian=[2],
-        laplace=[5],
-        laplace_clip=7,
-        laplace_lr=0.05,
-        baselines=["none"],
-        ldp=[],
-        clip_sweep={"epsilon": 2, "clips": [3]},
-        train_sizes={"sizes": [40], "gaussian": [2], "none": False},
-        nonprivate={"optimizer": "adam", "lr": 0.01, "batch_size": 16},
-    )
-    return GridConfig.model_validate({**base, **kw})
-
-
 def test_run_family_trains_every_run_of_the_family_into_its_folder(tiny):
-    grid = _grid(gaussian=[2, 4])
+    grid = tiny_grid(gaussian=[2, 4])
     results = train.run_family("gaussian", grid, cfg(scheme="gaussian", epochs=1), progress=False)
     assert [r["run_name"] for r in results] == ["gaussian-eps2-smallcnn-s0", "gaussian-eps4-smallcnn-s0"]
     for r in results:
@@ -374,7 +354,7 @@ def test_run_family_trains_every_run_of_the_family_into_its_folder(tiny):
 
 
 def test_a_grid_eps_no_noise_reaches_is_refused_before_any_run_trains(tiny):
-    grid = _grid(gaussian=[2, 1e-9])
+    grid = tiny_grid(gaussian=[2, 1e-9])
     with pytest.raises(UserError, match=r"gaussian-eps1e-09-smallcnn-s0: target ε = 1e-09 .* cannot be reached"):
         train.run_family("gaussian", grid, cfg(scheme="gaussian", epochs=1), progress=False)
     assert not Path("models/gaussian/gaussian-eps2-smallcnn-s0/train.json").exists()  # ε = 2 was not trained first
@@ -548,7 +528,7 @@ def test_run_family_leaves_a_live_runs_folder_alone(tiny):
     (folder / "checkpoint.pt").write_bytes(b"the live run's")
     with train.run_lock(folder, "gaussian-eps2-smallcnn-s0"):
         with pytest.raises(UserError, match=f"is being trained right now by process {os.getpid()}"):
-            train.run_family("gaussian", _grid(), cfg(scheme="gaussian", epochs=1), progress=False)
+            train.run_family("gaussian", tiny_grid(), cfg(scheme="gaussian", epochs=1), progress=False)
         assert (folder / "checkpoint.pt").read_bytes() == b"the live run's"
     assert not (folder / train.LOCK_FILE).exists()
 
@@ -862,7 +842,13 @@ def test_rerunning_a_family_redoes_only_the_runs_without_complete_outputs(tmp_pa
     monkeypatch.chdir(tmp_path)
     make_tiny()
     grid = GridConfig(
-        models=["smallcnn"], seeds=[0, 1], gaussian=[2], baselines=["none"], family_seeds={}, executor="serial"
+        models=["smallcnn"],
+        seeds=[0, 1],
+        gaussian=[2],
+        baselines=["none"],
+        family_seeds={},
+        executor="serial",
+        schedules=None,
     )
     base = TrainConfig(dataset="tiny", model="smallcnn", epochs=1, batch_size=32, lr=0.5, device="cpu", delta=1e-3)
     first = {r.run_name: r for r in train.run_family("gaussian", grid, base, progress=False)}
@@ -912,7 +898,7 @@ def test_a_grid_that_drops_a_family_removes_its_runs_saying_how_many_and_an_empt
     grid drops (its own list emptied) has its runs removed, and the command says how many."""
     import yaml
 
-    grid = _grid(gaussian=[2, 5], executor="serial")
+    grid = tiny_grid(gaussian=[2, 5], executor="serial")
     base = cfg(scheme="gaussian", epochs=1, delta=1e-3)
     trained = sorted(r.run_name for r in train.run_family("gaussian", grid, base, progress=False))
     before = {p: p.read_bytes() for p in sorted(Path("models/gaussian").rglob("*")) if p.is_file()}
@@ -930,7 +916,7 @@ def test_a_run_a_killed_process_left_running_is_ended_killed_when_the_stage_reru
     leaves its run's id in the run folder (and its checkpoint); the stage that trains the run again ends it."""
     from mlflow.tracking import MlflowClient
 
-    grid, base = _grid(executor="serial"), cfg(scheme="gaussian", epochs=1, delta=1e-3)
+    grid, base = tiny_grid(executor="serial"), cfg(scheme="gaussian", epochs=1, delta=1e-3)
     folder = Path("models/gaussian/gaussian-eps2-smallcnn-s0")
     folder.mkdir(parents=True)
     tracking._setup()

@@ -360,7 +360,8 @@ def _baseline_runs(grid: GridConfig, model: str, seed: int) -> list[RunSpec]:
     runs = [spec("baseline", "none", model, seed)] if "none" in grid.baselines else []
     if not grid.schedules:
         return runs + ([spec("baseline", "clip-only", model, seed)] if "clip-only" in grid.baselines else [])
-    return runs + [spec("baseline", s, model, seed, schedule=name) for name in grid.schedules for s in grid.baselines]
+    used = grid.active_schedules()
+    return runs + [spec("baseline", s, model, seed, schedule=name) for name in used for s in grid.baselines]
 
 
 def _ldp_epsilon(name: str) -> float | None:

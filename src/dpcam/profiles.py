@@ -39,7 +39,20 @@ def load_overlay(name: str, folder: Path = PROFILES_DIR) -> dict[str, Any]:
     unknown = [k for k in data if k not in config.SECTIONS]
     if unknown:
         raise UserError(f"{path}: unknown section {unknown[0]!r}; sections are {', '.join(config.SECTIONS)}")
+    if empty := _empty_mapping(data):
+        raise UserError(
+            f"{path}: {empty}: {{}} keeps params.yaml's mapping (dvc exp run -S merges mappings); write null to clear it"
+        )
     return data
+
+
+def _empty_mapping(overlay: dict[str, Any], prefix: str = "") -> str | None:
+    """The dotted key of the first empty mapping inside ``overlay`` (None if there is none)."""
+    for k, v in overlay.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and (found := _empty_mapping(v, f"{key}.") if v else key):
+            return found
+    return None
 
 
 def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

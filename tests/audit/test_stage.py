@@ -158,6 +158,7 @@ def test_audit_family_mirrors_the_explain_stage(in_runs):
         ldp=[],
         train_sizes={"sizes": []},
         finetune={"schemes": []},
+        schedules=None,
     )
     with pytest.raises(UserError, match="grid run none-epsinf-smallcnn-s0: no trained model"):
         A.audit_family("baseline", grid, cfg())
@@ -184,6 +185,7 @@ def test_audit_grid_checks_every_model_before_writing(in_runs):
         ldp=[],
         train_sizes={"sizes": []},
         finetune={"schemes": []},
+        schedules=None,
     )
     for folder in ("models/baseline", "audits/baseline"):  # the runs fixture is shared with the family test
         shutil.rmtree(folder, ignore_errors=True)
@@ -201,6 +203,7 @@ def test_audit_grid_checks_every_model_before_writing(in_runs):
         ldp=[],
         train_sizes={"sizes": []},
         finetune={"schemes": []},
+        schedules=None,
     )
     [r] = A.audit_grid(grid, cfg(attacks=["loss"]))
     assert (

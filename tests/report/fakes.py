@@ -24,6 +24,7 @@ def fake_grid(**kw) -> GridConfig:
         "train_sizes": {"sizes": [100], "gaussian": [5], "none": False},
         "family_seeds": {},  # every family on every seed
         "finetune": {"schemes": []},  # no public trunk (test_tables.py turns it on)
+        "schedules": None,  # the train section's recipe for every ε (test_verdict.py sets schedules)
     }
     return GridConfig(**{**base, **kw})
 

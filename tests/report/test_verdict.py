@@ -87,7 +87,7 @@ def test_with_dp_schedules_the_verdict_splits_the_cost_and_draws_it(tmp_path, mo
     from tests.report.fakes import fake_grid, write_fake_runs
 
     monkeypatch.chdir(tmp_path)
-    schedules = {"short": {"epsilons": [1], "epochs": 1}, "long": {"epsilons": [5], "epochs": 2}}
+    schedules = {"short": {"max_epsilon": 1, "epochs": 1}, "long": {"epochs": 2}}
     grid = fake_grid(schedules=schedules, baselines=["none", "clip-only"])
     write_fake_runs(grid, degenerate=())
     summary = rep.report(grid)

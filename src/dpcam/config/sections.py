@@ -351,15 +351,18 @@ class NonPrivateConfig(Section):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     batch_size: int = Field(128, ge=1)
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(24, ge=1)
     schedule: Literal[names.SCHEDULES] = "cosine"  # type: ignore[valid-type]
 
 
 class ScheduleConfig(Section):
     """A DP-SGD recipe for a band of ε (chosen on validation data of an independent draw: docs/recipes.md), and the
-    learning rate of the non-private reference trained with its schedule (the "budget" part of the gap)."""
+    learning rate of the non-private reference trained with its schedule (the "budget" part of the gap). A band is
+    every ε above the next smaller schedule's bound up to ``max_epsilon`` (null: no upper bound)."""
 
-    epsilons: Annotated[list[Epsilon], Distinct] = Field(description="the grid's Gaussian ε this recipe trains")
+    max_epsilon: Epsilon | None = Field(
+        None, description="the largest Gaussian ε of this band (null: every ε above the other bands)"
+    )
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(512, ge=1, description="expected batch size (Poisson sampling)")
     lr: Annotated[float, Float32] = Field(1.0, gt=0)
@@ -380,7 +383,7 @@ class ScheduleConfig(Section):
 
     def recipe(self) -> dict[str, Any]:
         """The train keys of the DP runs of this schedule (and of its clip-only reference)."""
-        return self.model_dump(exclude={"epsilons", "reference_lr"})
+        return self.model_dump(exclude={"max_epsilon", "reference_lr"})
 
     def reference(self) -> dict[str, Any]:
         """The train keys of ε = ∞ trained with this schedule: the same steps and views, its own lr."""
@@ -407,7 +410,7 @@ class ClipSweepConfig(Section):
 class TrainSizesConfig(Section):
     """DP needs data: the same runs on the first N training images of each size."""
 
-    sizes: Annotated[list[Annotated[int, Field(ge=10)]], Distinct] = Field(default_factory=lambda: [2000])
+    sizes: Annotated[list[Annotated[int, Field(ge=10)]], Distinct] = Field(default_factory=list)
     gaussian: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [1, 10])
     none: bool = True
 
@@ -431,7 +434,7 @@ class FinetuneConfig(Section):
     """
 
     schemes: list[Literal[names.FINETUNE_SCHEMES]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: list(names.FINETUNE_SCHEMES),
+        default_factory=list,
         description="fine-tuning families to run (finetune-<scheme>); [] = none, and no public pretraining",
     )
     weights: Path | None = Field(
@@ -473,14 +476,14 @@ class GridConfig(Section):
         Distinct,
     ] = Field(default_factory=lambda: [0, 1, 2])
     gaussian: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [0.5, 1, 5, 10])
-    laplace: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [1, 5, 10])
+    laplace: Annotated[list[Epsilon], Distinct] = Field(default_factory=list)
     laplace_clip: float = Field(100, gt=0, description="L1 clipping bound of the laplace runs")
     laplace_lr: float = Field(0.75, gt=0)
     baselines: Annotated[list[Literal["none", "clip-only"]], Distinct] = Field(
         default_factory=lambda: ["none", "clip-only"]
     )
     ldp: Annotated[list[Annotated[str, Field(pattern=DATASET_NAME)]], Distinct] = Field(
-        default_factory=lambda: ["singh-sikka-eps0.25", "singh-sikka-eps0.5", "singh-sikka-eps1", "dp-pix-eps1"],
+        default_factory=list,
         description="local-DP derivatives to train on, e.g. singh-sikka-eps0.5",
     )
     clip_sweep: ClipSweepConfig = ClipSweepConfig()
@@ -506,9 +509,12 @@ class GridConfig(Section):
         description="seeds of a family other than grid.seeds (e.g. fewer for the non-headline ones)",
     )
     schedules: dict[str, ScheduleConfig] = Field(
-        default_factory=dict,
+        default_factory=lambda: {
+            "short": ScheduleConfig(max_epsilon=1, epochs=16, lr=1.0, reference_lr=0.2),
+            "long": ScheduleConfig(epochs=24, lr=1.0, reference_lr=0.1),
+        },
         description="budget-fair DP recipes per band of Gaussian ε (docs/recipes.md), each with its non-private and "
-        "clip-only references; {} = every ε trains with the train section's recipe",
+        "clip-only references; null = every ε trains with the train section's recipe",
     )
     budget: int = Field(
         24, ge=1, description="the most epochs of examples (views count) any recipe of the grid may process"
@@ -518,6 +524,11 @@ class GridConfig(Section):
         description="per family, train keys its runs change (e.g. gaussian: {grad_sample_mode: ghost}); "
         "applied after the family's own recipe",
     )
+
+    @field_validator("schedules", mode="before")
+    @classmethod
+    def _no_schedules(cls, v: Any) -> Any:
+        return {} if v is None else v  # null clears the mapping (an empty one would merge under `dvc exp run -S`)
 
     @field_validator("family_seeds")
     @classmethod
@@ -560,31 +571,42 @@ class GridConfig(Section):
 
     @model_validator(mode="after")
     def _schedules(self) -> GridConfig:
-        owner: dict[float, str] = {}
+        bounds: dict[float | None, str] = {}
         for name, s in self.schedules.items():
             if not re.fullmatch(r"[a-z0-9]+", name):
                 raise ValueError(f"schedules.{name}: a schedule's name is lowercase letters and digits (it names runs)")
-            for e in s.epsilons:
-                if e not in self.gaussian:
-                    raise ValueError(f"schedules.{name}: ε {format_eps(e)} is not in grid.gaussian")
-                if e in owner:
-                    raise ValueError(f"schedules: ε {format_eps(e)} is in both {owner[e]} and {name}; give it one")
-                owner[e] = name
+            if s.max_epsilon in bounds:
+                bound = "no bound" if s.max_epsilon is None else f"max_epsilon {format_eps(s.max_epsilon)}"
+                raise ValueError(f"schedules: {bounds[s.max_epsilon]} and {name} both have {bound}; give each its own")
+            bounds[s.max_epsilon] = name
             if s.examples() > self.budget:
                 raise ValueError(
                     f"schedules.{name}: {s.epochs} epochs × {s.aug_mult} views = {s.examples()} epochs of examples, "
                     f"more than the budget of {self.budget}; shorten it or raise grid.budget"
                 )
-        missing = [format_eps(e) for e in self.gaussian if e not in owner]
-        if self.schedules and missing:
-            raise ValueError(f"schedules: no schedule trains Gaussian ε {', '.join(missing)}; add it to one")
+        missing = [format_eps(e) for e in self.gaussian if self.schedules and self.schedule_of(e) is None]
+        if missing:
+            raise ValueError(
+                f"schedules: no schedule's band holds Gaussian ε {', '.join(missing)}; raise a max_epsilon or add "
+                "a schedule with max_epsilon: null"
+            )
         if self.nonprivate.epochs > self.budget:
             raise ValueError(f"nonprivate.epochs = {self.nonprivate.epochs} is more than the budget of {self.budget}")
         return self
 
     def schedule_of(self, epsilon: float | None) -> str | None:
-        """The name of the schedule that trains Gaussian ``epsilon`` (None: the train section's recipe)."""
-        return next((n for n, s in self.schedules.items() if epsilon in s.epsilons), None)
+        """The name of the schedule whose band holds Gaussian ``epsilon`` (None: the train section's recipe)."""
+        if epsilon is None:
+            return None
+        bands = sorted(
+            self.schedules.items(), key=lambda kv: math.inf if kv[1].max_epsilon is None else kv[1].max_epsilon
+        )
+        return next((n for n, s in bands if s.max_epsilon is None or epsilon <= s.max_epsilon), None)
+
+    def active_schedules(self) -> list[str]:
+        """The schedules that train some ε of grid.gaussian (the others train nothing and need no references)."""
+        used = {self.schedule_of(e) for e in self.gaussian}
+        return [n for n in self.schedules if n in used]
 
     @model_validator(mode="after")
     def _gpus_need_ray(self) -> GridConfig:

@@ -282,7 +282,7 @@ def claim_c(runs: list[Run], model: str, config: VerdictConfig) -> Claim:
     lap, gau = pick(runs, family=f"{fam}laplace", model=model), pick(runs, family=f"{fam}gaussian", model=model)
     shared = sorted({r.spec.epsilon for r in lap} & {r.spec.epsilon for r in gau})
     if not shared:
-        c.reason = "not measured: the grid has no Laplace and Gaussian runs at a shared ε"
+        c.reason = "not measured: the grid has no Laplace and Gaussian runs at a shared ε (`make paper PROFILE=full`)"
         return _settle(c, "inconclusive", [], lap + gau, [])
     cells = [(e, k, compare(pick(lap, epsilon=e), pick(gau, epsilon=e), label(k))) for e in shared for k in PAPER]
     rej = holm_rejects([d.p for _, _, d in cells])
@@ -355,7 +355,7 @@ def claim_d(runs: list[Run], model: str) -> Claim:
     ldp = [r for r in pick(runs, family="ldp", model=model) if r.spec.epsilon is not None]
     ref = pick(runs, family="baseline", scheme="none", model=model, schedule=None)
     if not ldp or not ref:
-        c.reason = "not measured: the grid has no local-DP runs"
+        c.reason = "not measured: the grid has no local-DP runs (`make paper PROFILE=full` has them)"
         return _settle(c, "inconclusive", [], [], [])
     mechs = sorted({r.spec.ldp.rsplit("-eps")[0] for r in ldp})
     mech = "singh-sikka" if "singh-sikka" in mechs else mechs[0]
