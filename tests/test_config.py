@@ -220,3 +220,17 @@ def test_grid_lists_without_repeats_and_the_lists_every_family_needs_not_empty(d
 def test_a_family_is_dropped_by_emptying_its_own_list():
     grid = config.load_section("grid", None, write_params({"grid": {"gaussian": [], "ldp": [], "baselines": []}}))
     assert grid.gaussian == [] and grid.ldp == [] and grid.baselines == []
+
+
+def test_the_shipped_recipes_are_the_ones_scripts_recipes_chose():
+    import json
+
+    repo = Path(__file__).resolve().parents[1]
+    chosen = json.loads((repo / "docs/recipes.json").read_text())
+    grid = config.load_section("grid", path=repo / "params.yaml")
+    assert set(chosen["chosen"]) == set(grid.schedules)
+    for band, keys in chosen["chosen"].items():
+        shipped = grid.schedules[band].model_dump()
+        assert {k: shipped[k] for k in keys} == keys, band
+    np = grid.nonprivate
+    assert chosen["nonprivate_chosen"] == f"sgd lr {np.lr:g}, batch {np.batch_size}, {np.epochs} epochs"

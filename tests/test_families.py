@@ -210,6 +210,21 @@ def test_each_eps_trains_with_its_schedule_and_each_schedule_has_its_references(
     assert "clip-only-epsinf-smallcnn-s0" not in got  # with schedules, clipping is measured per schedule
 
 
+def test_a_schedule_trains_its_band_and_a_schedule_no_eps_falls_in_has_no_references():
+    bands = {"low": {"max_epsilon": 1}, "mid": {"max_epsilon": 4}, "high": {}}
+    grid = tiny_grid(gaussian=[0.5, 1, 3, 10], baselines=["none", "clip-only"], schedules=bands)
+    assert [grid.schedule_of(e) for e in (0.5, 1, 1.5, 4, 10, None)] == ["low", "low", "mid", "mid", "high", None]
+    assert grid.active_schedules() == ["low", "mid", "high"]
+    few = tiny_grid(gaussian=[0.5], baselines=["none", "clip-only"], schedules=bands)
+    assert few.active_schedules() == ["low"]
+    refs = {s.name for s in grid_runs(few) if s.family == "baseline"}
+    assert refs == {
+        "none-epsinf-smallcnn-s0",
+        "none-epsinf-sched-low-smallcnn-s0",
+        "clip-only-epsinf-sched-low-smallcnn-s0",
+    }
+
+
 def test_the_held_clipping_sweep_keeps_lr_times_c():
     grid = tiny_grid(clip_sweep={"epsilon": 2, "clips": [4]})
     got = {s.name: families.run_config(s, grid, cfg(scheme="gaussian", lr=0.5, clip=1.0)) for s in grid_runs(grid)}

@@ -41,7 +41,8 @@ def load_overlay(name: str, folder: Path = PROFILES_DIR) -> dict[str, Any]:
         raise UserError(f"{path}: unknown section {unknown[0]!r}; sections are {', '.join(config.SECTIONS)}")
     if empty := _empty_mapping(data):
         raise UserError(
-            f"{path}: {empty}: {{}} keeps params.yaml's mapping (dvc exp run -S merges mappings); write null to clear it"
+            f"{path}: {empty}: {{}} keeps params.yaml's mapping (dvc exp run -S merges mappings); "
+            "write null to clear it"
         )
     return data
 

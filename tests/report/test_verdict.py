@@ -139,3 +139,16 @@ def test_a_cell_whose_interval_shows_a_loss_is_never_called_underpowered():
     assert "masked accuracy % the loss" not in words
     beyond = {"masked_accuracy_pct": Difference(-12.0, -15.0, -9.0, 3, 200, a=1.0, b=0.5)}
     assert answer([EpsRow(10.0, [], beyond, [])], keys[:1], {keys[0]: 8.7}).cells == {(10.0, keys[0]): "worse"}
+
+
+def test_recipes_names_each_schedules_eps_and_the_budget():
+    from dpcam.config import GridConfig
+    from dpcam.report.verdict_text import recipes
+
+    words = recipes(GridConfig())
+    assert words.startswith("Recipes (each within the compute budget of 24 epochs of examples")
+    assert "ε = ∞: sgd lr 0.1, momentum 0.9, batch 128, 24 epochs, cosine" in words
+    assert "ε = 0.5, 1 (short schedule): DP-SGD lr 1, momentum 0.9, expected batch 512, 16 epochs, C 1" in words
+    assert "ε = 5, 10 (long schedule): DP-SGD lr 1, momentum 0.9, expected batch 512, 24 epochs, C 1" in words
+    one = recipes(GridConfig(gaussian=[2], schedules=None))
+    assert "every ε: the train section's DP recipe" in one and "schedule)" not in one

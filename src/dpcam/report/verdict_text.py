@@ -160,6 +160,39 @@ def effort(v: Verdict, runs: Sequence[Run]) -> str:
     return head + ": no private run had less training than the reference."
 
 
+def recipes(grid: GridConfig) -> str:
+    """The recipes the grid trains the headline with, and the compute budget they were chosen under."""
+    np = grid.nonprivate
+    ref = (
+        f"{np.optimizer} lr {np.lr:g}, momentum {np.momentum:g}, batch {np.batch_size}, {np.epochs} epochs, "
+        f"{np.schedule}"
+        if grid.protocol == "tuned"
+        else "the train section's recipe"
+    )
+    parts = [f"ε = ∞: {ref}"]
+    for name in grid.active_schedules():
+        s = grid.schedules[name]
+        eps = ", ".join(format_eps(e) for e in grid.gaussian if grid.schedule_of(e) == name)
+        extra = "".join(
+            [
+                f" × {s.aug_mult} views" if s.aug_mult > 1 else "",
+                f", EMA {s.ema:g}" if s.ema is not None else "",
+                f", augment {s.augment}" if s.augment != "none" else "",
+            ]
+        )
+        parts.append(
+            f"ε = {eps} ({name} schedule): DP-SGD lr {s.lr:g}, momentum {s.momentum:g}, expected batch "
+            f"{s.batch_size}, {s.epochs} epochs{extra}, C {s.clip:g}; its ε = ∞ reference the same with lr "
+            f"{s.reference_lr:g} and no clipping"
+        )
+    if not grid.schedules:
+        parts.append("every ε: the train section's DP recipe")
+    return (
+        f"Recipes (each within the compute budget of {grid.budget} epochs of examples, grid.budget; chosen on an "
+        "independent draw of the data, docs/recipes.md): " + "; ".join(parts) + "."
+    )
+
+
 def method(v: Verdict) -> list[str]:
     """How the numbers were made: the interval, the marks, the answer's test, the claims' correction."""
     s = len(v.seeds)
@@ -301,6 +334,7 @@ def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> 
     for v in verdicts:
         out += [f"## {v.model} — seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
         out += [f"- **{line}**" for line in answer(v, runs)] + [""]
+        out += [recipes(grid), ""]
         if effort(v, runs):
             out += [effort(v, runs), ""]
         out += ["How these statements were made:", ""] + [f"- {line}" for line in method(v)] + [""]
@@ -326,6 +360,7 @@ def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig)
     for v in verdicts:
         parts.append(f"<h3>{e(v.model)}: seeds {e(', '.join(map(str, v.seeds)) or '—')}</h3>")
         parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v, runs)) + "</ul>")
+        parts.append(f"<p>{e(recipes(grid))}</p>")
         if effort(v, runs):
             parts.append(f"<p>{e(effort(v, runs))}</p>")
         parts.append('<ul class="note">' + "".join(f"<li>{e(line)}</li>" for line in method(v)) + "</ul>")
