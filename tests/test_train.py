@@ -4,6 +4,7 @@ import re
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -120,12 +121,18 @@ def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
     ):
         assert key in saved, key
     assert not Path(f"models/{name}/checkpoint.pt").exists()
+    preds = np.load(f"models/{name}/predictions.npz")  # every test image: prediction, label, probabilities
+    assert np.array_equal(preds["prob"].argmax(1), preds["pred"]) and np.allclose(preds["prob"].sum(1), 1, atol=1e-5)
+    hits = preds["pred"] == preds["label"]
+    assert saved["test_recall"] == [pytest.approx(hits[preds["label"] == c].mean()) for c in (0, 1)]
+    assert 0 <= saved["test_ece"] <= 1 and saved["test_confidence"] == pytest.approx(preds["prob"].max(1).mean())
     model, spec = train.load_model(name)
     assert spec["num_classes"] == 2
     mlflow.set_tracking_uri(tracking.tracking_uri())
     r = mlflow.get_run(m["mlflow_run_id"])
     assert r.info.status == "FINISHED" and r.info.run_name == name
     assert r.data.metrics["epsilon"] == pytest.approx(m["epsilon"])
+    assert r.data.metrics["test_recall_1"] == pytest.approx(saved["test_recall"][1])
     assert r.data.params["scheme"] == "gaussian" and r.data.tags["dpcam.version"]
 
     assert saved["mlflow_model_uri"].startswith("models:/")

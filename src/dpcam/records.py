@@ -203,6 +203,9 @@ class TrainRecord(Record):
     test_qwk: float
     test_pred_histogram: list[int]
     test_majority_share: float
+    test_recall: list[float | None] | None = None  # per class: the share of its test images predicted as it
+    test_ece: float | None = None  # expected calibration error (15 equal-width confidence bins)
+    test_confidence: float | None = None  # mean probability of the predicted class
     train_seconds: float
     device: str
     collapsed: bool

@@ -134,20 +134,36 @@ def _fingerprint(cfg: TrainConfig) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split, batch_size: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted class and true label for every image of ``split`` (plain module, eval mode)."""
+def predict(model: nn.Module, split, batch_size: int, device: torch.device) -> tuple[np.ndarray, ...]:
+    """Predicted class, true label and softmax probabilities (float32, one row per image) for every image of
+    ``split`` (plain module, eval mode)."""
     was_training = model.training
     model.eval()
-    preds, labels = [], []
+    probs, labels = [], []
     for x, y in split.loader(batch_size):
-        preds.append(model(x.to(device)).argmax(1).cpu())
+        probs.append(torch.softmax(model(x.to(device)).float(), 1).cpu())
         labels.append(y)
     model.train(was_training)
-    return torch.cat(preds).numpy(), torch.cat(labels).numpy()
+    prob = torch.cat(probs).numpy()
+    return prob.argmax(1), torch.cat(labels).numpy(), prob
+
+
+CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
+
+
+def calibration_metrics(prob: np.ndarray, true: np.ndarray, prefix: str) -> dict[str, float]:
+    """Expected calibration error (|confidence − accuracy| per equal-width confidence bin, weighted by the bin's
+    share of images) and the mean confidence (the predicted class's probability) of one split."""
+    conf = prob.max(1)
+    correct = (prob.argmax(1) == true).astype(float)
+    bins = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    gap = np.bincount(bins, conf - correct, CALIBRATION_BINS)
+    return {f"{prefix}_ece": float(np.abs(gap).sum() / max(len(conf), 1)), f"{prefix}_confidence": float(conf.mean())}
 
 
 def classification_metrics(pred: np.ndarray, true: np.ndarray, num_classes: int, prefix: str) -> dict[str, Any]:
-    """Accuracy, macro-F1, quadratic weighted kappa and the prediction histogram of one split."""
+    """Accuracy, macro-F1, quadratic weighted kappa, the prediction histogram and each class's recall (None for
+    a class the split lacks) of one split."""
     from sklearn.metrics import cohen_kappa_score, f1_score
 
     labels = list(range(num_classes))
@@ -160,6 +176,7 @@ def classification_metrics(pred: np.ndarray, true: np.ndarray, num_classes: int,
         else 0.0,
         f"{prefix}_pred_histogram": hist.tolist(),
         f"{prefix}_majority_share": float(hist.max() / max(1, hist.sum())),
+        f"{prefix}_recall": [float((pred[true == c] == c).mean()) if (true == c).any() else None for c in labels],
     }
     if math.isnan(out[f"{prefix}_qwk"]):
         out[f"{prefix}_qwk"] = 0.0
@@ -438,7 +455,7 @@ class Diverged(UserError):
 
 def _validate(t: _Training, epoch: int, train_loss: float) -> dict[str, float]:
     """The epoch's row of the history; keeps the best-validation weights."""
-    val_pred, val_true = predict(_evaluated(t), t.splits[1], t.cfg.eval_batch_size, t.device)
+    val_pred, val_true, _ = predict(_evaluated(t), t.splits[1], t.cfg.eval_batch_size, t.device)
     row: dict[str, Any] = {
         "epoch": epoch + 1,
         "train_loss": train_loss,
@@ -505,7 +522,7 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
         plain.load_state_dict(t.best["state"])
     elif t.ema is not None:  # the released weights are the average's
         plain.load_state_dict(t.ema.module.state_dict())
-    test_pred, test_true = predict(plain, t.splits[2], cfg.eval_batch_size, t.device)
+    test_pred, test_true, test_prob = predict(plain, t.splits[2], cfg.eval_batch_size, t.device)
     privacy = {**t.setup.report(), "steps": t.steps}  # steps taken (the ledger's count is the same for DP runs)
     record = TrainRecord(
         dataset=cfg.dataset,
@@ -520,6 +537,7 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
         best_epoch=t.best["epoch"] if cfg.keep_best else cfg.epochs,
         val_accuracy=t.best["val_accuracy"] if cfg.keep_best else t.history[-1]["val_accuracy"],
         **classification_metrics(test_pred, test_true, t.data.num_classes, "test"),
+        **calibration_metrics(test_prob, test_true, "test"),
         train_seconds=seconds,
         device=t.device.type,
         precision=cfg.precision,
@@ -542,7 +560,7 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
             f"for {record.test_majority_share:.0%} of the test set",
             stacklevel=3,
         )
-    return record, {"index": t.splits[2].indices, "pred": test_pred, "label": test_true}
+    return record, {"index": t.splits[2].indices, "pred": test_pred, "label": test_true, "prob": test_prob}
 
 
 def fit(
@@ -812,6 +830,7 @@ def mlflow_metrics(record: TrainRecord, data: PreparedDataset) -> dict[str, Any]
     ``epsilon = inf`` says it); ``delta`` only where it enters an (ε, δ) guarantee.
     """
     out = {k: v for k, v in record.to_json().items() if k != "schema"}
+    out.update({f"test_recall_{c}": v for c, v in enumerate(record.test_recall or []) if v is not None})
     if record.scheme not in NOISED_SCHEMES:
         out.pop("delta", None)
     if record.scheme == "ldp":

@@ -242,7 +242,9 @@ def write_fake_per_image(spec, explain: dict, test_idx: np.ndarray, rng) -> None
     np.savez(spec.metrics_dir / "per_image.npz", index=test_idx.astype(np.int64), **values)
     labels = np.arange(n) % 2
     pred = np.where(rng.random(n) < 0.8, labels, 1 - labels)
-    np.savez(spec.model_dir / "predictions.npz", index=test_idx.astype(np.int64), pred=pred, label=labels)
+    conf = rng.uniform(0.5, 1.0, n)  # the predicted class's probability (two classes)
+    prob = np.where(pred[:, None] == np.arange(2), conf[:, None], 1 - conf[:, None]).astype(np.float32)
+    np.savez(spec.model_dir / "predictions.npz", index=test_idx.astype(np.int64), pred=pred, label=labels, prob=prob)
 
 
 def read_csv(path: str) -> list[dict[str, str]]:

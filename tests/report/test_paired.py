@@ -141,3 +141,18 @@ def test_holm_and_bh_mark_what_survives_the_family():
     correct(ds, "bh")
     assert [d.mark for d in ds] == ["▲", "▲", "▲", ""]  # .036 <= 3 × .05 / 4
     assert holm_rejects([0.001, None, 0.02, 0.03]) == [True, False, True, True]  # 3 tests: .0167, .025, .05
+
+
+def test_calibration_error_of_summed_features_is_train_jsons_and_a_recall_is_the_accuracy_of_one_class():
+    from dpcam.report.paired import calibration_error, calibration_features
+    from dpcam.train import calibration_metrics, classification_metrics
+
+    # confidences 0.9 (right), 0.9 (wrong), 0.6, 0.6 (both right): bins 13 and 9, gaps +0.8 and −0.8 → ECE 1.6 / 4
+    prob = np.array([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.4, 0.6]])
+    label = np.array([0, 0, 0, 1])
+    ece = float(calibration_error(calibration_features(prob, label, 15).sum(0), 15))
+    assert ece == pytest.approx(0.4) and calibration_metrics(prob, label, "t") == pytest.approx(
+        {"t_ece": 0.4, "t_confidence": 0.75}
+    )
+    got = classification_metrics(prob.argmax(1), label, 3, "t")["t_recall"]
+    assert got == [pytest.approx(2 / 3), 1.0, None]  # class 2 has no test image

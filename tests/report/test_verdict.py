@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dpcam.config import VerdictConfig
 from dpcam.report.compare import HEADLINE, MATCHED, MEASURES
@@ -152,3 +153,40 @@ def test_recipes_names_each_schedules_eps_and_the_budget():
     assert "ε = 5, 10 (long schedule): DP-SGD lr 1, momentum 0.9, expected batch 512, 24 epochs, C 1" in words
     one = recipes(GridConfig(gaussian=[2], schedules=None))
     assert "every ε: the train section's DP recipe" in one and "schedule)" not in one
+
+
+def test_the_verdict_reports_each_class_and_calibration(tmp_path, monkeypatch):
+    from dpcam import report as rep
+    from tests.report.fakes import fake_grid, write_fake_runs
+
+    monkeypatch.chdir(tmp_path)
+    grid = fake_grid()
+    write_fake_runs(grid, degenerate=())
+    rep.report(grid)
+    md = Path("reports/verdict.md").read_text()
+    assert "By class and calibration (DP's disparate impact" in md
+    assert "| class 0 recall ↑ |" in md and "| class 1 recall ↑ |" in md and "| expected calibration error ↓ |" in md
+    assert "Which classes pay (recall ε − ∞, the class that loses most at each ε): ε = 1 class " in md
+    assert "Calibration (expected calibration error ε − ∞, lower is better): ε = 1 " in md
+    assert Path("reports/figures/fig_calibration.png").is_file()
+
+
+def test_a_class_recall_and_the_calibration_error_are_paired_differences_of_their_own_images():
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from dpcam.report.compare import ECE, compare, group_keys, recall
+
+    def run(name, pred, prob):
+        index, label = np.arange(6), np.array([0, 0, 1, 1, 1, 2])
+        return NS(spec=NS(seed=0, name=name), predictions={"index": index, "label": label, "pred": pred, "prob": prob})
+
+    pa, pb = np.array([0, 1, 1, 0, 0, 2]), np.array([0, 0, 1, 1, 1, 2])
+    a, b = run("a", pa, np.eye(3)[pa] * 0.9 + 0.1 / 3), run("b", pb, np.eye(3)[pb] * 0.9 + 0.1 / 3)
+    assert group_keys([b]) == ["test_ece", "recall_0", "recall_1", "recall_2"]
+    assert compare([a], [b], recall(0)).mean == pytest.approx(-0.5)  # 1 of 2 against 2 of 2
+    assert compare([a], [b], recall(1)).mean == pytest.approx(-2 / 3)
+    assert compare([a], [b], recall(2)).mean == pytest.approx(0.0)
+    # both 0.933 confident on every image (one bin): a right on 3 of 6 (ECE 0.433), b on all (ECE 0.067)
+    assert compare([a], [b], ECE).mean == pytest.approx((0.9 + 0.1 / 3 - 0.5) - (1 - 0.9 - 0.1 / 3))

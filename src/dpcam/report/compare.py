@@ -14,7 +14,15 @@ import numpy as np
 
 from dpcam.errors import UserError
 from dpcam.families import pick
-from dpcam.report.paired import Difference, paired_mean, paired_statistic, quadratic_kappa
+from dpcam.report.paired import (
+    Difference,
+    calibration_error,
+    calibration_features,
+    paired_mean,
+    paired_statistic,
+    paired_sums,
+    quadratic_kappa,
+)
 from dpcam.report.runs import Run
 
 
@@ -24,7 +32,7 @@ class Measure:
     label: str
     better: str  # "higher" | "lower"
     decimals: int = 3
-    source: str = "explain"  # explain: per_image.npz; accuracy/qwk: predictions.npz
+    source: str = "explain"  # explain: per_image.npz; accuracy/qwk/ece/recall: predictions.npz
 
 
 ACCURACY = Measure("test_accuracy", "test accuracy", "higher", 3, "accuracy")
@@ -57,10 +65,21 @@ CONFIDENCE_CALIPER, SENSITIVITY_CALIPER = 0.05, 5.0  # matched: |ΔY| ≤ 0.05, 
 MATCHES = ((CONFIDENCE_KEY, CONFIDENCE_CALIPER), (SENSITIVITY_KEY, SENSITIVITY_CALIPER))
 
 
+ECE = Measure("test_ece", "expected calibration error", "lower", 3, "ece")
+CALIBRATION_BINS = 15  # as train.json's test_ece (Guo et al. 2017)
+
+
+def recall(c: int) -> Measure:
+    """Class ``c``'s recall: accuracy on the test images of that class (disparate impact: Bagdasaryan et al. 2019)."""
+    return Measure(f"recall_{c}", f"class {c} recall", "higher", 3, "recall")
+
+
 def label(key: str) -> Measure:
-    """The measure of a key, matched keys (``metric|match``) included."""
+    """The measure of a key, matched keys (``metric|match``) and per-class recalls (``recall_<c>``) included."""
     base, _, match = key.partition("|")
-    m = {m.key: m for m in MEASURES}[base]
+    if base.startswith("recall_"):
+        return recall(int(base.removeprefix("recall_")))
+    m = {m.key: m for m in (*MEASURES, ECE)}[base]
     words = f"{m.label} ({match.split('_')[0]}-matched)" if match else m.label
     return Measure(key, words, m.better, m.decimals, m.source)
 
@@ -135,6 +154,22 @@ def compare(runs: list[Run], refs: list[Run], m: Measure, match: tuple[str, floa
     preds = [(_at(a, "pred", idx), _at(b, "pred", idx), _at(a, "label", idx)) for a, b in arrays]
     if m.source == "accuracy":
         return paired_mean([((pa == y).astype(float), (pb == y).astype(float)) for pa, pb, y in preds], better=m.better)
+    if m.source == "recall":
+        c = int(m.key.removeprefix("recall_"))
+        hits = [(np.where(y == c, pa == y, np.nan), np.where(y == c, pb == y, np.nan)) for pa, pb, y in preds]
+        return paired_mean(hits, better=m.better)
+    if m.source == "ece":
+        if any("prob" not in a or "prob" not in b for a, b in arrays):
+            return Difference(None, None, None, len(arrays), 0, better=m.better, note="not measured")
+        y = _at(arrays[0][0], "label", idx)
+        feats = [
+            (
+                calibration_features(_at(a, "prob", idx), y, CALIBRATION_BINS),
+                calibration_features(_at(b, "prob", idx), y, CALIBRATION_BINS),
+            )
+            for a, b in arrays
+        ]
+        return paired_sums(feats, lambda s: calibration_error(s, CALIBRATION_BINS), better=m.better)
     k = int(max(max(int(pa.max()), int(pb.max()), int(y.max())) for pa, pb, y in preds)) + 1
     return paired_statistic(preds, lambda c: quadratic_kappa(c, k), k, better=m.better)
 
@@ -150,6 +185,16 @@ def flags(runs: list[Run]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ per ε
+
+
+def group_keys(refs: list[Run]) -> list[str]:
+    """The keys of the per-group table: the calibration error, then one recall per class of the reference's test
+    labels (none when its predictions cannot be read: the main table names that problem)."""
+    try:
+        classes = sorted({int(c) for r in refs for c in np.unique(r.predictions["label"])})
+    except (UserError, KeyError):
+        return []
+    return [ECE.key] + [recall(c).key for c in classes] if classes else []
 
 
 PARTS = ("budget", "clipping", "noise")  # the gap ε − ∞, split (docs/verdict.md, "What privacy costs")
@@ -173,6 +218,10 @@ class EpsRow:
 
     def better(self, keys: tuple[str, ...]) -> list[str]:
         return [k for k in keys if k in self.diffs and self.diffs[k].improved]
+
+    def groups(self) -> list[str]:
+        """The keys of the per-group table this row holds: calibration error and per-class recalls."""
+        return [k for k in self.diffs if k == ECE.key or k.startswith("recall_")]
 
 
 def references(runs: list[Run], model: str, schedule: str | None) -> tuple[list[Run], list[Run]]:
@@ -203,6 +252,8 @@ def eps_rows(runs: list[Run], family: str, model: str, schedules: dict[float, st
         pairs, _ = _by_seed(at, ref)
         used = [r for r, _ in pairs] + [x for _, x in pairs]
         diffs = {m.key: compare(at, ref, m) for m in MEASURES}
+        for key in group_keys(ref):
+            diffs[key] = compare(at, ref, label(key))
         for key in MATCHED:
             base, _, match = key.partition("|")
             diffs[key] = compare(at, ref, label(base), (match, dict(MATCHES)[match]))

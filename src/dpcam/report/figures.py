@@ -35,6 +35,7 @@ FIGURE_NAMES = frozenset(
         "fig_train_size.png",
         "fig_leakage_vs_eps.png",
         "fig_cost_split.png",
+        "fig_calibration.png",
     }
 )
 LEAKAGE = "fig_leakage_vs_eps.png"

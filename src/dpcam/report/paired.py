@@ -226,6 +226,24 @@ def _weights(n: int, b: int, rng: np.random.Generator) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
 
 
+def calibration_features(prob: np.ndarray, label: np.ndarray, bins: int) -> np.ndarray:
+    """Per image, in its equal-width confidence bin: (1, confidence, hit) — images × (bins·3), whose sums give
+    :func:`calibration_error`."""
+    conf = prob.max(1)
+    hit = (prob.argmax(1) == label).astype(float)
+    at = np.minimum((conf * bins).astype(int), bins - 1)
+    out = np.zeros((len(conf), bins, 3))
+    out[np.arange(len(conf)), at] = np.stack([np.ones_like(conf), conf, hit], 1)
+    return out.reshape(len(conf), bins * 3)
+
+
+def calibration_error(sums: np.ndarray, bins: int) -> np.ndarray:
+    """Expected calibration error from summed :func:`calibration_features` ``(..., bins·3)``: Σ_bins |Σ confidence −
+    Σ hits| / images."""
+    c = sums.reshape(*sums.shape[:-1], bins, 3)
+    return np.abs(c[..., 1] - c[..., 2]).sum(-1) / np.maximum(c[..., 0].sum(-1), 1e-12)
+
+
 def quadratic_kappa(counts: np.ndarray, k: int) -> np.ndarray:
     """Cohen's quadratic weighted kappa from confusion counts ``(..., k*k)`` (row = label, column = prediction)."""
     c = counts.reshape(*counts.shape[:-1], k, k)
@@ -249,18 +267,36 @@ def paired_statistic(
     """D̂ of a statistic of (prediction, label) pairs, e.g. QWK: ``pairs`` holds per seed (configuration
     predictions, reference predictions, labels) on the same images; ``statistic`` maps confusion counts (…, k²)
     to values (…). The image part comes from a paired bootstrap over images (the same resamples for every seed)."""
+    cells = np.eye(k * k)
+    return paired_sums(
+        [(cells[np.asarray(y) * k + np.asarray(a)], cells[np.asarray(y) * k + np.asarray(b)]) for a, b, y in pairs],
+        statistic,
+        better=better,
+        n_boot=n_boot,
+    )
+
+
+def paired_sums(
+    pairs: Sequence[tuple[np.ndarray, np.ndarray]],
+    statistic: Callable[[np.ndarray], np.ndarray],
+    *,
+    better: str = "higher",
+    n_boot: int = BOOTSTRAP,
+) -> Difference:
+    """D̂ of a statistic of per-image feature sums: ``pairs`` holds per seed (configuration, reference) feature
+    rows (images × d) of the same images; ``statistic`` maps summed features (…, d) to values (…) — confusion
+    counts for QWK, per-bin counts, confidences and hits for the calibration error. The image part comes from a
+    paired bootstrap over images (the same resamples for every seed)."""
     if not pairs:
         return Difference(None, None, None, 0, 0, better=better, note="no paired runs")
-    n = len(pairs[0][2])
-    if any(len(p) != n or len(q) != n or len(y) != n for p, q, y in pairs):
+    n = len(pairs[0][0])
+    if any(len(a) != n or len(b) != n for a, b in pairs):
         raise ValueError("every seed's runs must score the same images")
     w = _weights(n, n_boot, np.random.default_rng(SEED))
     per_seed, boot = [], []
-    for pred_a, pred_b, label in pairs:
-        onehot_a = np.eye(k * k)[np.asarray(label) * k + np.asarray(pred_a)]
-        onehot_b = np.eye(k * k)[np.asarray(label) * k + np.asarray(pred_b)]
-        per_seed.append(float(statistic(onehot_a.sum(0)) - statistic(onehot_b.sum(0))))
-        boot.append(statistic(w @ onehot_a) - statistic(w @ onehot_b))
+    for feat_a, feat_b in pairs:
+        per_seed.append(float(statistic(feat_a.sum(0)) - statistic(feat_b.sum(0))))
+        boot.append(statistic(w @ feat_a) - statistic(w @ feat_b))
     per = np.array(per_seed)
     cov = np.atleast_2d(np.cov(np.stack(boot)))
     return _finish(float(per.mean()), per, cov, n, [n] * len(pairs), better)

@@ -8,6 +8,7 @@ from typing import Any
 
 from dpcam.config import GridConfig, VerdictConfig
 from dpcam.errors import UserError
+from dpcam.families import pick
 from dpcam.layout import REPORTS_ROOT, swap_in, temp_dir, write_text
 from dpcam.report.figures import FIGURE_NAMES, draw_figures
 from dpcam.report.flat import write_flat_files
@@ -15,7 +16,7 @@ from dpcam.report.page import render_html
 from dpcam.report.runs import Run, load_runs
 from dpcam.report.tables import build_tables, write_tables
 from dpcam.report.verdict import summary, verdict
-from dpcam.report.verdict_figures import COST_SPLIT, fig_cost_split
+from dpcam.report.verdict_figures import CALIBRATION, COST_SPLIT, fig_calibration, fig_cost_split
 from dpcam.report.verdict_text import html_section, markdown
 
 # the report's own entries under out/: only these are replaced
@@ -91,6 +92,12 @@ def _build(
                     f"What privacy costs ({v.model}): ε − ∞ split into the DP budget, "
                     "clipping and noise, per ε (verdict.md has every metric)",
                 ),
+            )
+        name = CALIBRATION if v is verdicts[0] else CALIBRATION.replace(".png", f"_{v.model}.png")
+        reference = pick(runs, family="baseline", scheme="none", model=v.model, schedule=None)
+        if fig_calibration(v, reference, tmp / "figures" / name) is not None:
+            figures.append(
+                (f"figures/{name}", f"Calibration ({v.model}): the reliability diagram of each ε against ε = ∞")
             )
     _keep_other_figures(out / "figures", tmp / "figures")
     page = render_html(

@@ -133,6 +133,7 @@ def verdict(runs: list[Run], grid: GridConfig, model: str, config: VerdictConfig
         "main": correct([r.diffs[m.key] for r in rows for m in MEASURES if m.key in r.diffs], config.marks),
         "matched": correct([r.diffs[k] for r in rows for k in MATCHED if k in r.diffs], config.marks),
         "split": correct([d for r in rows for parts in r.split.values() for d in parts.values()], config.marks),
+        "groups": correct([r.diffs[k] for r in rows for k in r.groups()], config.marks),
     }
     reference = pick(runs, family="baseline", scheme="none", model=model, schedule=None)
     return Verdict(

@@ -1,4 +1,5 @@
-"""Pictures of the verdict: what privacy costs, split into budget, clipping and noise (``fig_cost_split.png``)."""
+"""Pictures of the verdict: what privacy costs, split into budget, clipping and noise (``fig_cost_split.png``), and
+the reliability diagram of each ε against ∞ (``fig_calibration.png``)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
+from dpcam.errors import UserError
 from dpcam.layout import format_eps
-from dpcam.report.compare import PARTS, label
+from dpcam.report.compare import CALIBRATION_BINS, PARTS, label
 from dpcam.report.plotting import figure, finish
+from dpcam.report.runs import Run
 from dpcam.report.verdict import Verdict
 
 COST_SPLIT = "fig_cost_split.png"
+CALIBRATION = "fig_calibration.png"
 # the measures drawn: test accuracy and the paper's three metrics (the table holds every headline metric)
 DRAWN = ("test_accuracy", "avg_drop_pct", "increase_conf_pct", "masked_score_pct")
 PART_COLORS = {"budget": "tab:grey", "clipping": "tab:orange", "noise": "tab:red"}
@@ -47,5 +51,52 @@ def fig_cost_split(v: Verdict, path: Path) -> Path | None:
         axes,
         path,
         f"{v.model}: what privacy costs (ε − ∞ = budget + clipping + noise; bars: 95 % intervals; below 0 = a cost)",
+        False,
+    )
+
+
+def _reliability(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Pooled over ``runs`` (seeds): per confidence bin its mean confidence, its accuracy and its image count."""
+    try:
+        preds = [r.predictions for r in runs]
+    except UserError:
+        return None
+    if not preds or any("prob" not in p for p in preds):
+        return None
+    conf = np.concatenate([p["prob"].max(1) for p in preds])
+    hit = np.concatenate([(p["prob"].argmax(1) == p["label"]).astype(float) for p in preds])
+    at = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+    n = np.bincount(at, minlength=CALIBRATION_BINS)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (
+            np.bincount(at, conf, CALIBRATION_BINS) / n,
+            np.bincount(at, hit, CALIBRATION_BINS) / n,
+            n,
+        )
+
+
+def fig_calibration(v: Verdict, reference: list[Run], path: Path) -> Path | None:
+    """Reliability diagram: per ε (seeds pooled) and ε = ∞, each confidence bin's accuracy against its mean
+    confidence (the diagonal is perfect calibration; below it, over-confident). None without probabilities."""
+    curves = [("ε = ∞", reference)] + [(f"ε = {format_eps(r.epsilon)}", r.runs) for r in v.rows]
+    drawn = [(name, rel) for name, runs in curves if (rel := _reliability(runs)) is not None]
+    if not drawn:
+        return None
+    fig, axes = figure(1, 1, w=5.0, h=4.6)
+    ax = axes[0][0]
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="calibrated")
+    for name, (conf, acc, n) in drawn:
+        ok = n > 0
+        ax.plot(conf[ok], acc[ok], "o-", ms=3, label=name)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    return finish(
+        fig,
+        axes,
+        path,
+        f"{v.model}: reliability ({CALIBRATION_BINS} equal-width bins, seeds pooled; below the diagonal = "
+        "over-confident)",
         False,
     )

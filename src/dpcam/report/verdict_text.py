@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from dpcam.config import GridConfig
 from dpcam.layout import format_eps
-from dpcam.report.compare import ACCURACY, EXCLUDED, EXPLANATION, MATCHED, MEASURES, PAPER, PARTS, SPLIT, label
+from dpcam.report.compare import ACCURACY, ECE, EXCLUDED, EXPLANATION, MATCHED, MEASURES, PAPER, PARTS, SPLIT, label
 from dpcam.report.paired import BETTER, WORSE, Difference
 from dpcam.report.runs import Run
 from dpcam.report.verdict import Answer, Verdict
@@ -86,6 +86,7 @@ def answer(v: Verdict, runs: Sequence[Run] = ()) -> list[str]:
         )
     lines = [f"Explanations: {expl}.", f"Accuracy: {acc}."]
     lines += cost_lines(v)
+    lines += group_lines(v)
     verdicts = {c.key: c.verdict for c in v.claims}
     readings = [(k, words) for k, words in CLAIM_A_READINGS if k in verdicts]
     if readings:
@@ -128,6 +129,50 @@ def cost_lines(v: Verdict) -> list[str]:
         f"schedule): {acc}.",
         f"The same split for explanations (table below): {expl}.",
     ]
+
+
+def _group_keys(v: Verdict) -> list[str]:
+    keys: list[str] = []
+    for r in v.rows:
+        keys += [k for k in r.groups() if k not in keys]
+    return [k for k in keys if k == ECE.key] + sorted(k for k in keys if k != ECE.key)
+
+
+def group_lines(v: Verdict) -> list[str]:
+    """Which classes pay for privacy (recall, ε − ∞) and what DP does to calibration."""
+    recalls = [k for k in _group_keys(v) if k != ECE.key]
+    out = []
+    if recalls:
+        worst = []
+        for r in v.rows:
+            ds = [(k, r.diffs[k]) for k in recalls if k in r.diffs and r.diffs[k].mean is not None]
+            if ds:
+                k, d = min(ds, key=lambda kd: kd[1].mean)
+                worst.append(f"{_eps(r.epsilon)} {label(k).label} {d.words()}")
+        marked = [
+            f"{label(k).label} at {_eps(r.epsilon)}"
+            for r in v.rows
+            for k in recalls
+            if r.diffs.get(k, None) and r.diffs[k].mark == WORSE
+        ]
+        out.append(
+            "Which classes pay (recall ε − ∞, the class that loses most at each ε): "
+            + "; ".join(worst)
+            + (
+                f"; distinguishably worse after the correction: {', '.join(marked)}"
+                if marked
+                else "; no class's loss is distinguishable after the correction"
+            )
+            + "."
+        )
+    cal = [
+        f"{_eps(r.epsilon)} {r.diffs[ECE.key].words()}"
+        for r in v.rows
+        if ECE.key in r.diffs and r.diffs[ECE.key].mean is not None
+    ]
+    if cal:
+        out.append(f"Calibration (expected calibration error ε − ∞, lower is better): {'; '.join(cal)}.")
+    return out
 
 
 def effort(v: Verdict, runs: Sequence[Run]) -> str:
@@ -314,6 +359,13 @@ def _sections(v: Verdict) -> list[tuple[str, tuple[list[str], list[list[str]]]]]
             f"and images; {WORSE}/{BETTER} after {MARKS[v.config.marks]} over the {v.families.get('split', 0)} cells "
             "of this table:",
             split_rows(v),
+        ),
+        (
+            "By class and calibration (DP's disparate impact, Bagdasaryan et al. 2019): each class's recall "
+            "(accuracy on its own test images) and the expected calibration error (15 equal-width confidence bins), "
+            f"ε − ∞, same seeds and images; {WORSE}/{BETTER} after {MARKS[v.config.marks]} over the "
+            f"{v.families.get('groups', 0)} cells of this table:",
+            difference_rows(v, _group_keys(v)),
         ),
     ]
 

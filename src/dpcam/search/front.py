@@ -60,7 +60,7 @@ def evaluate_front_member(trial, ctx: SearchContext, *, retrain: bool = True) ->
     device = resolve_device(cfg.device)
     model.to(device)
     test = data.split("test", with_masks=ctx.objective.needs_masks)
-    pred, true = predict(model, test, cfg.eval_batch_size, device)
+    pred, true, _ = predict(model, test, cfg.eval_batch_size, device)
     out = {
         k: v
         for k, v in classification_metrics(pred, true, data.num_classes, "test").items()
