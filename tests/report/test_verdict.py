@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from dpcam.config import VerdictConfig
-from dpcam.report.compare import HEADLINE, MATCHED, MEASURES
+from dpcam.report.compare import BOTH_CORRECT, HEADLINE, MATCHED, MEASURES
 from dpcam.report.verdict import verdict
 from dpcam.report.verdict_text import markdown
 from tests.report.synthetic import gaussian, make, reference
@@ -42,7 +42,8 @@ def test_the_verdict_names_its_method_correction_margins_power_seeds_and_image_c
     assert "degrees of freedom calibrated so that the interval covers at least 95 %" in md
     cells = len(v.rows) * len(MEASURES)
     assert f"Benjamini–Hochberg (false-discovery rate 5 %) over all cells of one table — {cells} cells" in md
-    assert f"{len(v.rows) * len(MATCHED)} in the matched table" in md
+    assert f"{len(v.rows) * len(MATCHED + BOTH_CORRECT)} in the matched table" in md
+    assert "| Average Drop % (both correct) ↓ |" in md
     assert "| Average Drop % | 7.2 | " in md and "detectable" in md  # margin and power per measure
     assert "(n 200 images per seed)" in md  # every matched cell prints its images
     assert "seeds 0, 1, 2: intervals cover training seeds and test images" in md
@@ -176,17 +177,25 @@ def test_a_class_recall_and_the_calibration_error_are_paired_differences_of_thei
 
     import numpy as np
 
-    from dpcam.report.compare import ECE, compare, group_keys, recall
+    from dpcam.report.compare import CORRECT_KEY, ECE, compare, group_keys, label, recall
 
-    def run(name, pred, prob):
+    def run(name, pred, prob, drop):
         index, label = np.arange(6), np.array([0, 0, 1, 1, 1, 2])
-        return NS(spec=NS(seed=0, name=name), predictions={"index": index, "label": label, "pred": pred, "prob": prob})
+        return NS(
+            spec=NS(seed=0, name=name),
+            predictions={"index": index, "label": label, "pred": pred, "prob": prob},
+            per_image={"index": index, "avg_drop_pct": np.asarray(drop, float)},
+        )
 
     pa, pb = np.array([0, 1, 1, 0, 0, 2]), np.array([0, 0, 1, 1, 1, 2])
-    a, b = run("a", pa, np.eye(3)[pa] * 0.9 + 0.1 / 3), run("b", pb, np.eye(3)[pb] * 0.9 + 0.1 / 3)
+    a = run("a", pa, np.eye(3)[pa] * 0.9 + 0.1 / 3, [1, 2, 3, 4, 5, 6])
+    b = run("b", pb, np.eye(3)[pb] * 0.9 + 0.1 / 3, [0] * 6)
     assert group_keys([b]) == ["test_ece", "recall_0", "recall_1", "recall_2"]
     assert compare([a], [b], recall(0)).mean == pytest.approx(-0.5)  # 1 of 2 against 2 of 2
     assert compare([a], [b], recall(1)).mean == pytest.approx(-2 / 3)
     assert compare([a], [b], recall(2)).mean == pytest.approx(0.0)
     # both 0.933 confident on every image (one bin): a right on 3 of 6 (ECE 0.433), b on all (ECE 0.067)
     assert compare([a], [b], ECE).mean == pytest.approx((0.9 + 0.1 / 3 - 0.5) - (1 - 0.9 - 0.1 / 3))
+    # the paper's metrics where both are right: images 0, 2 and 5 (a is wrong on 1, 3, 4)
+    both = compare([a], [b], label("avg_drop_pct"), (CORRECT_KEY, 0.0))
+    assert both.mean == pytest.approx((1 + 3 + 6) / 3)

@@ -81,10 +81,16 @@ def label(key: str) -> Measure:
         return recall(int(base.removeprefix("recall_")))
     m = {m.key: m for m in (*MEASURES, ECE)}[base]
     words = f"{m.label} ({match.split('_')[0]}-matched)" if match else m.label
+    if match == CORRECT_KEY:
+        words = f"{m.label} (both correct)"
     return Measure(key, words, m.better, m.decimals, m.source)
 
 
 MATCHED = tuple(f"{k}|{match}" for match, _ in MATCHES for k in PAPER)
+# the paper's metrics on the images both models classify correctly: a wrong answer's map is not the model's
+# explanation of the right class (the matched table shows them; claim (a_matched) reads only MATCHED)
+CORRECT_KEY = "correct"
+BOTH_CORRECT = tuple(f"{k}|{CORRECT_KEY}" for k in PAPER)
 
 
 # ------------------------------------------------------------------------------------ paired comparisons
@@ -129,14 +135,16 @@ def compare(runs: list[Run], refs: list[Run], m: Measure, match: tuple[str, floa
     if lonely:
         return _problem(m, "; ".join(lonely))
     what = "per_image" if m.source == "explain" else "predictions"
+    correct = match is not None and match[0] == CORRECT_KEY
     try:
         arrays = [(_read(r, what), _read(ref, what)) for r, ref in pairs]
+        preds = [(r.predictions, ref.predictions) for r, ref in pairs] if correct else []
     except UserError as e:
         return _problem(m, str(e))
     if not arrays:
         return Difference(None, None, None, 0, 0, better=m.better, note="no paired runs")
     if m.source == "explain":
-        keys = [m.key] + ([match[0]] if match else [])
+        keys = [m.key] + ([match[0]] if match and not correct else [])
         if any(k not in a or k not in b for a, b in arrays for k in keys):
             return Difference(None, None, None, len(arrays), 0, better=m.better, note="not measured")
     idx = _common([x for pair in arrays for x in pair])
@@ -144,9 +152,13 @@ def compare(runs: list[Run], refs: list[Run], m: Measure, match: tuple[str, floa
         return _problem(m, "the paired runs scored no image in common")
     if m.source == "explain":
         data = []
-        for a, b in arrays:
+        for i, (a, b) in enumerate(arrays):
             x, y = _at(a, m.key, idx).astype(float), _at(b, m.key, idx).astype(float)
-            if match:
+            if correct:
+                (pa, pb) = preds[i]
+                both = (_at(pa, "pred", idx) == _at(pa, "label", idx)) & (_at(pb, "pred", idx) == _at(pb, "label", idx))
+                x, y = np.where(both, x, np.nan), np.where(both, y, np.nan)
+            elif match:
                 far = ~(np.abs(_at(a, match[0], idx) - _at(b, match[0], idx)) <= match[1])
                 x, y = np.where(far, np.nan, x), np.where(far, np.nan, y)
             data.append((x, y))
@@ -257,6 +269,8 @@ def eps_rows(runs: list[Run], family: str, model: str, schedules: dict[float, st
         for key in MATCHED:
             base, _, match = key.partition("|")
             diffs[key] = compare(at, ref, label(base), (match, dict(MATCHES)[match]))
+        for key in BOTH_CORRECT:
+            diffs[key] = compare(at, ref, label(key.partition("|")[0]), (CORRECT_KEY, 0.0))
         sched = (schedules or {}).get(eps)
         rows.append(EpsRow(eps, at, diffs, flags(used), sched, split(at, runs, model, sched)))
     return rows

@@ -27,6 +27,7 @@ from dpcam.layout import format_eps
 from dpcam.report.claims import Claim, claims
 from dpcam.report.compare import (
     ACCURACY,
+    BOTH_CORRECT,
     CONFIDENCE_KEY,
     HEADLINE,
     MATCHED,
@@ -131,7 +132,7 @@ def verdict(runs: list[Run], grid: GridConfig, model: str, config: VerdictConfig
         )
     families = {
         "main": correct([r.diffs[m.key] for r in rows for m in MEASURES if m.key in r.diffs], config.marks),
-        "matched": correct([r.diffs[k] for r in rows for k in MATCHED if k in r.diffs], config.marks),
+        "matched": correct([r.diffs[k] for r in rows for k in MATCHED + BOTH_CORRECT if k in r.diffs], config.marks),
         "split": correct([d for r in rows for parts in r.split.values() for d in parts.values()], config.marks),
         "groups": correct([r.diffs[k] for r in rows for k in r.groups()], config.marks),
     }

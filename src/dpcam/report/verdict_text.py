@@ -7,7 +7,19 @@ from collections.abc import Sequence
 
 from dpcam.config import GridConfig
 from dpcam.layout import format_eps
-from dpcam.report.compare import ACCURACY, ECE, EXCLUDED, EXPLANATION, MATCHED, MEASURES, PAPER, PARTS, SPLIT, label
+from dpcam.report.compare import (
+    ACCURACY,
+    BOTH_CORRECT,
+    ECE,
+    EXCLUDED,
+    EXPLANATION,
+    MATCHED,
+    MEASURES,
+    PAPER,
+    PARTS,
+    SPLIT,
+    label,
+)
 from dpcam.report.paired import BETTER, WORSE, Difference
 from dpcam.report.runs import Run
 from dpcam.report.verdict import Answer, Verdict
@@ -16,8 +28,9 @@ MARKS = {"bh": "Benjamini–Hochberg (false-discovery rate 5 %)", "holm": "Holm 
 MATCHED_NOTE = (
     "The paper's metrics on matched images (the same paired differences, on the images where the private and the "
     "non-private model of a seed are equally confident, |ΔY| ≤ 0.05, or equally sensitive to masking with a uniform "
-    'map of the same mass, |ΔS| ≤ 5 points; docs/metrics.md, "What confounds the paper\'s metrics"); each cell '
-    "names the images it rests on:"
+    'map of the same mass, |ΔS| ≤ 5 points; docs/metrics.md, "What confounds the paper\'s metrics"), and on the '
+    "images both classify correctly (a wrong answer's map is not the model's explanation of the right class); each "
+    "cell names the images it rests on:"
 )
 TRACKS_NOTE = (
     "What the paper's metrics track: per-image Spearman correlation of each with the model's confidence Y in the "
@@ -349,7 +362,7 @@ def _sections(v: Verdict) -> list[tuple[str, tuple[list[str], list[list[str]]]]]
         ),
         (
             MATCHED_NOTE + f" ({v.families.get('matched', 0)} cells, the same correction)",
-            difference_rows(v, MATCHED, True),
+            difference_rows(v, MATCHED + BOTH_CORRECT, True),
         ),
         (TRACKS_NOTE, tracks_rows(v)),
         (
