@@ -722,7 +722,7 @@ def _state(path):
 
 
 @pytest.mark.parametrize("scheme", ["gaussian", "laplace"])
-def test_head_fine_tuning_trains_only_the_head_and_its_epsilon_is_the_accountants(trunk, scheme):
+def test_head_fine_tuning_trains_only_the_head_and_its_epsilon_is_the_accountants(trunk, scheme, capsys):
     from dpcam.data.store import file_sha256
     from dpcam.explain.gradcam import opacus_state
     from dpcam.models import create_model, target_layer
@@ -750,6 +750,12 @@ def test_head_fine_tuning_trains_only_the_head_and_its_epsilon_is_the_accountant
     assert m.trainable == "head" and m.trained_parameters == ["classifier.weight", "classifier.bias"]
     assert m.trained_parameter_count == 32 * 2 + 2
     assert m.weights == str(trunk) and m.weights_sha256 == file_sha256(trunk)
+    # the file's account, printed and recorded: every trunk tensor used, the file's input normalisation ignored, the
+    # head trained from initialisation
+    n = len(start)
+    assert m.weights_loaded.startswith(f"weights {trunk}: {n} tensors in the file, {n - 4} used; 2 ignored (the file")
+    assert "2 not used: trained from initialisation (classifier.weight, classifier.bias)" in m.weights_loaded
+    assert f"{m.run_name}: {m.weights_loaded}" in capsys.readouterr().err
     pub = m.public_data
     assert pub["public"] is True and pub["path"] == "data/prepared/tiny-public" and pub["run"] == "trunk"
     assert pub["manifest_sha256"] == file_sha256(Path("data/prepared/tiny-public/manifest.json"))

@@ -356,12 +356,12 @@ def test_train_builds_the_same_models_and_prints_the_count(files, caplog):
     for trainable in ("head", "last-block", "all"):
         with caplog.at_level(logging.INFO, logger="dpcam.models"):
             caplog.clear()
-            model, trained = train._model(_cfg(path, trainable), data)
+            model, trained, loaded = train._model(_cfg(path, trainable), data)
         ours, report = _load("resnet18", path, trainable)
         _same_model(model, ours)
         assert trained == [n for n, p in ours.named_parameters() if p.requires_grad]
         [lines[trainable]] = [r.getMessage() for r in caplog.records if r.name == "dpcam.models"]
-        assert lines[trainable] == report.summary()
+        assert lines[trainable] == report.summary() == loaded  # logged, and returned for train.json and stderr
     assert lines["head"] == (
         f"weights {path}: 122 tensors in the file, 100 used (BatchNorm of 20 layers as frozen statistics and "
         "affine); 20 ignored (BatchNorm's num_batches_tracked: a step counter); 2 not used: trained from "

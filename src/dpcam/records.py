@@ -143,6 +143,7 @@ class TrainRecord(Record):
         "trained_parameters",
         "weights",
         "weights_sha256",
+        "weights_loaded",
         "public_data",
         "data_fingerprint",
     )
@@ -192,6 +193,7 @@ class TrainRecord(Record):
     trained_parameters: list[str] | None = None  # their names, when not all of the model's
     weights: str | None = None  # the pretrained weights (trunk) the run started from
     weights_sha256: str | None = None
+    weights_loaded: str | None = None  # the file's account: its tensors, how many used, what became of the others
     public_data: dict[str, Any] | None = None  # the public data the model learnt from without privacy
     # training
     epochs: int

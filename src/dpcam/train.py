@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -261,7 +262,10 @@ def _start(cfg: TrainConfig) -> _Training:
     train, val, test = _splits(cfg, data)
     origin = _origin(cfg, data)
     torch.manual_seed(cfg.seed)
-    model, trained = _model(cfg, data)
+    model, trained, loaded = _model(cfg, data)
+    if loaded is not None:
+        origin["weights_loaded"] = loaded
+        print(f"{cfg.run_name}: {loaded}", file=sys.stderr, flush=True)
     model = model.to(device)
     ema = _ema(cfg, model)  # a copy of the plain model, before Opacus wraps it
     optimizer = _make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
@@ -323,8 +327,10 @@ def _evaluated(t: _Training) -> nn.Module:
     return t.ema.module if t.ema is not None else t.setup.plain_module
 
 
-def _model(cfg: TrainConfig, data: PreparedDataset) -> tuple[nn.Module, list[str]]:
-    """The model to train and the names of the parameters it trains (``cfg.trainable``; the rest frozen).
+def _model(cfg: TrainConfig, data: PreparedDataset) -> tuple[nn.Module, list[str], str | None]:
+    """The model to train, the names of the parameters it trains (``cfg.trainable``; the rest frozen), and the
+    weights file's one-line account (every tensor of the file: used, ignored, trained from initialisation; None
+    without ``cfg.weights``).
 
     Fine-tuning (``trainable`` head or last-block) loads ``cfg.weights`` strictly for the frozen trunk, and only
     for it: a trunk tensor the file lacks or holds in another shape is a UserError naming them (a frozen tensor
@@ -332,21 +338,17 @@ def _model(cfg: TrainConfig, data: PreparedDataset) -> tuple[nn.Module, list[str
     initialisation, not from the file (whose head was trained for the public task, or for other classes): what
     the model knows beyond the public trunk it learns from the private data, through the accountant.
     """
-    from dpcam.models import create_model, freeze, frozen_keys, load_weights
+    from dpcam.models import create_model, freeze, frozen_keys, load_weights, trunk_keys
 
-    whole = cfg.trainable == "all"
-    model = create_model(
-        cfg.model,
-        data.num_classes,
-        data.image_size,
-        weights=cfg.weights if whole else None,
-        small_input=cfg.small_input,
-        seed=cfg.seed,
-    )
-    if not whole:
-        trunk = frozen_keys(model, cfg.trainable)
-        load_weights(model, cfg.weights, required=trunk, only=trunk)
-    return model, freeze(model, cfg.trainable)
+    model = create_model(cfg.model, data.num_classes, data.image_size, small_input=cfg.small_input, seed=cfg.seed)
+    report = None
+    if cfg.weights is not None:
+        if cfg.trainable == "all":
+            report = load_weights(model, cfg.weights, required=trunk_keys(model))
+        else:
+            trunk = frozen_keys(model, cfg.trainable)
+            report = load_weights(model, cfg.weights, required=trunk, only=trunk)
+    return model, freeze(model, cfg.trainable), report.summary() if report is not None else None
 
 
 def _origin(cfg: TrainConfig, data: PreparedDataset) -> dict[str, Any]:
