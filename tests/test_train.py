@@ -672,6 +672,13 @@ def test_cli_warnings_are_one_line_each(tiny):
     import sys
 
     args = ["--dataset", "tiny", "--scheme", "gaussian", "--epsilon", "2", "--delta", "0.01", "--epochs", "1"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "dpcam", "train", *args, "--device", "cpu"], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode != 0 and not Path("models/gaussian-eps2-smallcnn-s0").exists()
+    [line] = [x for x in refused.stderr.splitlines() if x.startswith("error:")]
+    assert line.startswith("error: δ=0.01 ≥ 1/N") and "(δ·N = 1.44), or set train.force_delta (--force-delta)" in line
+    args.append("--force-delta")
     out = subprocess.run(
         [sys.executable, "-m", "dpcam", "train", *args, "--batch-size", "1000", "--device", "cpu"],
         capture_output=True,

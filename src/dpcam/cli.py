@@ -206,6 +206,9 @@ def train(
     device: str | None = typer.Option(None, help="auto|cpu|cuda"),
     name: str | None = typer.Option(None, help="run name (default <scheme>-eps<ε>-<model>-s<seed>)"),
     resume: bool = typer.Option(False, "--resume", help="continue the run from its last checkpoint"),
+    force_delta: bool = typer.Option(
+        False, "--force-delta", help="accept δ ≥ 1/N (a guarantee that allows leaking one image outright)"
+    ),
 ) -> None:
     """Train one model under one privacy scheme; write models/<run>/ (model and train.json)."""
     from dpcam import train as stage
@@ -223,6 +226,7 @@ def train(
         "epochs": epochs,
         "batch_size": batch_size,
         "device": device,
+        "force_delta": force_delta or None,
     }
     if family is not None:
         per_run = (dataset, ldp, scheme, epsilon, clip, model, seed, name, train_size, trainable, public)

@@ -293,6 +293,7 @@ def _start(cfg: TrainConfig) -> _Training:
         grad_sample_mode=cfg.grad_sample_mode,
         noise_generator=noise_gen,
         precision=cfg.precision,
+        large_delta=cfg.force_delta,
     )
     return _Training(
         cfg,

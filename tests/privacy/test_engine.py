@@ -218,10 +218,14 @@ def test_incompatible_model_is_user_error():
         )
 
 
-def test_warns_when_delta_not_below_one_over_n():
+def test_delta_not_below_one_over_n_is_refused_unless_forced_then_warned():
     model, opt, loader = _parts(n=200)
+    args = dict(scheme="gaussian", target_epsilon=2.0, delta=1 / 100, max_grad_norm=1.0, epochs=1)
+    with pytest.raises(UserError, match=r"^δ=0.01 ≥ 1/N = 0.005 for N=200 .* \(δ·N = 2\), or set train.force_delta"):
+        make_private(model, opt, loader, **args)
     with pytest.warns(UserWarning, match="1/N"):
-        make_private(model, opt, loader, scheme="clip-only", delta=1 / 100, max_grad_norm=1.0, epochs=1)
+        make_private(model, opt, loader, **args, large_delta=True)
+    make_private(*_parts(n=200), scheme="clip-only", delta=1 / 100, max_grad_norm=1.0, epochs=1)  # no guarantee
 
 
 def test_the_delta_warning_is_given_once(caplog, recwarn):
@@ -232,7 +236,17 @@ def test_the_delta_warning_is_given_once(caplog, recwarn):
     model, opt, loader = _parts(n=200)
     warnings.simplefilter("always")
     with caplog.at_level(logging.DEBUG):
-        make_private(model, opt, loader, scheme="clip-only", delta=1 / 100, max_grad_norm=1.0, epochs=1)
+        make_private(
+            model,
+            opt,
+            loader,
+            scheme="gaussian",
+            target_epsilon=2.0,
+            delta=1 / 100,
+            max_grad_norm=1.0,
+            epochs=1,
+            large_delta=True,
+        )
     assert [str(w.message) for w in recwarn.list if "1/N" in str(w.message)] != []
     assert len([w for w in recwarn.list if "1/N" in str(w.message)]) == 1
     assert not [r for r in caplog.records if "1/N" in r.getMessage()]

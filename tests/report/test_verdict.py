@@ -169,6 +169,7 @@ def test_the_verdict_reports_each_class_and_calibration(tmp_path, monkeypatch):
     assert "| class 0 recall ↑ |" in md and "| class 1 recall ↑ |" in md and "| expected calibration error ↓ |" in md
     assert "Which classes pay (recall ε − ∞, the class that loses most at each ε): ε = 1 class " in md
     assert "Calibration (expected calibration error ε − ∞, lower is better): ε = 1 " in md
+    assert "privacy unit: one training image; δ·N = " in md
     assert Path("reports/figures/fig_calibration.png").is_file()
 
 

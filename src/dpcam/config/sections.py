@@ -262,6 +262,11 @@ class TrainConfig(Section):
     seed: int = 0
     device: Literal[names.DEVICES] = "auto"  # type: ignore[valid-type]
     keep_best: bool = True
+    force_delta: bool = Field(
+        False,
+        description="accept δ ≥ 1/N (N training images) for gaussian/laplace: a guarantee that allows leaking one "
+        "image outright; refused unless true",
+    )
     name: str | None = Field(
         None, pattern=DATASET_NAME, description="run name (default <scheme>-eps<ε>-<model>-s<seed>)"
     )

@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from dpcam.errors import UserError
-from dpcam.names import CLIPPED_SCHEMES, GRAD_SAMPLE_MODES, PRECISIONS, SCHEMES, UNGUARANTEED_SCHEMES
+from dpcam.names import CLIPPED_SCHEMES, GRAD_SAMPLE_MODES, NOISED_SCHEMES, PRECISIONS, SCHEMES, UNGUARANTEED_SCHEMES
 from dpcam.privacy import accounting
 from dpcam.privacy.laplace import (
     LEDGER_MECHANISM,
@@ -563,6 +563,7 @@ def make_private(
     poisson_sampling: bool = True,
     criterion: Any = None,
     precision: str = "fp32",
+    large_delta: bool = False,
 ) -> PrivateSetup:
     """Wrap ``module``/``optimizer``/``data_loader`` for ``scheme`` and calibrate its noise.
 
@@ -590,7 +591,8 @@ def make_private(
 
     Raises UserError for bad input (unknown scheme/accountant/mode/precision, ε ≤ 0, δ ∉ (0, 1), C ≤ 0,
     epochs < 1, a non-Poisson request for a DP scheme, an incompatible model, an unreachable target, bf16 with
-    ghost or ew or low-precision parameters) and warns when δ ≥ 1/N.
+    ghost or ew or low-precision parameters, and δ ≥ 1/N for a scheme with a guarantee unless ``large_delta``,
+    which turns that refusal into a warning).
     """
     if scheme not in SCHEMES:
         raise UserError(f"unknown privacy scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
@@ -609,7 +611,15 @@ def make_private(
             precision=precision,
         )
     target_epsilon, delta, max_grad_norm = _validate(
-        scheme, target_epsilon, delta, max_grad_norm, epochs, grad_sample_mode, poisson_sampling, data_loader
+        scheme,
+        target_epsilon,
+        delta,
+        max_grad_norm,
+        epochs,
+        grad_sample_mode,
+        poisson_sampling,
+        data_loader,
+        large_delta,
     )
     sample_rate, steps_per_epoch, steps_planned = poisson_plan(len(data_loader), epochs)
     noise, clipping, ledger_name, accountant_name = _calibrate(
@@ -691,8 +701,10 @@ def _validate(
     grad_sample_mode: str,
     poisson_sampling: bool,
     data_loader: DataLoader,
+    large_delta: bool = False,
 ) -> tuple[float | None, float, float]:
-    """Check a clipped scheme's settings (one-line UserErrors); warn when δ ≥ 1/N. Returns (ε, δ, C) as floats."""
+    """Check a clipped scheme's settings (one-line UserErrors); δ ≥ 1/N for a scheme with a guarantee is refused
+    (warned with ``large_delta``). Returns (ε, δ, C) as floats."""
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise UserError(f"unknown grad_sample_mode {grad_sample_mode!r}; choose one of {', '.join(GRAD_SAMPLE_MODES)}")
     if scheme in ("laplace", "laplace-paper") and grad_sample_mode == "ghost":
@@ -716,11 +728,13 @@ def _validate(
     n = len(data_loader.dataset)
     if n == 0 or len(data_loader) == 0:
         raise UserError("the training set is empty; prepare a dataset with training images")
-    if delta >= 1 / n:
+    if delta >= 1 / n and scheme in NOISED_SCHEMES:
         msg = (
             f"δ={delta:g} ≥ 1/N = {1 / n:.3g} for N={n} training examples: "
             "this guarantee allows leaking one example outright; use δ < 1/N"
         )
+        if not large_delta:
+            raise UserError(f"{msg} (δ·N = {delta * n:.3g}), or set train.force_delta (--force-delta) to accept it")
         warnings.warn(msg, UserWarning, stacklevel=3)  # once: the CLI prints it as one line
     return target_epsilon, float(delta), max_grad_norm
 

@@ -330,10 +330,18 @@ def provenance(runs: Sequence[Run], grid: GridConfig) -> str:
     """Where the numbers come from: protocol, devices, library versions recorded by the runs."""
     devices = sorted({r.train.device for r in runs})
     versions = sorted({f"{k} {v}" for r in runs for k, v in (r.train.versions or {}).items()})
+    deltas = sorted({(r.train.delta, r.train.train_size) for r in runs if r.train.epsilon and r.train.delta})
+    unit = (
+        "privacy unit: one training image; "
+        + ", ".join(f"δ·N = {d * n:.3g} (δ {d:g}, N {n})" for d, n in deltas)
+        + " (δ ≥ 1/N is refused unless train.force_delta); "
+        if deltas
+        else ""
+    )
     return (
         f"protocol `{grid.protocol}` (non-private runs: "
         + ("their own recipe, grid.nonprivate" if grid.protocol == "tuned" else "the train section's recipe")
-        + f"); device {', '.join(devices)}; "
+        + f"); {unit}device {', '.join(devices)}; "
         + (", ".join(versions) if versions else "library versions not recorded")
     )
 
