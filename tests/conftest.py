@@ -52,19 +52,25 @@ def tiny_grid(**kw):
     return GridConfig.model_validate({**base, **kw})
 
 
-def make_tiny(name="tiny", n=240, size=16, root=Path("data/prepared"), masks=False):
-    """Two classes a small CNN separates in a few epochs: class 1 has a bright centre square (its mask)."""
+def make_tiny(name="tiny", n=240, size=16, root=Path("data/prepared"), masks=False, per_patient=None):
+    """Two classes a small CNN separates in a few epochs: class 1 has a bright centre square (its mask). With
+    ``per_patient``, images come in patients of that many (groups.npy), split by patient."""
     rng = np.random.default_rng(0)
     labels = np.arange(n) % 2
     images = rng.integers(0, 120, (n, size, size, 3), dtype=np.uint8)
     c = size // 4
     images[labels == 1, c : 3 * c, c : 3 * c] += 120
-    splits = store.stratified_split(labels, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+    fractions = {"train": 0.6, "val": 0.2, "test": 0.2}
+    groups = np.arange(n) // per_patient if per_patient else None
+    splits = store.grouped_split(groups, fractions, 0) if per_patient else store.stratified_split(labels, fractions, 0)
+    manifest = {"dataset": name, "classes": ["plain", "square"]}
+    if per_patient:
+        manifest["groups"] = {"names": [f"patient{g}" for g in range(int(groups.max()) + 1)]}
     with store.DatasetWriter(root / name, n, size, size, with_masks=masks) as w:
         w.images[:] = images
         if masks:
             w.masks[labels == 1, c : 3 * c, c : 3 * c] = 1
-        w.finish(labels, splits, {"dataset": name, "classes": ["plain", "square"]})
+        w.finish(labels, splits, manifest, groups)
     return root / name
 
 

@@ -994,3 +994,21 @@ def test_a_file_size_limit_while_training_is_one_line_naming_the_file(tiny):
     ], out.stderr
     assert _mlflow_runs("tiny") == {"big": "FAILED"}
     assert not Path("models").exists() or list(Path("models").rglob("*")) == []  # no temporary file left
+
+
+def test_on_patient_grouped_data_the_guarantee_is_stated_per_patient(tmp_path, monkeypatch):
+    import math
+
+    monkeypatch.chdir(tmp_path)
+    make_tiny("grouped", per_patient=3)
+    base = dict(dataset="grouped", scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1)
+    with pytest.raises(UserError, match=r"groups images by patient .* set train.max_group_images .* largest: 3\)"):
+        train.fit(cfg(**base), progress=False)
+    with pytest.raises(UserError, match=r"patient patient\d+ has 3 training images, more than .*max_group_images = 2"):
+        train.fit(cfg(**base, max_group_images=2), progress=False)
+    m = train.fit(cfg(**base, max_group_images=3), progress=False).metrics
+    assert (m.privacy_unit, m.group_size) == ("group", 3)
+    assert m.group_epsilon == pytest.approx(3 * m.epsilon)
+    assert m.group_delta == pytest.approx(3 * math.exp(2 * m.epsilon) * m.delta)
+    plain = train.fit(cfg(**{**base, "dataset": "tiny"}), progress=False).metrics if make_tiny() else None
+    assert plain.privacy_unit == "image" and plain.group_epsilon is None

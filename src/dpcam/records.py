@@ -144,6 +144,9 @@ class TrainRecord(Record):
         "weights",
         "weights_sha256",
         "weights_loaded",
+        "group_size",
+        "group_epsilon",
+        "group_delta",
         "public_data",
         "data_fingerprint",
     )
@@ -193,6 +196,12 @@ class TrainRecord(Record):
     trained_parameters: list[str] | None = None  # their names, when not all of the model's
     weights: str | None = None  # the pretrained weights (trunk) the run started from
     weights_sha256: str | None = None
+    # the privacy unit: "image", or "group" (a patient, prepare.groups) with the per-image guarantee converted by
+    # group privacy for at most group_size images: (k·ε, k·e^((k−1)ε)·δ)
+    privacy_unit: str = "image"
+    group_size: int | None = None
+    group_epsilon: float | None = None
+    group_delta: float | None = None
     weights_loaded: str | None = None  # the file's account: its tensors, how many used, what became of the others
     public_data: dict[str, Any] | None = None  # the public data the model learnt from without privacy
     # training

@@ -253,6 +253,31 @@ def _splits(cfg: TrainConfig, data: PreparedDataset):
     return train, val, test
 
 
+def _privacy_unit(cfg: TrainConfig, data: PreparedDataset, train_idx: np.ndarray) -> dict[str, Any]:
+    """The record's privacy unit: {} for images; for grouped data (prepare.groups) "group" and the stated most
+    images of one patient, k (train.max_group_images). A DP run on grouped data without k, or with a patient
+    holding more than k training images, is refused before training (one line)."""
+    if data.groups is None:
+        return {}
+    counts = np.bincount(data.groups[train_idx])
+    largest = int(counts.max(initial=0))
+    k = cfg.max_group_images
+    if cfg.scheme in NOISED_SCHEMES and k is None:
+        raise UserError(
+            f"{data.path} groups images by patient (prepare.groups): set train.max_group_images to the most images "
+            f"one patient may have (its training split's largest: {largest}), so ε is stated per patient"
+        )
+    if k is not None and largest > k:
+        names = data.manifest.get("groups", {}).get("names") or []
+        g = int(np.argmax(counts))
+        who = names[g] if g < len(names) else str(g)
+        raise UserError(
+            f"{data.path}: patient {who} has {largest} training images, more than train.max_group_images = {k}; "
+            "raise it (the guarantee weakens with k) or leave images of that patient out"
+        )
+    return {"privacy_unit": "group", "group_size": k}
+
+
 def _start(cfg: TrainConfig) -> _Training:
     """Data, model, optimizer and the private setup of a fresh run (the noise calibrated for its plan)."""
     from dpcam.privacy.engine import make_private
@@ -260,7 +285,7 @@ def _start(cfg: TrainConfig) -> _Training:
     device = resolve_device(cfg.device)
     data = open_data(cfg)
     train, val, test = _splits(cfg, data)
-    origin = _origin(cfg, data)
+    origin = {**_origin(cfg, data), **_privacy_unit(cfg, data, train.indices)}
     torch.manual_seed(cfg.seed)
     model, trained, loaded = _model(cfg, data)
     if loaded is not None:
@@ -556,6 +581,10 @@ def _finish(t: _Training, seconds: float) -> tuple[TrainRecord, dict[str, np.nda
         trained_parameters=None if cfg.trainable == "all" else list(t.trained),
         **t.origin,
     )
+    if record.group_size is not None and record.epsilon is not None and record.delta is not None:
+        k = record.group_size  # group privacy: (ε, δ) per image gives (kε, k·e^((k−1)ε)·δ) per group of ≤ k images
+        record.group_epsilon = k * record.epsilon
+        record.group_delta = min(1.0, k * math.exp((k - 1) * record.epsilon) * record.delta)
     record.collapsed = record.test_majority_share >= COLLAPSE_SHARE
     if record.collapsed:
         warnings.warn(

@@ -479,3 +479,45 @@ def test_a_bad_file_whose_name_is_not_utf8_is_one_printable_line(tmp_path):
     (line,) = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert "z\\xff.png: not an image" in line and "--skip-bad" in line
     assert not (OUT / "d").exists()
+
+
+# ------------------------------------------------------------------------------------------ patients (groups)
+
+
+def _groups_csv(path, rows):
+    path.write_text("image,group\n" + "".join(f"{i},{g}\n" for i, g in rows), encoding="utf-8")
+    return path
+
+
+def test_groups_keep_each_patients_images_in_one_split_and_are_stored(tmp_path):
+    src = make_aptos(tmp_path / "aptos", labels=tuple(i % 5 for i in range(20)))
+    rows = [(f"id{i:02d}", f"p{i // 2}") for i in range(20)]  # ten patients, two eyes each
+    prep("aptos", src, size=16, groups=_groups_csv(tmp_path / "patients.csv", rows))
+    data = store.load_dataset(OUT / "d")
+    assert data.groups is not None and data.groups.shape == (20,)
+    where = {}
+    for name, idx in data.splits.items():
+        for g in data.groups[idx]:
+            assert where.setdefault(int(g), name) == name  # no patient in two splits
+    assert sorted(np.concatenate(list(data.splits.values()))) == list(range(20))
+    m = manifest()["groups"]
+    assert (m["count"], m["largest"], m["names"][:2]) == (10, 2, ["p0", "p1"])
+    assert "groups.npy" in manifest()["checksums"]
+
+
+@pytest.mark.parametrize(
+    "rows, words",
+    [
+        ([("id00", "p0")], "no group for image id01"),
+        ([("id00", "p0"), ("id01", "")], "row 3 has an empty group"),
+        ([("id00", "p0"), ("id00", "p1")], "row 3 lists image 'id00' again"),
+    ],
+)
+def test_a_bad_groups_file_is_one_line_before_anything_is_written(tmp_path, rows, words):
+    src = make_aptos(tmp_path / "aptos", labels=(0, 1))
+    with pytest.raises(UserError, match=f"^prepare.groups .*patients.csv: .*{words}"):
+        prep("aptos", src, size=16, groups=_groups_csv(tmp_path / "patients.csv", rows))
+    assert not (OUT / "d").exists()
+    (tmp_path / "other.csv").write_text("id_code,patient\nid00,p0\n")
+    with pytest.raises(UserError, match="needs the columns image and group"):
+        prep("aptos", src, size=16, groups=tmp_path / "other.csv")

@@ -213,3 +213,19 @@ def test_a_run_and_its_data_stay_a_pair(tmp_path):
     )
     note = store.data_change("r", recorded, now, allow=True)
     assert note.startswith("data changed since training (--allow-data-change): run r was trained on ")
+
+
+def test_a_grouped_split_puts_each_group_in_one_split_near_the_fractions_and_is_seeded():
+    from dpcam.data.store import grouped_split
+
+    groups = np.repeat(np.arange(100), 3)  # 100 patients, 3 images each
+    fractions = {"train": 0.7, "val": 0.1, "test": 0.2}
+    a, b = grouped_split(groups, fractions, 0), grouped_split(groups, fractions, 0)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a["train"], grouped_split(groups, fractions, 1)["train"])
+    assert sorted(np.concatenate(list(a.values()))) == list(range(300))
+    assert (
+        len(set(groups[a["train"]]) & set(groups[a["test"]])) == 0
+        and len(set(groups[a["val"]]) & set(groups[a["test"]])) == 0
+    )
+    assert [len(a[k]) for k in ("train", "val", "test")] == [210, 30, 60]

@@ -200,3 +200,24 @@ def test_a_class_recall_and_the_calibration_error_are_paired_differences_of_thei
     # the paper's metrics where both are right: images 0, 2 and 5 (a is wrong on 1, 3, 4)
     both = compare([a], [b], label("avg_drop_pct"), (CORRECT_KEY, 0.0))
     assert both.mean == pytest.approx((1 + 3 + 6) / 3)
+
+
+def test_provenance_states_the_privacy_unit_and_delta_times_n():
+    from types import SimpleNamespace as NS
+
+    from dpcam.config import GridConfig
+    from dpcam.report.verdict_text import provenance
+
+    def run(unit="image", k=None):
+        return NS(
+            train=NS(
+                device="cpu", versions={}, epsilon=1.0, delta=1e-5, train_size=8400, privacy_unit=unit, group_size=k
+            )
+        )
+
+    assert "privacy unit: one training image; δ·N = 0.084 (δ 1e-05, N 8400)" in provenance([run()], GridConfig())
+    grouped = provenance([run("group", 2)], GridConfig())
+    assert (
+        "privacy unit: one patient of at most 2 training images (ε and δ per image converted by group privacy"
+        in grouped
+    )

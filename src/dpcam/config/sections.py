@@ -173,6 +173,11 @@ class PrepareConfig(Section):
     split: SplitConfig = SplitConfig()
     skip_bad: bool = False
     workers: int = Field(0, ge=0, description="decode processes; 0 = one per core")
+    groups: Path | None = Field(
+        None,
+        description="CSV (columns image,group) naming each image's patient: splits keep a patient's images together "
+        "and training states the guarantee per patient (train.max_group_images)",
+    )
     synthetic: SyntheticConfig = SyntheticConfig()
     public: PublicConfig = PublicConfig()
 
@@ -185,6 +190,11 @@ class PrepareConfig(Section):
                 raise ValueError(f"source = {str(self.source)!r}: does not exist; point it at the dataset folder")
         if self.masks is not None and not self.masks.is_dir():
             raise ValueError(f"masks = {str(self.masks)!r}: not a folder; point it at a folder of mask images")
+        if self.groups is not None:
+            if self.format == "synthetic":
+                raise ValueError("groups: synthetic-fundus has one image per patient; groups are for real formats")
+            if not self.groups.is_file():
+                raise ValueError(f"groups = {str(self.groups)!r}: no such file; give a CSV with columns image,group")
         return self
 
 
@@ -262,6 +272,12 @@ class TrainConfig(Section):
     seed: int = 0
     device: Literal[names.DEVICES] = "auto"  # type: ignore[valid-type]
     keep_best: bool = True
+    max_group_images: int | None = Field(
+        None,
+        ge=1,
+        description="the most images one patient (group, prepare.groups) may have: the guarantee is stated per "
+        "patient by group privacy; required for grouped data, checked against the training split",
+    )
     force_delta: bool = Field(
         False,
         description="accept δ ≥ 1/N (N training images) for gaussian/laplace: a guarantee that allows leaking one "

@@ -611,6 +611,7 @@ def prepare_source(
     from dpcam.layout import PREPARED_ROOT
 
     listing, skipped = _usable_listing(cfg)
+    grouping = _groups_of(listing.items, cfg.groups) if cfg.groups is not None else None
     masks = _match_masks(listing.items, cfg.masks) if cfg.masks is not None else None
     fundus = cfg.format == "aptos"
     size = int(cfg.size)
@@ -618,9 +619,16 @@ def prepare_source(
     tasks = [(it.path, masks[i] if masks else None, size, fundus) for i, it in enumerate(listing.items)]
     out_dir = PREPARED_ROOT / cfg.dataset
     with store.DatasetWriter(out_dir, n, size, size, with_masks=masks is not None) as writer:
-        kept_labels, n_masked = _decode_into(writer, tasks, listing, cfg, skipped, progress)
-        labels = _kept_labels(kept_labels, skipped, cfg.source, n + len(listing.missing), out_dir)
-        splits = store.stratified_split(labels, cfg.split.model_dump(), cfg.seed)
+        kept, n_masked = _decode_into(writer, tasks, listing, cfg, skipped, progress)
+        labels = _kept_labels(
+            [listing.items[i].label for i in kept], skipped, cfg.source, n + len(listing.missing), out_dir
+        )
+        groups = grouping[0][kept] if grouping is not None else None
+        splits = (
+            store.grouped_split(groups, cfg.split.model_dump(), cfg.seed)
+            if groups is not None
+            else store.stratified_split(labels, cfg.split.model_dump(), cfg.seed)
+        )
         manifest = {
             "dataset": cfg.dataset,
             "kind": "prepared",
@@ -632,13 +640,70 @@ def prepare_source(
             "preprocessing": _preprocessing_words(fundus, size),
             "skipped": skipped,
             "masks": n_masked if masks is not None else None,
+            **({"groups": _group_manifest(cfg.groups, grouping[1], groups)} if groups is not None else {}),
             **(manifest_extra or {}),
         }
         if labels.size == n:
             if check is not None:
                 manifest.update(check(writer.images))
-            return writer.finish(labels, splits, manifest)
-        return _compacted(writer, out_dir, labels, splits, manifest, check)
+            return writer.finish(labels, splits, manifest, groups)
+        return _compacted(writer, out_dir, labels, splits, manifest, check, groups)
+
+
+def _read_groups(path: Path) -> dict[str, str]:
+    """``prepare.groups``: a CSV with columns ``image`` (the file name without extension; APTOS: id_code) and
+    ``group`` (the patient); one line naming the row for a missing column, an empty id or an image listed twice."""
+    import csv
+
+    where = f"prepare.groups {path}"
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+            header = rows[0].keys() if rows else []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(
+            f"{where}: cannot be read ({_one_line(e)}); give a UTF-8 CSV with columns image,group"
+        ) from None
+    if not {"image", "group"} <= set(header):
+        raise UserError(f"{where}: needs the columns image and group (has {', '.join(header) or 'none'})")
+    table: dict[str, str] = {}
+    for r, row in enumerate(rows, start=2):
+        image, group = (row.get("image") or "").strip(), (row.get("group") or "").strip()
+        if not image or not group:
+            raise UserError(
+                f"{where}: row {r} has an empty {'image' if not image else 'group'}; give every image its patient id"
+            )
+        if image in table:
+            raise UserError(f"{where}: row {r} lists image {image!r} again; one row per image")
+        table[image] = group
+    return table
+
+
+def _groups_of(items: list[Item], path: Path) -> tuple[np.ndarray, list[str]]:
+    """The group index of every listed item and the group names (UserError naming an image without a group)."""
+    table = _read_groups(path)
+    names = sorted(set(table.values()))
+    code = {g: i for i, g in enumerate(names)}
+    out = np.empty(len(items), dtype=np.int64)
+    for i, it in enumerate(items):
+        key = it.path.stem
+        if key not in table:
+            raise UserError(
+                f"prepare.groups {path}: no group for image {key} ({it.path}); add a row {key},<patient id>"
+            )
+        out[i] = code[table[key]]
+    return out, names
+
+
+def _group_manifest(path: Path, names: list[str], groups: np.ndarray) -> dict[str, Any]:
+    counts = np.bincount(groups, minlength=len(names))
+    return {
+        "file": str(path),
+        "sha256": store.file_sha256(path),
+        "count": int(np.count_nonzero(counts)),
+        "largest": int(counts.max()),
+        "names": names,
+    }
 
 
 def _usable_listing(cfg: PrepareConfig) -> tuple[Listing, list[dict[str, str]]]:
@@ -670,13 +735,13 @@ def _decode_into(
 ) -> tuple[list[int], int]:
     """Decode ``tasks`` (one per listed item, see ``_work``) into ``writer``'s first rows, in order.
 
-    A bad image raises (``_skip_or_raise``) or is appended to ``skipped``. Returns the labels of the
-    kept images and how many of them got a mask. A dead worker process is one UserError line.
+    A bad image raises (``_skip_or_raise``) or is appended to ``skipped``. Returns the listing positions of
+    the kept images and how many of them got a mask. A dead worker process is one UserError line.
     """
     items, n = listing.items, len(tasks)
     workers = _n_workers(cfg.workers, n)
     chunksize = max(1, min(32, n // (workers * 8)))
-    kept_labels: list[int] = []
+    kept: list[int] = []
     n_masked = done = 0
     with (
         _decoded(tasks, workers, chunksize) as results,
@@ -696,14 +761,14 @@ def _decode_into(
                 if res[0] == "bad":
                     skipped.append(_skip_or_raise(res[1], res[2], cfg.skip_bad, listing.context.get(items[i].path)))
                     continue
-                n_masked += _store_decoded(writer, len(kept_labels), res[1], res[2])
-                kept_labels.append(items[i].label)
+                n_masked += _store_decoded(writer, len(kept), res[1], res[2])
+                kept.append(i)
         except BrokenProcessPool:
             raise UserError(
                 f"a decoding process died (an image decoder crashed, or memory ran out) after {done} of {n} "
                 f"images, near {items[min(done, n - 1)].path}; rerun with --workers 1 to find the file"
             ) from None
-    return kept_labels, n_masked
+    return kept, n_masked
 
 
 def _skip_or_raise(bad_file: Path, reason: str, skip_bad: bool, where: str | None) -> dict[str, str]:
@@ -744,7 +809,9 @@ def _kept_labels(
     return np.asarray(kept_labels, dtype=np.int64)
 
 
-def _compacted(full: store.DatasetWriter, out_dir: Path, labels: np.ndarray, splits, manifest, check=None) -> Path:
+def _compacted(
+    full: store.DatasetWriter, out_dir: Path, labels: np.ndarray, splits, manifest, check=None, groups=None
+) -> Path:
     """Copy the first ``len(labels)`` rows of ``full`` into a writer of that size and finish it (the
     dataset of a run that skipped images); ``full`` is left to be discarded."""
     kept, size = labels.size, full.images.shape[1]
@@ -757,4 +824,4 @@ def _compacted(full: store.DatasetWriter, out_dir: Path, labels: np.ndarray, spl
                 compact.masks[s:e] = full.masks[s:e]
         if check is not None:
             manifest.update(check(compact.images))
-        return compact.finish(labels, splits, manifest)
+        return compact.finish(labels, splits, manifest, groups)

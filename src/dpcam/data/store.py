@@ -6,6 +6,8 @@ A prepared dataset is a folder::
     labels.npy     int64  (N,)
     masks.npy      uint8  (N, H, W)      binary lesion masks (0/1), only when the source has them
     splits.npz     int64 index arrays "train", "val", "test"
+    groups.npy     int64  (N,)           the group (patient) of each image, only with prepare.groups; its
+                                         names in manifest["groups"]["names"]
     manifest.json  source, counts, sizes, checksums, generator or mechanism parameters, guarantee
 
 Everything is written into a temporary sibling folder and renamed into place at the end, so an
@@ -104,15 +106,28 @@ class DatasetWriter:
         self.images = self.masks = None
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def finish(self, labels: np.ndarray, splits: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
+    def finish(
+        self,
+        labels: np.ndarray,
+        splits: dict[str, np.ndarray],
+        manifest: dict[str, Any],
+        groups: np.ndarray | None = None,
+    ) -> Path:
         with writing(self.out_dir, self.need):
-            return self._finish(labels, splits, manifest)
+            return self._finish(labels, splits, manifest, groups)
 
-    def _finish(self, labels: np.ndarray, splits: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
+    def _finish(
+        self, labels: np.ndarray, splits: dict[str, np.ndarray], manifest: dict[str, Any], groups: np.ndarray | None
+    ) -> Path:
         n = self.images.shape[0]
         labels = np.asarray(labels, dtype=np.int64)
         if labels.shape != (n,):
             raise ValueError(f"labels has shape {labels.shape}, expected ({n},)")
+        if groups is not None:
+            groups = np.asarray(groups, dtype=np.int64)
+            if groups.shape != (n,):
+                raise ValueError(f"groups has shape {groups.shape}, expected ({n},)")
+            np.save(self._tmp / "groups.npy", groups)
         for name in SPLITS:
             idx = np.asarray(splits.get(name, np.empty(0, np.int64)), dtype=np.int64)
             if idx.size and (idx.min() < 0 or idx.max() >= n):
@@ -124,9 +139,9 @@ class DatasetWriter:
         self.images = self.masks = None  # close the memmaps before hashing and renaming
         np.save(self._tmp / "labels.npy", labels)
         np.savez(self._tmp / "splits.npz", **{k: splits[k] for k in SPLITS})
-        files = ["images.npy", "labels.npy", "splits.npz"] + (
-            ["masks.npy"] if (self._tmp / "masks.npy").exists() else []
-        )
+        files = ["images.npy", "labels.npy", "splits.npz"] + [
+            f for f in ("masks.npy", "groups.npy") if (self._tmp / f).exists()
+        ]
         manifest = printable_json(dict(manifest))  # file and class names that are not UTF-8 (skip-bad records)
         manifest.setdefault("format_version", FORMAT_VERSION)
         manifest["count"] = int(n)
@@ -147,6 +162,20 @@ def _per_class(labels: np.ndarray, manifest: dict[str, Any]) -> dict[str, int]:
     classes = manifest.get("classes") or [str(c) for c in range(int(labels.max(initial=-1)) + 1)]
     counts = np.bincount(labels, minlength=len(classes))
     return {str(c): int(k) for c, k in zip(classes, counts)}
+
+
+def grouped_split(groups: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Split indices so that every group (patient) falls in one split, deterministically by seed: the groups in a
+    seeded random order fill train, then val, then test, each up to its rounded cumulative share of the images
+    (class balance is not kept: a patient's images cannot be divided)."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(groups)
+    rng.shuffle(ids)
+    sizes = np.array([np.count_nonzero(groups == g) for g in ids])
+    cuts = np.round(np.cumsum([fractions[name] for name in SPLITS]) * groups.size)
+    ends = np.cumsum(sizes)
+    at = np.minimum(np.searchsorted(cuts, ends - sizes / 2), len(SPLITS) - 1)  # a group goes where its middle falls
+    return {name: np.sort(np.flatnonzero(np.isin(groups, ids[at == k]))) for k, name in enumerate(SPLITS)}
 
 
 def stratified_split(labels: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
@@ -178,6 +207,7 @@ class PreparedDataset:
     masks: np.ndarray | None
     splits: dict[str, np.ndarray]
     manifest: dict[str, Any] = field(repr=False)
+    groups: np.ndarray | None = None  # the group (patient) index of each image (prepare.groups), else None
 
     @property
     def classes(self) -> list[str]:
@@ -225,7 +255,12 @@ def load_dataset(path: str | Path) -> PreparedDataset:
         idx = splits[name]
         if not np.issubdtype(idx.dtype, np.integer) or (idx.size and (idx.min() < 0 or idx.max() >= n)):
             raise guard.problem(path / "splits.npz", f"split {name!r} is not indices into the {n} images", fix)
-    return PreparedDataset(path, images, labels, masks, splits, manifest)
+    groups = (
+        guard.read_npy(path / "groups.npy", fix=fix, shape=(n,), dtype=np.integer)
+        if (path / "groups.npy").exists()
+        else None
+    )
+    return PreparedDataset(path, images, labels, masks, splits, manifest, groups)
 
 
 # ------------------------------------------------------------------------------------ a run and its data

@@ -331,8 +331,15 @@ def provenance(runs: Sequence[Run], grid: GridConfig) -> str:
     devices = sorted({r.train.device for r in runs})
     versions = sorted({f"{k} {v}" for r in runs for k, v in (r.train.versions or {}).items()})
     deltas = sorted({(r.train.delta, r.train.train_size) for r in runs if r.train.epsilon and r.train.delta})
+    k = max((r.train.group_size or 0 for r in runs if r.train.privacy_unit == "group"), default=0)
+    who = (
+        f"one patient of at most {k} training images (ε and δ per image converted by group privacy: kε, "
+        "k·e^((k−1)ε)·δ, in train.json's group_epsilon and group_delta)"
+        if k
+        else "one training image"
+    )
     unit = (
-        "privacy unit: one training image; "
+        f"privacy unit: {who}; "
         + ", ".join(f"δ·N = {d * n:.3g} (δ {d:g}, N {n})" for d, n in deltas)
         + " (δ ≥ 1/N is refused unless train.force_delta); "
         if deltas
