@@ -463,3 +463,82 @@ def test_the_small_input_stem_is_named_as_what_does_not_fit(files):
     path, _ = files("resnet18")
     msg = _one_line_error(lambda: create_model("resnet18", CLASSES, 32, weights=path))
     assert "conv1.weight (64, 3, 7, 7)→(64, 3, 3, 3)" in msg and "set train.small_input: false" in msg
+
+
+# ------------------------------------------------------------------------------------------ the hospital's setting
+
+
+@_OPACUS_WARNINGS
+def test_dpcam_train_fine_tunes_an_imagenet_resnet18_head_with_dp_at_224_px_on_cpu(files):
+    """The CLI end to end as a hospital team runs it: a tiny ImageFolder prepared at 224 px, a torchvision ResNet18
+    state dict (local file), Gaussian DP-SGD on the head; every tensor of the file accounted for, printed."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from dpcam.cli import app
+
+    path, _ = files("resnet18")
+    rng = np.random.default_rng(0)
+    for c in ("grade0", "grade1"):
+        Path("raw", c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(f"raw/{c}/{c}-{i}.png")
+    run = CliRunner().invoke
+    prepared = run(
+        app,
+        [
+            "prepare",
+            "--dataset",
+            "eyes",
+            "--format",
+            "imagefolder",
+            "--source",
+            "raw",
+            "--size",
+            "224",
+            "--workers",
+            "1",
+        ],
+    )
+    assert prepared.exit_code == 0, prepared.output
+    args = [
+        "train",
+        "--dataset",
+        "eyes",
+        "--model",
+        "resnet18",
+        "--weights",
+        str(path),
+        "--trainable",
+        "head",
+        "--scheme",
+        "gaussian",
+        "--epsilon",
+        "5",
+        "--delta",
+        "1e-3",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--lr",
+        "0.5",
+        "--device",
+        "cpu",
+    ]
+    trained = run(app, args)
+    assert trained.exit_code == 0, trained.output
+    name = "gaussian-eps5-ft-head-resnet18-s0"
+    m = json.loads(Path(f"models/{name}/train.json").read_text())
+    count = (
+        f"weights {path}: 122 tensors in the file, 100 used (BatchNorm of 20 layers as frozen statistics and "
+        "affine); 20 ignored (BatchNorm's num_batches_tracked: a step counter); 2 not used: trained from "
+        "initialisation (fc.weight, fc.bias)"
+    )
+    assert m["weights_loaded"] == count and count in trained.output
+    assert m["trained_parameters"] == ["fc.weight", "fc.bias"] and 0 < m["epsilon"] <= 5 + 1e-6
+    assert json.loads(Path(f"models/{name}/model.json").read_text())["image_size"] == 224
