@@ -92,6 +92,16 @@ def test_b_reproduced_only_when_the_gap_is_shown_to_exceed_five_points():
     assert c.status == "inconclusive" and "degenerate" in c.reason
 
 
+def test_b_says_when_the_two_eps_trained_with_different_schedules():
+    one, five = gaussian(1, accuracy=0.6), gaussian(5, accuracy=0.7)
+    for runs, epochs in ((one, 16), (five, 24)):
+        for r in runs:
+            r.train.epochs = epochs
+    c = C.claim_b(one + five, "smallcnn")
+    assert "not ε alone: ε = 1 trained 16 epochs and ε = 5 24 (their DP schedules)" in c.evidence
+    assert "not ε alone" not in _b(0.6, 0.7).evidence  # the same recipe (or none recorded): nothing to say
+
+
 # --------------------------------------------------------------------------------- (c) and (c_low)
 
 

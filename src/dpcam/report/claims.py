@@ -251,6 +251,12 @@ def claim_b(runs: list[Run], model: str) -> Claim:
         return _settle(c, "inconclusive", [], one + five, [])
     d = compare(five, one, ACCURACY)
     c.evidence = f"accuracy(ε = 5) − accuracy(ε = 1) = {d.words()}"
+    e1, e5 = ({getattr(r.train, "epochs", None) for r in side} for side in (one, five))
+    if None not in e1 | e5 and e1 != e5:  # per-band DP schedules (grid.schedules)
+        c.evidence += (
+            f"; not ε alone: ε = 1 trained {'/'.join(map(str, sorted(e1)))} epochs and ε = 5 "
+            f"{'/'.join(map(str, sorted(e5)))} (their DP schedules), so the gap includes that difference"
+        )
     status = "inconclusive"
     if d.lo is not None:
         status = "reproduced" if d.lo > LARGE_GAP else "contradicted" if d.hi < LARGE_GAP else "inconclusive"
