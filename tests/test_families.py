@@ -217,6 +217,9 @@ def test_a_schedule_trains_its_band_and_a_schedule_no_eps_falls_in_has_no_refere
     assert grid.active_schedules() == ["low", "mid", "high"]
     few = tiny_grid(gaussian=[0.5], baselines=["none", "clip-only"], schedules=bands)
     assert few.active_schedules() == ["low"]
+    names = {s.name: families.schedule_of_run(s, grid) for s in grid_runs(grid)}
+    assert names["gaussian-eps2-clip3-smallcnn-s0"] == "mid"  # the clipping sweep at ε = 2 trains the mid band's recipe
+    assert names["laplace-eps5-smallcnn-s0"] is None and names["none-epsinf-sched-low-smallcnn-s0"] == "low"
     refs = {s.name for s in grid_runs(few) if s.family == "baseline"}
     assert refs == {
         "none-epsinf-smallcnn-s0",

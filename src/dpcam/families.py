@@ -575,15 +575,22 @@ def train_overrides(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
     return over
 
 
+def schedule_of_run(s: RunSpec, grid: GridConfig) -> str | None:
+    """The DP schedule (grid.schedules) whose recipe run ``s`` trains with: a reference's own, or the band of a
+    from-scratch Gaussian run's ε (any family: the clipping sweep and train-size runs too); None otherwise."""
+    if s.schedule is not None:
+        return s.schedule
+    return grid.schedule_of(s.epsilon) if s.scheme == "gaussian" and s.trainable is None else None
+
+
 def _schedule_recipe(s: RunSpec, grid: GridConfig) -> dict[str, Any]:
     """The train keys a DP schedule sets for run ``s``: a reference's own schedule (``none``: the schedule's steps
     and views with its reference lr; ``clip-only``: the DP recipe), or the schedule of a Gaussian run's ε."""
-    if s.schedule is not None:
-        sched = grid.schedules[s.schedule]
-        return sched.reference() if s.scheme == "none" else sched.recipe()
-    if s.scheme == "gaussian" and s.trainable is None and (name := grid.schedule_of(s.epsilon)) is not None:
-        return grid.schedules[name].recipe()
-    return {}
+    name = schedule_of_run(s, grid)
+    if name is None:
+        return {}
+    sched = grid.schedules[name]
+    return sched.reference() if s.scheme == "none" else sched.recipe()
 
 
 def run_config(s: RunSpec, grid: GridConfig, base: TrainConfig) -> TrainConfig:

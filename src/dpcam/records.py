@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
 from dpcam import guard
@@ -118,6 +119,27 @@ def read(cls: type[R], path: Path, what: str = "") -> R:
 
 
 # ------------------------------------------------------------------------------------ train.json
+
+
+CALIBRATION_BINS = 15  # equal-width confidence bins of train.json's test_ece (Guo et al. 2017)
+
+
+def calibration_features(prob: np.ndarray, label: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Per image, in its equal-width confidence bin: (1, confidence, hit) — images × (bins·3). Summed over images
+    they give :func:`calibration_error` and the reliability diagram (per bin: count, Σ confidence, Σ hits)."""
+    conf = prob.max(1)
+    hit = (prob.argmax(1) == label).astype(float)
+    at = np.minimum((conf * bins).astype(int), bins - 1)
+    out = np.zeros((len(conf), bins, 3))
+    out[np.arange(len(conf)), at] = np.stack([np.ones_like(conf), conf, hit], 1)
+    return out.reshape(len(conf), bins * 3)
+
+
+def calibration_error(sums: np.ndarray, bins: int = CALIBRATION_BINS) -> np.ndarray:
+    """Expected calibration error from summed :func:`calibration_features` ``(..., bins·3)``: Σ_bins |Σ confidence −
+    Σ hits| / images."""
+    c = sums.reshape(*sums.shape[:-1], bins, 3)
+    return np.abs(c[..., 1] - c[..., 2]).sum(-1) / np.maximum(c[..., 0].sum(-1), 1e-12)
 
 
 class TrainRecord(Record):

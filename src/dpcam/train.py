@@ -44,9 +44,9 @@ from dpcam.config import GridConfig, TrainConfig
 from dpcam.data.augment import views
 from dpcam.data.store import PreparedDataset, fingerprint, load_dataset
 from dpcam.errors import UserError
-from dpcam.families import check_flags, family_runs, run_config
+from dpcam.families import check_flags, family_runs, run_config, schedule_of_run
 from dpcam.names import CLIPPED_SCHEMES, NOISED_SCHEMES, UNGUARANTEED_SCHEMES
-from dpcam.records import TrainRecord
+from dpcam.records import TrainRecord, calibration_error, calibration_features
 
 log = logging.getLogger("dpcam.train")
 
@@ -149,17 +149,12 @@ def predict(model: nn.Module, split, batch_size: int, device: torch.device) -> t
     return prob.argmax(1), torch.cat(labels).numpy(), prob
 
 
-CALIBRATION_BINS = 15  # equal-width confidence bins of the expected calibration error (Guo et al. 2017)
-
-
 def calibration_metrics(prob: np.ndarray, true: np.ndarray, prefix: str) -> dict[str, float]:
     """Expected calibration error (|confidence − accuracy| per equal-width confidence bin, weighted by the bin's
-    share of images) and the mean confidence (the predicted class's probability) of one split."""
-    conf = prob.max(1)
-    correct = (prob.argmax(1) == true).astype(float)
-    bins = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
-    gap = np.bincount(bins, conf - correct, CALIBRATION_BINS)
-    return {f"{prefix}_ece": float(np.abs(gap).sum() / max(len(conf), 1)), f"{prefix}_confidence": float(conf.mean())}
+    share of images: :func:`dpcam.records.calibration_error`) and the mean confidence (the predicted class's
+    probability) of one split."""
+    ece = calibration_error(calibration_features(prob, true).sum(0))
+    return {f"{prefix}_ece": float(ece), f"{prefix}_confidence": float(prob.max(1).mean())}
 
 
 def classification_metrics(pred: np.ndarray, true: np.ndarray, num_classes: int, prefix: str) -> dict[str, Any]:
@@ -1036,11 +1031,8 @@ def _check_reachable(specs: list, cfgs: list[TrainConfig], grid: GridConfig) -> 
         q, steps = training_plan(sizes[key], cfg.batch_size, cfg.epochs)
         accountant = "laplace" if cfg.scheme == "laplace" else cfg.accountant
         if not reachable(cfg.scheme, cfg.epsilon, cfg.delta, q, steps, accountant):
-            where = (
-                f"grid.schedules.{grid.schedule_of(cfg.epsilon)}"
-                if s.family == "gaussian" and grid.schedule_of(cfg.epsilon)
-                else "the train section"
-            )
+            name = schedule_of_run(s, grid)
+            where = f"grid.schedules.{name}" if name is not None else "the train section"
             raise UserError(
                 f"grid run {s.name}: target ε = {cfg.epsilon:g} at δ = {cfg.delta:g} cannot be reached in {steps} "
                 f"steps at sample rate {q:.4g} with any noise ≤ 1e6 ({where}: epochs {cfg.epochs}, batch size "

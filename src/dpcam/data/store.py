@@ -171,7 +171,7 @@ def grouped_split(groups: np.ndarray, fractions: dict[str, float], seed: int) ->
     rng = np.random.default_rng(seed)
     ids = np.unique(groups)
     rng.shuffle(ids)
-    sizes = np.array([np.count_nonzero(groups == g) for g in ids])
+    sizes = np.bincount(groups)[ids]
     cuts = np.round(np.cumsum([fractions[name] for name in SPLITS]) * groups.size)
     ends = np.cumsum(sizes)
     at = np.minimum(np.searchsorted(cuts, ends - sizes / 2), len(SPLITS) - 1)  # a group goes where its middle falls

@@ -14,10 +14,9 @@ import numpy as np
 
 from dpcam.errors import UserError
 from dpcam.families import pick
+from dpcam.records import calibration_error, calibration_features
 from dpcam.report.paired import (
     Difference,
-    calibration_error,
-    calibration_features,
     paired_mean,
     paired_statistic,
     paired_sums,
@@ -66,7 +65,6 @@ MATCHES = ((CONFIDENCE_KEY, CONFIDENCE_CALIPER), (SENSITIVITY_KEY, SENSITIVITY_C
 
 
 ECE = Measure("test_ece", "expected calibration error", "lower", 3, "ece")
-CALIBRATION_BINS = 15  # as train.json's test_ece (Guo et al. 2017)
 
 
 def recall(c: int) -> Measure:
@@ -176,12 +174,12 @@ def compare(runs: list[Run], refs: list[Run], m: Measure, match: tuple[str, floa
         y = _at(arrays[0][0], "label", idx)
         feats = [
             (
-                calibration_features(_at(a, "prob", idx), y, CALIBRATION_BINS),
-                calibration_features(_at(b, "prob", idx), y, CALIBRATION_BINS),
+                calibration_features(_at(a, "prob", idx), y),
+                calibration_features(_at(b, "prob", idx), y),
             )
             for a, b in arrays
         ]
-        return paired_sums(feats, lambda s: calibration_error(s, CALIBRATION_BINS), better=m.better)
+        return paired_sums(feats, calibration_error, better=m.better)
     k = int(max(max(int(pa.max()), int(pb.max()), int(y.max())) for pa, pb, y in preds)) + 1
     return paired_statistic(preds, lambda c: quadratic_kappa(c, k), k, better=m.better)
 

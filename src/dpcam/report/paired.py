@@ -226,24 +226,6 @@ def _weights(n: int, b: int, rng: np.random.Generator) -> np.ndarray:
     return rng.multinomial(n, np.full(n, 1.0 / n), size=b).astype(np.float64)
 
 
-def calibration_features(prob: np.ndarray, label: np.ndarray, bins: int) -> np.ndarray:
-    """Per image, in its equal-width confidence bin: (1, confidence, hit) — images × (bins·3), whose sums give
-    :func:`calibration_error`."""
-    conf = prob.max(1)
-    hit = (prob.argmax(1) == label).astype(float)
-    at = np.minimum((conf * bins).astype(int), bins - 1)
-    out = np.zeros((len(conf), bins, 3))
-    out[np.arange(len(conf)), at] = np.stack([np.ones_like(conf), conf, hit], 1)
-    return out.reshape(len(conf), bins * 3)
-
-
-def calibration_error(sums: np.ndarray, bins: int) -> np.ndarray:
-    """Expected calibration error from summed :func:`calibration_features` ``(..., bins·3)``: Σ_bins |Σ confidence −
-    Σ hits| / images."""
-    c = sums.reshape(*sums.shape[:-1], bins, 3)
-    return np.abs(c[..., 1] - c[..., 2]).sum(-1) / np.maximum(c[..., 0].sum(-1), 1e-12)
-
-
 def quadratic_kappa(counts: np.ndarray, k: int) -> np.ndarray:
     """Cohen's quadratic weighted kappa from confusion counts ``(..., k*k)`` (row = label, column = prediction)."""
     c = counts.reshape(*counts.shape[:-1], k, k)

@@ -9,7 +9,8 @@ import numpy as np
 
 from dpcam.errors import UserError
 from dpcam.layout import format_eps
-from dpcam.report.compare import CALIBRATION_BINS, PARTS, label
+from dpcam.records import CALIBRATION_BINS, calibration_features
+from dpcam.report.compare import PARTS, label
 from dpcam.report.plotting import figure, finish
 from dpcam.report.runs import Run
 from dpcam.report.verdict import Verdict
@@ -63,16 +64,10 @@ def _reliability(runs: list[Run]) -> tuple[np.ndarray, np.ndarray, np.ndarray] |
         return None
     if not preds or any("prob" not in p for p in preds):
         return None
-    conf = np.concatenate([p["prob"].max(1) for p in preds])
-    hit = np.concatenate([(p["prob"].argmax(1) == p["label"]).astype(float) for p in preds])
-    at = np.minimum((conf * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
-    n = np.bincount(at, minlength=CALIBRATION_BINS)
+    sums = sum(calibration_features(p["prob"], p["label"]).sum(0) for p in preds).reshape(CALIBRATION_BINS, 3)
+    n = sums[:, 0]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (
-            np.bincount(at, conf, CALIBRATION_BINS) / n,
-            np.bincount(at, hit, CALIBRATION_BINS) / n,
-            n,
-        )
+        return sums[:, 1] / n, sums[:, 2] / n, n
 
 
 def fig_calibration(v: Verdict, reference: list[Run], path: Path) -> Path | None:

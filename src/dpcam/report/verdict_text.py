@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from dpcam.config import GridConfig
 from dpcam.layout import format_eps
+from dpcam.records import CALIBRATION_BINS
 from dpcam.report.compare import (
     ACCURACY,
     BOTH_CORRECT,
@@ -112,9 +113,6 @@ def answer(v: Verdict, runs: Sequence[Run] = ()) -> list[str]:
     return lines
 
 
-PART_WORDS = {"noise": "privacy (noise)", "clipping": "clipping", "budget": "the DP budget"}
-
-
 def cost_lines(v: Verdict) -> list[str]:
     """What privacy costs, split: accuracy per ε, and which explanation parts are distinguishably worse."""
     rows = [r for r in v.rows if r.split]
@@ -166,7 +164,7 @@ def group_lines(v: Verdict) -> list[str]:
             f"{label(k).label} at {_eps(r.epsilon)}"
             for r in v.rows
             for k in recalls
-            if r.diffs.get(k, None) and r.diffs[k].mark == WORSE
+            if k in r.diffs and r.diffs[k].mark == WORSE
         ]
         out.append(
             "Which classes pay (recall ε − ∞, the class that loses most at each ε): "
@@ -390,7 +388,8 @@ def _sections(v: Verdict) -> list[tuple[str, tuple[list[str], list[list[str]]]]]
         ),
         (
             "By class and calibration (DP's disparate impact, Bagdasaryan et al. 2019): each class's recall "
-            "(accuracy on its own test images) and the expected calibration error (15 equal-width confidence bins), "
+            f"(accuracy on its own test images) and the expected calibration error ({CALIBRATION_BINS} equal-width "
+            "confidence bins), "
             f"ε − ∞, same seeds and images; {WORSE}/{BETTER} after {MARKS[v.config.marks]} over the "
             f"{v.families.get('groups', 0)} cells of this table:",
             difference_rows(v, _group_keys(v)),
@@ -415,8 +414,8 @@ def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> 
         out += [f"## {v.model} — seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
         out += [f"- **{line}**" for line in answer(v, runs)] + [""]
         out += [recipes(grid), ""]
-        if effort(v, runs):
-            out += [effort(v, runs), ""]
+        if words := effort(v, runs):
+            out += [words, ""]
         out += ["How these statements were made:", ""] + [f"- {line}" for line in method(v)] + [""]
         for note, (header, body) in _sections(v):
             if body:
@@ -441,8 +440,8 @@ def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig)
         parts.append(f"<h3>{e(v.model)}: seeds {e(', '.join(map(str, v.seeds)) or '—')}</h3>")
         parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v, runs)) + "</ul>")
         parts.append(f"<p>{e(recipes(grid))}</p>")
-        if effort(v, runs):
-            parts.append(f"<p>{e(effort(v, runs))}</p>")
+        if words := effort(v, runs):
+            parts.append(f"<p>{e(words)}</p>")
         parts.append('<ul class="note">' + "".join(f"<li>{e(line)}</li>" for line in method(v)) + "</ul>")
         for note, (header, body) in _sections(v):
             if body:
