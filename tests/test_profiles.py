@@ -58,7 +58,7 @@ def test_merge_keeps_every_key_the_overlay_does_not_name():
     }
 
 
-@pytest.mark.parametrize("name", ["paper-aptos", "paper-catsdogs", "quick", "full"])
+@pytest.mark.parametrize("name", ["paper-aptos", "paper-catsdogs", "hospital-aptos", "quick", "full"])
 def test_the_shipped_profiles_are_valid_overlays_of_the_shipped_params(name, tmp_path):
     overlay = profiles.load_overlay(name, REPO / "profiles")
     source = (overlay.get("prepare") or {}).get("source")

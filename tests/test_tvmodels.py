@@ -469,9 +469,10 @@ def test_the_small_input_stem_is_named_as_what_does_not_fit(files):
 
 
 @_OPACUS_WARNINGS
-def test_dpcam_train_fine_tunes_an_imagenet_resnet18_head_with_dp_at_224_px_on_cpu(files):
+def test_dpcam_fine_tunes_explains_and_audits_an_imagenet_resnet18_head_with_dp_at_224_px_on_cpu(files):
     """The CLI end to end as a hospital team runs it: a tiny ImageFolder prepared at 224 px, a torchvision ResNet18
-    state dict (local file), Gaussian DP-SGD on the head; every tensor of the file accounted for, printed."""
+    state dict (local file), Gaussian DP-SGD on the head with flip-and-shift augmentation; every tensor of the file
+    accounted for, printed; then Grad-CAM scored on its test images and the membership audit checked against ε."""
     import json
     from pathlib import Path
 
@@ -485,7 +486,7 @@ def test_dpcam_train_fine_tunes_an_imagenet_resnet18_head_with_dp_at_224_px_on_c
     rng = np.random.default_rng(0)
     for c in ("grade0", "grade1"):
         Path("raw", c).mkdir(parents=True)
-        for i in range(10):
+        for i in range(25):  # 35 / 5 / 10 images: the audit needs 10 class-matched members and non-members
             Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(f"raw/{c}/{c}-{i}.png")
     run = CliRunner().invoke
     prepared = run(
@@ -527,6 +528,8 @@ def test_dpcam_train_fine_tunes_an_imagenet_resnet18_head_with_dp_at_224_px_on_c
         "4",
         "--lr",
         "0.5",
+        "--augment",
+        "flip-shift",
         "--device",
         "cpu",
     ]
@@ -542,3 +545,13 @@ def test_dpcam_train_fine_tunes_an_imagenet_resnet18_head_with_dp_at_224_px_on_c
     assert m["weights_loaded"] == count and count in trained.output
     assert m["trained_parameters"] == ["fc.weight", "fc.bias"] and 0 < m["epsilon"] <= 5 + 1e-6
     assert json.loads(Path(f"models/{name}/model.json").read_text())["image_size"] == 224
+    assert m["augment"] == "flip-shift"
+    explained = run(app, ["explain", name, "--metric", "confidence", "--metric", "deletion-insertion", "--steps", "2"])
+    assert explained.exit_code == 0, explained.output
+    e = json.loads(Path(f"metrics/{name}/explain.json").read_text())
+    assert e["images"] == 10 and 0 <= e["deletion_auc"] <= 1 and e["avg_drop_pct"] is not None
+    assert np.load(f"metrics/{name}/maps.npy").shape == (10, 224, 224)  # layer4's 7×7 maps, upsampled
+    audited = run(app, ["audit", name, "--attack", "loss"])
+    assert audited.exit_code == 0, audited.output
+    a = json.loads(Path(f"audits/{name}/audit.json").read_text())
+    assert a["members"] == 10 and a["check"]["done"] and not a["violation"]

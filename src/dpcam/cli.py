@@ -196,6 +196,8 @@ def train(
     epochs: int | None = typer.Option(None, help="epochs"),
     batch_size: int | None = typer.Option(None, help="expected batch size"),
     train_size: int | None = typer.Option(None, help="train on this many training images (default: all)"),
+    augment: str | None = typer.Option(None, help="none|flip-shift: random flips and shifts of training images"),
+    aug_mult: int | None = typer.Option(None, help="augmented views per example, averaged before clipping"),
     family: str | None = typer.Option(
         None,
         help="train every run of this grid family (baseline|gaussian|laplace|laplace-paper|ldp|clip-sweep|"
@@ -225,6 +227,8 @@ def train(
         "schedule": schedule,
         "epochs": epochs,
         "batch_size": batch_size,
+        "augment": augment,
+        "aug_mult": aug_mult,
         "device": device,
         "force_delta": force_delta or None,
     }
