@@ -7,7 +7,7 @@ spend with the epochs), each recipe tuned to its best inside it:
 
 1. **Non-private** (ε = ∞, the reference): SGD candidates of up to the budget.
 2. **DP schedules, per band of ε** (``BANDS``; the best schedule at ε = 10 is not the best at ε = 1): every
-   schedule of ``SCHEDULES`` (16–24 epochs and more, batch 256–2048 with the learning rate scaled linearly
+   schedule of ``SCHEDULES`` (8–32 epochs, batch 256–2048 with the learning rate scaled linearly
    from lr 1 at batch 512), scored at the band's largest ε (1 and 10: the ε the DP literature quotes, and half the
    runs of scoring both), one training seed.
 3. **DP practice, per band**, on the band's best schedule, the same seed: momentum or not (momentum 0
@@ -24,7 +24,7 @@ candidate with a run flagged undertrained (``dpcam.train.undertrained``) ranks a
 Runs go two at a time (one torch thread each). Writes docs/recipes.md (and its .json) and prints the
 ``grid`` keys to put in params.yaml.
 
-    .venv/bin/python scripts/recipes.py --cache /tmp/recipes-cache.json    # 58 minutes on 2 CPU cores (2026-12-07)
+    .venv/bin/python scripts/recipes.py --cache /tmp/recipes-cache.json    # 84 minutes on 2 CPU cores (2026-12-07)
     .venv/bin/python scripts/recipes.py --limit 1 --budget 2 --epochs-scale 0.125    # a smoke run
 """
 
@@ -43,10 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BANDS = {"short": (0.5, 1), "long": (5, 10)}  # the grid's Gaussian ε, two bands
 NONPRIVATE = [
     {"lr": lr, "batch_size": b, "epochs": e, "momentum": 0.9}
-    for lr, b, e in [(0.1, 128, 12), (0.1, 128, 24), (0.2, 256, 24), (0.05, 128, 24), (0.1, 128, 16)]
+    for lr, b, e in [(0.1, 128, 12), (0.1, 128, 24), (0.2, 256, 24), (0.05, 128, 24), (0.1, 128, 16), (0.1, 128, 32)]
 ]
 SCHEDULES = [
-    {"batch_size": b, "epochs": e} for b, e in [(512, 8), (512, 16), (512, 24), (1024, 24), (2048, 24), (256, 16)]
+    {"batch_size": b, "epochs": e}
+    for b, e in [(512, 8), (512, 16), (512, 24), (1024, 24), (2048, 24), (256, 16), (512, 32), (1024, 32)]
 ]
 PRACTICE = {
     "momentum 0.9": {},
@@ -68,7 +69,7 @@ def _args():
         default=[100],
         help="training seeds (one seed per candidate: a ~40-minute search on 2 cores)",
     )
-    p.add_argument("--budget", type=int, default=24, help="epochs of examples processed, at most (grid.budget)")
+    p.add_argument("--budget", type=int, default=32, help="epochs of examples processed, at most (grid.budget)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every epoch count (a smoke run)")
     p.add_argument("--limit", type=int, default=None, help="only the first N candidates of each list (a smoke run)")

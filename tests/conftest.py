@@ -44,7 +44,7 @@ def tiny_grid(**kw):
         baselines=["none"],
         ldp=[],
         clip_sweep={"epsilon": 2, "clips": [3]},
-        train_sizes={"sizes": [40], "gaussian": [2], "none": False},
+        train_sizes={"sizes": [40], "gaussian": [2], "none": False, "epochs": None},
         nonprivate={"optimizer": "adam", "lr": 0.01, "batch_size": 16, "epochs": 2},
         finetune={"schemes": ["none", "gaussian", "laplace"]},
         schedules=None,

@@ -61,7 +61,7 @@ TINY = {
         "baselines": ["none", "clip-only"],
         "ldp": ["singh-sikka-eps1"],
         "clip_sweep": {"epsilon": 1, "clips": [10]},
-        "train_sizes": {"sizes": [40], "gaussian": [1], "none": True},
+        "train_sizes": {"sizes": [40], "gaussian": [1], "none": True, "epochs": None},
         "nonprivate": {"optimizer": "adam", "lr": 0.003, "batch_size": 12, "epochs": 1},
         "schedules": {  # one DP schedule for both ε: its references split what ε costs
             "all": {"epochs": 1, "batch_size": 12, "lr": 0.5, "ema": 0.9, "reference_lr": 0.1}

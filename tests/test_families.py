@@ -28,13 +28,23 @@ def test_grid_config_applies_what_each_family_varies():
     assert (small.train_size, small.clip, small.run_name) == (40, 1.0, "gaussian-eps2-n40-smallcnn-s0")
 
 
+def test_train_size_runs_train_the_epochs_grid_train_sizes_sets_else_their_recipes():
+    base = cfg(scheme="gaussian", lr=0.5, clip=1.0, epochs=3)
+    for epochs, want in ((None, {"none": 2, "gaussian": 3}), (50, {"none": 50, "gaussian": 50})):
+        grid = tiny_grid(train_sizes={"sizes": [40], "gaussian": [2], "none": True, "epochs": epochs})
+        got = {s.scheme: families.run_config(s, grid, base).epochs for s in grid_runs(grid) if s.train_size}
+        assert got == want
+    with pytest.raises(UserError, match="grid.train_sizes.epochs"):
+        families.check_flags("train-size", tiny_grid(train_sizes={"sizes": [40], "epochs": 50}), {"epochs": 9})
+
+
 def test_every_run_is_named_by_what_it_varies_and_belongs_to_a_registered_family():
     from dpcam import profiles
 
     runs = grid_runs(GridConfig())
     # the default: ε = ∞ (tuned) and, per DP schedule (short, long), ε = ∞ and clip-only with it; 4 Gaussian ε; on 3
-    # seeds; the clipping sweep (2 C × lr fixed / lr·C held) on one
-    assert len({r.name for r in runs}) == len(runs) == 5 * 3 + 4 * 3 + 4
+    # seeds; on one, the clipping sweep (2 C × lr fixed / lr·C held) and train-size (none + 2 ε on 1000 images)
+    assert len({r.name for r in runs}) == len(runs) == 5 * 3 + 4 * 3 + 4 + 3
     assert [r.name for r in runs][:3] == [
         "none-epsinf-smallcnn-s0",
         "none-epsinf-sched-short-smallcnn-s0",
@@ -45,9 +55,9 @@ def test_every_run_is_named_by_what_it_varies_and_belongs_to_a_registered_family
         yaml.safe_load((repo / "params.yaml").read_text()), profiles.load_overlay("full", repo / "profiles")
     )
     full = grid_runs(GridConfig.model_validate(params["grid"]))
-    # full adds, on one seed: laplace, laplace-paper (3 ε), ldp (4), train-size (none + 2 ε), public, finetune-none,
-    # finetune-gaussian and -laplace (3 ε)
-    assert len({r.name for r in full}) == len(full) == len(runs) + 3 + 3 + 4 + 3 + 1 + 1 + 3 + 3
+    # full adds, on one seed: laplace, laplace-paper (3 ε), ldp (4), public, finetune-none, finetune-gaussian and
+    # -laplace (3 ε)
+    assert len({r.name for r in full}) == len(full) == len(runs) + 3 + 3 + 4 + 1 + 1 + 3 + 3
     assert {r.family for r in full} == set(families.FAMILIES)
 
 

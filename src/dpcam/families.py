@@ -459,6 +459,8 @@ register_family(
         columns=_train_size_columns,
         grid_keys=("train_sizes",),
         train_keys=("nonprivate",),
+        train=lambda grid: {} if grid.train_sizes.epochs is None else {"epochs": grid.train_sizes.epochs},
+        sources={"epochs": "train_sizes.epochs"},
     )
 )
 register_family(

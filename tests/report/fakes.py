@@ -21,7 +21,7 @@ def fake_grid(**kw) -> GridConfig:
         "baselines": ["none", "clip-only"],
         "ldp": ["singh-sikka-eps0.5"],
         "clip_sweep": {"epsilon": 1, "clips": [0.1]},
-        "train_sizes": {"sizes": [100], "gaussian": [5], "none": False},
+        "train_sizes": {"sizes": [100], "gaussian": [5], "none": False, "epochs": None},
         "family_seeds": {},  # every family on every seed
         "finetune": {"schemes": []},  # no public trunk (test_tables.py turns it on)
         "schedules": None,  # the train section's recipe for every ε (test_verdict.py sets schedules)

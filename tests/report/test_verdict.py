@@ -148,10 +148,13 @@ def test_recipes_names_each_schedules_eps_and_the_budget():
     from dpcam.report.verdict_text import recipes
 
     words = recipes(GridConfig())
-    assert words.startswith("Recipes (each within the compute budget of 24 epochs of examples")
-    assert "ε = ∞: sgd lr 0.1, momentum 0.9, batch 128, 24 epochs, cosine" in words
+    assert words.startswith("Recipes (each within the compute budget of 32 epochs of examples")
+    assert "ε = ∞: sgd lr 0.1, momentum 0.9, batch 128, 32 epochs, cosine" in words
     assert "ε = 0.5, 1 (short schedule): DP-SGD lr 1, momentum 0.9, expected batch 512, 16 epochs, C 1" in words
-    assert "ε = 5, 10 (long schedule): DP-SGD lr 1, momentum 0.9, expected batch 512, 24 epochs, C 1" in words
+    long = (
+        "ε = 5, 10 (long schedule): DP-SGD lr 1, momentum 0.9, expected batch 512, 32 epochs, augment flip-shift, C 1"
+    )
+    assert long + "; its ε = ∞ reference the same with lr 0.4 and no clipping" in words
     one = recipes(GridConfig(gaussian=[2], schedules=None))
     assert "every ε: the train section's DP recipe" in one and "schedule)" not in one
 
@@ -221,3 +224,34 @@ def test_provenance_states_the_privacy_unit_and_delta_times_n():
         "privacy unit: one patient of at most 2 training images (ε and δ per image converted by group privacy"
         in grouped
     )
+
+
+def test_the_audit_line_says_per_training_set_size_what_the_attacks_see_and_whether_a_bound_broke():
+    from types import SimpleNamespace as NS
+
+    from dpcam.report.verdict_text import audit_line
+
+    def run(scheme, lb, n, eps=None, done=False, violation=False, model="m", ldp=None):
+        spec = NS(
+            scheme=scheme, epsilon=eps, model=model, ldp=ldp, public=False, trainable=None, clip=None, name=scheme
+        )
+        audit = NS(mia_epsilon_lb=lb, violation=violation, check=NS(done=done))
+        return NS(spec=spec, train=NS(train_size=n), audit=audit)
+
+    runs = [
+        run("none", 0.0, 8400),
+        run("none", 0.0, 8400),
+        run("gaussian", 0.0, 8400, 10.0, done=True),
+        run("none", 0.36, 1000),
+        run("gaussian", 0.05, 1000, 1.0, done=True),
+        run("gaussian", 0.2, 1000, 10.0, done=True),
+        run("none", 5.0, 1000, model="other"),  # another model's verdict
+        run("none", 5.0, 8400, ldp="singh-sikka-eps1"),  # local-DP data: another question
+    ]
+    line = audit_line(runs, "m")
+    assert "on 8400 training images: ε = ∞ 0.00 (max of 2), ε = 10 0.00; on 1000 training images: ε = ∞ 0.36, " in line
+    assert "ε = 10 0.20, ε = 1 0.05. 3 DP runs checked against their replace-one guarantee: no violation" in line
+    assert "where ε = ∞ shows 0 (8400 images) the attacks see nothing and that check has no power." in line
+    runs[5].audit.violation = True
+    assert "3 DP runs checked against their replace-one guarantee: VIOLATION in gaussian;" in audit_line(runs, "m")
+    assert audit_line(runs, "nobody") == ""

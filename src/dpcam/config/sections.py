@@ -372,7 +372,7 @@ class NonPrivateConfig(Section):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     batch_size: int = Field(128, ge=1)
-    epochs: int = Field(24, ge=1)
+    epochs: int = Field(32, ge=1)
     schedule: Literal[names.SCHEDULES] = "cosine"  # type: ignore[valid-type]
 
 
@@ -431,9 +431,15 @@ class ClipSweepConfig(Section):
 class TrainSizesConfig(Section):
     """DP needs data: the same runs on the first N training images of each size."""
 
-    sizes: Annotated[list[Annotated[int, Field(ge=10)]], Distinct] = Field(default_factory=list)
+    sizes: Annotated[list[Annotated[int, Field(ge=10)]], Distinct] = Field(default_factory=lambda: [1000])
     gaussian: Annotated[list[Epsilon], Distinct] = Field(default_factory=lambda: [1, 10])
     none: bool = True
+    epochs: int | None = Field(
+        269,
+        ge=1,
+        description="epochs of every train-size run (null: its recipe's); the default processes the "
+        "examples of grid.budget's 32 epochs of 8400 images on 1000, the audit's setting",
+    )
 
 
 class FinetuneNonPrivateConfig(Section):
@@ -532,13 +538,13 @@ class GridConfig(Section):
     schedules: dict[str, ScheduleConfig] = Field(
         default_factory=lambda: {
             "short": ScheduleConfig(max_epsilon=1, epochs=16, lr=1.0, reference_lr=0.2),
-            "long": ScheduleConfig(epochs=24, lr=1.0, reference_lr=0.1),
+            "long": ScheduleConfig(epochs=32, lr=1.0, augment="flip-shift", reference_lr=0.4),
         },
         description="budget-fair DP recipes per band of Gaussian ε (docs/recipes.md), each with its non-private and "
         "clip-only references; null = every ε trains with the train section's recipe",
     )
     budget: int = Field(
-        24, ge=1, description="the most epochs of examples (views count) any recipe of the grid may process"
+        32, ge=1, description="the most epochs of examples (views count) any recipe of the grid may process"
     )
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,

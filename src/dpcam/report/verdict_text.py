@@ -216,6 +216,51 @@ def effort(v: Verdict, runs: Sequence[Run]) -> str:
     return head + ": no private run had less training than the reference."
 
 
+def audit_line(runs: Sequence[Run], model: str) -> str:
+    """What the membership-inference audit shows, per training-set size: the largest empirical ε lower bound of
+    ε = ∞ (can the attacks see anything there?) and of each private setting, and whether a DP run broke its bound.
+    From-scratch runs on the prepared data only (local-DP data, public and fine-tuned runs audit other things)."""
+    audited = [
+        r
+        for r in runs
+        if r.audit is not None
+        and r.spec.model == model
+        and not (r.spec.ldp or r.spec.public or r.spec.trainable or r.spec.clip)
+    ]
+    if not audited:
+        return ""
+    sizes = []
+    for n in sorted({r.train.train_size for r in audited}, reverse=True):
+        at_n = [r for r in audited if r.train.train_size == n]
+        cells: dict[tuple[int, float], tuple[str, list[float]]] = {}
+        for r in at_n:
+            eps = r.spec.epsilon if r.spec.scheme in ("gaussian", "laplace") else None
+            what = _eps(eps) if eps is not None else ("ε = ∞" if r.spec.scheme == "none" else r.spec.scheme)
+            if r.spec.scheme == "laplace":
+                what += " (Laplace)"
+            order = (0 if eps is None else 1, -(eps or 0.0))
+            cells.setdefault((*order, what), (what, []))[1].append(r.audit.mia_epsilon_lb)
+        words = ", ".join(
+            f"{what} {max(lbs):.2f}" + (f" (max of {len(lbs)})" if len(lbs) > 1 else "")
+            for _, (what, lbs) in sorted(cells.items())
+        )
+        sizes.append(f"on {n} training images: {words}")
+    checked = [r for r in audited if r.audit.check.done]
+    bad = [r.spec.name for r in checked if r.audit.violation]
+    blind = [r.train.train_size for r in audited if r.spec.scheme == "none" and r.audit.mia_epsilon_lb <= 0]
+    tail = [
+        f"{len(checked)} DP runs checked against their replace-one guarantee: "
+        + (f"VIOLATION in {', '.join(bad)}" if bad else "no violation")
+    ]
+    if blind:
+        sizes_blind = ", ".join(str(n) for n in sorted(set(blind), reverse=True))
+        tail.append(f"where ε = ∞ shows 0 ({sizes_blind} images) the attacks see nothing and that check has no power")
+    return (
+        "Membership-inference audit (dpcam audit; the largest empirical ε lower bound over its attacks, 95 %, "
+        "replace-one; 0: no leakage shown): " + "; ".join(sizes) + ". " + "; ".join(tail) + "."
+    )
+
+
 def recipes(grid: GridConfig) -> str:
     """The recipes the grid trains the headline with, and the compute budget they were chosen under."""
     np = grid.nonprivate
@@ -416,6 +461,8 @@ def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> 
         out += [recipes(grid), ""]
         if words := effort(v, runs):
             out += [words, ""]
+        if words := audit_line(runs, v.model):
+            out += [words, ""]
         out += ["How these statements were made:", ""] + [f"- {line}" for line in method(v)] + [""]
         for note, (header, body) in _sections(v):
             if body:
@@ -441,6 +488,8 @@ def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig)
         parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v, runs)) + "</ul>")
         parts.append(f"<p>{e(recipes(grid))}</p>")
         if words := effort(v, runs):
+            parts.append(f"<p>{e(words)}</p>")
+        if words := audit_line(runs, v.model):
             parts.append(f"<p>{e(words)}</p>")
         parts.append('<ul class="note">' + "".join(f"<li>{e(line)}</li>" for line in method(v)) + "</ul>")
         for note, (header, body) in _sections(v):
