@@ -231,10 +231,9 @@ def test_the_audit_line_says_per_training_set_size_what_the_attacks_see_and_whet
 
     from dpcam.report.verdict_text import audit_line
 
-    def run(scheme, lb, n, eps=None, done=False, violation=False, model="m", ldp=None):
-        spec = NS(
-            scheme=scheme, epsilon=eps, model=model, ldp=ldp, public=False, trainable=None, clip=None, name=scheme
-        )
+    def run(scheme, lb, n, eps=None, done=False, violation=False, model="m", ldp=None, schedule=None):
+        spec = NS(name=scheme, scheme=scheme, epsilon=eps, model=model, ldp=ldp, schedule=schedule)
+        spec.public, spec.trainable, spec.clip = False, None, None
         audit = NS(mia_epsilon_lb=lb, violation=violation, check=NS(done=done))
         return NS(spec=spec, train=NS(train_size=n), audit=audit)
 
@@ -247,6 +246,7 @@ def test_the_audit_line_says_per_training_set_size_what_the_attacks_see_and_whet
         run("gaussian", 0.2, 1000, 10.0, done=True),
         run("none", 5.0, 1000, model="other"),  # another model's verdict
         run("none", 5.0, 8400, ldp="singh-sikka-eps1"),  # local-DP data: another question
+        run("none", 5.0, 8400, schedule="long"),  # a reference of the split, not the non-private model
     ]
     line = audit_line(runs, "m")
     assert "on 8400 training images: ε = ∞ 0.00 (max of 2), ε = 10 0.00; on 1000 training images: ε = ∞ 0.36, " in line

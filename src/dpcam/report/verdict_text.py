@@ -219,30 +219,30 @@ def effort(v: Verdict, runs: Sequence[Run]) -> str:
 def audit_line(runs: Sequence[Run], model: str) -> str:
     """What the membership-inference audit shows, per training-set size: the largest empirical ε lower bound of
     ε = ∞ (can the attacks see anything there?) and of each private setting, and whether a DP run broke its bound.
-    From-scratch runs on the prepared data only (local-DP data, public and fine-tuned runs audit other things)."""
+    From-scratch runs on the prepared data only (local-DP data, public and fine-tuned runs audit other things), and
+    not the split's references trained with a DP schedule (ε = ∞ here is the tuned non-private model)."""
     audited = [
         r
         for r in runs
         if r.audit is not None
         and r.spec.model == model
-        and not (r.spec.ldp or r.spec.public or r.spec.trainable or r.spec.clip)
+        and not (r.spec.ldp or r.spec.public or r.spec.trainable or r.spec.clip or r.spec.schedule)
     ]
     if not audited:
         return ""
     sizes = []
     for n in sorted({r.train.train_size for r in audited}, reverse=True):
         at_n = [r for r in audited if r.train.train_size == n]
-        cells: dict[tuple[int, float], tuple[str, list[float]]] = {}
+        cells: dict[tuple[int, float, str], list[float]] = {}
         for r in at_n:
             eps = r.spec.epsilon if r.spec.scheme in ("gaussian", "laplace") else None
             what = _eps(eps) if eps is not None else ("ε = ∞" if r.spec.scheme == "none" else r.spec.scheme)
             if r.spec.scheme == "laplace":
                 what += " (Laplace)"
-            order = (0 if eps is None else 1, -(eps or 0.0))
-            cells.setdefault((*order, what), (what, []))[1].append(r.audit.mia_epsilon_lb)
+            cells.setdefault((eps is not None, -(eps or 0.0), what), []).append(r.audit.mia_epsilon_lb)
         words = ", ".join(
             f"{what} {max(lbs):.2f}" + (f" (max of {len(lbs)})" if len(lbs) > 1 else "")
-            for _, (what, lbs) in sorted(cells.items())
+            for (_, _, what), lbs in sorted(cells.items())
         )
         sizes.append(f"on {n} training images: {words}")
     checked = [r for r in audited if r.audit.check.done]
