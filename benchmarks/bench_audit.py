@@ -37,7 +37,7 @@ def main() -> None:
     from dpcam.data.synthetic import prepare_synthetic
     from dpcam.models import create_model
     from dpcam.records import TrainRecord
-    from dpcam.train import resolve_device, save_model
+    from dpcam.saved import resolve_device, save_model
 
     os.chdir(tempfile.mkdtemp(prefix="bench-audit-"))
     n = 2 * a.per_group + 40  # +40: both splits comfortably hold per-group images of every class

@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from dpcam.errors import UserError
-    from dpcam.train import resolve_device
+    from dpcam.saved import resolve_device
 
     if a.threads:
         torch.set_num_threads(a.threads)

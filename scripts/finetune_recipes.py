@@ -95,7 +95,7 @@ def _trunk(base, grid, dataset: str) -> tuple[str, dict]:
     """The public trunk of ``dataset``'s public set, trained as the ``public`` family trains it; its model.pt."""
     from dpcam.data.store import load_dataset
     from dpcam.layout import public_dataset
-    from dpcam.train import save_model
+    from dpcam.saved import save_model
 
     settings = {
         **grid.nonprivate.model_dump(),

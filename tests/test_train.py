@@ -126,7 +126,7 @@ def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
     hits = preds["pred"] == preds["label"]
     assert saved["test_recall"] == [pytest.approx(hits[preds["label"] == c].mean()) for c in (0, 1)]
     assert 0 <= saved["test_ece"] <= 1 and saved["test_confidence"] == pytest.approx(preds["prob"].max(1).mean())
-    model, spec = train.load_model(name)
+    model, spec = saved.load_model(name)
     assert spec["num_classes"] == 2
     mlflow.set_tracking_uri(tracking.tracking_uri())
     r = mlflow.get_run(m["mlflow_run_id"])
@@ -589,34 +589,6 @@ def test_sigterm_while_mlflow_logs_the_model_ends_killed(tiny, monkeypatch):
 # ------------------------------------------------------------------------------------ faults: one line each
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "a pickled module", "another model's weights"])
-def test_a_damaged_model_file_is_one_line_naming_it(tiny, damage):
-    from dpcam.data.store import load_dataset
-    from dpcam.models import create_model
-
-    model, out = create_model("smallcnn", 2, 16), Path("models/r")
-    out.mkdir(parents=True)
-    train.save_model(model, cfg(scheme="none"), load_dataset(tiny), out)
-    weights = out / "model.pt"
-    if damage == "garbage":
-        weights.write_bytes(b"not a model")
-    elif damage == "truncated":
-        weights.write_bytes(weights.read_bytes()[:200])
-    elif damage == "a pickled module":
-        torch.save(model, weights)  # torch's own message would suggest weights_only=False
-    else:
-        torch.save({"fc.weight": torch.zeros(3, 3)}, weights)
-    with pytest.raises(UserError) as err:
-        train.load_model("r")
-    msg = str(err.value)
-    assert msg.startswith(f"{weights}: ") and "\n" not in msg and "weights_only" not in msg, msg
-    if damage == "garbage":  # the explain and audit stages load through train.load_model
-        for stage in ("explain", "audit"):
-            res = CliRunner().invoke(app, [stage, "r", "--device", "cpu"])
-            assert res.exit_code == 2, res.output
-            assert res.output.strip().splitlines() == [f"error: {msg}"]
-
-
 @pytest.mark.parametrize("folder", ["models", "models/ro"])
 def test_a_read_only_output_folder_is_refused_before_training(tiny, monkeypatch, folder):
     from tests.readonly import read_only
@@ -768,7 +740,7 @@ def test_head_fine_tuning_trains_only_the_head_and_its_epsilon_is_the_accountant
     assert pub["manifest_sha256"] == file_sha256(Path("data/prepared/tiny-public/manifest.json"))
     assert pub["disjoint_check"]["shared_images"] == 0
     # Grad-CAM reads the reloaded whole model at the usual layer
-    model, spec = train.load_model(m.run_name)
+    model, spec = saved.load_model(m.run_name)
     assert opacus_state(model, active_only=False) is None and spec["config"]["trainable"] == "head"
     assert target_layer(model) is model.features.block3 and model.gradcam_layer == whole.gradcam_layer
 
@@ -884,6 +856,36 @@ def test_rerunning_a_family_redoes_only_the_runs_without_complete_outputs(tmp_pa
     changed = train.run_family("gaussian", grid.model_copy(update={"seeds": [0]}), base.model_copy(update={"lr": 0.4}))
     assert [r.run_name for r in changed] == [kept.name] and changed[0].mlflow_run_id != first[kept.name].mlflow_run_id
     assert not lost.exists()
+
+
+def test_a_runs_stamp_follows_the_code_the_train_stage_runs_only(tmp_path, monkeypatch):
+    """Editing a report module keeps every finished run (the stamp hashes the train stage's import closure, the
+    files dvc.yaml lists as its deps); editing the privacy engine's planner retrains them. On a copy of dpcam."""
+    import shutil
+
+    from dpcam import codegraph
+
+    src = tmp_path / "src"
+    shutil.copytree(codegraph.SRC / "dpcam", src / "dpcam", ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(codegraph, "SRC", src)
+
+    def digest() -> bytes:
+        codegraph.imports.cache_clear()
+        train._code_digest.cache_clear()
+        return train._code_digest()
+
+    try:
+        before = digest()
+        with open(src / "dpcam/report/page.py", "a") as f:
+            f.write("# a report-only edit\n")
+        assert digest() == before
+        with open(src / "dpcam/privacy/plan.py", "a") as f:
+            f.write("# an edit of code the train stage runs\n")
+        assert digest() != before
+    finally:
+        monkeypatch.undo()
+        codegraph.imports.cache_clear()
+        train._code_digest.cache_clear()
 
 
 # ------------------------------------------------------------------------------ issue 25: numbers, families, faults

@@ -5,7 +5,7 @@ randomised far from identity; nothing is downloaded), for ImageNet's 1000 classe
 architecture and each ``trainable`` (head, last-block, all): every tensor of the file is used or
 accounted for (the loader's printed count), dpcam's model computes what torchvision's computes in eval
 mode (max |Δ| printed), Opacus's validator accepts it, a DP-SGD step moves exactly the trained
-parameters, and a saved run reloads through ``train.load_model``. Bad files are one-line UserErrors.
+parameters, and a saved run reloads through ``saved.load_model``. Bad files are one-line UserErrors.
 """
 
 import logging
@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.ops import FrozenBatchNorm2d as TVFrozenBatchNorm2d
 
-from dpcam import train
+from dpcam import saved, train
 from dpcam.config import TrainConfig
 from dpcam.errors import UserError
 from dpcam.layers import IMAGENET_MEAN, IMAGENET_STD, FrozenBatchNorm2d
@@ -403,8 +403,8 @@ def test_a_saved_fine_tuned_resnet_reloads_through_load_model(files, trainable, 
             if p.requires_grad:
                 p.add_(0.01)
     data = SimpleNamespace(num_classes=CLASSES, image_size=32, classes=[f"grade{i}" for i in range(CLASSES)])
-    train.save_model(model, _cfg(path, trainable), data, tmp_path / "run")
-    loaded, spec = train.load_model(tmp_path / "run")
+    saved.save_model(model, _cfg(path, trainable), data, tmp_path / "run")
+    loaded, spec = saved.load_model(tmp_path / "run")
     assert set(spec) >= {"model", "num_classes", "image_size", "small_input"}
     assert [(n, type(m)) for n, m in loaded.named_modules()] == [(n, type(m)) for n, m in model.named_modules()]
     x = torch.rand(2, 3, 32, 32)

@@ -82,7 +82,7 @@ def _check_device(flag: str | None, value: str, section: str) -> None:
     ``--device`` flag, or the params file's ``<section>.device``."""
     if value != "cuda":
         return
-    from dpcam.train import resolve_device
+    from dpcam.saved import resolve_device
 
     resolve_device(value, None if flag is not None else f"{_state['params'] or PARAMS_FILE}: {section}.device")
 

@@ -226,7 +226,7 @@ class AdoptsBatchNorm(nn.Module):
 
     ``load_state_dict`` first turns every GroupNorm for which the state dict holds BatchNorm statistics
     (``<layer>.running_mean``) into a :class:`FrozenBatchNorm2d`: a saved fine-tuned model (model.pt) says by
-    its own keys which of its layers are frozen BatchNorm, so ``dpcam.train.load_model`` rebuilds it from
+    its own keys which of its layers are frozen BatchNorm, so ``dpcam.saved.load_model`` rebuilds it from
     model.json as it does any model.
     """
 

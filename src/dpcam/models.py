@@ -56,7 +56,7 @@ onto a machine without internet) are used as a frozen affine, never as batch sta
   other, while the statistics stay the public data's. A part trained from initialisation (``layer4``
   under ``last-block``, as every fine-tuned part in dpcam) keeps GroupNorm: the file's statistics describe
   convs that are not there. The saved model.pt says by its keys which layers are frozen BatchNorm, so
-  ``train.load_model`` rebuilds it from model.json unchanged.
+  ``saved.load_model`` rebuilds it from model.json unchanged.
 - ``vgg16`` is torchvision's ``vgg16`` (no BatchNorm), whose files load as they are; a ``vgg16_bn`` file
   loads with each BatchNorm folded into the conv before it (exact in eval mode), so the model, its layer
   names and its saved format stay ``vgg16``'s. ``alexnet`` has no BatchNorm.

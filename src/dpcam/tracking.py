@@ -588,7 +588,7 @@ def load_model(model_uri: str):
     to a temporary folder, removed once the model is in memory.
 
     Security: logged models are pickles (see :func:`log_model`): loading one runs code from the
-    store. Load only from a store you trust; ``dpcam.train.load_model`` (the state dict in
+    store. Load only from a store you trust; ``dpcam.saved.load_model`` (the state dict in
     ``models/<run>/model.pt``, read with ``weights_only=True``) is the safe path.
     """
     import mlflow.pytorch

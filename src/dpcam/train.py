@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import math
 import os
@@ -47,6 +46,7 @@ from dpcam.errors import UserError
 from dpcam.families import check_flags, family_runs, run_config, schedule_of_run
 from dpcam.names import CLIPPED_SCHEMES, NOISED_SCHEMES, UNGUARANTEED_SCHEMES
 from dpcam.records import TrainRecord, calibration_error, calibration_features
+from dpcam.saved import load_model, resolve_device, save_model
 
 log = logging.getLogger("dpcam.train")
 
@@ -89,21 +89,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def resolve_device(device: str, origin: str | None = None) -> torch.device:
-    """The torch device of a ``device`` setting; a CUDA device that is not here is one line naming where the
-    setting came from: ``origin`` (e.g. ``params.yaml: train.device``), or the ``--device`` flag when None."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        if origin is None:
-            raise UserError("--device cuda: no CUDA device is available here; use --device cpu or auto")
-        raise UserError(
-            f"{origin} = cuda: no CUDA device is available here; set it to cpu or auto (or override it with "
-            "--device cpu)"
-        )
-    return torch.device(device)
 
 
 def open_data(cfg: TrainConfig) -> PreparedDataset:
@@ -633,64 +618,6 @@ def fit(
     return FitResult(t.setup.release(), record, t.history, predictions)  # no Opacus hooks left on the returned model
 
 
-# ------------------------------------------------------------------------------------ saved models
-
-
-def save_model(model: nn.Module, cfg: TrainConfig, data: PreparedDataset, out: Path) -> None:
-    """models/<run>/model.pt (weights) + model.json (how to rebuild it), written atomically."""
-    spec = {
-        "model": cfg.model,
-        "num_classes": data.num_classes,
-        "image_size": data.image_size,
-        "small_input": cfg.small_input,
-        "classes": data.classes,
-        "dataset": cfg.dataset,
-        "data_dir": str(cfg.data_dir),
-        "config": cfg.model_dump(mode="json"),
-    }
-    layout.save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
-    layout.write_text(out / layout.MODEL_JSON, json.dumps(spec, indent=2) + "\n")
-
-
-def load_model(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a trained run's plain model (eval mode) from models/<run>/.
-
-    The safe way to load a dpcam model: the weights are a state dict read with
-    ``weights_only=True`` (no code runs). A missing, corrupt or mismatched ``model.pt`` or
-    ``model.json`` is a one-line UserError naming the file.
-    """
-    from dpcam.models import create_model
-
-    path = Path(run) if Path(run).is_dir() else layout.run_dir(str(run))
-    weights, described = path / "model.pt", path / layout.MODEL_JSON
-    if not weights.is_file() or not described.is_file():
-        raise UserError(f"run {str(run)!r}: no trained model at {path}/model.pt; run `dpcam train` for it first")
-    again = "train the run again (`dpcam train`, or `dvc repro` for a grid run)"
-    spec = guard.read_json(described, fix=again)
-    try:
-        kind, classes, size, small = spec["model"], spec["num_classes"], spec["image_size"], spec["small_input"]
-    except KeyError as e:
-        raise UserError(f"{described}: not a readable dpcam model description ({_reason(e)}); {again}") from None
-    model = create_model(kind, classes, size, small_input=small)
-    state = guard.read_pt(weights, fix=again)
-    try:
-        model.load_state_dict(state)
-    except Exception as e:
-        raise UserError(
-            f"{weights}: the weights do not fit the {kind} that {described.name} describes ({_reason(e)}); {again}"
-        ) from None
-    return model.eval(), spec
-
-
-def _reason(e: BaseException) -> str:
-    """An exception's first line, short."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
-
-
-# ------------------------------------------------------------------------------------ the stage
-
-
 def run(
     cfg: TrainConfig,
     *,
@@ -1088,8 +1015,8 @@ def _train_fresh(cfg: TrainConfig, out: Path, progress: bool, grid: str, profile
 
 
 def run_stamp(cfg: TrainConfig) -> str:
-    """What a grid run's outputs are made from: its configuration, dpcam's code, its data (the manifest, which
-    holds the files' checksums) and its starting weights; SHA-256 hex."""
+    """What a grid run's outputs are made from: its configuration, the code the train stage runs, its data (the
+    manifest, which holds the files' checksums) and its starting weights; SHA-256 hex."""
     import hashlib
 
     h = hashlib.sha256(cfg.model_dump_json().encode())
@@ -1102,13 +1029,15 @@ def run_stamp(cfg: TrainConfig) -> str:
 
 @functools.cache
 def _code_digest() -> bytes:
-    """SHA-256 of dpcam's source files (names and bytes), read once per process."""
+    """SHA-256 of the source files the train stage runs (names and bytes; its import closure, the files dvc.yaml
+    lists as its deps), read once per process: an edit elsewhere (a report module) keeps finished runs."""
     import hashlib
 
+    from dpcam.codegraph import SRC, closure_files
+
     h = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for f in sorted(package.rglob("*.py")):
-        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+    for f in closure_files(__name__):
+        h.update(f.relative_to(SRC).as_posix().encode() + b"\0" + f.read_bytes())
     return h.digest()
 
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpcam import audit as A
-from dpcam import tracking, train
+from dpcam import saved, tracking, train
 from dpcam.cli import app
 from dpcam.config import AuditConfig, GridConfig, PrepareConfig, TrainConfig
 from dpcam.errors import UserError
@@ -26,7 +26,7 @@ def trained(name: str, **kw) -> str:
     cfg = TrainConfig(dataset="fundus", model="smallcnn", device="cpu", keep_best=False, name=name, **kw)
     res = train.fit(cfg, progress=False)
     out = Path("models") / name
-    train.save_model(res.model, cfg, train.open_data(cfg), out)
+    saved.save_model(res.model, cfg, train.open_data(cfg), out)
     with tracking.run("fundus", name) as run_id:
         pass
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.metrics.items()}

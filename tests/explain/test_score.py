@@ -180,7 +180,7 @@ def _recompute(name: str, cfg: ExplainConfig, batch_size: int) -> dict[str, floa
         predict_probs,
         road,
     )
-    from dpcam.train import load_model
+    from dpcam.saved import load_model
 
     folder = Path("metrics") / name
     saved = torch.from_numpy(np.load(folder / "maps.npy").astype(np.float32))

@@ -27,7 +27,7 @@ members drawn with ``seed``, and as many non-members *of each class* as there ar
 into a *selection* half and an *evaluation* half.
 
 Attacks (a score per image; higher means "member"), all computed batched on the plain model
-(``train.load_model``; never with Opacus hooks):
+(``saved.load_model``; never with Opacus hooks):
 
 - ``loss`` (Yeom et al. 2018): minus the cross-entropy loss of the true label.
 - ``loss-calibrated``: the logit-scaled confidence ``φ = z_y − logsumexp_{k≠y} z_k`` (Carlini et al.

@@ -115,7 +115,7 @@ def _open(run: str, cfg: AuditConfig, allow_data_change: bool = False) -> _Targe
     from dpcam import tracking
     from dpcam.data.store import ImageDataset, check_run_data, load_dataset
     from dpcam.explain.gradcam import resolve_layer
-    from dpcam.train import load_model, resolve_device
+    from dpcam.saved import load_model, resolve_device
 
     name = layout.resolve_run(run, tracking.run_name_of)
     model, spec = load_model(name)

@@ -71,7 +71,7 @@ def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None, allow_d
     from dpcam import tracking
     from dpcam.explain.gradcam import METHODS, random_init_copy, resolve_layer
     from dpcam.explain.metrics import get_metrics
-    from dpcam.train import load_model, resolve_device
+    from dpcam.saved import load_model, resolve_device
 
     name = layout.resolve_run(run, tracking.run_name_of)
     metrics = get_metrics(cfg.metrics)

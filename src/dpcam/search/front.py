@@ -45,7 +45,8 @@ def evaluate_front_member(trial, ctx: SearchContext, *, retrain: bool = True) ->
     is retrained from its recorded config (same seed), else its test metrics are left empty.
     ``model_source`` says which.
     """
-    from dpcam.train import classification_metrics, fit, load_model, open_data, predict, resolve_device, save_model
+    from dpcam.saved import load_model, resolve_device, save_model
+    from dpcam.train import classification_metrics, fit, open_data, predict
 
     cfg = TrainConfig.model_validate(trial.user_attrs["train_config"])
     folder = trial_model_dir(ctx.study_name, trial.number)

@@ -175,7 +175,8 @@ def _train_and_score(trial, cfg: TrainConfig, ctx: SearchContext) -> _Outcome:
     A UserError is recorded (trial attribute ``error``, MLflow tag) and raised again: the trial fails.
     """
     from dpcam import tracking
-    from dpcam.train import fit, open_data, resolve_device, save_model
+    from dpcam.saved import resolve_device, save_model
+    from dpcam.train import fit, open_data
 
     try:
         t0 = time.perf_counter()
