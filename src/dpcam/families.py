@@ -613,9 +613,6 @@ def run_config(s: RunSpec, grid: GridConfig, base: TrainConfig) -> TrainConfig:
         ) from None
 
 
-# keys a grid run always sets itself; the CLI refuses them as flags with --family
-
-
 def check_flags(family: str, grid: GridConfig, flags: dict[str, Any]) -> None:
     """Refuse (one line) a ``dpcam train --family`` flag that the grid sets for some run of ``family``:
     it would be silently lost for that run."""

@@ -99,11 +99,6 @@ def _target_prob(probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return probs.gather(1, target.to(probs.device).long().reshape(-1, 1)).squeeze(1)
 
 
-def masked_input(x: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
-    """x̃ = x ⊙ L(x) in pixel space (0 = black): ``(B, C, H, W)`` ⊙ ``(B, H, W)`` → ``(B, C, H, W)``."""
-    return x * _check_maps(x, maps)[:, None]
-
-
 # ------------------------------------------------------------------------- confidence (paper)
 
 
