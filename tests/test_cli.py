@@ -22,6 +22,30 @@ def test_python_m_dpcam_lists_the_stage_commands():
         assert command in out.stdout
 
 
+COMMANDS = ("prepare", "ldp", "figure", "train", "explain", "audit", "report", "search", "profile")
+
+
+def test_every_command_is_listed_and_its_help_names_its_own_options():
+    import typer.main
+
+    assert sorted(typer.main.get_command(app).commands) == sorted(COMMANDS)
+    own = {
+        "prepare": "--size",
+        "ldp": "--mechanism",
+        "figure": "cams",
+        "train": "--epsilon",
+        "explain": "--target",
+        "audit": "--fail-on-violation",
+        "report": "--out",
+        "search": "--trials",
+        "profile": "--dry-run",
+    }
+    for command in COMMANDS:
+        res = invoke(command, "--help")
+        assert res.exit_code == 0, (command, res.output)
+        assert f"Usage: root {command}" in res.output and own[command] in res.output, (command, res.output)
+
+
 def test_prepare_then_ldp_then_figure():
     res = invoke("prepare", "--n", "60", "--size", "32", "--workers", "1")
     assert res.exit_code == 0, res.output
