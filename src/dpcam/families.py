@@ -29,7 +29,7 @@ from pydantic import BaseModel, ValidationError
 from dpcam import names
 from dpcam.config import GridConfig, NonPrivateConfig, TrainConfig
 from dpcam.errors import UserError
-from dpcam.layout import AUDITS_ROOT, METRICS_ROOT, MODEL_JSON, MODELS_ROOT, format_eps, grid_dir, run_name
+from dpcam.layout import AUDITS_ROOT, METRICS_ROOT, MODEL_JSON, MODEL_PT, MODELS_ROOT, format_eps, grid_dir, run_name
 
 INF = math.inf
 
@@ -300,7 +300,7 @@ def public_trunk(grid: GridConfig, model: str) -> str:
     if grid.finetune.weights is not None:
         return str(grid.finetune.weights)
     seed = grid.seeds_of("public")[0]
-    return str(grid_dir(MODELS_ROOT, "public", run_name("none", model, seed, public=True)) / "model.pt")
+    return str(grid_dir(MODELS_ROOT, "public", run_name("none", model, seed, public=True)) / MODEL_PT)
 
 
 def _public_runs(grid: GridConfig, model: str, seed: int) -> list[RunSpec]:

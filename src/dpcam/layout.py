@@ -52,6 +52,9 @@ SEARCH_REPORT = REPORTS_ROOT / "search"
 
 CHECKPOINT = "checkpoint.pt"
 TRAIN_JSON, EXPLAIN_JSON, AUDIT_JSON, MODEL_JSON = "train.json", "explain.json", "audit.json", "model.json"
+MANIFEST = "manifest.json"  # a prepared dataset's description (data/prepared/<dataset>/)
+MODEL_PT, PREDICTIONS = "model.pt", "predictions.npz"  # a trained run's weights and test predictions (models/<run>/)
+MAPS, MAP_INDICES, PER_IMAGE, CAMS = "maps.npy", "map_indices.npy", "per_image.npz", "cams.png"  # metrics/<run>/
 
 
 # ------------------------------------------------------------------------------------ run names

@@ -48,7 +48,7 @@ def save_model(model: nn.Module, cfg: TrainConfig, data: PreparedDataset, out: P
         "data_dir": str(cfg.data_dir),
         "config": cfg.model_dump(mode="json"),
     }
-    layout.save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / "model.pt")
+    layout.save_torch({k: v.detach().cpu() for k, v in model.state_dict().items()}, out / layout.MODEL_PT)
     layout.write_text(out / layout.MODEL_JSON, json.dumps(spec, indent=2) + "\n")
 
 
@@ -62,7 +62,7 @@ def load_model(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     from dpcam.models import create_model
 
     path = Path(run) if Path(run).is_dir() else layout.run_dir(str(run))
-    weights, described = path / "model.pt", path / layout.MODEL_JSON
+    weights, described = path / layout.MODEL_PT, path / layout.MODEL_JSON
     if not weights.is_file() or not described.is_file():
         raise UserError(f"run {str(run)!r}: no trained model at {path}/model.pt; run `dpcam train` for it first")
     again = "train the run again (`dpcam train`, or `dvc repro` for a grid run)"

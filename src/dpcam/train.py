@@ -74,7 +74,6 @@ class FitResult:
     predictions: dict[str, np.ndarray] = field(default_factory=dict)  # test: index, pred, label
 
 
-PREDICTIONS = "predictions.npz"
 VERSIONED = ("torch", "opacus", "captum", "dp-accounting", "dpcam")
 
 
@@ -94,16 +93,16 @@ def library_versions() -> dict[str, str]:
 def open_data(cfg: TrainConfig) -> PreparedDataset:
     path = cfg.data_dir
     if cfg.public:
-        if not (path / "manifest.json").is_file():
+        if not (path / layout.MANIFEST).is_file():
             raise UserError(
                 f"no public set of {cfg.dataset!r} ({path} does not exist); run `dpcam prepare --public` first"
             )
         from dpcam.data.public import open_public
 
         return open_public(path)
-    if not (path / "manifest.json").is_file():
+    if not (path / layout.MANIFEST).is_file():
         if cfg.ldp:
-            have = sorted(p.name for p in path.parent.glob("*") if (p / "manifest.json").is_file())
+            have = sorted(p.name for p in path.parent.glob("*") if (p / layout.MANIFEST).is_file())
             hint = (
                 f"derivatives of {cfg.dataset}: {', '.join(have)}" if have else f"no derivatives of {cfg.dataset} yet"
             )
@@ -685,7 +684,7 @@ def _run_locked(
             )
             save_model(result.model, cfg, data, out)
             # every test prediction, for paired differences between runs (report.verdict)
-            layout.write_atomic(out / PREDICTIONS, lambda p: np.savez(p, **result.predictions))
+            layout.write_atomic(out / layout.PREDICTIONS, lambda p: np.savez(p, **result.predictions))
             tracking.log_metrics(mlflow_metrics(record, data))
             tracking.set_tags({"dpcam.collapsed": record.collapsed, "dpcam.accountant": record.accountant})
             example = data.split("test").batch([0, 1])[0].numpy()
@@ -1021,7 +1020,7 @@ def run_stamp(cfg: TrainConfig) -> str:
 
     h = hashlib.sha256(cfg.model_dump_json().encode())
     h.update(_code_digest())
-    for f in (cfg.data_dir / "manifest.json", Path(cfg.weights) if cfg.weights else None):
+    for f in (cfg.data_dir / layout.MANIFEST, Path(cfg.weights) if cfg.weights else None):
         if f is not None and f.is_file():
             h.update(f.read_bytes())
     return h.hexdigest()

@@ -38,7 +38,7 @@ from dpcam.config.sections import (  # noqa: F401  (re-exported: the models ever
     VerdictConfig,
 )
 from dpcam.errors import UserError
-from dpcam.layout import PARAMS_FILE, PREPARED_ROOT, format_eps  # noqa: F401
+from dpcam.layout import MANIFEST, PARAMS_FILE, PREPARED_ROOT, format_eps  # noqa: F401
 
 # top-level keys of params.yaml besides the sections: the profile a run was made under
 TOP_LEVEL = ("profile",)
@@ -169,8 +169,8 @@ def default_dataset(path: Path | None = None) -> str:
 def prepared_dir(dataset: str) -> Path:
     """data/prepared/<dataset>, or a UserError listing what has been prepared."""
     path = PREPARED_ROOT / dataset
-    if not (path / "manifest.json").is_file():
-        have = sorted(p.name for p in PREPARED_ROOT.glob("*") if (p / "manifest.json").is_file())
+    if not (path / MANIFEST).is_file():
+        have = sorted(p.name for p in PREPARED_ROOT.glob("*") if (p / MANIFEST).is_file())
         hint = f"prepared datasets: {', '.join(have)}" if have else "nothing is prepared yet"
         raise UserError(
             f"unknown dataset {dataset!r} (no {path}/manifest.json; {hint}); "

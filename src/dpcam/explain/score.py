@@ -33,7 +33,6 @@ from dpcam.errors import UserError
 from dpcam.records import Degeneracy, ExplainRecord, TrainRecord
 
 log = logging.getLogger("dpcam.explain")
-PER_IMAGE = "per_image.npz"
 
 
 def reference_run(spec: dict[str, Any]) -> str | None:
@@ -169,22 +168,22 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
 def _write_maps(s: _Scoring, out: Path, progress: bool):
     """Stream into a temporary ``maps.npy`` renamed into place at the end; also ``map_indices.npy``."""
     size = s.data.image_size
-    layout.remove_stale(out / "maps.npy")  # what a killed explain left (kill -9): one map file's worth
-    tmp = layout.tmp_sibling(out / "maps.npy")
+    layout.remove_stale(out / layout.MAPS)  # what a killed explain left (kill -9): one map file's worth
+    tmp = layout.tmp_sibling(out / layout.MAPS)
     try:
-        with layout.writing(out / "maps.npy", need=2 * s.n * size * size):
+        with layout.writing(out / layout.MAPS, need=2 * s.n * size * size):
             maps_file = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(s.n, size, size))
             layout.reserve(tmp)
         sums, degeneracy, per_image = _stream(s, maps_file, progress)
         maps_file.flush()
         del maps_file
-        os.replace(tmp, out / "maps.npy")
+        os.replace(tmp, out / layout.MAPS)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    layout.write_atomic(out / "map_indices.npy", lambda p: np.save(p, s.test.indices[: s.n]))  # p ends in .npy
+    layout.write_atomic(out / layout.MAP_INDICES, lambda p: np.save(p, s.test.indices[: s.n]))  # p ends in .npy
     # every metric per image (NaN: not valid), for paired differences between runs (report.verdict)
-    layout.write_atomic(out / PER_IMAGE, lambda p: np.savez(p, index=s.test.indices[: s.n], **per_image))
+    layout.write_atomic(out / layout.PER_IMAGE, lambda p: np.savez(p, index=s.test.indices[: s.n], **per_image))
     return sums, degeneracy
 
 
@@ -229,11 +228,11 @@ def score(
         log.warning(
             "%s: degenerate model (%s): its explanation metrics are not meaningful", s.name, "; ".join(deg.reasons)
         )
-    grid = out / "cams.png"
+    grid = out / layout.CAMS
     save_cams_grid(
         grid,
         s.test.batch(np.arange(min(cfg.grid_images, s.n)))[0],
-        guard.read_npy(out / "maps.npy", fix=f"run `dpcam explain {s.name}` again", mmap=True),
+        guard.read_npy(out / layout.MAPS, fix=f"run `dpcam explain {s.name}` again", mmap=True),
         title=f"{s.name}: Grad-CAM on test images" + ("  [DEGENERATE MODEL]" if record.degenerate else ""),
     )
     record.write(out / layout.EXPLAIN_JSON)
@@ -340,11 +339,11 @@ def figure_cams(runs: list[str], out: Path, images: int = 6) -> Path:
 
 def _cams_column(name: str) -> dict[str, Any]:
     folder = layout.metrics_dir(name)
-    if not (folder / "maps.npy").is_file():
+    if not (folder / layout.MAPS).is_file():
         raise UserError(f"run {name!r} has no saved maps ({folder}/maps.npy); run `dpcam explain {name}` first")
     fix = f"run `dpcam explain {name}` again"
-    idx = guard.read_npy(folder / "map_indices.npy", fix=fix, shape=(None,), dtype=np.integer)
-    maps = guard.read_npy(folder / "maps.npy", fix=fix, mmap=True, shape=(idx.size, None, None))
+    idx = guard.read_npy(folder / layout.MAP_INDICES, fix=fix, shape=(None,), dtype=np.integer)
+    maps = guard.read_npy(folder / layout.MAPS, fix=fix, mmap=True, shape=(idx.size, None, None))
     info = records.read(ExplainRecord, folder / layout.EXPLAIN_JSON, f"run {name}")
     train_json = layout.run_dir(name) / layout.TRAIN_JSON
     eps = records.read(TrainRecord, train_json, f"run {name}").epsilon if train_json.is_file() else None

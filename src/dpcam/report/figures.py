@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dpcam import guard
+from dpcam import guard, layout
 from dpcam.config import GridConfig
 from dpcam.errors import UserError
 from dpcam.families import Column
@@ -289,9 +289,9 @@ def _load_cams(picked: list[tuple[Column, Run]]) -> list[tuple[Column, Run, Any,
             )
         datasets.setdefault(d, load_dataset(d))
         fix, who = "run `dpcam explain` for it again (or `dvc repro`)", f"grid run {r.spec.name}: "
-        idx = guard.read_npy(r.spec.metrics_dir / "map_indices.npy", fix=fix, who=who, shape=(None,), dtype=np.integer)
+        idx = guard.read_npy(r.spec.metrics_dir / layout.MAP_INDICES, fix=fix, who=who, shape=(None,), dtype=np.integer)
         maps = guard.read_npy(
-            r.spec.metrics_dir / "maps.npy", fix=fix, who=who, mmap=True, shape=(len(idx), None, None)
+            r.spec.metrics_dir / layout.MAPS, fix=fix, who=who, mmap=True, shape=(len(idx), None, None)
         )
         loaded.append((c, r, datasets[d], maps, idx))
     return loaded

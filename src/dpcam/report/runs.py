@@ -7,7 +7,7 @@ from functools import cached_property
 
 import numpy as np
 
-from dpcam import guard, records
+from dpcam import guard, layout, records
 from dpcam.config import GridConfig
 from dpcam.errors import UserError
 from dpcam.families import RunSpec, grid_runs
@@ -15,9 +15,8 @@ from dpcam.layout import AUDIT_JSON, EXPLAIN_JSON, TRAIN_JSON
 from dpcam.records import AuditRecord, ExplainRecord, Record, TrainRecord
 
 # the Grad-CAM maps of a run (metrics/<family>/<run>/): the CAM figures read them
-MAP_FILES = ("maps.npy", "map_indices.npy")
+MAP_FILES = (layout.MAPS, layout.MAP_INDICES)
 # per-image values: explain's metrics (metrics/<family>/<run>/) and train's test predictions (models/...)
-PER_IMAGE, PREDICTIONS = "per_image.npz", "predictions.npz"
 # where Run.value looks a key up, first record class that has the field wins
 LOOKUP: tuple[tuple[str, type[Record]], ...] = (
     ("explain", ExplainRecord),
@@ -59,12 +58,12 @@ class Run:
     @cached_property
     def per_image(self) -> dict[str, np.ndarray]:
         """Per-image explanation values (``index``: dataset indices; a metric: float, NaN where not valid)."""
-        return _npz(self.spec.metrics_dir / PER_IMAGE, self.spec.name)
+        return _npz(self.spec.metrics_dir / layout.PER_IMAGE, self.spec.name)
 
     @cached_property
     def predictions(self) -> dict[str, np.ndarray]:
         """Test-set predictions: ``index`` (dataset indices), ``pred``, ``label``."""
-        return _npz(self.spec.model_dir / PREDICTIONS, self.spec.name)
+        return _npz(self.spec.model_dir / layout.PREDICTIONS, self.spec.name)
 
 
 def _npz(path, name: str) -> dict[str, np.ndarray]:

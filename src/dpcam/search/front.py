@@ -52,7 +52,7 @@ def evaluate_front_member(trial, ctx: SearchContext, *, retrain: bool = True) ->
     folder = trial_model_dir(ctx.study_name, trial.number)
     data = open_data(cfg)
     source = "saved"
-    if not (folder / "model.pt").is_file():
+    if not (folder / layout.MODEL_PT).is_file():
         if not retrain:
             return {"model_source": "other worker (dpcam search --trials 0 retrains and evaluates it)"}
         save_model(fit(cfg, progress=False).model, cfg, data, folder)
