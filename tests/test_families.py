@@ -36,6 +36,21 @@ def test_train_size_runs_train_the_epochs_grid_train_sizes_sets_else_their_recip
         assert got == want
     with pytest.raises(UserError, match="grid.train_sizes.epochs"):
         families.check_flags("train-size", tiny_grid(train_sizes={"sizes": [40], "epochs": 50}), {"epochs": 9})
+    with pytest.raises(UserError, match=r"run none-epsinf-n40-smallcnn-s0 .*\(grid.nonprivate.epochs\)"):
+        families.check_flags("train-size", tiny_grid(train_sizes={"sizes": [40], "epochs": None}), {"epochs": 9})
+
+
+def test_a_refused_flag_names_the_dp_schedule_that_sets_it():
+    grid = GridConfig(gaussian=[1, 10])  # the shipped schedules: short (ε ≤ 1) and long
+    with pytest.raises(
+        UserError, match=r"--augment: .* run gaussian-eps1-smallcnn-s0 .*\(grid.schedules.short.augment\)"
+    ):
+        families.check_flags("gaussian", grid, {"augment": "none"})
+    with pytest.raises(UserError, match=r"--lr: .* run none-epsinf-smallcnn-s0 .*\(grid.nonprivate.lr\)"):
+        families.check_flags("baseline", grid, {"lr": 0.3})
+    refs = GridConfig(gaussian=[1, 10], baselines=["none"], protocol="same")
+    with pytest.raises(UserError, match=r"--lr: .*sched-short.* \(grid.schedules.short.reference_lr\)"):
+        families.check_flags("baseline", refs, {"lr": 0.3})
 
 
 def test_every_run_is_named_by_what_it_varies_and_belongs_to_a_registered_family():

@@ -47,6 +47,16 @@ def test_stage_deps_cover_the_code_each_command_runs():
         assert not missing, (name, missing)
 
 
+def test_a_change_of_a_dp_schedule_reruns_every_train_stage_and_the_baselines_explanations():
+    """`dvc exp run -S grid.schedules.long.epochs=...` must retrain: Gaussian runs of any family take their band's
+    recipe (a run whose configuration did not change is kept by its stamp), and the references are baseline runs."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in FAMILIES:
+        params = stages[f"train-{name}"]["params"]
+        assert "grid.schedules" in params and len(params) == len(set(params)), name
+    assert "grid.schedules" in stages["explain-baseline"]["params"] and "grid" in stages["report"]["params"]
+
+
 def test_reading_a_saved_run_needs_no_training_code():
     """Editing the optimiser, the accountant's engine or the training loop reruns no explain stage, and neither the
     audit (which keeps the accountant's trade-off curves, privacy/profile.py) nor the report."""

@@ -469,6 +469,7 @@ def test_the_small_input_stem_is_named_as_what_does_not_fit(files):
 
 
 @_OPACUS_WARNINGS
+@pytest.mark.slow  # 224 px end to end: about 30 s
 def test_dpcam_fine_tunes_explains_and_audits_an_imagenet_resnet18_head_with_dp_at_224_px_on_cpu(files):
     """The CLI end to end as a hospital team runs it: a tiny ImageFolder prepared at 224 px, a torchvision ResNet18
     state dict (local file), Gaussian DP-SGD on the head with flip-and-shift augmentation; every tensor of the file

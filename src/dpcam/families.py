@@ -376,7 +376,7 @@ register_family(
         "table6_baselines",
         runs=lambda grid, model, seed: _baseline_runs(grid, model, seed),
         columns=_baseline_columns,
-        grid_keys=("baselines",),
+        grid_keys=("baselines", "schedules"),  # the references: ε = ∞ and clip-only per DP schedule
         train_keys=("nonprivate",),
         reference=False,
     )
@@ -627,11 +627,17 @@ def check_flags(family: str, grid: GridConfig, flags: dict[str, Any]) -> None:
 
 
 def _source(s: RunSpec, key: str, grid: GridConfig) -> str:
+    """The grid key that sets train key ``key`` for run ``s``, in train_overrides' order read backwards."""
     if key in grid.overrides.get(s.family, {}):
         return f"overrides.{s.family}.{key}"
-    sources = FAMILIES[s.family].sources
-    if key in sources:
-        return sources[key]
+    family = FAMILIES[s.family]
+    if key in family.sources and (key in family.train(grid) or key in ("clip", "trainable", "weights")):
+        return family.sources[key]  # the family's recipe, or what its runs vary
+    sched = schedule_of_run(s, grid)
+    if sched is not None:
+        reference = s.scheme == "none"
+        if key in (grid.schedules[sched].reference() if reference else grid.schedules[sched].recipe()):
+            return f"schedules.{sched}.{'reference_lr' if reference and key == 'lr' else key}"
     if key in NonPrivateConfig.model_fields and s.scheme in names.UNCLIPPED_SCHEMES:
         return f"nonprivate.{key}"
     return key

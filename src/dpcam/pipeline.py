@@ -93,7 +93,8 @@ def stages() -> dict[str, Any]:
                 "grid.family_seeds",
                 "grid.protocol",
                 "grid.overrides",
-                *_grid(f.grid_keys + f.train_keys),
+                # a Gaussian run of any family, and the references, train their band's recipe
+                *_grid(dict.fromkeys((*f.grid_keys, *f.train_keys, "schedules"))),
             ],
             # kept when the stage reruns: a run whose stamp still matches is not trained again (train.run_stamp)
             "outs": [{f"models/{f.name}": {"persist": True}}],

@@ -86,6 +86,3 @@ def reason(e: BaseException) -> str:
     """An exception's first line, short."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
-
-
-# ------------------------------------------------------------------------------------ the stage

@@ -617,6 +617,9 @@ def fit(
     return FitResult(t.setup.release(), record, t.history, predictions)  # no Opacus hooks left on the returned model
 
 
+# ------------------------------------------------------------------------------------ the stage
+
+
 def run(
     cfg: TrainConfig,
     *,

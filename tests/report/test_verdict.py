@@ -252,6 +252,11 @@ def test_the_audit_line_says_per_training_set_size_what_the_attacks_see_and_whet
     assert "on 8400 training images: ε = ∞ 0.00 (max of 2), ε = 10 0.00; on 1000 training images: ε = ∞ 0.36, " in line
     assert "ε = 10 0.20, ε = 1 0.05. 3 DP runs checked against their replace-one guarantee: no violation" in line
     assert "where ε = ∞ shows 0 (8400 images) the attacks see nothing and that check has no power." in line
+    seen = audit_line([*runs, run("none", 0.3, 8400), run("laplace-paper", 0.9, 8400)], "m")  # one seed sees it
+    assert "ε = ∞ 0.30 (max of 3)" in seen and "no power" not in seen and "laplace-paper" not in seen
+    one = audit_line([run("gaussian", 0.0, 8400, 1.0, done=True), run("none", 0.0, 8400)], "m")
+    assert "1 DP run checked" in one
+    assert audit_line([run("none", 0.2, 8400)], "m").endswith("on 8400 training images: ε = ∞ 0.20.")
     runs[5].audit.violation = True
     assert "3 DP runs checked against their replace-one guarantee: VIOLATION in gaussian;" in audit_line(runs, "m")
     assert audit_line(runs, "nobody") == ""

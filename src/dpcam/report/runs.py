@@ -16,7 +16,6 @@ from dpcam.records import AuditRecord, ExplainRecord, Record, TrainRecord
 
 # the Grad-CAM maps of a run (metrics/<family>/<run>/): the CAM figures read them
 MAP_FILES = (layout.MAPS, layout.MAP_INDICES)
-# per-image values: explain's metrics (metrics/<family>/<run>/) and train's test predictions (models/...)
 # where Run.value looks a key up, first record class that has the field wins
 LOOKUP: tuple[tuple[str, type[Record]], ...] = (
     ("explain", ExplainRecord),

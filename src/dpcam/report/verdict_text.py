@@ -226,6 +226,7 @@ def audit_line(runs: Sequence[Run], model: str) -> str:
         for r in runs
         if r.audit is not None
         and r.spec.model == model
+        and r.spec.scheme != "laplace-paper"  # no guarantee: nothing to check, and no ε to file it under
         and not (r.spec.ldp or r.spec.public or r.spec.trainable or r.spec.clip or r.spec.schedule)
     ]
     if not audited:
@@ -247,17 +248,26 @@ def audit_line(runs: Sequence[Run], model: str) -> str:
         sizes.append(f"on {n} training images: {words}")
     checked = [r for r in audited if r.audit.check.done]
     bad = [r.spec.name for r in checked if r.audit.violation]
-    blind = [r.train.train_size for r in audited if r.spec.scheme == "none" and r.audit.mia_epsilon_lb <= 0]
-    tail = [
-        f"{len(checked)} DP runs checked against their replace-one guarantee: "
-        + (f"VIOLATION in {', '.join(bad)}" if bad else "no violation")
-    ]
-    if blind:
-        sizes_blind = ", ".join(str(n) for n in sorted(set(blind), reverse=True))
-        tail.append(f"where ε = ∞ shows 0 ({sizes_blind} images) the attacks see nothing and that check has no power")
+    tail = []
+    if checked:
+        runs_word = "run" if len(checked) == 1 else "runs"
+        tail.append(
+            f"{len(checked)} DP {runs_word} checked against their replace-one guarantee: "
+            + (f"VIOLATION in {', '.join(bad)}" if bad else "no violation")
+        )
+    best_inf: dict[int, float] = {}
+    for r in audited:
+        if r.spec.scheme == "none":
+            n = r.train.train_size
+            best_inf[n] = max(best_inf.get(n, 0.0), r.audit.mia_epsilon_lb)
+    if blind := sorted((n for n, lb in best_inf.items() if lb <= 0), reverse=True):
+        shown = ", ".join(map(str, blind))
+        tail.append(f"where ε = ∞ shows 0 ({shown} images) the attacks see nothing and that check has no power")
     return (
         "Membership-inference audit (dpcam audit; the largest empirical ε lower bound over its attacks, 95 %, "
-        "replace-one; 0: no leakage shown): " + "; ".join(sizes) + ". " + "; ".join(tail) + "."
+        "replace-one; 0: no leakage shown): "
+        + ". ".join(["; ".join(sizes), *(["; ".join(tail)] if tail else [])])
+        + "."
     )
 
 
