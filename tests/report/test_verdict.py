@@ -150,9 +150,13 @@ def test_recipes_names_each_schedules_eps_and_the_budget():
     words = recipes(GridConfig())
     assert words.startswith("Recipes (each within the compute budget of 32 epochs of examples")
     assert "ε = ∞: sgd lr 0.1, momentum 0.9, batch 128, 32 epochs, cosine" in words
-    assert "ε = 0.5, 1 (short schedule): DP-SGD lr 1, momentum 0.9, expected batch 512, 16 epochs, C 1" in words
+    assert (
+        "ε = 0.5, 1 (short schedule): DP-SGD lr 1, momentum 0.9, Poisson batches at rate 1/⌈N/512⌉, 16 epochs, C 1"
+        in words
+    )
     long = (
-        "ε = 5, 10 (long schedule): DP-SGD lr 1, momentum 0.9, expected batch 512, 32 epochs, augment flip-shift, C 1"
+        "ε = 5, 10 (long schedule): DP-SGD lr 1, momentum 0.9, Poisson batches at rate 1/⌈N/512⌉, 32 epochs, "
+        "augment flip-shift, C 1"
     )
     assert long + "; its ε = ∞ reference the same with lr 0.4 and no clipping" in words
     one = recipes(GridConfig(gaussian=[2], schedules=None))
@@ -170,8 +174,8 @@ def test_the_verdict_reports_each_class_and_calibration(tmp_path, monkeypatch):
     md = Path("reports/verdict.md").read_text()
     assert "By class and calibration (DP's disparate impact" in md
     assert "| class 0 recall ↑ |" in md and "| class 1 recall ↑ |" in md and "| expected calibration error ↓ |" in md
-    assert "Which classes pay (recall ε − ∞, the class that loses most at each ε): ε = 1 class " in md
-    assert "Calibration (expected calibration error ε − ∞, lower is better): ε = 1 " in md
+    assert "the class with the largest point loss at each ε; a ranking of classes is not tested): ε = 1 class " in md
+    assert "and clipping are in it, not split): ε = 1 " in md
     assert "privacy unit: one training image; δ·N = " in md
     assert Path("reports/figures/fig_calibration.png").is_file()
 
@@ -231,10 +235,11 @@ def test_the_audit_line_says_per_training_set_size_what_the_attacks_see_and_whet
 
     from dpcam.report.verdict_text import audit_line
 
-    def run(scheme, lb, n, eps=None, done=False, violation=False, model="m", ldp=None, schedule=None):
+    def run(scheme, lb, n, eps=None, done=False, violation=False, model="m", ldp=None, schedule=None, clip=None):
         spec = NS(name=scheme, scheme=scheme, epsilon=eps, model=model, ldp=ldp, schedule=schedule)
-        spec.public, spec.trainable, spec.clip = False, None, None
-        audit = NS(mia_epsilon_lb=lb, violation=violation, check=NS(done=done))
+        spec.public, spec.trainable, spec.clip = False, None, clip
+        check = NS(done=done, epsilon_replace_one=2 * eps if eps else None)  # replace-one: about twice the ε
+        audit = NS(mia_epsilon_lb=lb, violation=violation, check=check, epsilon_lb_max_detectable=4.5)
         return NS(spec=spec, train=NS(train_size=n), audit=audit)
 
     runs = [
@@ -247,10 +252,12 @@ def test_the_audit_line_says_per_training_set_size_what_the_attacks_see_and_whet
         run("none", 5.0, 1000, model="other"),  # another model's verdict
         run("none", 5.0, 8400, ldp="singh-sikka-eps1"),  # local-DP data: another question
         run("none", 5.0, 8400, schedule="long"),  # a reference of the split, not the non-private model
+        run("gaussian", 0.0, 8400, 1.0, done=True, clip=0.1),  # the clipping sweep: checked, not listed
     ]
     line = audit_line(runs, "m")
     assert "on 8400 training images: ε = ∞ 0.00 (max of 2), ε = 10 0.00; on 1000 training images: ε = ∞ 0.36, " in line
-    assert "ε = 10 0.20, ε = 1 0.05. 3 DP runs checked against their replace-one guarantee: no violation" in line
+    assert "ε = 10 0.20, ε = 1 0.05. 4 DP runs checked against their replace-one guarantee: no violation" in line
+    assert "at ε = 10 the replace-one guarantee lies beyond the largest bound these samples can show" in line
     assert "where ε = ∞ shows 0 (8400 images) the attacks see nothing and that check has no power." in line
     seen = audit_line([*runs, run("none", 0.3, 8400), run("laplace-paper", 0.9, 8400)], "m")  # one seed sees it
     assert "ε = ∞ 0.30 (max of 3)" in seen and "no power" not in seen and "laplace-paper" not in seen
@@ -258,5 +265,5 @@ def test_the_audit_line_says_per_training_set_size_what_the_attacks_see_and_whet
     assert "1 DP run checked" in one
     assert audit_line([run("none", 0.2, 8400)], "m").endswith("on 8400 training images: ε = ∞ 0.20.")
     runs[5].audit.violation = True
-    assert "3 DP runs checked against their replace-one guarantee: VIOLATION in gaussian;" in audit_line(runs, "m")
+    assert "4 DP runs checked against their replace-one guarantee: VIOLATION in gaussian;" in audit_line(runs, "m")
     assert audit_line(runs, "nobody") == ""

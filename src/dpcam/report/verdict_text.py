@@ -133,11 +133,15 @@ def cost_lines(v: Verdict) -> list[str]:
     expl = (
         "what is distinguishably worse after the correction: " + "; ".join(worse)
         if worse
-        else "no part of any explanation metric is distinguishably worse after the correction"
+        else f"no part of any explanation metric is distinguishably worse after the correction over the "
+        f"{v.families.get('split', 0)} cells of the split table (with {len(v.seeds)} seeds a cell needs a very "
+        "small p-value to be marked: no evidence that explanations are unaffected)"
     )
     return [
         f"What ε costs in accuracy (ε − ∞ = noise + clipping + budget, the references trained with each ε's "
-        f"schedule): {acc}.",
+        f"schedule): {acc}. The clipping part compares clip-only, trained with the DP learning rate, with ε = ∞ at "
+        "the learning rate tuned for it: clipping and the learning rate together; where those references are "
+        "unstable over seeds, read clipping and budget as one part.",
         f"The same split for explanations (table below): {expl}.",
     ]
 
@@ -167,7 +171,8 @@ def group_lines(v: Verdict) -> list[str]:
             if k in r.diffs and r.diffs[k].mark == WORSE
         ]
         out.append(
-            "Which classes pay (recall ε − ∞, the class that loses most at each ε): "
+            "Which classes pay (recall ε − ∞, the class with the largest point loss at each ε; a ranking of classes "
+            "is not tested): "
             + "; ".join(worst)
             + (
                 f"; distinguishably worse after the correction: {', '.join(marked)}"
@@ -182,7 +187,10 @@ def group_lines(v: Verdict) -> list[str]:
         if ECE.key in r.diffs and r.diffs[ECE.key].mean is not None
     ]
     if cal:
-        out.append(f"Calibration (expected calibration error ε − ∞, lower is better): {'; '.join(cal)}.")
+        out.append(
+            f"Calibration (expected calibration error ε − ∞, lower is better; against the tuned ε = ∞, so the budget "
+            f"and clipping are in it, not split): {'; '.join(cal)}."
+        )
     return out
 
 
@@ -246,14 +254,28 @@ def audit_line(runs: Sequence[Run], model: str) -> str:
             for (_, _, what), lbs in sorted(cells.items())
         )
         sizes.append(f"on {n} training images: {words}")
-    checked = [r for r in audited if r.audit.check.done]
+    checked = [r for r in runs if r.audit is not None and r.spec.model == model and r.audit.check.done]
     bad = [r.spec.name for r in checked if r.audit.violation]
+    beyond = sorted(
+        {
+            format_eps(r.spec.epsilon)
+            for r in checked
+            if r.spec.epsilon is not None
+            and (r.audit.check.epsilon_replace_one or 0) > r.audit.epsilon_lb_max_detectable
+        },
+        key=float,
+    )
     tail = []
     if checked:
         runs_word = "run" if len(checked) == 1 else "runs"
         tail.append(
             f"{len(checked)} DP {runs_word} checked against their replace-one guarantee: "
             + (f"VIOLATION in {', '.join(bad)}" if bad else "no violation")
+        )
+    if beyond:
+        tail.append(
+            f"at ε = {', '.join(beyond)} the replace-one guarantee lies beyond the largest bound these samples can "
+            "show, so only the trade-off curve can catch a violation there"
         )
     best_inf: dict[int, float] = {}
     for r in audited:
@@ -292,8 +314,8 @@ def recipes(grid: GridConfig) -> str:
             ]
         )
         parts.append(
-            f"ε = {eps} ({name} schedule): DP-SGD lr {s.lr:g}, momentum {s.momentum:g}, expected batch "
-            f"{s.batch_size}, {s.epochs} epochs{extra}, C {s.clip:g}; its ε = ∞ reference the same with lr "
+            f"ε = {eps} ({name} schedule): DP-SGD lr {s.lr:g}, momentum {s.momentum:g}, Poisson batches at rate "
+            f"1/⌈N/{s.batch_size}⌉, {s.epochs} epochs{extra}, C {s.clip:g}; its ε = ∞ reference the same with lr "
             f"{s.reference_lr:g} and no clipping"
         )
     if not grid.schedules:
