@@ -13,6 +13,7 @@ from dpcam import layout, tracking, train
 from dpcam.cli import app
 from dpcam.config import TrainConfig
 from dpcam.errors import UserError
+from dpcam.saved import load_model
 from tests.conftest import make_tiny, tiny_grid
 
 
@@ -126,7 +127,7 @@ def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
     hits = preds["pred"] == preds["label"]
     assert saved["test_recall"] == [pytest.approx(hits[preds["label"] == c].mean()) for c in (0, 1)]
     assert 0 <= saved["test_ece"] <= 1 and saved["test_confidence"] == pytest.approx(preds["prob"].max(1).mean())
-    model, spec = saved.load_model(name)
+    model, spec = load_model(name)
     assert spec["num_classes"] == 2
     mlflow.set_tracking_uri(tracking.tracking_uri())
     r = mlflow.get_run(m["mlflow_run_id"])
@@ -740,7 +741,7 @@ def test_head_fine_tuning_trains_only_the_head_and_its_epsilon_is_the_accountant
     assert pub["manifest_sha256"] == file_sha256(Path("data/prepared/tiny-public/manifest.json"))
     assert pub["disjoint_check"]["shared_images"] == 0
     # Grad-CAM reads the reloaded whole model at the usual layer
-    model, spec = saved.load_model(m.run_name)
+    model, spec = load_model(m.run_name)
     assert opacus_state(model, active_only=False) is None and spec["config"]["trainable"] == "head"
     assert target_layer(model) is model.features.block3 and model.gradcam_layer == whole.gradcam_layer
 
