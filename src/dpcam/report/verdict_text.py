@@ -239,9 +239,11 @@ def audit_line(runs: Sequence[Run], model: str) -> str:
     ]
     if not audited:
         return ""
-    sizes = []
+    sizes, blind = [], []  # blind: sizes where even ε = ∞ shows nothing
     for n in sorted({r.train.train_size for r in audited}, reverse=True):
         at_n = [r for r in audited if r.train.train_size == n]
+        if max((r.audit.mia_epsilon_lb for r in at_n if r.spec.scheme == "none"), default=1.0) <= 0:
+            blind.append(n)
         cells: dict[tuple[int, float, str], list[float]] = {}
         for r in at_n:
             eps = r.spec.epsilon if r.spec.scheme in ("gaussian", "laplace") else None
@@ -277,12 +279,7 @@ def audit_line(runs: Sequence[Run], model: str) -> str:
             f"at ε = {', '.join(beyond)} the replace-one guarantee lies beyond the largest bound these samples can "
             "show, so only the trade-off curve can catch a violation there"
         )
-    best_inf: dict[int, float] = {}
-    for r in audited:
-        if r.spec.scheme == "none":
-            n = r.train.train_size
-            best_inf[n] = max(best_inf.get(n, 0.0), r.audit.mia_epsilon_lb)
-    if blind := sorted((n for n, lb in best_inf.items() if lb <= 0), reverse=True):
+    if blind:
         shown = ", ".join(map(str, blind))
         tail.append(f"where ε = ∞ shows 0 ({shown} images) the attacks see nothing and that check has no power")
     return (
