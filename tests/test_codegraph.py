@@ -21,6 +21,7 @@ def test_import_closure_follows_from_imports_of_modules():
 LAYERS = [
     "dpcam",
     "dpcam.errors",
+    "dpcam.registry",
     "dpcam.codegraph",
     "dpcam.names",
     "dpcam.guard",

@@ -97,7 +97,7 @@ def test_flags_the_grid_leaves_alone_are_accepted():
 
 
 def test_unknown_family_is_one_line():
-    with pytest.raises(UserError, match="unknown grid family 'gausian'; families: baseline, gaussian"):
+    with pytest.raises(UserError, match="unknown grid family 'gausian'; known: baseline, gaussian"):
         families.family_runs(tiny_grid(), "gausian", families.MODELS_ROOT)
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
 from dpcam.errors import UserError
-from dpcam.models import MODELS, Normalize, create_model, load_weights, register_model, target_layer
+from dpcam.models import MODELS, Normalize, create_model, load_weights, target_layer
 
 NUM_CLASSES = 3
 # name: (batch, forward sizes, per-sample-gradient size); small batches and 32 px keep the big
@@ -204,7 +204,7 @@ def test_bad_weights_are_user_errors(tmp_path):
 
 
 def test_unknown_model_and_bad_sizes_are_user_errors():
-    with pytest.raises(UserError, match="known models: alexnet, resnet18, smallcnn, vgg16"):
+    with pytest.raises(UserError, match="unknown model .resnet50.; known: smallcnn, resnet18, alexnet, vgg16"):
         create_model("resnet50", NUM_CLASSES)
     with pytest.raises(UserError, match="at least 2 classes"):
         create_model("smallcnn", 1)
@@ -216,7 +216,7 @@ def test_unknown_model_and_bad_sizes_are_user_errors():
 
 @_HOOK_WARNING
 def test_register_model_and_target_layer():
-    @register_model("_test_tiny")
+    @MODELS.register("_test_tiny")
     def _tiny(num_classes, image_size, *, small_input, **kwargs):
         model = nn.Sequential(
             Normalize(),
@@ -234,7 +234,7 @@ def test_register_model_and_target_layer():
         assert target_layer(model) is model[2]
         assert target_layer(GradSampleModule(model)) is model[2]  # unwraps Opacus
         with pytest.raises(ValueError, match="already registered"):
-            register_model("_test_tiny")(_tiny)
+            MODELS.register("_test_tiny")(_tiny)
     finally:
         MODELS.pop("_test_tiny")
     with pytest.raises(UserError, match="names no Grad-CAM layer"):

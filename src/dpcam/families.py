@@ -11,7 +11,7 @@ training-set sizes, and public pretraining with private fine-tuning: the ``publi
   stage params; :mod:`dpcam.pipeline` writes dvc.yaml from this registry);
 - ``table`` / ``title`` / ``columns``: its table of the report, and the columns it lays its runs out in.
 
-A new family is one :func:`register_family` call. Like Opacus's accountant registry, families are
+A new family is one ``FAMILIES.add`` call (a :class:`dpcam.registry.Registry`); families are
 registered by name in :data:`FAMILIES`, in the order stages and the report walk them.
 """
 
@@ -30,6 +30,7 @@ from dpcam import names
 from dpcam.config import GridConfig, NonPrivateConfig, TrainConfig
 from dpcam.errors import UserError
 from dpcam.layout import AUDITS_ROOT, METRICS_ROOT, MODEL_JSON, MODEL_PT, MODELS_ROOT, format_eps, grid_dir, run_name
+from dpcam.registry import Registry
 
 INF = math.inf
 
@@ -141,20 +142,7 @@ class Family:
     sources: dict[str, str] = field(default_factory=dict)  # train key -> the grid.<key> that sets it (CLI errors)
 
 
-FAMILIES: dict[str, Family] = {}
-
-
-def register_family(family: Family) -> Family:
-    if family.name in FAMILIES:
-        raise ValueError(f"family {family.name!r} is already registered")
-    FAMILIES[family.name] = family
-    return family
-
-
-def get_family(name: str) -> Family:
-    if name not in FAMILIES:
-        raise UserError(f"unknown grid family {name!r}; families: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+FAMILIES: Registry[Family] = Registry("grid family")
 
 
 # ------------------------------------------------------------------------------------ the families
@@ -369,7 +357,7 @@ def _ldp_epsilon(name: str) -> float | None:
     return float(eps) if eps.replace(".", "", 1).isdigit() else None
 
 
-register_family(
+FAMILIES.add(
     Family(
         "baseline",
         "Baselines: non-private vs clipping only",
@@ -381,7 +369,7 @@ register_family(
         reference=False,
     )
 )
-register_family(
+FAMILIES.add(
     Family(
         "gaussian",
         "Table 1: global DP, Gaussian DP-SGD",
@@ -391,7 +379,7 @@ register_family(
         grid_keys=("gaussian",),
     )
 )
-register_family(
+FAMILIES.add(
     Family(
         "laplace",
         "Table 2: global DP, Laplace (L1 clip)",
@@ -404,7 +392,7 @@ register_family(
         sources={"clip": "laplace_clip", "lr": "laplace_lr"},
     )
 )
-register_family(
+FAMILIES.add(
     Family(
         "laplace-paper",
         "Table 2, the paper's replica: L2 clip + Laplace noise of the Gaussian σ·C (NO guarantee)",
@@ -416,7 +404,7 @@ register_family(
         grid_keys=("laplace",),
     )
 )
-register_family(
+FAMILIES.add(
     Family(
         "ldp",
         "Local DP: training on noised images",
@@ -430,7 +418,7 @@ register_family(
         data="ldp",
     )
 )
-register_family(
+FAMILIES.add(
     Family(
         "clip-sweep",
         "Clipping bound C at fixed ε",
@@ -445,7 +433,7 @@ register_family(
         sources={"clip": "clip_sweep.clips"},
     )
 )
-register_family(
+FAMILIES.add(
     Family(
         "train-size",
         "Training-set size (DP needs more data)",
@@ -463,7 +451,7 @@ register_family(
         sources={"epochs": "train_sizes.epochs"},
     )
 )
-register_family(
+FAMILIES.add(
     Family(
         "public",
         "Public pretraining: the trunk, trained without privacy on the public set",
@@ -496,7 +484,7 @@ for _scheme, _title, _table, _columns in (
         _answer_columns,
     ),
 ):
-    register_family(
+    FAMILIES.add(
         Family(
             f"finetune-{_scheme}",
             _title,
@@ -532,7 +520,7 @@ def family_runs(grid: GridConfig, family: str, root: Path, *, trained: bool = Fa
     Unknown family -> UserError; a family without runs gets an empty ``root/<family>/`` (the DVC stage's
     output); ``trained`` checks every run's model exists before the stage writes anything.
     """
-    get_family(family)
+    FAMILIES.lookup(family)
     specs = [s for s in grid_runs(grid) if s.family == family]
     if not specs:  # e.g. no ldp runs in this profile
         (Path(root) / family).mkdir(parents=True, exist_ok=True)

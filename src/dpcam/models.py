@@ -90,6 +90,7 @@ from dpcam.layers import (
     group_norm,
     restore_layers,
 )
+from dpcam.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -97,24 +98,11 @@ SMALL_INPUT_MAX = 96  # small_input defaults to True for image_size <= this
 
 # A builder: (num_classes, image_size, *, small_input, **kwargs) -> nn.Module with .gradcam_layer
 Builder = Callable[..., nn.Module]
-MODELS: dict[str, Builder] = {}
-
-
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering a model builder under ``name`` in :data:`MODELS`.
-
-    The builder is called as ``builder(num_classes, image_size, *, small_input: bool, **kwargs)``
-    and must return a module that takes pixel-space ``(B, 3, H, W)`` input in [0, 1], returns
-    ``(B, num_classes)`` logits, and sets ``gradcam_layer`` to a dotted submodule name.
-    """
-
-    def decorator(builder: Builder) -> Builder:
-        if name in MODELS:
-            raise ValueError(f"model {name!r} is already registered")
-        MODELS[name] = builder
-        return builder
-
-    return decorator
+# Registered with ``@MODELS.register(name)``. The builder is called as ``builder(num_classes,
+# image_size, *, small_input: bool, **kwargs)`` and must return a module that takes pixel-space
+# ``(B, 3, H, W)`` input in [0, 1], returns ``(B, num_classes)`` logits, and sets
+# ``gradcam_layer`` to a dotted submodule name.
+MODELS: Registry[Builder] = Registry("model")
 
 
 # --------------------------------------------------------------------------------------- smallcnn
@@ -170,7 +158,7 @@ class SmallCNN(nn.Module):
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
-@register_model("smallcnn")
+@MODELS.register("smallcnn")
 def _smallcnn(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
     """SmallCNN (``small_input`` has no effect: it is built for small inputs)."""
     return SmallCNN(num_classes, **kwargs)
@@ -181,21 +169,21 @@ def _smallcnn(num_classes: int, image_size: int, *, small_input: bool, **kwargs)
 # builders import it only when one of these models is asked for (smallcnn processes never pay).
 
 
-@register_model("resnet18")
+@MODELS.register("resnet18")
 def _resnet18(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
     from dpcam.tvmodels import ResNet18
 
     return ResNet18(num_classes, small_input, **kwargs)
 
 
-@register_model("alexnet")
+@MODELS.register("alexnet")
 def _alexnet(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
     from dpcam.tvmodels import AlexNet
 
     return AlexNet(num_classes, small_input, **kwargs)
 
 
-@register_model("vgg16")
+@MODELS.register("vgg16")
 def _vgg16(num_classes: int, image_size: int, *, small_input: bool, **kwargs) -> nn.Module:
     from dpcam.tvmodels import VGG16
 
@@ -230,8 +218,7 @@ def create_model(
     or bad weights.
     """
     key = name.lower()
-    if key not in MODELS:
-        raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    build = MODELS.lookup(key)
     if int(num_classes) < 2:
         raise UserError(
             f"model {key}: num_classes = {num_classes}; "
@@ -241,7 +228,6 @@ def create_model(
         raise UserError(f"model {key}: image_size = {image_size} must be a positive number of pixels")
     if small_input is None:
         small_input = image_size <= SMALL_INPUT_MAX
-    build = MODELS[key]
     if seed is None:
         model = build(int(num_classes), int(image_size), small_input=bool(small_input), **kwargs)
     else:

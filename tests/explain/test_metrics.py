@@ -392,7 +392,7 @@ def test_registry_names_errors_and_needs():
         "map-agreement",
         "randomisation",
     } <= set(METRICS)
-    with pytest.raises(UserError, match="unknown explanation metric 'nope'; known metrics: confidence"):
+    with pytest.raises(UserError, match="unknown explanation metric 'nope'; known: confidence"):
         get_metrics(["confidence", "nope"])
     batch = ExplainBatch(ProbModel(brightness), torch.ones(1, 3, 4, 4), torch.ones(1, 4, 4), torch.tensor([1]))
     assert METRICS["pointing-game"].missing(batch) == ["masks"]

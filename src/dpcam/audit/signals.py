@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dpcam.errors import UserError
+from dpcam.registry import Registry
 
 Signals = dict[str, np.ndarray]  # compute_signals output: name -> float64 (N,)
 
@@ -57,16 +58,16 @@ def _signal_score(key: str) -> Callable[[Signals, np.ndarray], np.ndarray]:
     return lambda signals, calibration: signals[key].copy()
 
 
-ATTACKS: dict[str, Attack] = {
-    a.name: a
-    for a in (
+ATTACKS: Registry[Attack] = Registry(
+    "attack",
+    (
         Attack("loss", _loss_score, member_when="lower loss"),
         Attack("loss-calibrated", _calibrated_score, member_when="higher class-standardised confidence"),
         Attack("gradcam-variance", _signal_score("gradcam_variance"), needs="gradcam"),
         Attack("gradcam-entropy", _signal_score("gradcam_entropy"), needs="gradcam"),
         Attack("input-gradient", _signal_score("input_gradient"), needs="input_gradient"),
-    )
-}
+    ),
+)
 
 
 def attack_scores(signals: Signals, attack: str, calibration: np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ from dpcam.config import LdpConfig
 from dpcam.data import store
 from dpcam.errors import UserError
 from dpcam.layout import LDP_ROOT, PREPARED_ROOT, format_eps, write_atomic, write_bytes
+from dpcam.registry import Registry
 
 VALUE_RANGE = 255.0
 #: values (H·W·C) noised per batch: bounds the float64 noise buffers to ~8 MiB each
@@ -219,20 +220,7 @@ def analytic_gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1
 # Mechanisms
 # --------------------------------------------------------------------------------------------
 
-MECHANISMS: dict[str, type[Mechanism]] = {}
-
-
-def register_mechanism(name: str):
-    """Class decorator: register a :class:`Mechanism` subclass under ``name`` in ``MECHANISMS``."""
-
-    def deco(cls: type[Mechanism]) -> type[Mechanism]:
-        if name in MECHANISMS:
-            raise ValueError(f"mechanism {name!r} is already registered ({MECHANISMS[name].__name__})")
-        cls.name = name
-        MECHANISMS[name] = cls
-        return cls
-
-    return deco
+MECHANISMS: Registry[type[Mechanism]] = Registry("mechanism")  # @MECHANISMS.add on a Mechanism class with its name
 
 
 def _check_images(images: np.ndarray) -> None:
@@ -267,7 +255,7 @@ class Mechanism:
     """A local-DP mechanism on uint8 images (value range 255).
 
     Subclasses set their noise in ``__init__``, implement ``apply`` and ``guarantee`` and are
-    registered with :func:`register_mechanism`. All take the same arguments, so a config section
+    registered with ``@MECHANISMS.add`` (under their ``name``). All take the same arguments, so a config section
     builds any of them (:meth:`from_config`); each reports only the parameters it uses.
     """
 
@@ -315,7 +303,7 @@ def _add_round_clip(images: np.ndarray, noise: np.ndarray) -> np.ndarray:
     return x.astype(np.uint8)
 
 
-@register_mechanism("singh-sikka")
+@MECHANISMS.add
 class SinghSikka(Mechanism):
     """Replica of the paper's APTOS local-DP images: one Laplace(255/ε) offset per image.
 
@@ -325,6 +313,8 @@ class SinghSikka(Mechanism):
     ε-DP, but any other difference (a lesion, a structure) passes through unchanged, so there is no
     ε for the image content, per value or per image.
     """
+
+    name = "singh-sikka"
 
     def params(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
         return {"scale": VALUE_RANGE / self.epsilon, "draws": "one per image, shared by all values"}
@@ -355,9 +345,11 @@ class SinghSikka(Mechanism):
         }
 
 
-@register_mechanism("pixel-laplace")
+@MECHANISMS.add
 class PixelLaplace(Mechanism):
     """Independent Laplace(255/ε) noise on every value: ε-DP per value, n·ε per image (n = H·W·C)."""
+
+    name = "pixel-laplace"
 
     def params(self, image_shape: tuple[int, ...]) -> dict[str, Any]:
         return {"scale": VALUE_RANGE / self.epsilon, "sensitivity": VALUE_RANGE}
@@ -385,7 +377,7 @@ class PixelLaplace(Mechanism):
         }
 
 
-@register_mechanism("pixel-gaussian")
+@MECHANISMS.add
 class PixelGaussian(Mechanism):
     """Independent Gaussian noise on every value, σ from the analytic Gaussian mechanism.
 
@@ -393,6 +385,8 @@ class PixelGaussian(Mechanism):
     image the n = H·W·C Gaussians are one Gaussian mechanism with L2 sensitivity 255·√n, whose
     exact ε at the same δ is the reported image-level figure.
     """
+
+    name = "pixel-gaussian"
 
     def __init__(self, epsilon: float, delta: float = 1e-5, b: int = 4, m: int = 1):
         super().__init__(epsilon, delta, b, m)
@@ -447,7 +441,7 @@ def _cell_sums(blocks: np.ndarray) -> np.ndarray:
     return out
 
 
-@register_mechanism("dp-pix")
+@MECHANISMS.add
 class DpPix(Mechanism):
     """DP-Pix (Fan 2018): b×b cell means per channel plus Laplace noise; ε-DP for ≤ m changed pixels.
 
@@ -461,6 +455,8 @@ class DpPix(Mechanism):
     Output: each cell filled with its rounded, clipped noisy mean (uint8). Two arbitrary images
     (all H·W pixels differ) are ε·H·W/m apart by the same sum.
     """
+
+    name = "dp-pix"
 
     def __init__(self, epsilon: float, delta: float = 1e-5, b: int = 4, m: int = 1):
         super().__init__(epsilon, delta, b, m)
@@ -614,12 +610,11 @@ def derive(
     ``cfg.secure`` it comes from OS entropy. Also writes ``samples.png`` (6 fixed images, clean
     above noised). Written atomically (``store.DatasetWriter``). Returns the output folder.
     """
-    if mechanism not in MECHANISMS:
-        raise UserError(f"unknown mechanism {mechanism!r}; known: {', '.join(sorted(MECHANISMS))}")
+    mechanism_class = MECHANISMS.lookup(mechanism)
     epsilon = _check_epsilon(epsilon, f"dpcam ldp {mechanism}")
     dataset_dir = Path(dataset_dir)
     src = _clean_source(dataset_dir)
-    mech = MECHANISMS[mechanism].from_config(epsilon, cfg)
+    mech = mechanism_class.from_config(epsilon, cfg)
     name = str(src.manifest.get("dataset") or dataset_dir.name)
     out = Path(out_root) / name / f"{mechanism}-eps{format_eps(epsilon)}"
     noise = _derivative_noise(mechanism, epsilon, cfg)

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from dpcam.data import store
 from dpcam.errors import UserError
+from dpcam.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from dpcam.config import PrepareConfig
@@ -139,6 +140,10 @@ def _check_source(source: Path) -> Path:
     return source
 
 
+FORMATS_READERS: Registry[Callable[[Path], Listing]] = Registry("source format")  # @FORMATS_READERS.register(fmt)
+
+
+@FORMATS_READERS.register("aptos")
 def list_aptos(source: Path) -> Listing:
     """APTOS 2019: ``train.csv`` (``id_code,diagnosis``) + ``train_images/<id_code>.png``.
 
@@ -228,6 +233,7 @@ def _check_aptos_row(csv_path: Path, r: int, id_code: str, value: str, seen: dic
     return where
 
 
+@FORMATS_READERS.register("catsdogs")
 def list_catsdogs(source: Path) -> Listing:
     """Kaggle Dogs vs Cats: ``train/cat.<n>.jpg`` / ``dog.<n>.jpg`` (or the files directly in source)."""
     source = _check_source(source)
@@ -259,6 +265,7 @@ def _class_folder_items(folders: list[Path]) -> list[Item]:
     return items
 
 
+@FORMATS_READERS.register("petimages")
 def list_petimages(source: Path) -> Listing:
     """Microsoft PetImages: ``Cat/*.jpg`` and ``Dog/*.jpg`` in source or in ``source/PetImages``."""
     source = _check_source(source)
@@ -275,6 +282,7 @@ def list_petimages(source: Path) -> Listing:
     return Listing(_class_folder_items(folders), list(PET_CLASSES), {}, [])
 
 
+@FORMATS_READERS.register("imagefolder")
 def list_imagefolder(source: Path) -> Listing:
     """Generic ImageFolder: one subfolder per class; sorted folder names are labels 0..K-1."""
     source = _check_source(source)
@@ -287,18 +295,8 @@ def list_imagefolder(source: Path) -> Listing:
     return Listing(_class_folder_items(folders), [p.name for p in folders], {}, [])
 
 
-FORMATS_READERS: dict[str, Callable[[Path], Listing]] = {
-    "aptos": list_aptos,
-    "catsdogs": list_catsdogs,
-    "petimages": list_petimages,
-    "imagefolder": list_imagefolder,
-}
-
-
 def _listing(fmt: str, source: Path) -> Listing:
-    if fmt not in FORMATS_READERS:
-        raise UserError(f"format {fmt!r} has no reader; known: {', '.join(FORMATS_READERS)}")
-    return FORMATS_READERS[fmt](Path(source))
+    return FORMATS_READERS.lookup(fmt)(Path(source))
 
 
 def list_items(fmt: str, source: Path) -> tuple[list[Item], list[str]]:

@@ -36,7 +36,7 @@ disabled hooks return at once in eval mode; leftover ``_forward_counter`` attrib
 ``GradSampleModule.to_standard_module()``, or rebuild the model with
 ``dpcam.models.create_model`` and load the checkpoint. See :func:`opacus_state`.
 
-Methods (:data:`METHODS`, extensible with :func:`register_method`):
+Methods (:data:`METHODS`, extensible with ``@METHODS.register(name)``):
 
 ``gradcam``
     docs/metrics.md exactly (above).
@@ -62,6 +62,7 @@ from torch import nn
 
 from dpcam.errors import UserError
 from dpcam.models import target_layer
+from dpcam.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -70,26 +71,12 @@ log = logging.getLogger(__name__)
 Method = Callable[
     [nn.Module, nn.Module, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 ]
-METHODS: dict[str, Method] = {}
-
-
-def register_method(name: str) -> Callable[[Method], Method]:
-    """Decorator registering an explanation method under ``name`` in :data:`METHODS`.
-
-    The method is called as ``fn(model, layer, x, target)`` with the model already in eval mode
-    and checked free of Opacus hooks, ``x`` float ``(B, C, H, W)``, ``target`` long ``(B,)`` or
-    None (= explain the prediction), under ``torch.enable_grad()``. It returns unscaled
-    non-negative maps ``(B, H, W)``, the detached logits ``(B, num_classes)`` of ``x`` and the
-    classes explained ``(B,)``; :func:`gradcam` does the min–max scaling.
-    """
-
-    def decorator(fn: Method) -> Method:
-        if name in METHODS:
-            raise ValueError(f"explanation method {name!r} is already registered")
-        METHODS[name] = fn
-        return fn
-
-    return decorator
+# Registered with ``@METHODS.register(name)``. A method is called as ``fn(model, layer, x, target)``
+# with the model already in eval mode and checked free of Opacus hooks, ``x`` float ``(B, C, H, W)``,
+# ``target`` long ``(B,)`` or None (= explain the prediction), under ``torch.enable_grad()``. It
+# returns unscaled non-negative maps ``(B, H, W)``, the detached logits ``(B, num_classes)`` of ``x``
+# and the classes explained ``(B,)``; :func:`gradcam` does the min–max scaling.
+METHODS: Registry[Method] = Registry("explanation method")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -242,7 +229,7 @@ def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
 # ------------------------------------------------------------------------------------- methods
 
 
-@register_method("gradcam")
+@METHODS.register("gradcam")
 def _gradcam_method(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None):
     """Captum LayerGradCam (ReLU on) bilinearly upsampled to ``x``'s size; one forward pass."""
     seen: dict[str, torch.Tensor] = {}
@@ -267,7 +254,7 @@ def _gradcam_method(model: nn.Module, layer: nn.Module, x: torch.Tensor, target:
     return up[:, 0], seen["logits"], seen["target"]
 
 
-@register_method("guided-gradcam")
+@METHODS.register("guided-gradcam")
 def _guided_gradcam_method(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None):
     """Captum GuidedGradCam (bilinear), |·| summed over channels; a no-grad forward fixes the class first."""
     with torch.no_grad():
@@ -314,9 +301,7 @@ def gradcam(
         UserError: unknown method, unknown layer name, active Opacus hooks on the model, a target
             class outside the model's classes, or a call inside ``torch.inference_mode``.
     """
-    key = str(method).lower()
-    if key not in METHODS:
-        raise UserError(f"unknown explanation method {method!r}; known methods: {', '.join(sorted(METHODS))}")
+    explain_method = METHODS.lookup(str(method).lower())
     if x.dim() != 4:
         raise ValueError(f"gradcam expects images of shape (B, C, H, W); got {tuple(x.shape)}")
     if torch.is_inference_mode_enabled():
@@ -331,7 +316,7 @@ def gradcam(
     if not inp.is_floating_point():
         inp = inp.float()
     with evaluating(model, freeze=True), torch.enable_grad():
-        raw, logits, t = METHODS[key](model, layer_module, inp, t)
+        raw, logits, t = explain_method(model, layer_module, inp, t)
     maps = minmax_scale(raw)
     probs = torch.softmax(logits.float(), dim=1)
     return maps, t.long(), probs

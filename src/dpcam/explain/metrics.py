@@ -37,6 +37,7 @@ from torch import nn
 
 from dpcam.errors import UserError
 from dpcam.explain.gradcam import evaluating
+from dpcam.registry import Registry
 
 # Degenerate-model thresholds (see :func:`degenerate`).
 CHANCE_MARGIN = 0.05  # near chance: accuracy <= chance + this (chance = best constant predictor)
@@ -994,26 +995,12 @@ class Metric:
         return self.compute(batch, **options)
 
 
-METRICS: dict[str, Metric] = {}
-
-
-def register_metric(metric: Metric) -> Metric:
-    """Add ``metric`` to :data:`METRICS` under its name."""
-    if metric.name in METRICS:
-        raise ValueError(f"metric {metric.name!r} is already registered")
-    METRICS[metric.name] = metric
-    return metric
+METRICS: Registry[Metric] = Registry("explanation metric")  # filled by METRICS.add below
 
 
 def get_metrics(names: Sequence[str]) -> list[Metric]:
     """The registered metrics named (in order); UserError listing the known names for an unknown one."""
-    out = []
-    for name in names:
-        key = str(name).lower()
-        if key not in METRICS:
-            raise UserError(f"unknown explanation metric {name!r}; known metrics: {', '.join(sorted(METRICS))}")
-        out.append(METRICS[key])
-    return out
+    return [METRICS.lookup(str(name).lower()) for name in names]
 
 
 def _confidence(batch: ExplainBatch, max_batch: int | None = None):
@@ -1103,7 +1090,7 @@ def _randomisation(batch: ExplainBatch):
     return {"randomisation_agreement": rho}, {"randomisation_agreement": torch.isfinite(rho)}
 
 
-register_metric(
+METRICS.add(
     Metric(
         "confidence",
         _confidence,
@@ -1113,7 +1100,7 @@ register_metric(
         ", and the confidence Y they start from",
     )
 )
-register_metric(
+METRICS.add(
     Metric(
         "masking-baselines",
         _masking_baselines,
@@ -1124,7 +1111,7 @@ register_metric(
         "(masking sensitivity) and the paper's metrics of the map's pixels in random order (two forwards)",
     )
 )
-register_metric(
+METRICS.add(
     Metric(
         "deletion-insertion",
         _deletion_insertion,
@@ -1133,7 +1120,7 @@ register_metric(
         description="RISE deletion and insertion AUC over K steps to/from the blurred image",
     )
 )
-register_metric(
+METRICS.add(
     Metric(
         "road",
         _road,
@@ -1144,7 +1131,7 @@ register_metric(
         "imputation at 10-90 %, and their gap (ten forwards)",
     )
 )
-register_metric(
+METRICS.add(
     Metric(
         "pointing-game",
         _pointing,
@@ -1154,7 +1141,7 @@ register_metric(
         description="share of maps with a maximal pixel within t px (a disc) of the lesion mask; lesion images only",
     )
 )
-register_metric(
+METRICS.add(
     Metric(
         "energy-pointing-game",
         _energy,
@@ -1163,7 +1150,7 @@ register_metric(
         description="share of the map's energy inside the lesion mask; images with lesions only",
     )
 )
-register_metric(
+METRICS.add(
     Metric(
         "map-agreement",
         _agreement,
@@ -1172,7 +1159,7 @@ register_metric(
         description="Spearman correlation with the non-private run's maps of the same images",
     )
 )
-register_metric(
+METRICS.add(
     Metric(
         "randomisation",
         _randomisation,

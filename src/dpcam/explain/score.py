@@ -74,8 +74,7 @@ def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None, allow_d
 
     name = layout.resolve_run(run, tracking.run_name_of)
     metrics = get_metrics(cfg.metrics)
-    if cfg.method.lower() not in METHODS:
-        raise UserError(f"unknown explanation method {cfg.method!r}; known methods: {', '.join(sorted(METHODS))}")
+    METHODS.lookup(cfg.method.lower())
     model, spec = load_model(name)
     resolve_layer(model, cfg.layer)  # an unknown layer fails here, before any output is started
     device = resolve_device(cfg.device)

@@ -13,6 +13,7 @@ import numpy as np
 
 from dpcam.config import ExplainConfig
 from dpcam.errors import UserError
+from dpcam.registry import Registry
 
 DIRECTIONS = ("minimize", "maximize", "maximize")
 
@@ -43,9 +44,9 @@ class Objective:
     worst: float = 0.0
 
 
-OBJECTIVES: dict[str, Objective] = {
-    o.name: o
-    for o in (
+OBJECTIVES: Registry[Objective] = Registry(
+    "objective",
+    (
         Objective("masked_score_pct", "confidence", "masked_score_pct"),
         Objective("avg_drop_pct", "confidence", "avg_drop_pct", complement=100.0),
         Objective("increase_conf_pct", "confidence", "increase_conf_pct"),
@@ -54,8 +55,8 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("deletion_auc", "deletion-insertion", "deletion_auc", complement=1.0),
         Objective("pointing_game", "pointing-game", "pointing_game", needs_masks=True),
         Objective("energy_pointing_game", "energy-pointing-game", "energy_pointing_game", needs_masks=True),
-    )
-}
+    ),
+)
 
 
 def objective_names(objective: Objective) -> list[str]:
