@@ -34,7 +34,7 @@ def main() -> None:
     from dpcam.audit import audit_run, compute_signals, sample_groups
     from dpcam.config import AuditConfig, PrepareConfig, TrainConfig
     from dpcam.data.store import ImageDataset, load_dataset
-    from dpcam.data.synthetic import prepare_synthetic
+    from dpcam.data.synthetic_stage import prepare_synthetic
     from dpcam.models import create_model
     from dpcam.records import TrainRecord
     from dpcam.saved import resolve_device, save_model

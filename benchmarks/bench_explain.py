@@ -14,8 +14,10 @@ import time
 
 import torch
 
+from dpcam.explain.confidence import confidence_drop
+from dpcam.explain.faithfulness import deletion_insertion
 from dpcam.explain.gradcam import gradcam
-from dpcam.explain.metrics import RunningMean, confidence_drop, deletion_insertion
+from dpcam.explain.streaming import RunningMean
 from dpcam.models import create_model
 
 

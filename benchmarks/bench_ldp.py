@@ -21,6 +21,8 @@ import numpy as np
 
 from dpcam.config import LdpConfig
 from dpcam.data import ldp, store
+from dpcam.data.mechanisms import MECHANISMS
+from dpcam.data.noise import NoiseSource
 
 
 def make_source(path: Path, n: int, size: int) -> Path:
@@ -58,10 +60,10 @@ def main() -> None:
         rows = []
         for secure in (False, True):
             cfg = LdpConfig(seed=0, secure=secure)
-            for name in sorted(ldp.MECHANISMS):
+            for name in sorted(MECHANISMS):
                 if secure and name not in ("pixel-laplace", "pixel-gaussian"):
                     continue
-                mech = ldp.MECHANISMS[name].from_config(1.0, cfg)
+                mech = MECHANISMS[name].from_config(1.0, cfg)
                 t_derive = timed(
                     lambda name=name, cfg=cfg: ldp.derive(
                         src, name, 1.0, cfg, out_root=Path(tmp) / "ldp", progress=False
@@ -69,7 +71,7 @@ def main() -> None:
                 )
 
                 def apply_all(secure=secure, mech=mech):
-                    noise = ldp.NoiseSource(None, secure=True) if secure else ldp.NoiseSource(0)
+                    noise = NoiseSource(None, secure=True) if secure else NoiseSource(0)
                     for s in range(0, n, per_batch):
                         mech.apply(images[s : s + per_batch], noise)
 

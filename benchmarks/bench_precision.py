@@ -19,7 +19,7 @@ wrong (bounded by C all the same, but not the gradients).
 **Accuracy.** The DP recipe of params.yaml's ``train`` section (gaussian at ``--epsilon`` 10, its clip, batch,
 lr, momentum and cosine schedule; ``--epochs``) trained on an independent draw of synthetic-fundus (generator
 and split seed ``--data-seed`` 1, as ``scripts/recipes.py`` does: no image of the study's data is read) in
-float32 and bfloat16 (``train.precision``), for each training seed of ``--seeds``, by ``dpcam.train.fit``; the
+float32 and bfloat16 (``train.precision``), for each training seed of ``--seeds``, by ``dpcam.train.fit.fit``; the
 best epoch's validation accuracy is reported (``keep_best``), with the last epoch's.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_precision.py     # speed + 4 epochs of seed 100: 6 min on the dev box
@@ -189,11 +189,11 @@ def speed(batch: int, size: int, rounds: int) -> list[dict]:
 
 
 def train_once(cfg, precision: str) -> dict:
-    """cfg's DP run in ``precision``, trained by ``dpcam.train.fit`` (validation after every epoch, float32)."""
-    from dpcam import train
+    """cfg's DP run in ``precision``, trained by ``dpcam.train.fit.fit`` (validation after every epoch, float32)."""
+    from dpcam.train.fit import fit
 
     started = time.perf_counter()
-    res = train.fit(cfg.model_copy(update={"precision": precision}), progress=False)
+    res = fit(cfg.model_copy(update={"precision": precision}), progress=False)
     m, curve = res.metrics, [row["val_accuracy"] for row in res.history]
     return {
         "precision": precision,
@@ -210,7 +210,7 @@ def train_once(cfg, precision: str) -> dict:
 def accuracy_runs(epochs: int, seeds: list[int], epsilon: float, data_seed: int) -> tuple[object, list[dict]]:
     from dpcam import config
     from dpcam.config import PrepareConfig
-    from dpcam.data.synthetic import prepare_synthetic
+    from dpcam.data.synthetic_stage import prepare_synthetic
 
     params = ROOT / "params.yaml"
     prep = config.load_section("prepare", path=params)

@@ -15,7 +15,7 @@ W=$(mktemp -d) && cd "$W"
 python3 -m dpcam prepare --n 6000 --workers 8 2>&1 | tail -1
 python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/gpu_fit.txt"
 from dpcam.config import TrainConfig
-from dpcam.train import fit
+from dpcam.train.fit import fit
 for scheme in ["none", "gaussian", "laplace"]:
     r = fit(TrainConfig(scheme=scheme, epsilon=5, device="cuda", epochs=3, clip=1.0 if scheme != "laplace" else 5.0), progress=False)
     m = r.metrics

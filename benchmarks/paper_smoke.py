@@ -47,7 +47,7 @@ def make_data(root: Path, size: int, n_train: int, seed: int = 0) -> Path:
     Returns ``root/data/prepared/smoke`` (uint8 images (N, size, size, 3), 5 grades, 90/5/5 split).
     """
     from dpcam.config import PrepareConfig
-    from dpcam.data.synthetic import prepare_synthetic
+    from dpcam.data.synthetic_stage import prepare_synthetic
 
     n = math.ceil(n_train / 0.9) + 10
     cfg = PrepareConfig(

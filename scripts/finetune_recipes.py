@@ -73,7 +73,7 @@ def _args():
 def _fit(base, settings: dict, seed: int):
     """(row of the tables, the FitResult, the TrainConfig) of one training run."""
     from dpcam.config import TrainConfig
-    from dpcam.train import fit
+    from dpcam.train.fit import fit
 
     cfg = TrainConfig.model_validate(
         {**base.model_dump(), **settings, "seed": seed, "name": "recipe", "device": "cpu", "keep_best": True}
@@ -152,7 +152,7 @@ def main() -> None:
     from dpcam import config
     from dpcam.config import PrepareConfig
     from dpcam.data.public import prepare_public
-    from dpcam.data.synthetic import prepare_synthetic
+    from dpcam.data.synthetic_stage import prepare_synthetic
 
     params = ROOT / "params.yaml"
     prep = config.load_section("prepare", path=params)

@@ -20,7 +20,7 @@ spend with the epochs), each recipe tuned to its best inside it:
 Everything trains on a synthetic-fundus set drawn with another generator and split seed (``--data-seed``,
 default 1; the study uses 0) with training seeds other than the study's, so choosing reads no image of the
 study's data and costs it no privacy. The score is the mean best-epoch validation accuracy of that draw; a
-candidate with a run flagged undertrained (``dpcam.train.undertrained``) ranks after every converged one.
+candidate with a run flagged undertrained (``dpcam.train.fit.undertrained``) ranks after every converged one.
 Runs go two at a time (one torch thread each). Writes docs/recipes.md (and its .json) and prints the
 ``grid`` keys to put in params.yaml.
 
@@ -94,7 +94,7 @@ def _train(job: tuple[dict, dict]) -> dict:
 
     from dpcam import config
     from dpcam.config import TrainConfig
-    from dpcam.train import fit
+    from dpcam.train.fit import fit
 
     settings, meta = job
     base = config.load_section("train", path=ROOT / "params.yaml")
@@ -219,7 +219,7 @@ def main() -> None:
     a = _args()
     from dpcam import config
     from dpcam.config import PrepareConfig
-    from dpcam.data.synthetic import prepare_synthetic
+    from dpcam.data.synthetic_stage import prepare_synthetic
 
     lim = (lambda xs: xs[: a.limit]) if a.limit else (lambda xs: xs)
     if a.cache is not None:

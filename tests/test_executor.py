@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpcam import train
 from dpcam.config import GridConfig, TrainConfig
 from dpcam.errors import UserError
 from dpcam.executor import run_jobs
+from dpcam.train import family as train_family
 from tests.conftest import make_tiny
 
 
@@ -67,7 +67,7 @@ def test_every_executor_gives_the_serial_results(tmp_path, local_ray):
         os.chdir(folder)
         make_tiny()
         torch.set_num_threads(2)  # the caller's threads do not matter: every executor trains with cpus_per_run
-        records = train.run_family("gaussian", _grid(executor), _base(), progress=False)
+        records = train_family.run_family("gaussian", _grid(executor), _base(), progress=False)
         results[executor] = {
             r.run_name: (
                 r.epsilon,

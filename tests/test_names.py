@@ -10,7 +10,7 @@ def test_models():
 
 
 def test_ldp_mechanisms():
-    from dpcam.data.ldp import MECHANISMS
+    from dpcam.data.mechanisms import MECHANISMS
 
     assert set(MECHANISMS) == set(names.MECHANISMS)
 

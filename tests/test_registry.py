@@ -35,8 +35,8 @@ def test_unknown_name_is_one_line_naming_the_known_ones():
 
 def test_every_registry_of_the_package_is_a_registry():
     from dpcam.audit.signals import ATTACKS
-    from dpcam.data.ldp import MECHANISMS
-    from dpcam.data.sources import FORMATS_READERS
+    from dpcam.data.mechanisms import MECHANISMS
+    from dpcam.data.readers import FORMATS_READERS
     from dpcam.explain.gradcam import METHODS
     from dpcam.explain.metrics import METRICS
     from dpcam.families import FAMILIES

@@ -21,12 +21,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.ops import FrozenBatchNorm2d as TVFrozenBatchNorm2d
 
-from dpcam import saved, train
+from dpcam import saved
 from dpcam.config import TrainConfig
 from dpcam.errors import UserError
 from dpcam.layers import IMAGENET_MEAN, IMAGENET_STD, FrozenBatchNorm2d
 from dpcam.models import create_model, freeze, frozen_keys, load_weights, target_layer, trunk_keys
 from dpcam.privacy.engine import make_private
+from dpcam.train import fit as train_fit
 
 CLASSES = 5  # the private task (APTOS's grades)
 IMAGENET = 1000
@@ -104,7 +105,7 @@ def files(tmp_path_factory):
 
 
 def _load(kind: str, path, trainable: str, classes: int = IMAGENET):
-    """What ``train._model`` does for ``trainable`` (checked against it below): the model, frozen, and the report."""
+    """What ``fit._model`` does for ``trainable`` (checked against it below): the model, frozen, and the report."""
     name, size = ARCHS[kind][1], ARCHS[kind][2]
     model = create_model(name, classes, size, small_input=False, seed=0)
     if trainable == "all":
@@ -348,7 +349,7 @@ def _same_model(a: nn.Module, b: nn.Module) -> None:
 
 
 def test_train_builds_the_same_models_and_prints_the_count(files, caplog):
-    """``train._model`` (and ``create_model(weights=...)`` for all) build what the tests above check; the loader's
+    """``fit._model`` (and ``create_model(weights=...)`` for all) build what the tests above check; the loader's
     line says how many of the file's tensors were used."""
     path, _ = files("resnet18")
     data = SimpleNamespace(num_classes=IMAGENET, image_size=32)
@@ -356,7 +357,7 @@ def test_train_builds_the_same_models_and_prints_the_count(files, caplog):
     for trainable in ("head", "last-block", "all"):
         with caplog.at_level(logging.INFO, logger="dpcam.models"):
             caplog.clear()
-            model, trained, loaded = train._model(_cfg(path, trainable), data)
+            model, trained, loaded = train_fit._model(_cfg(path, trainable), data)
         ours, report = _load("resnet18", path, trainable)
         _same_model(model, ours)
         assert trained == [n for n, p in ours.named_parameters() if p.requires_grad]
@@ -441,7 +442,7 @@ def test_weights_of_another_architecture_are_refused_in_one_line(files):
     msg = _one_line_error(lambda: create_model("resnet18", CLASSES, 32, weights=r34, small_input=False))
     assert "resnet34" in msg
     data = SimpleNamespace(num_classes=CLASSES, image_size=32)
-    assert "resnet34" in _one_line_error(lambda: train._model(_cfg(r34, "head"), data))
+    assert "resnet34" in _one_line_error(lambda: train_fit._model(_cfg(r34, "head"), data))
 
 
 def test_a_file_that_does_not_fit_the_trunk_leaves_the_model_as_it_was(files, tmp_path):

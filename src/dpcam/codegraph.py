@@ -2,8 +2,9 @@
 
 :func:`imports` reads a module's ``import`` statements (function-local ones too) with :mod:`ast`, without importing
 it; :func:`import_closure` follows them from a stage command's entry module. dvc.yaml lists that closure as a stage's
-deps (:mod:`dpcam.pipeline`), and a grid run's stamp hashes the train stage's (:func:`dpcam.train.run_stamp`), so an
-edit outside the code a stage runs neither makes DVC call it stale nor retrains a finished run.
+deps (:mod:`dpcam.pipeline`), and a grid run's stamp hashes the train stage's
+(:func:`dpcam.train.family.run_stamp`), so an edit outside the code a stage runs neither makes DVC call it stale nor
+retrains a finished run.
 """
 
 from __future__ import annotations

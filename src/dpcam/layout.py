@@ -55,6 +55,23 @@ TRAIN_JSON, EXPLAIN_JSON, AUDIT_JSON, MODEL_JSON = "train.json", "explain.json",
 MANIFEST = "manifest.json"  # a prepared dataset's description (data/prepared/<dataset>/)
 MODEL_PT, PREDICTIONS = "model.pt", "predictions.npz"  # a trained run's weights and test predictions (models/<run>/)
 MAPS, MAP_INDICES, PER_IMAGE, CAMS = "maps.npy", "map_indices.npy", "per_image.npz", "cams.png"  # metrics/<run>/
+ROC_PNG = "roc.png"  # audits/<run>/: the attacks' ROC curves
+# reports/: the report stage's files and folders
+INDEX_HTML, VERDICT_MD, RUNS_CSV, METRICS_JSON = "index.html", "verdict.md", "runs.csv", "metrics.json"
+TABLES_DIR, FIGURES_DIR, PLOTS_DIR = "tables", "figures", "plots"
+PLOT_ACCURACY, PLOT_EXPLAIN = "accuracy_vs_eps.csv", "explain_vs_eps.csv"  # reports/plots/: what dvc plots draws
+# reports/figures/: the report's pictures
+FIG_LDP_CAMS, FIG_GAUSSIAN_CAMS, FIG_LAPLACE_CAMS = (
+    "fig2_ldp_cams.png",
+    "fig5_gaussian_cams.png",
+    "fig5_laplace_cams.png",
+)
+FIG_ACCURACY, FIG_LDP_EXPLANATIONS = "fig3_accuracy_vs_eps.png", "fig4_ldp_explanations.png"
+FIG_MASKED_EPS, FIG_MASKED_CLIP = "fig6a_masked_accuracy_vs_eps.png", "fig6b_masked_accuracy_vs_clip.png"
+FIG_TRAIN_SIZE, FIG_LEAKAGE = "fig_train_size.png", "fig_leakage_vs_eps.png"
+FIG_COST_SPLIT, FIG_CALIBRATION = "fig_cost_split.png", "fig_calibration.png"
+# reports/search/: what `dpcam search` writes
+SEARCH_TRIALS, SEARCH_FRONT, SEARCH_FRONT_MD, SEARCH_COST = "trials.csv", "front.csv", "front.md", "cost.json"
 
 
 # ------------------------------------------------------------------------------------ run names

@@ -1,6 +1,6 @@
 """Leaf registries of names: what config validates against, without importing a stage.
 
-Each stage keeps its own registry of objects (``models.MODELS``, ``data.ldp.MECHANISMS``,
+Each stage keeps its own registry of objects (``models.MODELS``, ``data.mechanisms.MECHANISMS``,
 ``audit.ATTACKS`` ...); the names live here so that ``config`` can check a params value without
 importing torch, Opacus or a stage. A test holds every stage registry equal to its names here.
 """
@@ -50,7 +50,7 @@ HEADLINE_FAMILIES = ("baseline", "gaussian")  # the ε = ∞ reference and Gauss
 # models.MODELS
 MODELS = ("smallcnn", "resnet18", "alexnet", "vgg16")
 
-# data.ldp.MECHANISMS: local-DP image mechanisms
+# data.mechanisms.MECHANISMS: local-DP image mechanisms
 MECHANISMS = ("singh-sikka", "pixel-laplace", "pixel-gaussian", "dp-pix")
 
 # explain.gradcam.METHODS and explain.metrics.METRICS

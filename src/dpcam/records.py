@@ -254,7 +254,7 @@ class TrainRecord(Record):
 
 
 class Degeneracy(Part):
-    """The degenerate-model check (explain.metrics.DegeneracyStats; docs/metrics.md)."""
+    """The degenerate-model check (explain.degeneracy.DegeneracyStats; docs/metrics.md)."""
 
     n: int
     accuracy: float

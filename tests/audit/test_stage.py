@@ -10,10 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from dpcam import audit as A
-from dpcam import saved, tracking, train
+from dpcam import saved, tracking
 from dpcam.cli import app
 from dpcam.config import AuditConfig, GridConfig, PrepareConfig, TrainConfig
 from dpcam.errors import UserError
+from dpcam.train import fit as train_fit
 
 # ------------------------------------------------------------------------------------------ real models
 
@@ -21,12 +22,12 @@ FUNDUS_SPLIT = {"train": 0.3, "val": 0.05, "test": 0.65}
 
 
 def trained(name: str, **kw) -> str:
-    """Fit on the tiny fundus set; save like train.run does (model, train.json with an MLflow run id),
+    """Fit on the tiny fundus set; save like dpcam.train.stage.run does (model, train.json with an MLflow run id),
     minus model logging."""
     cfg = TrainConfig(dataset="fundus", model="smallcnn", device="cpu", keep_best=False, name=name, **kw)
-    res = train.fit(cfg, progress=False)
+    res = train_fit.fit(cfg, progress=False)
     out = Path("models") / name
-    saved.save_model(res.model, cfg, train.open_data(cfg), out)
+    saved.save_model(res.model, cfg, train_fit.open_data(cfg), out)
     with tracking.run("fundus", name) as run_id:
         pass
     metrics = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.metrics.items()}
@@ -39,7 +40,7 @@ def runs(tmp_path_factory):
     """Built-in synthetic fundus (200 images, 32 px, 60 to train): an overfit non-private model and a DP one."""
     import os
 
-    from dpcam.data.synthetic import prepare_synthetic
+    from dpcam.data.synthetic_stage import prepare_synthetic
 
     root = tmp_path_factory.mktemp("audit")
     old = os.getcwd()

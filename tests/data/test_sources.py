@@ -7,99 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from dpcam.config import PrepareConfig
 from dpcam.data import sources, store
+from dpcam.data.decode import load_image
+from dpcam.data.readers import APTOS_CLASSES
 from dpcam.errors import UserError
-
-OUT = Path("data/prepared")
-
-
-def smooth(h=30, w=40, seed=0):
-    """Smooth random RGB uint8 (h, w, 3): resized noise, so JPEG and resampling behave like photos."""
-    rng = np.random.default_rng(seed)
-    small = Image.fromarray(rng.integers(30, 256, (4, 4, 3), dtype=np.uint8))
-    return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
-
-
-def save(path, arr=None, seed=0, fmt=None, **kw):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(smooth(seed=seed) if arr is None else arr).save(path, fmt, **kw)
-    return path
-
-
-def fundus(h=30, w=40, seed=0):
-    """Bright retina-like content on a black border of 5 px left/right and 3 px top/bottom."""
-    a = np.zeros((h, w, 3), np.uint8)
-    a[3 : h - 3, 5 : w - 5] = smooth(h - 6, w - 10, seed)
-    return a
-
-
-def make_aptos(root, labels=(0, 1, 2, 3, 4, 0, 1, 2, 3, 4), bom=False):
-    root = Path(root)
-    lines = ["id_code,diagnosis"]
-    for i, y in enumerate(labels):
-        save(root / "train_images" / f"id{i:02d}.png", fundus(seed=i))
-        lines.append(f"id{i:02d},{y}")
-    (root / "train.csv").write_text("\n".join(lines) + "\n", encoding="utf-8-sig" if bom else "utf-8")
-    return root
-
-
-def make_folder(root, classes=("a", "b"), per_class=4, ext="png"):
-    root = Path(root)
-    for c, name in enumerate(classes):
-        for i in range(per_class):
-            save(root / name / f"{name}{i}.{ext}", seed=10 * c + i)
-    return root
-
-
-def cfg(fmt, source, **kw):
-    kw.setdefault("dataset", "d")
-    kw.setdefault("workers", 1)
-    return PrepareConfig(format=fmt, source=source, **kw)
-
-
-def prep(fmt, source, **kw):
-    return sources.prepare_source(cfg(fmt, source, **kw), progress=False)
-
-
-def manifest(name="d"):
-    return json.loads((OUT / name / "manifest.json").read_text())
-
-
-# ------------------------------------------------------------------------------------------ layouts
-
-
-def test_layouts_list_labels_and_classes(tmp_path):
-    items, classes = sources.list_items("aptos", make_aptos(tmp_path / "aptos", labels=(3, 0, 4)))
-    assert classes[0].startswith("0") and len(classes) == 5
-    assert [(p.name, y) for p, y in items] == [("id00.png", 3), ("id01.png", 0), ("id02.png", 4)]
-
-    for root, folder in [(tmp_path / "cd1", tmp_path / "cd1" / "train"), (tmp_path / "cd2", tmp_path / "cd2")]:
-        for name in ["dog.10.jpg", "cat.2.jpg", "cat.10.jpg", "dog.1.jpg"]:
-            save(folder / name)
-        (folder / "Thumbs.db").write_bytes(b"\0")  # non-image files are ignored
-        items, classes = sources.list_items("catsdogs", root)
-        assert classes == ["cat", "dog"]
-        assert [(p.name, y) for p, y in items] == [
-            ("cat.2.jpg", 0),
-            ("cat.10.jpg", 0),
-            ("dog.1.jpg", 1),
-            ("dog.10.jpg", 1),
-        ]
-
-    for root, base in [(tmp_path / "pet1", tmp_path / "pet1"), (tmp_path / "pet2", tmp_path / "pet2" / "PetImages")]:
-        save(base / "Cat" / "1.jpg")
-        save(base / "Dog" / "1.jpg")
-        save(base / "Dog" / "0.jpg")
-        items, classes = sources.list_items("petimages", root)
-        assert classes == ["cat", "dog"] and [y for _, y in items] == [0, 1, 1]
-
-    root = make_folder(tmp_path / "if", classes=("zebra", "ant", "mole"), per_class=2)
-    save(root / "ant" / "nested" / "deep.png")
-    items, classes = sources.list_items("imagefolder", root)
-    assert classes == ["ant", "mole", "zebra"]
-    assert [y for _, y in items] == [0, 0, 0, 1, 1, 2, 2]
+from tests.data.source_helpers import OUT, make_aptos, make_folder, manifest, prep, save, smooth
 
 
 def test_prepare_aptos_writes_dataset_and_manifest(tmp_path):
@@ -109,123 +21,15 @@ def test_prepare_aptos_writes_dataset_and_manifest(tmp_path):
     ds = store.load_dataset(out)
     assert ds.images.shape == (10, 16, 16, 3) and ds.images.dtype == np.uint8 and ds.masks is None
     assert ds.labels.tolist() == [0, 1, 2, 3, 4] * 2
-    np.testing.assert_array_equal(ds.images[3], sources.load_image(src / "train_images/id03.png", 16, fundus=True))
+    np.testing.assert_array_equal(ds.images[3], load_image(src / "train_images/id03.png", 16, fundus=True))
     m = manifest()
     assert m["kind"] == "prepared" and m["dataset"] == "d"
     assert m["source"] == {"format": "aptos", "path": str(src), "files": 10}
-    assert m["classes"] == sources.APTOS_CLASSES and m["image_size"] == 16 and m["seed"] == 0
+    assert m["classes"] == APTOS_CLASSES and m["image_size"] == 16 and m["seed"] == 0
     assert m["split_fractions"] == {"train": 0.6, "val": 0.2, "test": 0.2}
     assert "fundus" in m["preprocessing"] and m["skipped"] == [] and m["masks"] is None
     assert sum(s["count"] for s in m["splits"].values()) == 10
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
-
-
-def test_utf8_bom_csv_and_spaced_header_work(tmp_path):
-    src = make_aptos(tmp_path / "aptos", labels=(2, 1), bom=True)
-    assert (src / "train.csv").read_bytes().startswith(b"\xef\xbb\xbf")
-    items, _ = sources.list_items("aptos", src)
-    assert [y for _, y in items] == [2, 1]
-    (src / "train.csv").write_text("\ufeff id_code , diagnosis \nid00, 4\nid01,0\n", encoding="utf-8")
-    assert [y for _, y in sources.list_items("aptos", src)[0]] == [4, 0]
-
-
-# ------------------------------------------------------------------------------------ preprocessing
-
-
-def test_fundus_crop_removes_border_and_pads_to_square(tmp_path):
-    a = np.zeros((60, 100, 3), np.uint8)
-    a[20:40, 30:70] = (200, 120, 60)  # a 40x20 "retina" on black, off-centre
-    p = save(tmp_path / "f.png", a)
-    x = sources.load_image(p, 16, fundus=True)
-    assert x.shape == (16, 16, 3) and x.dtype == np.uint8
-    # the retina box fills the width; the height is padded with black above and below (4 rows each)
-    assert np.abs(x[7:9, 3:13].astype(int) - (200, 120, 60)).max() <= 1
-    assert x[0].max() == 0 and x[-1].max() == 0 and x[4:12].min() > 0
-    # without fundus preprocessing: centre 60x60 square, the retina covers only the middle
-    y = sources.load_image(p, 15)
-    assert y[:, 0].max() < 20 and np.abs(y[7, 7].astype(int) - (200, 120, 60)).max() <= 4
-
-
-def test_nonsquare_centre_crop_and_rgb(tmp_path):
-    a = np.zeros((30, 40), np.uint8)
-    a[:, :5] = 255  # left 5 columns fall outside the centre 30x30 square
-    a[:, 35:] = 255
-    x = sources.load_image(save(tmp_path / "g.png", a), 30)
-    assert x.shape == (30, 30, 3) and x.max() == 0
-
-
-def test_big_jpeg_draft_and_mask_stay_aligned(tmp_path):
-    img = np.zeros((600, 800, 3), np.uint8)
-    img[:, :400] = 255
-    p = save(tmp_path / "if/a/big.jpg", img, quality=95)
-    save(tmp_path / "if/b/other.png")
-    mask = np.zeros((600, 800), np.uint8)
-    mask[:, :400] = 255
-    save(tmp_path / "masks/big.png", mask)
-    full = np.asarray(Image.open(p).convert("RGB").crop((100, 0, 700, 600)).resize((32, 32), Image.Resampling.LANCZOS))
-    x = sources.load_image(p, 32)
-    assert np.abs(x.astype(int) - full).mean() < 2
-    prep("imagefolder", tmp_path / "if", size=32, masks=tmp_path / "masks")
-    ds = store.load_dataset(OUT / "d")
-    expect = np.zeros((32, 32), np.uint8)
-    expect[:, :16] = 1
-    np.testing.assert_array_equal(ds.masks[0], expect)
-    assert (x[:, :15] > 200).all() and (x[:, 17:] < 50).all()
-
-
-def test_16_bit_grey_keeps_its_top_8_bits(tmp_path):
-    a = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50).astype(np.uint16)
-    p = tmp_path / "g16.png"
-    Image.fromarray(a).save(p)
-    assert Image.open(p).mode.startswith("I")
-    x = sources.load_image(p, 30)
-    np.testing.assert_array_equal(x[..., 0], (a[:, 5:35] >> 8).astype(np.uint8))
-    assert (x[..., 0] == x[..., 2]).all()
-
-
-def test_exif_orientation_is_applied(tmp_path):
-    a = smooth(30, 30)
-    exif = Image.Exif()
-    exif[0x0112] = 3  # rotate 180
-    p = save(tmp_path / "r.png", a, exif=exif)
-    np.testing.assert_array_equal(sources.load_image(p, 30), a[::-1, ::-1])
-    # 90 degrees: a 40x30 file shown as 30x40; its mask is drawn on the image as shown
-    b = smooth(30, 40, seed=1)
-    exif[0x0112] = 6
-    save(tmp_path / "if/a/q.png", b, exif=exif)
-    save(tmp_path / "if/b/o.png")
-    m = np.zeros((40, 30), np.uint8)
-    m[:20] = 1
-    save(tmp_path / "masks/q.png", m)
-    prep("imagefolder", tmp_path / "if", size=30, masks=tmp_path / "masks")
-    ds = store.load_dataset(OUT / "d")
-    np.testing.assert_array_equal(ds.images[0], np.rot90(b, k=-1)[5:35])
-    np.testing.assert_array_equal(ds.masks[0], m[5:35])
-
-
-def test_masks_folder_binary_nearest_and_missing_masks_zero(tmp_path):
-    src = make_folder(tmp_path / "if", per_class=2)
-    m = np.zeros((30, 40), np.uint8)
-    m[:15] = 1  # a 0/1 mask: top half
-    save(tmp_path / "masks/a0.png", m)
-    m2 = np.zeros((30, 40), np.uint8)
-    m2[:, 20:] = 255  # a 0/255 mask: right half (of the centre 30x30: columns 15..29)
-    save(tmp_path / "masks/b1.bmp", m2)
-    prep("imagefolder", src, size=16, masks=tmp_path / "masks")
-    ds = store.load_dataset(OUT / "d")
-    assert ds.masks.shape == (4, 16, 16) and set(np.unique(ds.masks)) <= {0, 1}
-    assert ds.masks[0][:8].all() and not ds.masks[0][8:].any()
-    assert ds.masks[3][:, 8:].all() and not ds.masks[3][:, :8].any()
-    assert not ds.masks[1].any() and not ds.masks[2].any()
-    assert manifest()["masks"] == 2
-
-
-def test_mask_of_other_size_is_a_bad_file(tmp_path):
-    src = make_folder(tmp_path / "if", per_class=1)
-    save(tmp_path / "masks/a0.png", np.zeros((10, 10), np.uint8))
-    with pytest.raises(UserError, match=r"a0\.png: mask is 10x10 but its image a0.png is 40x30"):
-        prep("imagefolder", src, masks=tmp_path / "masks")
-    assert not (OUT / "d").exists()
 
 
 # -------------------------------------------------------------------------------------- bad input
@@ -323,30 +127,6 @@ def test_bad_aptos_input_names_row_and_writes_nothing(tmp_path, spoil, pattern):
     assert not (OUT / "d").exists() and not any(OUT.glob(".d*"))
 
 
-def test_structural_errors_of_folders(tmp_path):
-    src = make_folder(tmp_path / "if")
-    (src / "c").mkdir()
-    (src / "c" / "notes.txt").write_text("no images here")
-    with pytest.raises(UserError, match=r"if/c: class folder has no images"):
-        prep("imagefolder", src)
-    with pytest.raises(UserError, match=r"'.*nowhere' does not exist"):
-        sources.list_items("imagefolder", tmp_path / "nowhere")
-    c = PrepareConfig.model_construct(**{**cfg("imagefolder", src).__dict__, "source": tmp_path / "nowhere"})
-    with pytest.raises(UserError, match=r"does not exist"):
-        sources.prepare_source(c, progress=False)
-    save(tmp_path / "cd/train/cat.1.jpg")
-    with pytest.raises(UserError, match=r"no dog\.\*\.jpg images"):
-        sources.list_items("catsdogs", tmp_path / "cd")
-    save(tmp_path / "cd/train/dog.1.jpg")
-    save(tmp_path / "cd/train/horse.1.jpg")
-    with pytest.raises(UserError, match=r"horse\.1\.jpg: cannot tell cat from dog"):
-        sources.list_items("catsdogs", tmp_path / "cd")
-    save(tmp_path / "pet/Cat/1.jpg")
-    with pytest.raises(UserError, match=r"no Dog/ folder"):
-        sources.list_items("petimages", tmp_path / "pet")
-    assert not OUT.exists()
-
-
 def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     from typer.testing import CliRunner
 
@@ -379,7 +159,7 @@ def test_skip_bad_records_and_compacts(tmp_path, caplog):
     assert ds.images.shape == (7, 16, 16, 3)
     assert ds.labels.tolist() == [i % 5 for i in kept]
     for j, i in enumerate(kept):
-        np.testing.assert_array_equal(ds.images[j], sources.load_image(src / f"train_images/id{i:02d}.png", 16, True))
+        np.testing.assert_array_equal(ds.images[j], load_image(src / f"train_images/id{i:02d}.png", 16, True))
     m = manifest()
     assert m["count"] == 7 and m["source"]["files"] == 10
     assert [Path(s["file"]).name for s in m["skipped"]] == ["id01.png", "id04.png", "id07.png"]

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from dpcam import tracking, train
+from dpcam import tracking
 from dpcam.cli import app
 from dpcam.config import ExplainConfig, TrainConfig
 from dpcam.errors import UserError
 from dpcam.explain.score import score
+from dpcam.train import stage as train_stage
 from tests.conftest import make_tiny
 
 
@@ -26,7 +27,7 @@ def trained(scheme="none", **kw):
         delta=1e-3,
     )
     cfg = TrainConfig(**{**base, **kw})
-    train.run(cfg, progress=False)
+    train_stage.run(cfg, progress=False)
     return cfg.run_name
 
 
@@ -166,20 +167,13 @@ def _recompute(name: str, cfg: ExplainConfig, batch_size: int) -> dict[str, floa
     import torch
 
     from dpcam.data.store import ImageDataset, load_dataset
+    from dpcam.explain.agreement import map_agreement
+    from dpcam.explain.confidence import confidence_drop, masking_baselines
+    from dpcam.explain.faithfulness import deletion_insertion, road
     from dpcam.explain.gradcam import gradcam, random_init_copy
-    from dpcam.explain.metrics import (
-        RunningMean,
-        as_saved,
-        confidence_drop,
-        deletion_insertion,
-        energy_pointing_game,
-        has_mask,
-        map_agreement,
-        masking_baselines,
-        pointing_game,
-        predict_probs,
-        road,
-    )
+    from dpcam.explain.inputs import as_saved, predict_probs
+    from dpcam.explain.localisation import energy_pointing_game, has_mask, pointing_game
+    from dpcam.explain.streaming import RunningMean
     from dpcam.saved import load_model
 
     folder = Path("metrics") / name

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dpcam import layout
 from dpcam import report as rep
 from tests.report.fakes import VIOLATING, fake_grid, read_csv
 
@@ -24,7 +25,7 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     _, summary = in_built
     assert Path("reports/figures/cams.png").read_bytes() == b"\x89PNG mine"
     # every figure but the cost split, which needs DP schedules (the fake grid has none: test_verdict.py draws it)
-    assert {Path(f).name for f in summary["figures"]} == rep.FIGURE_NAMES - {"fig_cost_split.png"}
+    assert {Path(f).name for f in summary["figures"]} == rep.FIGURE_NAMES - {layout.FIG_COST_SPLIT}
     page = Path("reports/index.html").read_text()
     parser = _Refs()
     parser.feed(page)

@@ -145,7 +145,7 @@ def test_holm_and_bh_mark_what_survives_the_family():
 
 def test_calibration_error_of_summed_features_is_train_jsons_and_a_recall_is_the_accuracy_of_one_class():
     from dpcam.records import calibration_error, calibration_features
-    from dpcam.train import calibration_metrics, classification_metrics
+    from dpcam.train.fit import calibration_metrics, classification_metrics
 
     # confidences 0.9 (right), 0.9 (wrong), 0.6, 0.6 (both right): bins 13 and 9, gaps +0.8 and −0.8 → ECE 1.6 / 4
     prob = np.array([[0.9, 0.1], [0.1, 0.9], [0.6, 0.4], [0.4, 0.6]])

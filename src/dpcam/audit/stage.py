@@ -22,14 +22,13 @@ from dpcam.audit.stats import AttackResult, attack_metrics, check_points, epsilo
 from dpcam.config import AuditConfig, GridConfig
 from dpcam.errors import UserError
 from dpcam.families import FAMILIES, family_runs, fresh
-from dpcam.layout import AUDIT_JSON, AUDITS_ROOT, TRAIN_JSON
+from dpcam.layout import AUDIT_JSON, AUDITS_ROOT, ROC_PNG, TRAIN_JSON
 from dpcam.names import UNGUARANTEED_SCHEMES
 from dpcam.privacy.profile import ADD_REMOVE, REPLACE_ONE, TradeOff, trade_off
 from dpcam.records import AuditCheck, AuditPrivacy, AuditRecord, TrainRecord
 
 log = logging.getLogger("dpcam.audit")
 
-ROC_PNG = "roc.png"
 ACCOUNTING_RTOL = 1.05  # warn when the rebuilt PLD's ε exceeds the recorded ε by more than 5 %
 PROFILE_SCHEMES = ("gaussian", "laplace")  # DP-SGD schemes with a privacy profile (and a recorded ε)
 RELATION_REASON = (

@@ -17,7 +17,7 @@ def prepare(cfg: PrepareConfig, public: bool = False) -> Path:
 
         return prepare_public(cfg)
     if cfg.format == "synthetic":
-        from dpcam.data.synthetic import prepare_synthetic
+        from dpcam.data.synthetic_stage import prepare_synthetic
 
         return prepare_synthetic(cfg)
     from dpcam.data.sources import prepare_source

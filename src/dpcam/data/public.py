@@ -116,7 +116,7 @@ def prepare_public(cfg: PrepareConfig, progress: bool = True) -> Path:
     check = None if private is None else (lambda images: {"disjoint_check": _check(images, extra, cfg, private)})
 
     if cfg.format == "synthetic":
-        from dpcam.data.synthetic import prepare_synthetic
+        from dpcam.data.synthetic_stage import prepare_synthetic
 
         seeds = {cfg.seed} | ({s} if private is not None and (s := _generator_seed(private.manifest)) else set())
         if cfg.public.seed in seeds:

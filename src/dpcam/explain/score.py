@@ -125,8 +125,11 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
     """
     from tqdm.auto import tqdm
 
+    from dpcam.explain.degeneracy import DegeneracyStats
     from dpcam.explain.gradcam import gradcam
-    from dpcam.explain.metrics import SAVED_MAP_DTYPE, DegeneracyStats, ExplainBatch, RunningMean, as_saved
+    from dpcam.explain.inputs import SAVED_MAP_DTYPE, as_saved
+    from dpcam.explain.metrics import ExplainBatch
+    from dpcam.explain.streaming import RunningMean
 
     cfg, device = s.cfg, next(s.model.parameters()).device
     sums, degeneracy = RunningMean(), DegeneracyStats(s.data.num_classes)

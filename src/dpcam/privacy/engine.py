@@ -602,14 +602,7 @@ def make_private(
     if precision == "bf16":
         _validate_bf16(module, scheme, grad_sample_mode)
     if scheme not in CLIPPED_SCHEMES:
-        return PrivateSetup(
-            scheme=scheme,
-            module=module,
-            optimizer=optimizer,
-            data_loader=data_loader,
-            criterion=criterion,
-            precision=precision,
-        )
+        return PrivateSetup(scheme, module, optimizer, data_loader, criterion=criterion, precision=precision)
     target_epsilon, delta, max_grad_norm = _validate(
         scheme,
         target_epsilon,
@@ -632,24 +625,10 @@ def make_private(
     if noise_generator is not None and secure_mode:
         raise UserError("a seeded noise generator cannot be used in secure mode; drop the seed or secure mode")
     engine = _new_engine(ledger_name, secure_mode)
-    dp_module, dp_optimizer, criterion, dp_loader = _wrap(
-        engine,
-        module,
-        optimizer,
-        criterion,
-        data_loader,
-        noise=noise,
-        max_grad_norm=max_grad_norm,
-        clipping=clipping,
-        noise_generator=noise_generator,
-        grad_sample_mode=grad_sample_mode,
-        **({"precision": precision} if precision != "fp32" else {}),
-    )
-    if len(dp_loader) != steps_per_epoch or not math.isclose(1 / len(dp_loader), sample_rate):
-        raise RuntimeError(  # internal: our plan must match what Opacus built and accounts
-            f"Poisson plan mismatch: planned {steps_per_epoch} batches at q={sample_rate}, "
-            f"Opacus built {len(dp_loader)}"
-        )
+    wrap = dict(noise=noise, max_grad_norm=max_grad_norm, clipping=clipping, noise_generator=noise_generator)
+    wrap.update(grad_sample_mode=grad_sample_mode, **({"precision": precision} if precision != "fp32" else {}))
+    dp_module, dp_optimizer, criterion, dp_loader = _wrap(engine, module, optimizer, criterion, data_loader, **wrap)
+    _check_plan(dp_loader, steps_per_epoch, sample_rate)
     return PrivateSetup(
         scheme=scheme,
         module=dp_module,
@@ -667,6 +646,15 @@ def make_private(
         extra={"poisson_rate": float(dp_loader.sample_rate), "grad_sample_mode": grad_sample_mode, **extra},
         precision=precision,
     )
+
+
+def _check_plan(dp_loader: DataLoader, steps_per_epoch: int, sample_rate: float) -> None:
+    """Internal check: our Poisson plan (what the accountant is told) must match what Opacus built."""
+    if len(dp_loader) != steps_per_epoch or not math.isclose(1 / len(dp_loader), sample_rate):
+        raise RuntimeError(
+            f"Poisson plan mismatch: planned {steps_per_epoch} batches at q={sample_rate}, "
+            f"Opacus built {len(dp_loader)}"
+        )
 
 
 def _validate_bf16(module: nn.Module, scheme: str, grad_sample_mode: str) -> None:

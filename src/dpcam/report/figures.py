@@ -25,25 +25,24 @@ from dpcam.report.tables import Table, by_model
 # the report's pictures in figures/ (other files found there are kept)
 FIGURE_NAMES = frozenset(
     {
-        "fig2_ldp_cams.png",
-        "fig3_accuracy_vs_eps.png",
-        "fig4_ldp_explanations.png",
-        "fig5_gaussian_cams.png",
-        "fig5_laplace_cams.png",
-        "fig6a_masked_accuracy_vs_eps.png",
-        "fig6b_masked_accuracy_vs_clip.png",
-        "fig_train_size.png",
-        "fig_leakage_vs_eps.png",
-        "fig_cost_split.png",
-        "fig_calibration.png",
+        layout.FIG_LDP_CAMS,
+        layout.FIG_ACCURACY,
+        layout.FIG_LDP_EXPLANATIONS,
+        layout.FIG_GAUSSIAN_CAMS,
+        layout.FIG_LAPLACE_CAMS,
+        layout.FIG_MASKED_EPS,
+        layout.FIG_MASKED_CLIP,
+        layout.FIG_TRAIN_SIZE,
+        layout.FIG_LEAKAGE,
+        layout.FIG_COST_SPLIT,
+        layout.FIG_CALIBRATION,
     }
 )
-LEAKAGE = "fig_leakage_vs_eps.png"
 # (file, family, caption) of the Grad-CAM grids, drawn for the first model of the grid
 CAM_FIGURES = (
-    ("fig2_ldp_cams.png", "ldp", "Figure 2: Grad-CAM across local-DP ε"),
-    ("fig5_gaussian_cams.png", "gaussian", "Figure 5: Grad-CAM across ε, Gaussian DP-SGD"),
-    ("fig5_laplace_cams.png", "laplace", "Figure 5 (Laplace): Grad-CAM across ε"),
+    (layout.FIG_LDP_CAMS, "ldp", "Figure 2: Grad-CAM across local-DP ε"),
+    (layout.FIG_GAUSSIAN_CAMS, "gaussian", "Figure 5: Grad-CAM across ε, Gaussian DP-SGD"),
+    (layout.FIG_LAPLACE_CAMS, "laplace", "Figure 5 (Laplace): Grad-CAM across ε"),
 )
 
 
@@ -331,32 +330,32 @@ def _line_figures(grid: GridConfig, tables: list[Table]) -> list[tuple[str, str,
     models, eps = list(grid.models), grid.clip_sweep.epsilon
     return [
         (
-            "fig3_accuracy_vs_eps.png",
+            layout.FIG_ACCURACY,
             "Figure 3/7: test accuracy vs ε, Gaussian vs Laplace DP-SGD (dashed: non-private)",
             lambda p: fig_accuracy_vs_eps(tables, models, p),
         ),
         (
-            "fig4_ldp_explanations.png",
+            layout.FIG_LDP_EXPLANATIONS,
             "Figure 4: Average Drop and Increase in Confidence of models trained on local-DP images",
             lambda p: fig_ldp_explanations(tables, models, p),
         ),
         (
-            "fig6a_masked_accuracy_vs_eps.png",
+            layout.FIG_MASKED_EPS,
             "Figure 6a: masked accuracy vs ε (Gaussian)",
             lambda p: fig_masked_accuracy_vs_eps(tables, models, p),
         ),
         (
-            "fig6b_masked_accuracy_vs_clip.png",
+            layout.FIG_MASKED_CLIP,
             f"Figure 6b: masked accuracy vs clipping bound C at ε = {format_eps(eps)}",
             lambda p: fig_masked_accuracy_vs_clip(tables, models, eps, p),
         ),
         (
-            "fig_train_size.png",
+            layout.FIG_TRAIN_SIZE,
             "DP needs more data: accuracy and masked score vs ε per training-set size",
             lambda p: fig_train_size(tables, models, p),
         ),
         (
-            LEAKAGE,
+            layout.FIG_LEAKAGE,
             (
                 "Leakage vs ε: membership-inference AUC and the empirical ε lower bound "
                 "(95%) against the target ε (y = ε dashed; above it an attack beats the guarantee)"
@@ -376,7 +375,7 @@ def draw_figures(
     for name, caption, draw in _line_figures(grid, tables):
         if draw(folder / name) is not None:
             figures.append((f"figures/{name}", caption))
-        elif name == LEAKAGE:
+        elif name == layout.FIG_LEAKAGE:
             notes.append(
                 f"{name}: skipped, no Gaussian or Laplace run has audits/<family>/<run>/audit.json "
                 "(run `dpcam audit --family F`, the audit stage)"

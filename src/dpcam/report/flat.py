@@ -11,7 +11,7 @@ from typing import Any
 
 from dpcam.config import GridConfig
 from dpcam.families import train_overrides
-from dpcam.layout import write_atomic, write_json
+from dpcam.layout import METRICS_JSON, PLOT_ACCURACY, PLOT_EXPLAIN, PLOTS_DIR, RUNS_CSV, write_atomic, write_json
 from dpcam.records import Record
 from dpcam.report.runs import Run
 
@@ -156,10 +156,10 @@ def plot_records(runs: list[Run], keys: Sequence[str], split: Sequence[str]) -> 
 def write_flat_files(runs: list[Run], grid: GridConfig, folder: Path, verdict: dict[str, Any] | None = None) -> None:
     """runs.csv, metrics.json (the verdict first: ``dvc metrics show`` opens with the answer) and
     plots/{accuracy,explain}_vs_eps.csv under ``folder``."""
-    write_csv(folder / "runs.csv", runs_records(runs, grid))
-    write_json(folder / "metrics.json", {**({"verdict": verdict} if verdict else {}), **summary_metrics(runs)})
-    write_csv(folder / "plots" / "accuracy_vs_eps.csv", plot_records(runs, ACCURACY_KEYS, ("test_accuracy",)))
+    write_csv(folder / RUNS_CSV, runs_records(runs, grid))
+    write_json(folder / METRICS_JSON, {**({"verdict": verdict} if verdict else {}), **summary_metrics(runs)})
+    write_csv(folder / PLOTS_DIR / PLOT_ACCURACY, plot_records(runs, ACCURACY_KEYS, ("test_accuracy",)))
     write_csv(
-        folder / "plots" / "explain_vs_eps.csv",
+        folder / PLOTS_DIR / PLOT_EXPLAIN,
         plot_records(runs, EXPLAIN_KEYS, ("avg_drop_pct", "increase_conf_pct", "masked_score_pct")),
     )

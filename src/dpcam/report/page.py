@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from dpcam.config import GridConfig
+from dpcam.layout import INDEX_HTML, METRICS_JSON, RUNS_CSV, SEARCH_REPORT
 from dpcam.names import CLIPPED_SCHEMES
 from dpcam.report.rows import AUDIT_ROWS, DAGGER, DEGENERATE_NOTE, header
 from dpcam.report.runs import Run
@@ -98,7 +99,7 @@ def _intro(grid: GridConfig, runs: list[Run], search: bool) -> list[str]:
             '<nav><a href="#tables">Tables</a><a href="#figures">Figures</a><a href="#runs">Runs</a>'
             '<a href="#privacy">Privacy accounting</a><a href="#audit">Membership-inference audit</a>'
             '<a href="#ldp">Local-DP guarantees</a>'
-            + ('<a href="search/index.html">Search: Pareto front</a>' if search else "")
+            + (f'<a href="{SEARCH_REPORT.name}/{INDEX_HTML}">Search: Pareto front</a>' if search else "")
             + "</nav>"
         ),
     ]
@@ -113,8 +114,8 @@ def _tables_section(tables: list[Table]) -> list[str]:
         )
         parts.append(html_table(["metric"] + [header(c) for c in t.columns], t.cells()))
     parts.append(
-        '<p class="note">Every run, every number: <a href="runs.csv">runs.csv</a>; the summary '
-        '<code>dvc metrics show</code> reads: <a href="metrics.json">metrics.json</a>.</p>'
+        f'<p class="note">Every run, every number: <a href="{RUNS_CSV}">{RUNS_CSV}</a>; the summary '
+        f'<code>dvc metrics show</code> reads: <a href="{METRICS_JSON}">{METRICS_JSON}</a>.</p>'
     )
     return parts
 

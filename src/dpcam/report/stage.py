@@ -9,19 +9,34 @@ from typing import Any
 from dpcam.config import GridConfig, VerdictConfig
 from dpcam.errors import UserError
 from dpcam.families import pick
-from dpcam.layout import REPORTS_ROOT, swap_in, temp_dir, write_text
+from dpcam.layout import (
+    FIG_CALIBRATION,
+    FIG_COST_SPLIT,
+    FIGURES_DIR,
+    INDEX_HTML,
+    METRICS_JSON,
+    PLOTS_DIR,
+    REPORTS_ROOT,
+    RUNS_CSV,
+    SEARCH_REPORT,
+    TABLES_DIR,
+    VERDICT_MD,
+    swap_in,
+    temp_dir,
+    write_text,
+)
 from dpcam.report.figures import FIGURE_NAMES, draw_figures
 from dpcam.report.flat import write_flat_files
 from dpcam.report.page import render_html
 from dpcam.report.runs import Run, load_runs
 from dpcam.report.tables import build_tables, write_tables
 from dpcam.report.verdict import summary, verdict
-from dpcam.report.verdict_figures import CALIBRATION, COST_SPLIT, fig_calibration, fig_cost_split
+from dpcam.report.verdict_figures import fig_calibration, fig_cost_split
 from dpcam.report.verdict_text import html_section, markdown
 
 # the report's own entries under out/: only these are replaced
-OWNED = ("index.html", "verdict.md", "tables", "figures", "plots", "runs.csv", "metrics.json")
-FOLDERS = ("tables", "figures", "plots")
+OWNED = (INDEX_HTML, VERDICT_MD, TABLES_DIR, FIGURES_DIR, PLOTS_DIR, RUNS_CSV, METRICS_JSON)
+FOLDERS = (TABLES_DIR, FIGURES_DIR, PLOTS_DIR)
 
 
 def report(
@@ -49,7 +64,7 @@ def report(
             swap_in(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _log_verdict(summary.pop("verdicts"), runs, grid, out / "verdict.md")
+    _log_verdict(summary.pop("verdicts"), runs, grid, out / VERDICT_MD)
     return summary
 
 
@@ -75,16 +90,16 @@ def _build(
     for d in FOLDERS:
         (tmp / d).mkdir()
     tables, notes = build_tables(runs, grid)
-    written_tables = write_tables(tables, tmp / "tables")
+    written_tables = write_tables(tables, tmp / TABLES_DIR)
     verdicts = [verdict(runs, grid, model, config) for model in grid.models]
     notes += [f"verdict ({v.model}): {p}" for v in verdicts for p in v.problems()]
-    write_text(tmp / "verdict.md", markdown(verdicts, runs, grid))
+    write_text(tmp / VERDICT_MD, markdown(verdicts, runs, grid))
     write_flat_files(runs, grid, tmp, {v.model: summary(v) for v in verdicts})
-    figures, skipped = draw_figures(grid, tables, tmp / "figures", cam_images)
+    figures, skipped = draw_figures(grid, tables, tmp / FIGURES_DIR, cam_images)
     notes += skipped
     for v in verdicts:  # the verdict's own picture (the first model's; the others' files beside it)
-        name = COST_SPLIT if v is verdicts[0] else COST_SPLIT.replace(".png", f"_{v.model}.png")
-        if fig_cost_split(v, tmp / "figures" / name) is not None:
+        name = FIG_COST_SPLIT if v is verdicts[0] else FIG_COST_SPLIT.replace(".png", f"_{v.model}.png")
+        if fig_cost_split(v, tmp / FIGURES_DIR / name) is not None:
             figures.insert(
                 0,
                 (
@@ -93,13 +108,13 @@ def _build(
                     "clipping and noise, per ε (verdict.md has every metric)",
                 ),
             )
-        name = CALIBRATION if v is verdicts[0] else CALIBRATION.replace(".png", f"_{v.model}.png")
+        name = FIG_CALIBRATION if v is verdicts[0] else FIG_CALIBRATION.replace(".png", f"_{v.model}.png")
         reference = pick(runs, family="baseline", scheme="none", model=v.model, schedule=None)
-        if fig_calibration(v, reference, tmp / "figures" / name) is not None:
+        if fig_calibration(v, reference, tmp / FIGURES_DIR / name) is not None:
             figures.append(
                 (f"figures/{name}", f"Calibration ({v.model}): the reliability diagram of each ε against ε = ∞")
             )
-    _keep_other_figures(out / "figures", tmp / "figures")
+    _keep_other_figures(out / FIGURES_DIR, tmp / FIGURES_DIR)
     page = render_html(
         grid,
         runs,
@@ -107,13 +122,13 @@ def _build(
         figures,
         notes,
         _ldp_pictures(runs, out, tmp),
-        search=(out / "search" / "index.html").is_file(),
+        search=(out / SEARCH_REPORT.name / INDEX_HTML).is_file(),
         verdict=html_section(verdicts, runs, grid),
     )
-    write_text(tmp / "index.html", page)
+    write_text(tmp / INDEX_HTML, page)
     return {
         "out": str(out),
-        "index": str(out / "index.html"),
+        "index": str(out / INDEX_HTML),
         "verdicts": verdicts,
         "runs": len(runs),
         "tables": written_tables,

@@ -15,8 +15,6 @@ from dpcam.report.plotting import figure, finish
 from dpcam.report.runs import Run
 from dpcam.report.verdict import Verdict
 
-COST_SPLIT = "fig_cost_split.png"
-CALIBRATION = "fig_calibration.png"
 # the measures drawn: test accuracy and the paper's three metrics (the table holds every headline metric)
 DRAWN = ("test_accuracy", "avg_drop_pct", "increase_conf_pct", "masked_score_pct")
 PART_COLORS = {"budget": "tab:grey", "clipping": "tab:orange", "noise": "tab:red"}

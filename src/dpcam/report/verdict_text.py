@@ -6,7 +6,7 @@ import html
 from collections.abc import Sequence
 
 from dpcam.config import GridConfig
-from dpcam.layout import format_eps
+from dpcam.layout import VERDICT_MD, format_eps
 from dpcam.records import CALIBRATION_BINS
 from dpcam.report.compare import (
     ACCURACY,
@@ -531,7 +531,9 @@ def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig)
         parts.append(_table(header, [[r[0], r[1], r[2].upper(), r[3], r[4]] for r in body]))
         parts.append('<p class="note">' + e(" ".join(f"({c.key}) {c.rule}." for c in v.claims)) + "</p>")
         parts += [f'<p class="deg">{e(n)}</p>' for n in v.notes]
-    parts.append(f'<p class="note">Provenance: {e(provenance(runs, grid))}. <a href="verdict.md">verdict.md</a></p>')
+    parts.append(
+        f'<p class="note">Provenance: {e(provenance(runs, grid))}. <a href="{VERDICT_MD}">{VERDICT_MD}</a></p>'
+    )
     return "".join(parts)
 
 

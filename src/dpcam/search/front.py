@@ -46,7 +46,7 @@ def evaluate_front_member(trial, ctx: SearchContext, *, retrain: bool = True) ->
     ``model_source`` says which.
     """
     from dpcam.saved import load_model, resolve_device, save_model
-    from dpcam.train import classification_metrics, fit, open_data, predict
+    from dpcam.train.fit import classification_metrics, fit, open_data, predict
 
     cfg = TrainConfig.model_validate(trial.user_attrs["train_config"])
     folder = trial_model_dir(ctx.study_name, trial.number)

@@ -109,8 +109,10 @@ def _score(model, split, positions: np.ndarray, num_classes: int, objective: Obj
     """The objective's metric and the degeneracy check over the images at ``positions``, batch by batch."""
     import torch
 
+    from dpcam.explain.degeneracy import DegeneracyStats
     from dpcam.explain.gradcam import gradcam
-    from dpcam.explain.metrics import DegeneracyStats, ExplainBatch, RunningMean, get_metrics
+    from dpcam.explain.metrics import ExplainBatch, get_metrics
+    from dpcam.explain.streaming import RunningMean
 
     (metric,) = get_metrics([objective.metric])
     options = {"deletion-insertion": {"steps": explain.steps}, "pointing-game": {"tolerance": explain.tolerance}}

@@ -52,16 +52,16 @@ def write_report(
 def _write(tmp: Path, study, ctx: SearchContext, cost: dict[str, Any], names, *, evaluate: bool, retrain: bool) -> None:
     """The report's files into ``tmp`` (swapped in whole by :func:`write_report`)."""
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    _write_csv(tmp / "trials.csv", [trial_row(t, names) for t in trials])
+    _write_csv(tmp / layout.SEARCH_TRIALS, [trial_row(t, names) for t in trials])
     front = pareto_front(study)
     rows = front_rows(front, ctx, names, evaluate=evaluate, retrain=retrain)
-    _write_csv(tmp / "front.csv", rows)
-    (tmp / "cost.json").write_text(json.dumps(cost, indent=2) + "\n")
+    _write_csv(tmp / layout.SEARCH_FRONT, rows)
+    (tmp / layout.SEARCH_COST).write_text(json.dumps(cost, indent=2) + "\n")
     images = _plots(study, names, tmp) if front else []
     cols = [*SETTINGS_COLUMNS, *names, "degenerate", *(TEST_COLUMNS if evaluate else ())]
     done = len(complete_trials(study))
-    (tmp / "front.md").write_text(_markdown(ctx, names, rows, cols, cost, len(front), done, len(trials)))
-    (tmp / "index.html").write_text(_html(ctx, rows, cols, images, cost, len(front), done))
+    (tmp / layout.SEARCH_FRONT_MD).write_text(_markdown(ctx, names, rows, cols, cost, len(front), done, len(trials)))
+    (tmp / layout.INDEX_HTML).write_text(_html(ctx, rows, cols, images, cost, len(front), done))
 
 
 def front_rows(

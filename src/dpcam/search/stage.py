@@ -85,7 +85,7 @@ def _objective(cfg: SearchConfig, explain: ExplainConfig) -> Objective:
 def _train_size(cfg: SearchConfig, base: TrainConfig, objective: Objective) -> int:
     """Training images of a trial; an unknown dataset, or one without the masks the objective needs,
     fails here, before any study is created."""
-    from dpcam.train import open_data
+    from dpcam.train.fit import open_data
 
     probe = trial_config(base, {"scheme": cfg.schemes[0], "epsilon": float(cfg.epsilon[1])}, "probe", 0)
     data = open_data(probe)

@@ -1,4 +1,4 @@
-"""One trial of a search: draw the settings, train (:func:`dpcam.train.fit`), score explanations, record.
+"""One trial of a search: draw the settings, train (:func:`dpcam.train.fit.fit`), score explanations, record.
 
 The trial's objectives are the accountant's ε of the noise, sampling rate and steps actually used,
 the best validation accuracy, and the explanation objective on validation images (the test split
@@ -176,7 +176,7 @@ def _train_and_score(trial, cfg: TrainConfig, ctx: SearchContext) -> _Outcome:
     """
     from dpcam import tracking
     from dpcam.saved import resolve_device, save_model
-    from dpcam.train import fit, open_data
+    from dpcam.train.fit import fit, open_data
 
     try:
         t0 = time.perf_counter()

@@ -1,0 +1,43 @@
+"""Toy models and scenes with known answers, shared by the tests of the explanation-metric families."""
+
+import torch
+from torch import nn
+
+
+class ProbModel(nn.Module):
+    """Two classes with p(class 1 | x) = f(x) exactly: logits = log([1 − f, f])."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+        self.dummy = nn.Parameter(torch.zeros(()))  # so eval()/parameters() behave like a model
+
+    def forward(self, x):
+        p = self.f(x).clamp(0.0, 1.0)
+        return torch.log(torch.stack([1 - p, p], dim=1).clamp_min(1e-12)) + 0 * self.dummy
+
+
+def brightness(x):
+    return x.mean(dim=(1, 2, 3))
+
+
+REGION = (slice(4, 12), slice(4, 12))  # the toy model's evidence: an 8×8 square
+ELSEWHERE = (slice(20, 28), slice(18, 26))
+
+
+def region_model():
+    """p(class 1 | x) = the mean brightness of REGION: the evidence is exactly there."""
+    return ProbModel(lambda x: x[:, :, REGION[0], REGION[1]].mean(dim=(1, 2, 3)))
+
+
+def bump(where, size=32):
+    m = torch.zeros(size, size)
+    m[where] = 1.0
+    return torch.nn.functional.avg_pool2d(m[None, None], 5, 1, 2)[0, 0]  # a smooth bump, zeros far away
+
+
+def scene(b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = 0.1 + 0.05 * torch.rand(b, 3, 32, 32, generator=g)  # dark, textured background
+    x[:, :, REGION[0], REGION[1]] = 0.85 + 0.1 * torch.rand(b, 3, 8, 8, generator=g)  # the bright evidence
+    return x
