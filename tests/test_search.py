@@ -286,7 +286,7 @@ def test_small_real_study_front_report_tracking_and_cost():
     assert "adaptive" in cost["statement"] and cost["random_search_epsilon"] is None
     assert max(values[:, 0]) < cost["composed_epsilon"] <= cost["basic_epsilon"] + 1e-9
     # MLflow: a parent run with one nested run per trial, params and the three objectives
-    children = tracking.child_runs(res.mlflow_run_id)
+    children = _child_runs(res.mlflow_run_id)
     assert sorted(c["run_name"] for c in children) == [f"trial-{i}" for i in range(4)]
     for c in children:
         t = trials[int(c["run_name"].split("-")[1])]
@@ -298,7 +298,7 @@ def test_small_real_study_front_report_tracking_and_cost():
     cfg2, _, _ = configs(schemes=["laplace", "gaussian"], trials=1, sampler="nsga2", epochs=[1, 1])
     res2 = S.search(cfg2, base, explain, echo=quiet)
     assert res2.mlflow_run_id == res.mlflow_run_id and len(study.get_trials()) == 5
-    assert len(tracking.child_runs(res.mlflow_run_id)) == 5
+    assert len(_child_runs(res.mlflow_run_id)) == 5
 
 
 def test_random_count_search_runs_the_drawn_number_and_reports_the_bound():
@@ -339,6 +339,26 @@ def test_search_epochs_reach_the_trials_and_the_worst_case(monkeypatch):
     random_count = cfg.model_copy(update={"trials_distribution": "poisson", "epochs": [1, 2]})
     S.tuning_cost(study, random_count, base, train_size)
     assert seen == [(["laplace"], [48], [1, 2], 8.0, base.delta, base.accountant, train_size)]
+
+
+def _child_runs(parent_run_id: str) -> list[dict]:
+    """The runs nested in ``parent_run_id`` as the MLflow client sees them: run_name, status, params, metrics, tags."""
+    from mlflow.tracking import MlflowClient
+
+    tracking._setup()
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000
+    )
+    return [
+        {
+            "run_name": r.info.run_name,
+            "status": r.info.status,
+            **{k: dict(getattr(r.data, k)) for k in ("params", "metrics", "tags")},
+        }
+        for r in runs
+    ]
 
 
 def _trials(url: str, name: str):

@@ -731,28 +731,6 @@ def _find_parent(exp_id: str, run_name: str, key: str) -> str:
 
 
 @_shielded
-def child_runs(parent_run_id: str) -> list[dict[str, Any]]:
-    """The runs nested in ``parent_run_id``: ``[{"run_id", "run_name", "status", "params", "metrics", "tags"}]``."""
-    _setup()
-    client = MlflowClient()
-    parent = client.get_run(parent_run_id)
-    runs = client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'", max_results=10000
-    )
-    return [
-        {
-            "run_id": r.info.run_id,
-            "run_name": r.info.run_name,
-            "status": r.info.status,
-            "params": dict(r.data.params),
-            "metrics": dict(r.data.metrics),
-            "tags": dict(r.data.tags),
-        }
-        for r in runs
-    ]
-
-
-@_shielded
 def log_artifacts(folder: str | Path, artifact_path: str | None = None) -> None:
     """Log every file of ``folder`` under ``artifact_path`` of the active run."""
     mlflow.log_artifacts(str(folder), artifact_path=artifact_path)

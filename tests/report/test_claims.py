@@ -23,7 +23,7 @@ def rows_of(*configs, seeds=(0, 1, 2), ref_kw=None):
 
 # --------------------------------------------------------------------------------- (a) and its three readings
 
-READINGS = [C.claim_a, C.claim_a_matched, C.claim_a_road, C.claim_a_localisation]
+READINGS = [lambda rows, i=i: C.claims_a(rows)[i] for i in range(4)]  # (a) and its matched, ROAD, localisation readings
 
 
 @pytest.mark.parametrize("claim", READINGS)
@@ -68,12 +68,12 @@ def test_a_with_a_degenerate_model_is_inconclusive_naming_it(claim):
 
 def test_a_states_its_seeds_and_what_its_interval_covers():
     _, rows = rows_of((1, -10), (10, -3))
-    assert C.claim_a(rows).basis == "seeds 0, 1, 2: intervals cover training seeds and test images"
+    assert C.claims_a(rows)[0].basis == "seeds 0, 1, 2: intervals cover training seeds and test images"
 
 
 def test_a_matched_prints_the_images_it_rests_on():
     _, rows = rows_of((1, -10), (10, -3))
-    assert "confidence-matched 200 images per seed at ε = 1" in C.claim_a_matched(rows).evidence
+    assert "confidence-matched 200 images per seed at ε = 1" in C.claims_a(rows)[1].evidence
 
 
 # --------------------------------------------------------------------------------- (b)
@@ -207,7 +207,7 @@ def test_a_run_without_a_partner_seed_is_named_and_makes_the_claim_inconclusive(
     rows = eps_rows(runs, "gaussian", "smallcnn")
     d = rows[0].diffs["avg_drop_pct"]
     assert d.mean is None and "gaussian-eps1-smallcnn-s2 has no partner of seed 2" in d.problem
-    c = C.claim_a(rows)
+    c = C.claims_a(rows)[0]
     assert c.status == "inconclusive" and "no partner" in c.reason
 
 
@@ -215,7 +215,7 @@ def test_an_unreadable_per_image_file_is_named_and_makes_the_claim_inconclusive(
     runs, _ = rows_of((1, -10), (10, -3))
     runs[4].unreadable = "per_image"  # gaussian ε = 1, seed 1
     rows = eps_rows(runs, "gaussian", "smallcnn")
-    c = C.claim_a(rows)
+    c = C.claims_a(rows)[0]
     assert c.status == "inconclusive" and "per_image.npz is truncated" in c.reason
     assert rows[0].diffs["test_accuracy"].mean is not None  # predictions are still read
 

@@ -38,11 +38,9 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import AbstractGradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from opacus.validators.errors import UnsupportedModuleError
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
@@ -272,12 +270,6 @@ class DPCamPrivacyEngine(PrivacyEngine):
         )
 
 
-def _is_poisson(loader: Any) -> bool:
-    return isinstance(loader, DPDataLoader) or isinstance(
-        getattr(loader, "batch_sampler", None), UniformWithReplacementSampler
-    )
-
-
 @dataclass
 class PrivateSetup:
     """What training needs for one scheme, plus its privacy ledger.
@@ -394,14 +386,6 @@ class PrivateSetup:
     def steps_taken(self) -> int:
         """Optimizer steps recorded in the ledger so far (0 for non-DP schemes)."""
         return sum(int(t) for _, _, t in self.ledger.history) if self.ledger is not None else 0
-
-    def check_loader(self, loader: Any) -> None:
-        """Raise UserError unless ``loader`` samples with Poisson sampling (required for every DP scheme)."""
-        if self.is_dp and not _is_poisson(loader):
-            raise UserError(
-                f"scheme {self.scheme!r} needs the Poisson-sampling loader from make_private "
-                f"(setup.data_loader); got {type(loader).__name__} without Poisson sampling"
-            )
 
     # ------------------------------------------------------------------ privacy
 

@@ -218,22 +218,6 @@ def claims_a(rows: list[EpsRow]) -> list[Claim]:
     return out
 
 
-def claim_a(rows: list[EpsRow]) -> Claim:
-    return claims_a(rows)[0]
-
-
-def claim_a_matched(rows: list[EpsRow]) -> Claim:
-    return claims_a(rows)[1]
-
-
-def claim_a_road(rows: list[EpsRow]) -> Claim:
-    return claims_a(rows)[2]
-
-
-def claim_a_localisation(rows: list[EpsRow]) -> Claim:
-    return claims_a(rows)[3]
-
-
 # ------------------------------------------------------------------------------------ (b): accuracy gap
 
 
