@@ -6,10 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast install bench clean paper
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/offline_plots.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python scripts/offline_plots.py
 	touch $(STAMP)
 
 install: $(STAMP)

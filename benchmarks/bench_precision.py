@@ -55,7 +55,7 @@ OPACUS_BF16 = ("bf16, Opacus's own clipping", "gaussian")  # the extra row: bflo
 
 
 def machine() -> dict:
-    from dpcam.privacy.engine import native_bf16
+    from dpcam.privacy.precision import native_bf16
 
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
@@ -251,7 +251,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", message="Full backward hook")
     warnings.filterwarnings("ignore", message="Secure RNG turned off")
-    logging.getLogger("dpcam.privacy.engine").setLevel(logging.ERROR)  # the no-native-bf16 warning: in the header
+    logging.getLogger("dpcam.privacy.precision").setLevel(logging.ERROR)  # the no-native-bf16 warning: in the header
 
     m = machine()
     print(

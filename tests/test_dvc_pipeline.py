@@ -159,11 +159,26 @@ def test_metrics_show_lists_the_final_metrics_and_nothing_is_stale(repro):
     root, env, _ = repro
     shown = json.loads(_run([BIN / "dvc", "metrics", "show", "--json"], root, env))
     text = json.dumps(shown)
-    assert "reports/metrics.json" in text and "test_accuracy" in text and "avg_drop_pct" in text
+    assert "reports/metrics.json" in text and "expl_ok_from_eps" in text and "acc_e1" in text
     assert (
         "up to date" in _run([BIN / "dvc", "status"], root, env).lower()
         or _run([BIN / "dvc", "status", "--json"], root, env).strip() == "{}"
     )
+
+
+def test_dvc_shows_the_verdict_in_few_columns_and_draws_plots_offline(repro):
+    """`dvc metrics show` / `dvc exp show` get the verdict's few numbers (a column each); `dvc plots show` with the
+    template `make install` writes (scripts/offline_plots.py) loads nothing from the network."""
+    root, env, _ = repro
+    shown = json.loads(_run([BIN / "dvc", "metrics", "show", "--json"], root, env))
+    (metrics,) = [f["data"] for rev in shown.values() for f in rev["data"].values()]
+    assert len(metrics) <= 40 and max(map(len, metrics)) <= 20 and {"seeds", "acc_e1", "claim_a"} <= set(metrics)
+    template = REPO / ".dvc/plots/offline.html"
+    assert template.is_file(), "run `make install` (scripts/offline_plots.py) first"
+    _run([BIN / "dvc", "plots", "show", "--html-template", template, "-o", root / "plots_offline"], root, env)
+    page = (root / "plots_offline/index.html").read_text()
+    assert not re.findall(r"<script[^>]+src=", page) and "https://cdn" not in page
+    assert page.count("vegaEmbed(") >= 2 and 'var e="5.20.2"' in page  # both plots, Vega inlined
 
 
 def test_an_explain_setting_invalidates_only_explain_and_report(repro):

@@ -45,6 +45,19 @@ def test_a_failed_job_names_its_run_after_the_others_finish():
         run_jobs(_fails, [(1,)], ["a"], executor="ray2")
 
 
+@pytest.mark.parametrize("executor", ["serial", "local"])
+def test_each_finished_run_prints_one_line_with_its_result_count_and_time_left(executor, capsys):
+    """A `dvc repro` without a terminal shows its progress: one line per run as it finishes (stderr)."""
+    out = run_jobs(_fails, [(1,), (3,), (4,)], ["a", "b", "c"], executor=executor, stage="train-x", describe=str)
+    assert out == [10, 30, 40]  # results in job order, whatever order the runs finished in
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["train-x"] * 3
+    assert sorted(line.split(" ")[5] for line in lines) == ["a:", "b:", "c:"]
+    assert [line.split(" ")[2] for line in lines] == ["1", "2", "3"] and all(" of 3 " in line for line in lines)
+    assert "left)" in lines[0] and "left)" in lines[1] and lines[2].endswith(", done)")
+    assert {line.split(": ")[2].split(" (")[0] for line in lines} == {"10", "30", "40"}
+
+
 # ------------------------------------------------------------------------------------ Ray (local mode)
 
 

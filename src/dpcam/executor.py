@@ -12,7 +12,9 @@ executors give bit-identical results for the same seeds (tests/test_executor.py)
 cores. Each run writes its own folder atomically.
 
 A failed run fails the stage with one line naming the run and its error, after the other runs
-have finished (their outputs are kept).
+have finished (their outputs are kept). As each run finishes, the stage prints one line (stderr): the run,
+``i of N``, what it gave (``describe``), the stage's elapsed time and an estimate of the time left (the runs
+left at the stage's throughput so far), so a `dvc repro` without a terminal still shows progress.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import contextlib
 import multiprocessing
 import os
 import socket
+import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 from dpcam.errors import UserError
@@ -59,30 +63,60 @@ def run_jobs(
     workers: int = 2,
     cpus_per_run: float = 1.0,
     gpus_per_run: float = 0.0,
+    stage: str = "",
+    describe: Callable[[Any], str] | None = None,
 ) -> list[Any]:
     """``[fn(*job) for job in jobs]``, serially, in ``workers`` local processes, or as Ray tasks (``fn``: a
-    module-level function)."""
+    module-level function); a line per finished run (:class:`Progress`: ``stage``, ``describe(result)``)."""
     if executor not in EXECUTORS:
         raise UserError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     threads = max(1, int(cpus_per_run))
     if executor == "ray":
         return _on_ray(fn, jobs, names, cpus_per_run, gpus_per_run, threads)
     if executor == "serial" or len(jobs) <= 1 or workers <= 1:
+        progress = Progress(stage, len(jobs), describe)
         with _torch_threads(threads):
-            return [fn(*job) for job in jobs]
+            return [progress.done(name, fn(*job)) for name, job in zip(names, jobs)]
     workers = min(workers, len(jobs))
+    progress = Progress(stage, len(jobs), describe)
     ctx = multiprocessing.get_context("spawn")
-    results: list[Any] = []
-    errors: list[str] = []
+    results: dict[int, Any] = {}
+    errors: dict[int, str] = {}
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        for name, future in zip(names, futures):
+        futures = {pool.submit(fn, *job): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            i = futures[future]
             try:
-                results.append(future.result())
+                results[i] = progress.done(names[i], future.result())
             except Exception as e:
-                errors.append(_why(name, e))
-    _raise_first(errors)
-    return results
+                errors[i] = _why(names[i], e)
+    _raise_first([errors[i] for i in sorted(errors)])
+    return [results[i] for i in sorted(results)]
+
+
+class Progress:
+    """One line per finished run of a stage (stderr): ``<stage>: run i of N <name>: <what> (elapsed; ~left)``."""
+
+    def __init__(self, stage: str, total: int, describe: Callable[[Any], str] | None) -> None:
+        self.stage, self.total, self.describe = stage, total, describe
+        self.finished = 0
+        self.started = time.monotonic()
+
+    def done(self, name: str, result: Any) -> Any:
+        """Print the line of the run ``name`` that gave ``result``; returns ``result``."""
+        self.finished += 1
+        elapsed = time.monotonic() - self.started
+        left = self.total - self.finished
+        eta = elapsed / self.finished * left  # at the throughput so far (runs finished per second of the stage)
+        what = f": {self.describe(result)}" if self.describe is not None and result is not None else ""
+        when = f"{_minutes(elapsed)} elapsed" + (f", about {_minutes(eta)} left" if left else ", done")
+        head = f"{self.stage}: " if self.stage else ""
+        print(f"{head}run {self.finished} of {self.total} {name}{what} ({when})", file=sys.stderr, flush=True)
+        return result
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
 def _why(name: str, e: BaseException) -> str:

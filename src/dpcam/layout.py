@@ -69,7 +69,7 @@ FIG_LDP_CAMS, FIG_GAUSSIAN_CAMS, FIG_LAPLACE_CAMS = (
 FIG_ACCURACY, FIG_LDP_EXPLANATIONS = "fig3_accuracy_vs_eps.png", "fig4_ldp_explanations.png"
 FIG_MASKED_EPS, FIG_MASKED_CLIP = "fig6a_masked_accuracy_vs_eps.png", "fig6b_masked_accuracy_vs_clip.png"
 FIG_TRAIN_SIZE, FIG_LEAKAGE = "fig_train_size.png", "fig_leakage_vs_eps.png"
-FIG_COST_SPLIT, FIG_CALIBRATION = "fig_cost_split.png", "fig_calibration.png"
+FIG_VERDICT, FIG_COST_SPLIT, FIG_CALIBRATION = "fig_verdict.png", "fig_cost_split.png", "fig_calibration.png"
 # reports/search/: what `dpcam search` writes
 SEARCH_TRIALS, SEARCH_FRONT, SEARCH_FRONT_MD, SEARCH_COST = "trials.csv", "front.csv", "front.md", "cost.json"
 

@@ -184,3 +184,24 @@ def test_l2_laplace_bound_is_the_laplace_mechanism_at_l1_sensitivity_sqrt_d_c():
     assert A.l2_laplace_epsilon_bound(0.97, 1 / 17, 136, 1e-5, 15637) > 1000  # the quick study's replica at ε = 5
     with pytest.raises(UserError, match="dimension"):
         A.l2_laplace_epsilon_bound(1.0, 0.1, 3, 1e-5, 0)
+
+
+def test_strong_noise_is_accounted_without_a_warning_and_rdp_tries_orders_above_63():
+    """PRV's domain warning (the default study's ε = 0.5 recipe: σ 7.11, q 1/17, 272 steps) is not the user's to act
+    on and is not shown. Under noise strong for its steps (σ 20, 10 steps) the best RDP order is above Opacus's 63:
+    Opacus's range warns and gives 3× the ε; the rdp accountant's wider range gives dp_accounting's RDP (1.1 … 1024)."""
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        A.gaussian_epsilon(7.109375, 1 / 17, 272, 1e-5, accountant="prv")
+        wide = A.gaussian_epsilon(20.0, 1 / 17, 10, 1e-5, accountant="rdp")
+    opacus = RDPAccountant()
+    opacus.history = [(20.0, 1 / 17, 10)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        narrow = opacus.get_epsilon(1e-5)
+    assert any("largest alpha" in str(w.message) for w in caught)  # Opacus's own range stops short here
+    assert wide < narrow / 3 and wide == pytest.approx(A.gaussian_epsilon_rdp_dp_accounting(20.0, 1 / 17, 10, 1e-5))

@@ -16,15 +16,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpcam.errors import UserError
 from dpcam.models import create_model
-from dpcam.privacy.engine import (
+from dpcam.privacy.engine import make_private
+from dpcam.privacy.laplace import LaplaceDPOptimizer, PaperLaplaceDPOptimizer
+from dpcam.privacy.precision import (
     Float32DPOptimizer,
     Float32LaplaceDPOptimizer,
     Float32PaperLaplaceDPOptimizer,
     clip_factors,
-    make_private,
     precision_context,
 )
-from dpcam.privacy.laplace import LaplaceDPOptimizer, PaperLaplaceDPOptimizer
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Full backward hook"),
@@ -45,7 +45,7 @@ OPTIMIZER = {
 
 @pytest.fixture(autouse=True)
 def _quiet_bf16_warning(caplog):
-    caplog.set_level(logging.ERROR, logger="dpcam.privacy.engine")  # "no native bfloat16" on CPUs without it
+    caplog.set_level(logging.ERROR, logger="dpcam.privacy.precision")  # "no native bfloat16" on CPUs without it
 
 
 def _data(seed=0):

@@ -57,6 +57,14 @@ def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
     assert r.data.metrics["epsilon"] == pytest.approx(m["epsilon"])
     assert r.data.metrics["test_recall_1"] == pytest.approx(saved["test_recall"][1])
     assert r.data.params["scheme"] == "gaussian" and r.data.tags["dpcam.version"]
+    # the Dataset column: the DVC-tracked images' digest, what trained; the experiment opens on its runs table
+    (used,) = r.inputs.dataset_inputs
+    images = json.loads(Path("data/prepared/tiny/manifest.json").read_text())["checksums"]["images.npy"]
+    assert (used.dataset.name, used.dataset.digest) == ("tiny", images[:36])
+    tags = {t.key: t.value for t in used.tags}
+    assert tags["mlflow.data.context"] == "training" and tags["split"] == "train" and int(tags["images"]) > 0
+    kind = mlflow.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
 
     assert saved["mlflow_model_uri"].startswith("models:/")
     logged = tracking.load_model(saved["mlflow_model_uri"])

@@ -411,7 +411,15 @@ def _audit_runs(runs: list, grid: GridConfig, cfg: AuditConfig, progress: bool, 
 
     _before_any_run(runs, allow)
     jobs = [(s.name, cfg, s.audit_dir, progress and grid.executor == "serial", allow) for s in runs]
-    return run_jobs(_audit_fresh, jobs, [s.name for s in runs], **grid.run_options())
+    names = [s.name for s in runs]
+    return run_jobs(_audit_fresh, jobs, names, stage="audit", describe=_audited, **grid.run_options())
+
+
+def _audited(record: AuditRecord) -> str:
+    """An audited run in a few words (the stage's progress line)."""
+    return f"attack AUC {record.mia_auc:.3f}, ε lower bound {record.mia_epsilon_lb:.2f}" + (
+        ", VIOLATION" if record.violation else ""
+    )
 
 
 def _before_any_run(runs: list, allow: bool) -> None:

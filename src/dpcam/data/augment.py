@@ -7,7 +7,7 @@ the original size): label-preserving for fundus photographs and for the built-in
 training images only (explanations and their lesion masks are scored on unaugmented test images).
 
 With DP-SGD the ``k`` views' per-example gradients are averaged before clipping
-(:func:`dpcam.privacy.engine.average_views`), so each example still contributes one gradient of norm ≤ C:
+(:meth:`dpcam.privacy.setup.PrivateSetup.average_views`), so each example still contributes one gradient of norm ≤ C:
 augmentation multiplicity changes the gradient's quality, not its sensitivity or the accounting.
 
 Input ``(B, C, H, W)`` float in [0, 1]; output ``(B·k, C, H, W)``; ``k = 1`` with ``shift = 0`` and no flip is the

@@ -30,7 +30,7 @@ submodules carry the hooks of an enabled wrapper) is **refused** with a
 :class:`~dpcam.errors.UserError` rather than silently copied: a ``deepcopy`` would copy the hook
 handles (whose ``remove()`` acts on the original) and the wrapper they are bound to. Allowed:
 a plain module, or one whose Opacus hooks are disabled — ``with setup.hooks_off() as plain:``
-(:class:`dpcam.privacy.engine.PrivateSetup`) or after Opacus' ``disable_hooks()`` — since
+(:class:`dpcam.privacy.setup.PrivateSetup`) or after Opacus' ``disable_hooks()`` — since
 disabled hooks return at once in eval mode; leftover ``_forward_counter`` attributes (after
 ``remove_hooks()`` without ``cleanup()``) are harmless. Or unwrap with Opacus'
 ``GradSampleModule.to_standard_module()``, or rebuild the model with

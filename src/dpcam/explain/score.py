@@ -378,7 +378,14 @@ def score_family(
             check_run_data(s.name, load_dataset(spec["data_dir"]), allow=False, image_size=spec.get("image_size"))
     quiet = progress and grid.executor == "serial"
     jobs = [(s.name, cfg, s.metrics_dir, _other_seed(s, grid), quiet, allow_data_change) for s in runs]
-    return run_jobs(_score_fresh, jobs, [s.name for s in runs], **grid.run_options())
+    names = [s.name for s in runs]
+    return run_jobs(_score_fresh, jobs, names, stage=f"explain-{family}", describe=_scored, **grid.run_options())
+
+
+def _scored(record: ExplainRecord) -> str:
+    """An explained run in a few words (the stage's progress line)."""
+    score, drop = record.value("masked_score_pct"), record.value("avg_drop_pct")
+    return f"masked score {score:.1f} %, Average Drop {drop:.1f} %" if None not in (score, drop) else "scored"
 
 
 def _score_fresh(

@@ -113,6 +113,16 @@ def _gaussian_history(history, delta: float) -> tuple[list[tuple[float, float, i
     return history, None
 
 
+# The rdp accountant's orders: Opacus's (1.1 … 63) and larger ones. Under noise strong for its steps (σ 20, q 1/17,
+# 10 steps) the best order lies above 63, where Opacus's range stops (and warns) with 3× the ε; more orders only
+# tighten the bound, which stays valid (the minimum over the orders tried). dp_accounting's cross-check tries
+# 1.1 … 1024 already: its best orders in the default study are 2.9 (ε = 10) and 29 (ε = 0.5), inside its range.
+RDP_ORDERS = (*(1 + x / 10.0 for x in range(1, 100)), *range(12, 64), 80, 96, 128, 192, 256, 512, 1024)
+# Opacus's PRV accountant sizes its discretisation domain with an RDP bound at Opacus's fixed orders (1.1 … 63) and
+# warns when the best is 63: a looser domain bound costs grid points, not validity (ε stays PRV's upper bound).
+PRV_DOMAIN_WARNING = "Optimal order is the largest alpha"
+
+
 def gaussian_epsilon_history(
     history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "prv"
 ) -> float:
@@ -128,7 +138,12 @@ def gaussian_epsilon_history(
     if accountant == "gdp" and len(history) > 1:
         raise UserError("the gdp accountant needs one constant noise multiplier and sample rate; use prv or rdp")
     acc.history = list(history)
-    return float(acc.get_epsilon(delta=delta))
+    if accountant == "rdp":
+        return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS)))
+    with warnings.catch_warnings():
+        if accountant == "prv":  # PRV's grid, not its bound: nothing a user can act on (PRV_DOMAIN_WARNING)
+            warnings.filterwarnings("ignore", message=PRV_DOMAIN_WARNING)
+        return float(acc.get_epsilon(delta=delta))
 
 
 def gaussian_epsilon(
@@ -194,7 +209,7 @@ def calibrate_gaussian(
         # one GDP warning is enough: _opacus_accountant below re-issues it
         warnings.filterwarnings("ignore", message="GDP accounting is experimental")
         # PRV sizes its domain with RDP; at the large σ probed first RDP's best order is its largest
-        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        warnings.filterwarnings("ignore", message=PRV_DOMAIN_WARNING)
         try:
             sigma = get_noise_multiplier(
                 target_epsilon=target_epsilon,
@@ -223,7 +238,7 @@ def reachable(
         calibrate = calibrate_laplace
     else:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            warnings.filterwarnings("ignore", message=PRV_DOMAIN_WARNING)
             if gaussian_epsilon(MAX_NOISE_MULTIPLIER, sample_rate, steps, delta, accountant="rdp") <= target_epsilon:
                 return True
 

@@ -12,7 +12,8 @@ the audit rows, figure and section are left out), and writes under ``reports/``:
   ``t_{0.975, n-1} · s / √n`` (n = 1: the mean alone); the CSV is long-form (one row per model ×
   column × metric, numeric ``mean`` and ``ci95``);
 - ``runs.csv``: one row per run, every numeric key of train.json, explain.json and audit.json flattened;
-- ``metrics.json``: ``{family: {run: {test_accuracy, epsilon, avg_drop_pct, ...}}}`` for ``dvc metrics``;
+- ``metrics.json``: the verdict's few numbers, flat and short-named, for ``dvc metrics show`` and
+  ``dvc exp show`` (:func:`dpcam.report.verdict.dvc_metrics`);
 - ``plots/accuracy_vs_eps.csv`` and ``plots/explain_vs_eps.csv``: tidy, one row per
   (scheme, ε, model, seed), for ``dvc plots``;
 - ``figures/*.png``: the paper's Figures 2-7 equivalents (matplotlib, no display needed);

@@ -34,6 +34,7 @@ FIGURE_NAMES = frozenset(
         layout.FIG_MASKED_CLIP,
         layout.FIG_TRAIN_SIZE,
         layout.FIG_LEAKAGE,
+        layout.FIG_VERDICT,
         layout.FIG_COST_SPLIT,
         layout.FIG_CALIBRATION,
     }

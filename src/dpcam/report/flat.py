@@ -28,17 +28,6 @@ EXPLAIN_KEYS = (
     "insertion_auc",
     "randomisation_agreement",
 )
-SUMMARY_KEYS = (
-    "test_accuracy",
-    "epsilon",
-    "avg_drop_pct",
-    "increase_conf_pct",
-    "masked_score_pct",
-    "pointing_game",
-    "map_agreement",
-    "mia_auc",
-    "mia_epsilon_lb",
-)
 ACCURACY_KEYS = ("test_accuracy", "test_macro_f1", "test_qwk")
 SCHEMA_KEY = "schema"  # a record's format version: not a number of the run, left out of runs.csv
 
@@ -115,16 +104,6 @@ def runs_records(runs: list[Run], grid: GridConfig) -> list[dict[str, Any]]:
     return rows
 
 
-def summary_metrics(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
-    """metrics.json: ``{family: {run: {test_accuracy, epsilon (achieved), ..., degenerate}}}``;
-    missing values left out."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for r in runs:
-        vals = {k: v for k in SUMMARY_KEYS if (v := r.value(k)) is not None}
-        out.setdefault(r.spec.family, {})[r.spec.name] = {**vals, "degenerate": r.degenerate}
-    return out
-
-
 def plot_records(runs: list[Run], keys: Sequence[str], split: Sequence[str]) -> list[dict[str, Any]]:
     """Tidy rows for ``dvc plots``: one per (scheme, ε, model, seed) of the Gaussian, Laplace and baseline runs.
 
@@ -153,11 +132,11 @@ def plot_records(runs: list[Run], keys: Sequence[str], split: Sequence[str]) -> 
     return sorted(rows, key=lambda d: (d["scheme"], float(d["epsilon"]), d["model"], d["seed"]))
 
 
-def write_flat_files(runs: list[Run], grid: GridConfig, folder: Path, verdict: dict[str, Any] | None = None) -> None:
-    """runs.csv, metrics.json (the verdict first: ``dvc metrics show`` opens with the answer) and
-    plots/{accuracy,explain}_vs_eps.csv under ``folder``."""
+def write_flat_files(runs: list[Run], grid: GridConfig, folder: Path, metrics: dict[str, Any]) -> None:
+    """runs.csv (every number of every run), metrics.json (``metrics``: the verdict's few numbers,
+    :func:`dpcam.report.verdict.dvc_metrics`) and plots/{accuracy,explain}_vs_eps.csv under ``folder``."""
     write_csv(folder / RUNS_CSV, runs_records(runs, grid))
-    write_json(folder / METRICS_JSON, {**({"verdict": verdict} if verdict else {}), **summary_metrics(runs)})
+    write_json(folder / METRICS_JSON, metrics)
     write_csv(folder / PLOTS_DIR / PLOT_ACCURACY, plot_records(runs, ACCURACY_KEYS, ("test_accuracy",)))
     write_csv(
         folder / PLOTS_DIR / PLOT_EXPLAIN,

@@ -12,6 +12,7 @@ from dpcam.families import pick
 from dpcam.layout import (
     FIG_CALIBRATION,
     FIG_COST_SPLIT,
+    FIG_VERDICT,
     FIGURES_DIR,
     INDEX_HTML,
     METRICS_JSON,
@@ -30,9 +31,9 @@ from dpcam.report.flat import write_flat_files
 from dpcam.report.page import render_html
 from dpcam.report.runs import Run, load_runs
 from dpcam.report.tables import build_tables, write_tables
-from dpcam.report.verdict import summary, verdict
-from dpcam.report.verdict_figures import fig_calibration, fig_cost_split
-from dpcam.report.verdict_text import html_section, markdown
+from dpcam.report.verdict import dvc_metrics, summary, verdict
+from dpcam.report.verdict_figures import fig_calibration, fig_cost_split, fig_forest
+from dpcam.report.verdict_text import description, html_section, markdown
 
 # the report's own entries under out/: only these are replaced
 OWNED = (INDEX_HTML, VERDICT_MD, TABLES_DIR, FIGURES_DIR, PLOTS_DIR, RUNS_CSV, METRICS_JSON)
@@ -64,13 +65,14 @@ def report(
             swap_in(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _log_verdict(summary.pop("verdicts"), runs, grid, out / VERDICT_MD)
+    _log_verdict(summary.pop("verdicts"), runs, grid, out)
     return summary
 
 
-def _log_verdict(verdicts, runs: list[Run], grid: GridConfig, path: Path) -> None:
+def _log_verdict(verdicts, runs: list[Run], grid: GridConfig, out: Path) -> None:
     """The verdict as one MLflow run of the grid (``verdict-<grid>``, tagged ``dpcam.grid``), beside its runs;
-    the same run is updated when the report is made again."""
+    the same run is updated when the report is made again. Its description (the UI renders it) is the answer
+    and the claims; its artifacts verdict.md and the forest plot."""
     from dpcam import tracking
 
     dataset = runs[0].train.dataset
@@ -80,7 +82,37 @@ def _log_verdict(verdicts, runs: list[Run], grid: GridConfig, path: Path) -> Non
             numbers = summary(v)
             tracking.log_metrics({f"{v.model}.{k}": x for k, x in numbers.items() if k != "claims"})
             tracking.set_tags({f"dpcam.claim.{v.model}.{c.key}": c.verdict for c in v.claims})
-        tracking.log_artifact(path)
+        tracking.set_tags({"mlflow.note.content": description(verdicts, runs, grid)})
+        tracking.log_artifact(out / VERDICT_MD)
+        for v in verdicts:
+            if (picture := out / FIGURES_DIR / _model_file(FIG_VERDICT, v, verdicts)).is_file():
+                tracking.log_artifact(picture)
+
+
+def _verdict_figures(verdicts, runs: list[Run], folder: Path, figures: list[tuple[str, str]]) -> dict[str, str]:
+    """Each verdict's pictures into ``folder`` (the first model's under the layout's names, the others' beside
+    them): the forest plot (returned, model -> src, for the top of its section), the cost split (first among
+    ``figures``) and the calibration diagram (last)."""
+    pictures = {}
+    for v in verdicts:
+        name = _model_file(FIG_VERDICT, v, verdicts)
+        if fig_forest(v, folder / name) is not None:
+            pictures[v.model] = f"{FIGURES_DIR}/{name}"
+        name = _model_file(FIG_COST_SPLIT, v, verdicts)
+        if fig_cost_split(v, folder / name) is not None:
+            what = f"What privacy costs ({v.model}): ε − ∞ split into the DP budget, clipping and noise, per ε"
+            figures.insert(0, (f"{FIGURES_DIR}/{name}", what + " (verdict.md has every metric)"))
+        name = _model_file(FIG_CALIBRATION, v, verdicts)
+        reference = pick(runs, family="baseline", scheme="none", model=v.model, schedule=None)
+        if fig_calibration(v, reference, folder / name) is not None:
+            what = f"Calibration ({v.model}): the reliability diagram of each ε against ε = ∞"
+            figures.append((f"{FIGURES_DIR}/{name}", what))
+    return pictures
+
+
+def _model_file(name: str, v, verdicts) -> str:
+    """A verdict figure's file: ``name`` for the first model, ``<stem>_<model>.png`` for the others."""
+    return name if v is verdicts[0] else name.replace(".png", f"_{v.model}.png")
 
 
 def _build(
@@ -94,26 +126,10 @@ def _build(
     verdicts = [verdict(runs, grid, model, config) for model in grid.models]
     notes += [f"verdict ({v.model}): {p}" for v in verdicts for p in v.problems()]
     write_text(tmp / VERDICT_MD, markdown(verdicts, runs, grid))
-    write_flat_files(runs, grid, tmp, {v.model: summary(v) for v in verdicts})
+    write_flat_files(runs, grid, tmp, dvc_metrics(verdicts[0]))  # the first model's: the grid's headline
     figures, skipped = draw_figures(grid, tables, tmp / FIGURES_DIR, cam_images)
     notes += skipped
-    for v in verdicts:  # the verdict's own picture (the first model's; the others' files beside it)
-        name = FIG_COST_SPLIT if v is verdicts[0] else FIG_COST_SPLIT.replace(".png", f"_{v.model}.png")
-        if fig_cost_split(v, tmp / FIGURES_DIR / name) is not None:
-            figures.insert(
-                0,
-                (
-                    f"figures/{name}",
-                    f"What privacy costs ({v.model}): ε − ∞ split into the DP budget, "
-                    "clipping and noise, per ε (verdict.md has every metric)",
-                ),
-            )
-        name = FIG_CALIBRATION if v is verdicts[0] else FIG_CALIBRATION.replace(".png", f"_{v.model}.png")
-        reference = pick(runs, family="baseline", scheme="none", model=v.model, schedule=None)
-        if fig_calibration(v, reference, tmp / FIGURES_DIR / name) is not None:
-            figures.append(
-                (f"figures/{name}", f"Calibration ({v.model}): the reliability diagram of each ε against ε = ∞")
-            )
+    pictures = _verdict_figures(verdicts, runs, tmp / FIGURES_DIR, figures)
     _keep_other_figures(out / FIGURES_DIR, tmp / FIGURES_DIR)
     page = render_html(
         grid,
@@ -123,7 +139,7 @@ def _build(
         notes,
         _ldp_pictures(runs, out, tmp),
         search=(out / SEARCH_REPORT.name / INDEX_HTML).is_file(),
-        verdict=html_section(verdicts, runs, grid),
+        verdict=html_section(verdicts, runs, grid, pictures),
     )
     write_text(tmp / INDEX_HTML, page)
     return {

@@ -166,6 +166,32 @@ def summary(v: Verdict) -> dict[str, Any]:
     return out
 
 
+DVC_METRICS = ("test_accuracy", "acc"), ("masked_score_pct", "msp")  # per ε in metrics.json: (measure, short name)
+
+
+def dvc_metrics(v: Verdict) -> dict[str, Any]:
+    """metrics.json, the few numbers ``dvc metrics show`` / ``dvc exp show`` print as columns (≤ 40 for the
+    default grid, short names; docs/verdict.md lists them): the model, its seeds, the smallest ε from which
+    explanations / accuracy are not worse ("none": no ε tested is), every claim's status, and per ε of the grid's
+    Gaussian family ``acc_e<ε>`` / ``msp_e<ε>``: the paired difference ε − ∞ of test accuracy / masked score %
+    (mean over seeds) with its interval ``_lo`` / ``_hi``. Every per-run number is in runs.csv and plots/."""
+    out: dict[str, Any] = {
+        "model": v.model,
+        "seeds": len(v.seeds),
+        "expl_ok_from_eps": "none" if v.explanations_from is None else v.explanations_from,  # DVC drops a null
+        "acc_ok_from_eps": "none" if v.accuracy_from is None else v.accuracy_from,
+    }
+    out.update({f"claim_{c.key}": c.status for c in v.claims})
+    for row in v.rows:
+        for key, short in DVC_METRICS:
+            d = row.diffs.get(key)
+            if d is None or d.mean is None or not math.isfinite(d.mean):
+                continue
+            name = f"{short}_e{format_eps(row.epsilon)}"
+            out.update({name: d.mean, f"{name}_lo": d.lo, f"{name}_hi": d.hi})
+    return out
+
+
 # ------------------------------------------------------------------------------------ what the metrics track
 
 

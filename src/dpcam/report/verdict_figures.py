@@ -1,5 +1,6 @@
-"""Pictures of the verdict: what privacy costs, split into budget, clipping and noise (``fig_cost_split.png``), and
-the reliability diagram of each ε against ∞ (``fig_calibration.png``)."""
+"""Pictures of the verdict: every measure's ε − ∞ as a forest plot (``fig_verdict.png``), what privacy costs, split
+into budget, clipping and noise (``fig_cost_split.png``), and the reliability diagram of each ε against ∞
+(``fig_calibration.png``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 from dpcam.errors import UserError
 from dpcam.layout import format_eps
 from dpcam.records import CALIBRATION_BINS, calibration_features
-from dpcam.report.compare import PARTS, label
+from dpcam.report.compare import ACCURACY, AGREEMENT, EXPLANATION, PARTS, RANDOMISATION, ROAD_GAP, label
+from dpcam.report.paired import BETTER, WORSE
 from dpcam.report.plotting import figure, finish
 from dpcam.report.runs import Run
 from dpcam.report.verdict import Verdict
@@ -18,6 +20,54 @@ from dpcam.report.verdict import Verdict
 # the measures drawn: test accuracy and the paper's three metrics (the table holds every headline metric)
 DRAWN = ("test_accuracy", "avg_drop_pct", "increase_conf_pct", "masked_score_pct")
 PART_COLORS = {"budget": "tab:grey", "clipping": "tab:orange", "noise": "tab:red"}
+
+
+FOREST = (ACCURACY, *EXPLANATION, ROAD_GAP, RANDOMISATION, AGREEMENT)  # its rows, accuracy first
+MARK_COLORS = {BETTER: "tab:green", WORSE: "tab:red"}  # marked by the correction
+LIGHT_COLORS = {BETTER: "#9fd89f", WORSE: "#f4a6a6"}  # the 95 % interval excludes 0, not marked after correction
+FOREST_COLUMNS = 3
+CORRECTIONS = {"bh": "Benjamini–Hochberg", "holm": "Holm"}
+
+
+def fig_forest(v: Verdict, path: Path) -> Path | None:
+    """The verdict as a picture: per measure a panel, per ε a point (mean over seeds of ε − ∞) with its 95 %
+    interval, 0 (= as good as ε = ∞) a vertical line. Right is better on every panel: a measure where lower is
+    better is drawn with its sign flipped. Green / red: marked better / worse by the verdict's multiplicity
+    correction (the table's ▲ / ▼); light green / red, hollow: the interval excludes 0 but the correction does not
+    mark it; grey: the interval holds 0. None when no ε has a measured difference."""
+    keys = [m.key for m in FOREST if any(m.key in r.diffs and r.diffs[m.key].mean is not None for r in v.rows)]
+    if not keys:
+        return None
+    nrows = -(-len(keys) // FOREST_COLUMNS)
+    fig, axes = figure(nrows, FOREST_COLUMNS, w=4.0, h=0.45 * len(v.rows) + 1.3)
+    y = np.arange(len(v.rows))
+    for ax, key in zip(axes.ravel(), keys):
+        m = label(key)
+        sign = 1.0 if m.better == "higher" else -1.0
+        for i, row in enumerate(v.rows):
+            d = row.diffs.get(key)
+            if d is None or d.mean is None:
+                continue
+            side = BETTER if d.improved else WORSE if d.worse else ""
+            color = MARK_COLORS.get(d.mark) or LIGHT_COLORS.get(side, "tab:grey")
+            if d.lo is not None:
+                ax.plot(sorted((sign * d.lo, sign * d.hi)), [i, i], color=color, lw=2)
+            hollow = side and not d.mark
+            ax.plot([sign * d.mean], [i], "o", color=color, mfc="white" if hollow else color, ms=5)
+        ax.axvline(0, color="black", lw=0.7)
+        ax.set_yticks(y, [f"ε = {format_eps(r.epsilon)}" for r in v.rows], fontsize=8)
+        ax.set_title(m.label + (" (sign flipped)" if sign < 0 else ""), fontsize=9)
+    for ax in axes.ravel()[len(keys) :]:
+        ax.set_visible(False)
+    return finish(
+        fig,
+        axes,
+        path,
+        f"{v.model}: ε − ∞ per measure, mean over {len(v.seeds)} seeds with its 95 % interval; right of 0 = better\n"
+        f"green / red: marked better / worse after {CORRECTIONS[v.config.marks]}; light, hollow: the interval "
+        "excludes 0, unmarked; grey: it holds 0",
+        False,
+    )
 
 
 def fig_cost_split(v: Verdict, path: Path) -> Path | None:

@@ -482,6 +482,21 @@ def split_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
     return header, body if rows else []
 
 
+DESCRIPTION_MAX = 5000  # characters: MLflow keeps a tag value of at most 5000 on every store
+
+
+def description(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
+    """The verdict run's description in MLflow (Markdown): per model the answer and the claims' statuses; the
+    rest is in its artifacts (verdict.md and the forest plot)."""
+    out = [f"**Verdict of grid `{grid.name}`** (every number: the artifact {VERDICT_MD})", ""]
+    for v in verdicts:
+        out += [f"### {v.model}: seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
+        out += [f"- {line}" for line in answer(v, runs)] + [""]
+        out += ["Claims: " + "; ".join(f"({c.key}) {c.status}" for c in v.claims), ""]
+    text = "\n".join(out)
+    return text if len(text) <= DESCRIPTION_MAX else text[: DESCRIPTION_MAX - 1] + "…"
+
+
 def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
     out = [f"# Verdict: grid `{grid.name}`", ""]
     for v in verdicts:
@@ -509,11 +524,16 @@ def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> 
     return "\n".join(out)
 
 
-def html_section(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
+def html_section(
+    verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig, pictures: dict[str, str] | None = None
+) -> str:
+    """The verdict's section of index.html; ``pictures``: model -> the src of its forest plot (drawn first)."""
     e = html.escape
     parts = ['<h2 id="verdict">Verdict</h2>']
     for v in verdicts:
         parts.append(f"<h3>{e(v.model)}: seeds {e(', '.join(map(str, v.seeds)) or '—')}</h3>")
+        if src := (pictures or {}).get(v.model):
+            parts.append(f'<figure><img src="{e(src)}" alt="the verdict of {e(v.model)} as a forest plot"></figure>')
         parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v, runs)) + "</ul>")
         parts.append(f"<p>{e(recipes(grid))}</p>")
         if words := effort(v, runs):

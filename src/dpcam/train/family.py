@@ -50,7 +50,15 @@ def run_family(
     if parallel:
         tracking.ensure_experiment(base.dataset)
     jobs = [(cfg, s.model_dir, progress and not parallel, grid.name, profile) for s, cfg in zip(specs, cfgs)]
-    return run_jobs(_train_fresh, jobs, [s.name for s in specs], **grid.run_options())
+    names = [s.name for s in specs]
+    return run_jobs(_train_fresh, jobs, names, stage=f"train-{family}", describe=_trained, **grid.run_options())
+
+
+def _trained(record: TrainRecord) -> str:
+    """A trained run in a few words (the stage's progress line)."""
+    eps = record.value("epsilon")
+    privacy = "no ε" if record.guarantee == "none" else "ε = ∞" if eps is None else f"ε = {eps:.3g}"
+    return f"test accuracy {record.test_accuracy:.3f}, {privacy}"
 
 
 def _check_reachable(specs: list, cfgs: list[TrainConfig], grid: GridConfig) -> None:

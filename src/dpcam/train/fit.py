@@ -176,7 +176,7 @@ class _Training:
     device: torch.device
     data: PreparedDataset
     splits: tuple[Any, Any, Any]  # train, val, test
-    setup: Any  # privacy.engine.PrivateSetup
+    setup: Any  # privacy.setup.PrivateSetup
     schedule: Any
     sampler_gen: torch.Generator
     noise_gen: torch.Generator

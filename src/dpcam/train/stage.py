@@ -22,7 +22,7 @@ from dpcam.errors import UserError
 from dpcam.names import CLIPPED_SCHEMES, NOISED_SCHEMES, UNGUARANTEED_SCHEMES
 from dpcam.records import TrainRecord
 from dpcam.saved import load_model, save_model
-from dpcam.train.fit import Diverged, fit, load_checkpoint, open_data
+from dpcam.train.fit import Diverged, _splits, fit, load_checkpoint, open_data
 from dpcam.train.lock import run_lock
 
 log = logging.getLogger("dpcam.train")
@@ -83,6 +83,7 @@ def _run_locked(
             layout.write_text(out / RUN_ID_FILE, mlflow_id + "\n")
             if run_id is None:
                 tracking.log_params(mlflow_params(cfg, data))
+                tracking.log_dataset(**dataset_input(cfg, data))
 
             def on_epoch(epoch: int, row: dict[str, float]) -> None:
                 tracking.log_metrics({EPOCH_METRICS[k]: v for k, v in row.items() if k in EPOCH_METRICS}, step=epoch)
@@ -194,6 +195,19 @@ def mlflow_params(cfg: TrainConfig, data: PreparedDataset) -> dict[str, Any]:
             ldp_scope=guarantee.get("scope"),
         )
     return params
+
+
+def dataset_input(cfg: TrainConfig, data: PreparedDataset) -> dict[str, Any]:
+    """What the run trains on, as MLflow's dataset input (:func:`dpcam.tracking.log_dataset`): the dataset's name
+    (``<dataset>``, ``<dataset>/<ldp derivative>``, ``<dataset>-public``), the SHA-256 of its images (the file DVC
+    tracks), its folder, and tags: the split and how many of its images train, the local-DP mechanism and ε of a
+    derivative, ``public`` for the public set a trunk trains on."""
+    mechanism, eps, _ = _ldp_mechanism(data)
+    tags = {"split": "train", "images": len(_splits(cfg, data)[0]), "ldp_mechanism": mechanism}
+    tags.update(ldp_epsilon=layout.format_eps(eps) if eps is not None else None, public="true" if cfg.public else None)
+    name = cfg.dataset + (f"/{cfg.ldp}" if cfg.ldp else "") + (layout.PUBLIC_SUFFIX if cfg.public else "")
+    digest = data.manifest.get("checksums", {}).get("images.npy", "")
+    return {"name": name, "digest": digest, "source": cfg.data_dir, "tags": tags}
 
 
 def mlflow_metrics(record: TrainRecord, data: PreparedDataset) -> dict[str, Any]:

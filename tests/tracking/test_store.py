@@ -1,9 +1,13 @@
+"""The tracking store's door (dpcam.tracking.store): where the store is, many processes on one store, a fresh
+store's creation, and its faults as one line."""
+
 import os
 from pathlib import Path
 
 import pytest
 
 from dpcam import tracking
+from dpcam.tracking import store
 
 
 def test_default_store_follows_the_current_folder_and_leaks_no_env(tmp_path, monkeypatch):
@@ -29,88 +33,6 @@ def test_user_store_from_the_environment(tmp_path, monkeypatch):
         pass
     assert tracking.get_run(run_id).info.status == "FINISHED"
     assert (tmp_path / "team.db").exists() and not Path("mlruns/mlflow.db").exists()
-
-
-def test_resuming_an_unknown_run_is_one_line(tmp_path):
-    from dpcam.errors import UserError
-
-    with pytest.raises(UserError, match="is not in sqlite"):
-        with tracking.run("exp", "x", run_id="0" * 32):
-            pass
-
-
-def test_params_are_flattened_and_non_finite_metrics_skipped():
-    with tracking.run("exp", "p") as run_id:
-        tracking.log_params({"a": {"b": 1}, "c": None})
-        tracking.log_metrics({"eps": float("inf"), "acc": 0.5, "flag": True})
-    r = tracking.get_run(run_id)
-    assert r.data.params == {"a.b": "1", "c": ""}
-    assert r.data.metrics == {"acc": 0.5}
-
-
-def _listing(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def test_loading_a_logged_model_leaves_the_store_untouched():
-    """MLflow downloads a models:/ URI in place for a local store and writes registered_model_meta there."""
-    import torch
-
-    model = torch.nn.Linear(4, 2)
-    with tracking.run("exp", "m"):
-        uri = tracking.log_model(model, input_example=torch.rand(2, 4).numpy())
-    artifacts = _listing(Path("mlruns/artifacts"))
-    loaded = tracking.load_model(uri)
-    assert _listing(Path("mlruns/artifacts")) == artifacts
-    x = torch.rand(3, 4)
-    assert torch.equal(loaded(x), model(x))
-
-
-def test_a_signal_that_mlflow_swallows_still_ends_the_run_killed(monkeypatch):
-    """SIGTERM inside an MLflow call that catches every Exception (as signature inference does) is held
-    back until the call returns, then raised: the run ends KILLED, not FINISHED."""
-    import signal
-
-    import mlflow
-
-    real = mlflow.log_metrics
-
-    def swallowing(*args, **kwargs):
-        try:
-            os.kill(os.getpid(), signal.SIGTERM)
-            for _ in range(1000):  # the handler runs between bytecodes: here, inside the try
-                pass
-        except Exception:
-            pass
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mlflow, "log_metrics", swallowing)
-    seen = {}
-    with pytest.raises(tracking.Terminated, match="SIGTERM"):
-        with tracking.run("exp", "t") as run_id:
-            seen["id"] = run_id
-            tracking.log_metrics({"a": 1.0})
-            seen["after"] = True  # not reached: the signal is raised when log_metrics returns
-    r = tracking.get_run(seen["id"])
-    assert r.info.status == "KILLED" and r.data.metrics == {"a": 1.0} and "after" not in seen
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run's handler is gone with it
-    with tracking.run("exp", "next") as again:  # nothing of the signal is left for the next run
-        pass
-    assert tracking.get_run(again).info.status == "FINISHED"
-
-
-def test_a_signal_dropped_by_code_in_the_run_still_ends_it_killed():
-    import signal
-
-    with pytest.raises(tracking.Terminated):
-        with tracking.run("exp", "t") as run_id:
-            try:
-                os.kill(os.getpid(), signal.SIGTERM)
-                for _ in range(1000):
-                    pass
-            except BaseException:
-                pass
-    assert tracking.get_run(run_id).info.status == "KILLED"
 
 
 def test_a_read_only_store_is_one_line_before_any_work():
@@ -268,7 +190,12 @@ def forkserver():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    modules = ["dpcam.tracking", "mlflow.store.tracking.sqlalchemy_store", "alembic.command", "tests.test_tracking"]
+    modules = [
+        "dpcam.tracking",
+        "mlflow.store.tracking.sqlalchemy_store",
+        "alembic.command",
+        "tests.tracking.test_store",
+    ]
     ctx.set_forkserver_preload(modules)
     return ctx
 
@@ -323,6 +250,47 @@ def test_processes_starting_together_on_a_fresh_store_all_finish_and_leave_it_wh
     assert workers == list(range(6)) and {r.info.status for r in runs} == {"FINISHED"}
 
 
+@pytest.mark.slow
+def test_four_trains_and_two_searches_started_together_on_a_fresh_folder_all_finish(tmp_path):
+    """Issue 25, case 1 end to end: `dpcam train` x 4 and `dpcam search --trials 1` x 2 started together in a
+    fresh folder (tiny data, one epoch): every process exits 0, every MLflow run is FINISHED, the store is whole.
+    Once, not ten times: each process spends ~8 s importing torch, Opacus, Captum and MLflow; the store-creation
+    race itself is repeated ten times above with light processes."""
+    import subprocess
+    import sys
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import make_tiny
+
+    make_tiny(masks=True)
+    train = {"dataset": "tiny", "device": "cpu", "epochs": 1, "batch_size": 32, "delta": 1e-3, "accountant": "gdp"}
+    search = {"schemes": ["gaussian"], "epochs": [1, 1], "batch_size": [32], "explain_images": 16, "population": 2}
+    Path("params.yaml").write_text(yaml.safe_dump({"train": train, "explain": {"batch_size": 64}, "search": search}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    commands = [["train", "--scheme", "none", "--name", f"t{k}", "--seed", str(k)] for k in range(4)]
+    commands += [["search", "--trials", "1", "--study-name", f"s{k}"] for k in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "dpcam", *c], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for c in commands
+    ]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, outputs
+    assert all("Traceback" not in out for out in outputs), outputs
+    tracking.check_sqlite(Path("mlruns/mlflow.db"), "store")
+    tracking._setup()
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], max_results=100)
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["s0", "s1", "t0", "t1", "t2", "t3", "trial-0", "trial-0"], names
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    front = Path("reports/search/front.md").read_text()  # one search's whole report (they wrote it in turn)
+    assert front.startswith("# Pareto front of study `s") and "## Cost of tuning" in front
+
+
 # ------------------------------------------------------------------------------------ store faults, one line each
 
 
@@ -331,7 +299,7 @@ def _store_with_runs() -> Path:
         with tracking.run("exp", f"r{i}"):
             tracking.log_params({"p": i, "text": "x" * 200})
             tracking.log_metrics({"m": float(i)}, step=i)
-    tracking._opened.clear()  # as a new process: the next call opens (and checks) the store again
+    store._opened.clear()  # as a new process: the next call opens (and checks) the store again
     return Path("mlruns/mlflow.db")
 
 
@@ -420,7 +388,7 @@ def sqlite_lock_holder():
 def test_a_locked_store_names_the_process_that_holds_it(sqlite_lock_holder, monkeypatch):
     from dpcam.errors import UserError
 
-    monkeypatch.setattr(tracking, "BUSY_WAIT", 0.5)
+    monkeypatch.setattr(store, "BUSY_WAIT", 0.5)
     with pytest.raises(UserError) as err:
         with tracking.run("exp", "after"):
             raise AssertionError("the block must not run")
@@ -441,58 +409,3 @@ def test_a_full_disk_under_the_store_is_named_with_its_path():
     err = tracking.store_fault(sqlite3.OperationalError("database or disk is full"), "log metrics")
     assert isinstance(err, UserError) and str(err).startswith(f"{db}: cannot write, no space left on the device")
     assert tracking.store_fault(ValueError("a bug of ours"), "log metrics") is None
-
-
-def test_a_run_a_killed_process_left_running_is_ended_killed():
-    """Issue 25, case 7: a killed run stayed RUNNING in MLflow beside its retrained copy."""
-    import mlflow
-
-    tracking._setup()
-    exp = tracking._experiment_id("exp")
-    left = mlflow.tracking.MlflowClient().create_run(exp, run_name="killed").info.run_id  # as SIGKILL leaves it
-    assert tracking.get_run(left).info.status == "RUNNING"
-    assert tracking.end_abandoned(left) is True
-    assert tracking.get_run(left).info.status == "KILLED"
-    assert tracking.end_abandoned(left) is False  # a run that ended is left as it is
-    assert tracking.end_abandoned("0" * 32) is False  # and one the store does not have
-
-
-@pytest.mark.slow
-def test_four_trains_and_two_searches_started_together_on_a_fresh_folder_all_finish(tmp_path):
-    """Issue 25, case 1 end to end: `dpcam train` x 4 and `dpcam search --trials 1` x 2 started together in a
-    fresh folder (tiny data, one epoch): every process exits 0, every MLflow run is FINISHED, the store is whole.
-    Once, not ten times: each process spends ~8 s importing torch, Opacus, Captum and MLflow; the store-creation
-    race itself is repeated ten times above with light processes."""
-    import subprocess
-    import sys
-
-    import yaml
-    from mlflow.tracking import MlflowClient
-
-    from tests.conftest import make_tiny
-
-    make_tiny(masks=True)
-    train = {"dataset": "tiny", "device": "cpu", "epochs": 1, "batch_size": 32, "delta": 1e-3, "accountant": "gdp"}
-    search = {"schemes": ["gaussian"], "epochs": [1, 1], "batch_size": [32], "explain_images": 16, "population": 2}
-    Path("params.yaml").write_text(yaml.safe_dump({"train": train, "explain": {"batch_size": 64}, "search": search}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    commands = [["train", "--scheme", "none", "--name", f"t{k}", "--seed", str(k)] for k in range(4)]
-    commands += [["search", "--trials", "1", "--study-name", f"s{k}"] for k in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "dpcam", *c], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        for c in commands
-    ]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0] * 6, outputs
-    assert all("Traceback" not in out for out in outputs), outputs
-    tracking.check_sqlite(Path("mlruns/mlflow.db"), "store")
-    tracking._setup()
-    client = MlflowClient()
-    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], max_results=100)
-    names = sorted(r.info.run_name for r in runs)
-    assert names == ["s0", "s1", "t0", "t1", "t2", "t3", "trial-0", "trial-0"], names
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    front = Path("reports/search/front.md").read_text()  # one search's whole report (they wrote it in turn)
-    assert front.startswith("# Pareto front of study `s") and "## Cost of tuning" in front
