@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -p no:cacheprovider
 
-## The developer's quick loop: the tests without the end-to-end ones (marker slow: whole dvc repro, real searches).
+## The developer's quick loop: the tests without the slow ones (marker slow: end-to-end runs, any test over ~3 s).
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 -p no:cacheprovider -m "not slow"
 

@@ -35,6 +35,7 @@ LAYERS = [
     "dpcam.data",
     "dpcam.layers",
     "dpcam.tvmodels",
+    "dpcam.weights",
     "dpcam.models",
     "dpcam.saved",
     "dpcam.privacy",

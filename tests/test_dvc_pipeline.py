@@ -119,6 +119,7 @@ def repro(tmp_path_factory):
     return root, env, out
 
 
+@pytest.mark.slow
 def test_repro_runs_every_stage_and_writes_the_report(repro):
     root, env, out = repro
     for stage in (

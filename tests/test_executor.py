@@ -37,6 +37,7 @@ def _fails(x):
     return x * 10
 
 
+@pytest.mark.slow
 def test_a_failed_job_names_its_run_after_the_others_finish():
     assert run_jobs(_fails, [(1,), (3,)], ["a", "b"], executor="local") == [10, 30]
     with pytest.raises(UserError, match=r"^run b: bad input two; rerun the stage"):
@@ -46,6 +47,7 @@ def test_a_failed_job_names_its_run_after_the_others_finish():
 
 
 @pytest.mark.parametrize("executor", ["serial", "local"])
+@pytest.mark.slow
 def test_each_finished_run_prints_one_line_with_its_result_count_and_time_left(executor, capsys):
     """A `dvc repro` without a terminal shows its progress: one line per run as it finishes (stderr)."""
     out = run_jobs(_fails, [(1,), (3,), (4,)], ["a", "b", "c"], executor=executor, stage="train-x", describe=str)
@@ -101,6 +103,7 @@ def _dies(x):
     return _fails(x)
 
 
+@pytest.mark.slow
 def test_ray_names_the_failed_and_the_killed_run(local_ray):
     assert run_jobs(_fails, [(1,), (3,)], ["a", "b"], executor="ray") == [10, 30]
     with pytest.raises(UserError, match=r"^run b: bad input two \(1 more failed\); rerun the stage"):
@@ -109,6 +112,7 @@ def test_ray_names_the_failed_and_the_killed_run(local_ray):
         run_jobs(_dies, [(1,), (3,)], ["a", "c"], executor="ray")
 
 
+@pytest.mark.slow
 def test_ray_bad_input_is_one_line(monkeypatch, local_ray):
     with pytest.raises(
         UserError, match=r"grid.gpus_per_run = 0.25 but this machine has no GPU; set grid.gpus_per_run: 0"

@@ -13,7 +13,8 @@ from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
 from dpcam.errors import UserError
-from dpcam.models import MODELS, Normalize, create_model, load_weights, target_layer
+from dpcam.models import MODELS, Normalize, create_model, target_layer
+from dpcam.weights import load_weights
 
 NUM_CLASSES = 3
 # name: (batch, forward sizes, per-sample-gradient size); small batches and 32 px keep the big
@@ -50,6 +51,7 @@ def test_contract_covers_every_registered_model():
 
 @_HOOK_WARNING
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow
 def test_model_contract(name):
     """Opacus-valid, (B, classes) logits, target ≥ 8×8 at 64 px, per-sample grads through GradSampleModule hooks."""
     batch, sizes, gsm_size = CONTRACT[name]
@@ -175,14 +177,14 @@ def test_load_weights_alone_reports_what_does_not_fit(tmp_path, caplog):
 
     ref = tv_resnet18(weights=None, num_classes=1000)
     torch.save(ref.state_dict(), tmp_path / "imagenet.pt")
-    with caplog.at_level(logging.WARNING, logger="dpcam.models"):
+    with caplog.at_level(logging.WARNING, logger="dpcam.weights"):
         model = create_model("resnet18", 5, 64, seed=0)  # the small-input stem
         report = load_weights(model, tmp_path / "imagenet.pt")
     assert isinstance(model.bn1, FrozenBatchNorm2d) and len(report.frozen_batchnorm) == 20
     assert [s.split()[0] for s in report.shape_mismatch] == ["conv1.weight", "fc.weight", "fc.bias"]
     assert report.problems == ["conv1.weight (64, 3, 7, 7)→(64, 3, 3, 3)", "conv1.weight"]
     assert len(report.used) == 99 and len(report.ignored) == 20 and report.in_file == 122
-    [record] = [r for r in caplog.records if r.name == "dpcam.models"]
+    [record] = [r for r in caplog.records if r.name == "dpcam.weights"]
     assert "conv1.weight" in record.getMessage() and "the head is for another class count" in record.getMessage()
 
 

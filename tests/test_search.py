@@ -167,6 +167,7 @@ def test_mask_url():
     assert S.mask_url("sqlite:///mlruns/optuna.db") == "sqlite:///mlruns/optuna.db"
 
 
+@pytest.mark.slow
 def test_a_study_with_other_objectives_or_dataset_is_refused():
     cfg = SearchConfig()
     storage = S.open_storage("sqlite:///optuna.db", heartbeat=5, grace_period=None, max_retry=0)
@@ -316,6 +317,7 @@ def test_random_count_search_runs_the_drawn_number_and_reports_the_bound():
         assert res.cost["trials_drawn"] == drawn
 
 
+@pytest.mark.slow
 def test_search_epochs_reach_the_trials_and_the_worst_case(monkeypatch):
     from dpcam.data.store import load_dataset
     from dpcam.privacy import tuning

@@ -25,9 +25,10 @@ from dpcam import saved
 from dpcam.config import TrainConfig
 from dpcam.errors import UserError
 from dpcam.layers import IMAGENET_MEAN, IMAGENET_STD, FrozenBatchNorm2d
-from dpcam.models import create_model, freeze, frozen_keys, load_weights, target_layer, trunk_keys
+from dpcam.models import create_model, freeze, frozen_keys, target_layer, trunk_keys
 from dpcam.privacy.engine import make_private
 from dpcam.train import fit as train_fit
+from dpcam.weights import load_weights
 
 CLASSES = 5  # the private task (APTOS's grades)
 IMAGENET = 1000
@@ -243,6 +244,7 @@ def test_frozen_batchnorm_is_eval_batchnorm_with_exact_per_example_gradients():
 @_HOOK_WARNING
 @_OPACUS_WARNINGS
 @pytest.mark.parametrize("kind", ["resnet18", "alexnet", "vgg16", "vgg16_bn"])
+@pytest.mark.slow
 def test_a_torchvision_file_loads_whole_and_computes_what_torchvision_computes(files, kind):
     """For head, last-block and all: every tensor of the file used or accounted for, torchvision's eval-mode
     outputs (allclose 1e-4), Opacus-valid, the Grad-CAM layer where it was, a DP-SGD step on the trained part."""
@@ -355,13 +357,13 @@ def test_train_builds_the_same_models_and_prints_the_count(files, caplog):
     data = SimpleNamespace(num_classes=IMAGENET, image_size=32)
     lines = {}
     for trainable in ("head", "last-block", "all"):
-        with caplog.at_level(logging.INFO, logger="dpcam.models"):
+        with caplog.at_level(logging.INFO, logger="dpcam.weights"):
             caplog.clear()
             model, trained, loaded = train_fit._model(_cfg(path, trainable), data)
         ours, report = _load("resnet18", path, trainable)
         _same_model(model, ours)
         assert trained == [n for n, p in ours.named_parameters() if p.requires_grad]
-        [lines[trainable]] = [r.getMessage() for r in caplog.records if r.name == "dpcam.models"]
+        [lines[trainable]] = [r.getMessage() for r in caplog.records if r.name == "dpcam.weights"]
         assert lines[trainable] == report.summary() == loaded  # logged, and returned for train.json and stderr
     assert lines["head"] == (
         f"weights {path}: 122 tensors in the file, 100 used (BatchNorm of 20 layers as frozen statistics and "

@@ -4,7 +4,7 @@ A module of its own because importing torchvision's model zoo costs about 2 s: t
 builders in :mod:`dpcam.models` import it only when a resnet18, alexnet or vgg16 is asked for,
 so processes that train or explain the CPU default (smallcnn) never pay for it.
 
-torchvision's ImageNet state dicts load into these models (:func:`dpcam.models.load_weights`):
+torchvision's ImageNet state dicts load into these models (:func:`dpcam.weights.load_weights`):
 ``resnet18`` turns the GroupNorm layers the file holds BatchNorm weights for into frozen BatchNorm
 (:class:`~dpcam.layers.FrozenBatchNorm2d`, :class:`~dpcam.layers.AdoptsBatchNorm`); ``vgg16`` (torchvision's
 configuration D without BatchNorm) takes ``vgg16`` state dicts as they are and ``vgg16_bn`` ones with each

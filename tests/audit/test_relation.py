@@ -82,6 +82,7 @@ def test_without_sigma_q_steps_the_line_is_group_privacy_of_the_claim():
     assert c.violations == ["q"]
 
 
+@pytest.mark.slow
 def test_a_claim_below_what_sigma_q_steps_give_is_still_held_to_its_claim():
     """train.json claims ε = 0.05 but its σ, q, steps give ε ≈ 58: the claim's group-privacy pair catches it."""
     claimed = {**GAUSSIAN, "epsilon": 0.05, "noise_multiplier": 0.8, "sample_rate": 0.5, "steps": 100}

@@ -79,6 +79,7 @@ def _mlflow_run(name):
     return mlflow.get_run(run_id)
 
 
+@pytest.mark.slow
 def test_overfit_model_leaks_and_its_outputs_are_written(in_runs):
     overfit, _ = in_runs
     r = A.audit_run(overfit, cfg(), progress=False)
@@ -97,6 +98,7 @@ def test_overfit_model_leaks_and_its_outputs_are_written(in_runs):
     assert logged.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_dp_model_stays_within_its_bound(in_runs, caplog):
     _, dp = in_runs
     with caplog.at_level(logging.ERROR, logger="dpcam.audit"):
@@ -120,6 +122,7 @@ def test_dp_model_stays_within_its_bound(in_runs, caplog):
     assert logged.metrics["mia_check_epsilon_replace_one"] == pytest.approx(check["epsilon_replace_one"])
 
 
+@pytest.mark.slow
 def test_a_model_that_beats_its_claimed_epsilon_is_reported_loudly(in_runs, caplog):
     """The overfit model passed off as ε = 0.05: the audit must catch it (ERROR log, audit.json, MLflow tag, CLI)."""
     overfit, _ = in_runs
@@ -147,6 +150,7 @@ def test_a_model_that_beats_its_claimed_epsilon_is_reported_loudly(in_runs, capl
     assert any("check the run's accounting" in n for n in r["notes"])
 
 
+@pytest.mark.slow
 def test_audit_family_mirrors_the_explain_stage(in_runs):
     overfit, _ = in_runs
     grid = GridConfig(
@@ -174,6 +178,7 @@ def test_audit_family_mirrors_the_explain_stage(in_runs):
     assert sorted(p.name for p in folder.iterdir()) == ["audit.json", "roc.png"] and r["run_name"] == folder.name
 
 
+@pytest.mark.slow
 def test_audit_grid_checks_every_model_before_writing(in_runs):
     overfit, _ = in_runs
     grid = GridConfig(
@@ -225,6 +230,7 @@ def test_audit_grid_checks_every_model_before_writing(in_runs):
         (["audit", "--family", "nope"], "unknown grid family 'nope'"),
     ],
 )
+@pytest.mark.slow
 def test_bad_audit_input_is_one_line(in_runs, args, message):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output

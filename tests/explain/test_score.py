@@ -53,6 +53,7 @@ def in_runs(runs, monkeypatch):
     return runs[1]
 
 
+@pytest.mark.slow
 def test_explain_writes_metrics_maps_and_pictures(in_runs):
     none, dp = in_runs
     r = score(dp, ExplainConfig(device="cpu", batch_size=16), progress=False)
@@ -89,6 +90,7 @@ def test_explain_writes_metrics_maps_and_pictures(in_runs):
     assert (folder / "cams.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_streaming_does_not_depend_on_batch_size(in_runs):
     a = score(
         in_runs[1], ExplainConfig(device="cpu", batch_size=48, metrics=["confidence", "pointing-game"]), progress=False
@@ -102,11 +104,13 @@ def test_streaming_does_not_depend_on_batch_size(in_runs):
     assert np.array_equal(maps_a, np.load(Path("metrics") / in_runs[1] / "maps.npy"))
 
 
+@pytest.mark.slow
 def test_non_private_run_skips_agreement_with_a_note(in_runs):
     r = score(in_runs[0], ExplainConfig(device="cpu", metrics=["confidence", "map-agreement"]), progress=False)
     assert "map_agreement" not in r and any("non-private run" in n for n in r["notes"])
 
 
+@pytest.mark.slow
 def test_metrics_reach_the_training_mlflow_run(in_runs):
     import mlflow
 
@@ -118,6 +122,7 @@ def test_metrics_reach_the_training_mlflow_run(in_runs):
     assert r.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_explain_by_mlflow_run_id_and_figure_cams(in_runs):
     run_id = json.loads((Path("models") / in_runs[0] / "train.json").read_text())["mlflow_run_id"]
     res = CliRunner().invoke(app, ["explain", run_id, "--device", "cpu", "--metric", "confidence"])
@@ -129,6 +134,7 @@ def test_explain_by_mlflow_run_id_and_figure_cams(in_runs):
     assert Path("reports/figures/cams.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_dataset_without_masks_skips_mask_metrics(tmp_path):
     make_tiny()
     name = trained("none", epochs=1)
@@ -148,12 +154,14 @@ def test_dataset_without_masks_skips_mask_metrics(tmp_path):
         (["figure", "cams", "--runs", "nope"], "unknown run 'nope'"),
     ],
 )
+@pytest.mark.slow
 def test_bad_explain_input_is_one_line(in_runs, args, message):
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 2, res.output
     assert res.output.strip().splitlines()[-1].startswith("error: ") and message in res.output
 
 
+@pytest.mark.slow
 def test_missing_model_file_is_reported(in_runs, tmp_path):
     Path("models/broken").mkdir()
     Path("models/broken/model.json").write_text("{}")
@@ -214,6 +222,7 @@ def _recompute(name: str, cfg: ExplainConfig, batch_size: int) -> dict[str, floa
     return run.result()
 
 
+@pytest.mark.slow
 def test_every_explain_number_is_recomputed_exactly_from_the_saved_maps(in_runs):
     """The metrics see the float16 maps the stage saves, and the means are exact sums: maps.npy, map_indices.npy,
     the models and the dataset give explain.json's numbers to the last bit. Failed before: the metrics saw the
@@ -237,6 +246,7 @@ def test_every_explain_number_is_recomputed_exactly_from_the_saved_maps(in_runs)
                 assert written[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 
 
+@pytest.mark.slow
 def test_matched_inputs_and_road_land_in_per_image_values_and_can_be_turned_off(in_runs):
     """The new keys are per-image values (per_image.npz) whose means are explain.json's numbers; a metric left
     out of explain.metrics writes neither."""

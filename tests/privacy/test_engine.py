@@ -135,6 +135,7 @@ def test_incompatible_model_is_user_error():
         )
 
 
+@pytest.mark.slow
 def test_delta_not_below_one_over_n_is_refused_unless_forced_then_warned():
     model, opt, loader = _parts(n=200)
     args = dict(scheme="gaussian", target_epsilon=2.0, delta=1 / 100, max_grad_norm=1.0, epochs=1)
@@ -145,6 +146,7 @@ def test_delta_not_below_one_over_n_is_refused_unless_forced_then_warned():
     make_private(*_parts(n=200), scheme="clip-only", delta=1 / 100, max_grad_norm=1.0, epochs=1)  # no guarantee
 
 
+@pytest.mark.slow
 def test_the_delta_warning_is_given_once(caplog, recwarn):
     """One warning (the CLI prints it as one line), not also a log record of the same text."""
     import logging
@@ -172,6 +174,7 @@ def test_the_delta_warning_is_given_once(caplog, recwarn):
 # ------------------------------------------------------------------------------------ laplace-paper (no guarantee)
 
 
+@pytest.mark.slow
 def test_laplace_paper_noise_is_the_gaussian_runs_sigma_and_it_gives_no_epsilon():
     """The replica's σ is exactly a Gaussian run's at the same (ε, δ, accountant, plan); it reports no ε, no δ."""
     from dpcam.privacy.laplace import NoGuaranteeLedger, PaperLaplaceDPOptimizer

@@ -202,6 +202,7 @@ def test_bf16_empty_poisson_batch_is_noise_only():
     assert all(not torch.equal(a, p) for a, p in zip(before, setup.optimizer.params))
 
 
+@pytest.mark.slow
 def test_bf16_optimizer_clips_float32_gradients_like_opacus():
     """Without autocast the bf16 optimizer gets float32 per-sample gradients and agrees with Opacus's DPOptimizer to
     float32 precision (its norms are float64-accumulated, its factors rounded down)."""
@@ -269,6 +270,7 @@ def test_fp32_step_is_bit_identical_to_plain_opacus():
 
 
 @pytest.mark.parametrize("scheme", ["clip-only", "laplace", "laplace-paper"])
+@pytest.mark.slow
 def test_fp32_builds_the_same_optimizers_and_steps_as_without_the_option(scheme):
     x, y = _data()
     expected = {"clip-only": DPOptimizer, "laplace": LaplaceDPOptimizer, "laplace-paper": PaperLaplaceDPOptimizer}
@@ -313,6 +315,7 @@ def test_precision_context():
 
 
 @pytest.mark.parametrize("scheme", ["gaussian", "laplace"])
+@pytest.mark.slow
 def test_ledger_and_epsilon_do_not_depend_on_precision(scheme):
     out = {}
     for precision in ("fp32", "bf16"):

@@ -82,6 +82,7 @@ def test_one_laplace_step_without_subsampling_is_exactly_two_over_lambda():
 
 
 @pytest.mark.parametrize("lam, steps", [(2.0, 3), (0.7, 2)])
+@pytest.mark.slow
 def test_laplace_replace_one_without_subsampling_matches_sensitivity_two(lam, steps):
     """q = 1, T steps: replace-one is T Laplace steps of sensitivity 2, which dp_accounting computes directly."""
     from dp_accounting.pld import privacy_loss_distribution as pld_lib
@@ -115,6 +116,7 @@ def test_one_subsampled_laplace_step_bounds_a_real_replace_pair_tightly():
     assert ro.epsilon(1e-9) == pytest.approx(top, abs=2e-3)
 
 
+@pytest.mark.slow
 def test_the_laplace_construction_gives_back_dp_accountings_gaussian_replace_one():
     """Built the Laplace way (each step's remove and add legs composed, then the steps by PLD) from the Gaussian's
     add/remove PLD, the replace-one ε comes out within 1 % above dp_accounting's own REPLACE_ONE PLD."""

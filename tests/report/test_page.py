@@ -21,6 +21,7 @@ class _Refs(HTMLParser):
         self.refs += [v for k, v in attrs if k in ("src", "href") and v]
 
 
+@pytest.mark.slow
 def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     _, summary = in_built
     assert Path("reports/figures/cams.png").read_bytes() == b"\x89PNG mine"
@@ -89,6 +90,7 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     assert float(r0["audit.mia_epsilon_lb"]) == 0.1 and ldp.get("audit.mia_auc", "") == ""  # missing stays missing
 
 
+@pytest.mark.slow
 def test_audit_section_says_violations_loudly(in_built):
     page = Path("reports/index.html").read_text()
     section = page.split('<h2 id="audit">', 1)[1].split("<h2", 1)[0]

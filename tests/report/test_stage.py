@@ -10,6 +10,7 @@ from dpcam.report import figures
 from tests.report.fakes import fake_grid, md_row, write_fake_runs
 
 
+@pytest.mark.slow
 def test_skipped_families_are_said_not_drawn():
     write_fake_runs(fake_grid())
     rep.report(fake_grid())
@@ -29,6 +30,7 @@ def test_skipped_families_are_said_not_drawn():
     assert summary["runs"] == 1 + 1 + 2
 
 
+@pytest.mark.slow
 def test_missing_run_file_is_one_line_and_leaves_old_report_intact():
     grid = fake_grid()
     write_fake_runs(grid)
@@ -54,6 +56,7 @@ def test_missing_file_without_old_report_writes_nothing(monkeypatch):
     assert not Path("reports").exists()
 
 
+@pytest.mark.slow
 def test_failure_while_building_leaves_no_partial_report(monkeypatch):
     grid = fake_grid()
     write_fake_runs(grid)

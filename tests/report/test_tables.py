@@ -11,6 +11,7 @@ from dpcam.families import grid_runs
 from tests.report.fakes import T_975_1, md_row, read_csv
 
 
+@pytest.mark.slow
 def test_report_tables_match_hand_computed_values(in_built):
     grid, summary = in_built
     assert (
@@ -84,6 +85,7 @@ def test_degenerate_runs_are_marked(in_built):
     assert runs["laplace-eps5-smallcnn-s1"]["degenerate"] == "1"
 
 
+@pytest.mark.slow
 def test_table2_sets_valid_laplace_beside_the_unguaranteed_replica_and_gaussian(tmp_path, monkeypatch):
     """With public pretraining on: Table 2a (finetune-laplace's) puts, at each ε, valid Laplace fine-tuned, the
     paper's replica (NO guarantee) and Gaussian fine-tuned and from scratch side by side; 2b compares from scratch

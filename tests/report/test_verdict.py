@@ -66,6 +66,7 @@ def test_the_marks_are_corrected_and_the_raw_intervals_stay(monkeypatch):
     assert np.isclose(bh.rows[0].diffs["avg_drop_pct"].lo, holm.rows[0].diffs["avg_drop_pct"].lo)
 
 
+@pytest.mark.slow
 def test_a_truncated_per_image_file_is_one_line_and_the_claims_on_it_inconclusive(tmp_path, monkeypatch):
     from dpcam import report as rep
     from dpcam.families import grid_runs
@@ -84,6 +85,7 @@ def test_a_truncated_per_image_file_is_one_line_and_the_claims_on_it_inconclusiv
     assert "| inconclusive (grid run gaussian-eps1-smallcnn-s0: " in claim_a
 
 
+@pytest.mark.slow
 def test_with_dp_schedules_the_verdict_splits_the_cost_and_draws_it(tmp_path, monkeypatch):
     from dpcam import report as rep
     from tests.report.fakes import fake_grid, write_fake_runs
@@ -163,6 +165,7 @@ def test_recipes_names_each_schedules_eps_and_the_budget():
     assert "every ε: the train section's DP recipe" in one and "schedule)" not in one
 
 
+@pytest.mark.slow
 def test_the_verdict_reports_each_class_and_calibration(tmp_path, monkeypatch):
     from dpcam import report as rep
     from tests.report.fakes import fake_grid, write_fake_runs

@@ -116,6 +116,7 @@ def test_concurrent_workers_share_the_default_sqlite_store(tmp_path, monkeypatch
 
 
 @pytest.mark.postgres
+@pytest.mark.slow
 def test_concurrent_workers_share_a_tracking_server_on_postgresql(postgres_url, tmp_path, monkeypatch):
     """docs/scale-out.md's cluster setup: `mlflow server` with a PostgreSQL backend, workers log over HTTP."""
     import socket
@@ -220,6 +221,7 @@ def fresh_folder(tmp_path):
 
 
 @pytest.mark.parametrize("attempt", range(10))
+@pytest.mark.slow
 def test_processes_starting_together_on_a_fresh_store_all_finish_and_leave_it_whole(fresh_folder, forkserver, attempt):
     """Issue 25, case 1: processes started together on a fresh folder raced to create and migrate mlflow.db
     ("table experiments already exists", "Online migration expected to match one row", _alembic_tmp_ tables

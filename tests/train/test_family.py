@@ -16,6 +16,7 @@ from tests.conftest import make_tiny, tiny_grid
 from tests.train.conftest import _status, cfg
 
 
+@pytest.mark.slow
 def test_run_family_trains_every_run_of_the_family_into_its_folder(tiny):
     grid = tiny_grid(gaussian=[2, 4])
     results = train_family.run_family("gaussian", grid, cfg(scheme="gaussian", epochs=1), progress=False)
@@ -38,6 +39,7 @@ def test_a_grid_eps_no_noise_reaches_is_refused_before_any_run_trains(tiny):
     assert not Path("models/gaussian/gaussian-eps2-smallcnn-s0/train.json").exists()  # ε = 2 was not trained first
 
 
+@pytest.mark.slow
 def test_rerunning_a_family_redoes_only_the_runs_without_complete_outputs(tmp_path, monkeypatch):
     """A stage that failed part-way (a run raised, a worker was killed) is rerun by `dvc repro` (the train
     outputs are `persist`): finished runs of the same configuration, code and data are kept, the rest trained."""
@@ -102,6 +104,7 @@ def test_a_runs_stamp_follows_the_code_the_train_stage_runs_only(tmp_path, monke
         train_family._code_digest.cache_clear()
 
 
+@pytest.mark.slow
 def test_a_grid_that_drops_a_family_removes_its_runs_saying_how_many_and_an_empty_seed_list_is_refused(tiny):
     """Issue 25, case 4: `grid.seeds: []` made `dpcam train --family gaussian` exit 0 and delete every trained
     model of the family. An empty seeds (or models) list is refused before anything is touched; a family the
@@ -121,6 +124,7 @@ def test_a_grid_that_drops_a_family_removes_its_runs_saying_how_many_and_an_empt
     assert [p.name for p in Path("models/gaussian").iterdir()] == [] and len(trained) == 2
 
 
+@pytest.mark.slow
 def test_a_run_a_killed_process_left_running_is_ended_killed_when_the_stage_reruns_it(tiny):
     """Issue 25, case 7: a SIGKILLed run stayed RUNNING in MLflow beside its retrained copy. A killed process
     leaves its run's id in the run folder (and its checkpoint); the stage that trains the run again ends it."""

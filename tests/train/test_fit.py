@@ -24,6 +24,7 @@ def test_non_private_fit_learns_and_returns_metrics(tiny):
     assert {"test_qwk", "test_macro_f1", "val_accuracy", "best_epoch"} <= set(m)
 
 
+@pytest.mark.slow
 def test_gaussian_epsilon_is_what_the_accountant_says(tiny):
     from dpcam.explain.gradcam import opacus_state
     from dpcam.privacy.accounting import gaussian_epsilon
@@ -49,6 +50,7 @@ def test_laplace_epsilon_within_target(tiny):
 
 
 @pytest.mark.parametrize("recipe", [{}, {"ema": 0.9, "augment": "flip-shift", "aug_mult": 2}])
+@pytest.mark.slow
 def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path, recipe):
     c = cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=3, **recipe)
     whole = train_fit.fit(c, checkpoint=tmp_path / "a.pt", progress=False)
@@ -70,6 +72,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny, tmp_path, recipe)
     assert [r["val_accuracy"] for r in resumed.history] == [r["val_accuracy"] for r in whole.history]
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_config_or_without_ledger_is_refused(tiny, tmp_path):
     c = cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1)
     train_fit.fit(c, checkpoint=tmp_path / "c.pt", progress=False)
@@ -86,6 +89,7 @@ def test_checkpoint_from_another_config_or_without_ledger_is_refused(tiny, tmp_p
         train_fit.fit(c, checkpoint=tmp_path / "c.pt", resume=True)
 
 
+@pytest.mark.slow
 def test_ghost_clipping_trains_with_the_same_accounting(tiny):
     m = train_fit.fit(
         cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1, grad_sample_mode="ghost"), progress=False
@@ -95,6 +99,7 @@ def test_ghost_clipping_trains_with_the_same_accounting(tiny):
     assert m["steps"] == hooks["steps"]
 
 
+@pytest.mark.slow
 def test_bf16_trains_with_the_same_accounting_and_says_so(tiny):
     """precision bf16: the same plan and ε (accounting does not depend on dtype), recorded in train.json."""
     bf = train_fit.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=1, precision="bf16"), progress=False)
@@ -105,6 +110,7 @@ def test_bf16_trains_with_the_same_accounting_and_says_so(tiny):
     assert all(p.dtype == torch.float32 for p in bf.model.parameters())  # the saved model stays float32
 
 
+@pytest.mark.slow
 def test_ema_and_augmentation_multiplicity_keep_the_accounting_and_are_recorded(tiny):
     """Averaging views before clipping and averaging the weights are not privacy events: the same plan and ε."""
     plain = train_fit.fit(cfg(scheme="gaussian", epsilon=2.0, delta=1e-3, epochs=2), progress=False)
@@ -185,6 +191,7 @@ def _state(path):
 
 
 @pytest.mark.parametrize("scheme", ["gaussian", "laplace"])
+@pytest.mark.slow
 def test_head_fine_tuning_trains_only_the_head_and_its_epsilon_is_the_accountants(trunk, scheme, capsys):
     from dpcam.data.store import file_sha256
     from dpcam.explain.gradcam import opacus_state
@@ -286,6 +293,7 @@ def test_fine_tuning_flags_need_weights():
     assert cfg(scheme="laplace-paper", epsilon=5).run_name == "laplace-paper-nominal5-smallcnn-s0"
 
 
+@pytest.mark.slow
 def test_on_patient_grouped_data_the_guarantee_is_stated_per_patient(tmp_path, monkeypatch):
     import math
 

@@ -14,6 +14,7 @@ from tests.conftest import tiny_grid
 from tests.train.conftest import TRAIN_ARGS, cfg
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_live_run_is_refused_naming_it(tiny):
     """A live run with a checkpoint looked "interrupted": --resume joined two processes in one MLflow run."""
     import subprocess

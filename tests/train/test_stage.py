@@ -20,6 +20,7 @@ from tests.conftest import make_tiny
 from tests.train.conftest import TRAIN_ARGS, _mlflow_runs, _status, cfg
 
 
+@pytest.mark.slow
 def test_run_tracks_in_mlflow_and_writes_outputs(tiny):
     import mlflow
 
@@ -99,6 +100,7 @@ def test_failed_and_killed_runs_never_end_finished(tiny, monkeypatch):
     assert _status(seen["id"]) == "KILLED"
 
 
+@pytest.mark.slow
 def test_resume_via_cli_continues_the_same_mlflow_run(tiny):
     runner = CliRunner()
     args = [
@@ -173,6 +175,7 @@ def test_bad_training_input_is_one_line_exit_2(tiny, flags, message):
     assert not Path("models").exists() and not Path("metrics").exists()
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_uninterrupted_epsilon(tiny):
     """A real `kill -9` after an epoch's checkpoint; `--resume` ends with the ε of a run never killed."""
     import subprocess
@@ -268,6 +271,7 @@ def _search(client, filter_string: str = "", order_by: list[str] | None = None):
     return client.search_runs([exp.experiment_id], filter_string=filter_string, order_by=order_by)
 
 
+@pytest.mark.slow
 def test_mlflow_shows_train_json_values(mlflow_grid):
     """Every metric MLflow shows (its latest value: UI, compare view, search_runs) under a train.json key
     has train.json's value; the per-epoch curve has its own key."""
@@ -288,6 +292,7 @@ def test_mlflow_shows_train_json_values(mlflow_grid):
     assert declining.data.metrics["val_accuracy_epoch"] == 0.0  # the curve's latest: the last epoch
 
 
+@pytest.mark.slow
 def test_mlflow_params_say_what_each_run_did(mlflow_grid):
     """ε = 1 filters to the DP runs at ε = 1; ∞ is 'inf'; clip only on clipped runs; the data's ε for LDP."""
     _, ids, client = mlflow_grid
@@ -320,6 +325,7 @@ def test_mlflow_params_say_what_each_run_did(mlflow_grid):
     assert gaussian[0] == gaussian[1]  # the same keys on every run where the values exist
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_is_one_line_exit_143_killed_and_resumable(tiny, monkeypatch):
     real = train_fit._train_epoch
 
@@ -345,6 +351,7 @@ def test_sigterm_mid_epoch_is_one_line_exit_143_killed_and_resumable(tiny, monke
     assert _status(ckpt["mlflow_run_id"]) == "FINISHED"
 
 
+@pytest.mark.slow
 def test_sigterm_while_mlflow_logs_the_model_ends_killed(tiny, monkeypatch):
     """MLflow runs the model inside `except Exception` (signature inference): the signal must not die there."""
     import mlflow.pytorch
@@ -404,6 +411,7 @@ def test_a_read_only_mlflow_store_is_refused_before_training(tiny, monkeypatch, 
     assert not Path("models").exists()  # nothing half written
 
 
+@pytest.mark.slow
 def test_cli_warnings_are_one_line_each(tiny):
     """δ ≥ 1/N was printed twice (a log record and a warning with its source line); the clamp not at all."""
     import subprocess
@@ -432,6 +440,7 @@ def test_cli_warnings_are_one_line_each(tiny):
     assert not [line for line in lines if "warnings.warn" in line or "make_private(" in line]
 
 
+@pytest.mark.slow
 def test_laplace_paper_says_no_guarantee_in_train_json_mlflow_and_the_cli(tiny):
     import mlflow
 
@@ -488,6 +497,7 @@ def test_a_cuda_device_from_params_yaml_is_named_as_its_key_not_as_a_flag(tiny):
     assert not Path("models").exists() and not Path("mlruns").exists()
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_while_training_is_one_line_naming_the_file(tiny):
     """Issue 25, case 5: `ulimit -f` during `dpcam train` was an `OSError [Errno 27] File too large` traceback.
     A resnet18 checkpoint (about 90 MB) meets an 8 MB limit that the tracking store stays under."""

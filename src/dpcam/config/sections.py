@@ -4,6 +4,9 @@ One model per stage section (prepare, ldp, train, explain, grid, audit, search).
 equals the shipped params.yaml (a test holds them together), so a key a user deletes means what
 the shipped file says, never something else. Validators read only leaf registries of names
 (:mod:`dpcam.names`), never a stage, so this module imports nothing heavier than pydantic.
+
+Long by declaration (~870 lines): it is the table of every params.yaml key with its type, default, bounds
+and description, which `dpcam --help` and the one-line errors quote; its functions are short validators.
 """
 
 from __future__ import annotations

@@ -312,7 +312,8 @@ def _model(cfg: TrainConfig, data: PreparedDataset) -> tuple[nn.Module, list[str
     initialisation, not from the file (whose head was trained for the public task, or for other classes): what
     the model knows beyond the public trunk it learns from the private data, through the accountant.
     """
-    from dpcam.models import create_model, freeze, frozen_keys, load_weights, trunk_keys
+    from dpcam.models import create_model, freeze, frozen_keys, trunk_keys
+    from dpcam.weights import load_weights
 
     model = create_model(cfg.model, data.num_classes, data.image_size, small_input=cfg.small_input, seed=cfg.seed)
     report = None
