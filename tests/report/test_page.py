@@ -58,7 +58,7 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     assert list(metrics)[:4] == ["model", "seeds", "expl_ok_from_eps", "acc_ok_from_eps"]
     assert len(metrics) <= 40 and max(map(len, metrics)) <= 20  # a column each in `dvc exp show`
     assert not any(isinstance(v, (dict, list)) for v in metrics.values())
-    assert metrics["acc_e1_lo"] <= metrics["acc_e1"] <= metrics["acc_e1_hi"] and "msp_e1" in metrics
+    assert metrics["d_acc_e1_lo"] <= metrics["d_acc_e1"] <= metrics["d_acc_e1_hi"] and "d_mscore_e1" in metrics
     runs = {r["run"]: r for r in read_csv("reports/runs.csv")}  # every run's numbers are in runs.csv
     g1 = runs["gaussian-eps1-smallcnn-s0"]
     assert float(g1["test_accuracy"]) == 0.5 and float(g1["epsilon"]) == pytest.approx(0.99) and g1["degenerate"] == "0"

@@ -21,7 +21,7 @@ def test_the_report_opens_with_the_verdict(in_built):
     metrics = json.loads(Path("reports/metrics.json").read_text())
     want = {*"abcdef", "a_matched", "a_road", "a_localisation", "c_low"}
     assert {k.removeprefix("claim_") for k in metrics if k.startswith("claim_")} == want and metrics["seeds"] == 2
-    assert metrics["model"] == "smallcnn" and {"acc_e1", "acc_e1_lo", "acc_e1_hi"} <= set(metrics)
+    assert metrics["model"] == "smallcnn" and {"d_acc_e1", "d_acc_e1_lo", "d_acc_e1_hi"} <= set(metrics)
 
 
 def _study():

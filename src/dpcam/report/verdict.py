@@ -166,15 +166,17 @@ def summary(v: Verdict) -> dict[str, Any]:
     return out
 
 
-DVC_METRICS = ("test_accuracy", "acc"), ("masked_score_pct", "msp")  # per ε in metrics.json: (measure, short name)
+# per ε in metrics.json: (measure, short name of its difference ε − ∞)
+DVC_METRICS = ("test_accuracy", "d_acc"), ("masked_score_pct", "d_mscore")
 
 
 def dvc_metrics(v: Verdict) -> dict[str, Any]:
     """metrics.json, the few numbers ``dvc metrics show`` / ``dvc exp show`` print as columns (≤ 40 for the
-    default grid, short names; docs/verdict.md lists them): the model, its seeds, the smallest ε from which
+    default grid, short names; the README lists them): the model, its seeds, the smallest ε from which
     explanations / accuracy are not worse ("none": no ε tested is), every claim's status, and per ε of the grid's
-    Gaussian family ``acc_e<ε>`` / ``msp_e<ε>``: the paired difference ε − ∞ of test accuracy / masked score %
-    (mean over seeds) with its interval ``_lo`` / ``_hi``. Every per-run number is in runs.csv and plots/."""
+    Gaussian family ``d_acc_e<ε>`` / ``d_mscore_e<ε>``: the paired difference ε − ∞ of test accuracy (a fraction)
+    / masked score % (percentage points), mean over seeds, with its interval's ends ``_lo`` / ``_hi``. Every
+    per-run number is in runs.csv and plots/."""
     out: dict[str, Any] = {
         "model": v.model,
         "seeds": len(v.seeds),

@@ -4,6 +4,7 @@ into budget, clipping and noise (``fig_cost_split.png``), and the reliability di
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from dpcam.errors import UserError
 from dpcam.layout import format_eps
 from dpcam.records import CALIBRATION_BINS, calibration_features
-from dpcam.report.compare import ACCURACY, AGREEMENT, EXPLANATION, PARTS, RANDOMISATION, ROAD_GAP, label
+from dpcam.report.compare import ACCURACY, AGREEMENT, EXCLUDED, EXPLANATION, PARTS, QWK, RANDOMISATION, ROAD_GAP, label
 from dpcam.report.paired import BETTER, WORSE
 from dpcam.report.plotting import figure, finish
 from dpcam.report.runs import Run
@@ -22,7 +23,7 @@ DRAWN = ("test_accuracy", "avg_drop_pct", "increase_conf_pct", "masked_score_pct
 PART_COLORS = {"budget": "tab:grey", "clipping": "tab:orange", "noise": "tab:red"}
 
 
-FOREST = (ACCURACY, *EXPLANATION, ROAD_GAP, RANDOMISATION, AGREEMENT)  # its rows, accuracy first
+FOREST = (ACCURACY, QWK, *EXPLANATION, ROAD_GAP, RANDOMISATION, AGREEMENT)  # the tables' measures, accuracy first
 MARK_COLORS = {BETTER: "tab:green", WORSE: "tab:red"}  # marked by the correction
 LIGHT_COLORS = {BETTER: "#9fd89f", WORSE: "#f4a6a6"}  # the 95 % interval excludes 0, not marked after correction
 FOREST_COLUMNS = 3
@@ -56,14 +57,17 @@ def fig_forest(v: Verdict, path: Path) -> Path | None:
             ax.plot([sign * d.mean], [i], "o", color=color, mfc="white" if hollow else color, ms=5)
         ax.axvline(0, color="black", lw=0.7)
         ax.set_yticks(y, [f"ε = {format_eps(r.epsilon)}" for r in v.rows], fontsize=8)
-        ax.set_title(m.label + (" (sign flipped)" if sign < 0 else ""), fontsize=9)
+        note = " (sign flipped)" if sign < 0 else ""
+        note += " (not in the answer)" if key in EXCLUDED else ""
+        ax.set_title(textwrap.fill(m.label + note, 48), fontsize=9)
     for ax in axes.ravel()[len(keys) :]:
         ax.set_visible(False)
     return finish(
         fig,
         axes,
         path,
-        f"{v.model}: ε − ∞ per measure, mean over {len(v.seeds)} seeds with its 95 % interval; right of 0 = better\n"
+        f"{v.model}: ε − ∞ per measure, mean over {len(v.seeds)} seeds with its unadjusted 95 % interval; right of 0 ="
+        " better\n"
         f"green / red: marked better / worse after {CORRECTIONS[v.config.marks]}; light, hollow: the interval "
         "excludes 0, unmarked; grey: it holds 0",
         False,

@@ -482,6 +482,11 @@ def split_rows(v: Verdict) -> tuple[list[str], list[list[str]]]:
     return header, body if rows else []
 
 
+FOREST_CAPTION = (
+    "Each panel a measure, each ε its paired difference to ε = ∞ (mean over seeds, unadjusted 95 % interval; right of "
+    "0 is better). Colour: the tables' ▲/▼ marks after the multiplicity correction, light where only the interval "
+    "excludes 0. The answer below rests on non-inferiority tests against the margins, not on these marks."
+)
 DESCRIPTION_MAX = 5000  # characters: MLflow keeps a tag value of at most 5000 on every store
 
 
@@ -533,7 +538,10 @@ def html_section(
     for v in verdicts:
         parts.append(f"<h3>{e(v.model)}: seeds {e(', '.join(map(str, v.seeds)) or '—')}</h3>")
         if src := (pictures or {}).get(v.model):
-            parts.append(f'<figure><img src="{e(src)}" alt="the verdict of {e(v.model)} as a forest plot"></figure>')
+            parts.append(
+                f'<figure><img src="{e(src)}" alt="the verdict of {e(v.model)} as a forest plot"><figcaption>'
+                f"{e(FOREST_CAPTION)}</figcaption></figure>"
+            )
         parts.append("<ul>" + "".join(f"<li><b>{e(line)}</b></li>" for line in answer(v, runs)) + "</ul>")
         parts.append(f"<p>{e(recipes(grid))}</p>")
         if words := effort(v, runs):
