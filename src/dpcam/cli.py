@@ -468,6 +468,7 @@ def report(
     )
     for line in summary["skipped"]:
         typer.echo(f"  skipped: {line}")
+    typer.echo(f"MLflow: the runs and the verdict run at <mlflow ui>/{summary['mlflow']}")
 
 
 @app.command()

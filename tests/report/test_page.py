@@ -27,6 +27,18 @@ def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     assert Path("reports/figures/cams.png").read_bytes() == b"\x89PNG mine"
     # every figure but the cost split, which needs DP schedules (the fake grid has none: test_verdict.py draws it)
     assert {Path(f).name for f in summary["figures"]} == rep.FIGURE_NAMES - {layout.FIG_COST_SPLIT, layout.FIG_VERDICT}
+    assert re.fullmatch(r"#/experiments/\d+/runs\?workflowType=machine_learning", summary["mlflow"])
+    import mlflow
+
+    from dpcam import tracking  # the verdict run: its description the answer, its artifacts the words and picture
+
+    (verdict,) = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`dpcam.kind` = 'verdict'"
+    ).itertuples()
+    run = tracking.get_run(verdict.run_id)
+    assert run.data.tags["mlflow.note.content"].startswith("**Verdict of grid")
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(verdict.run_id)}
+    assert {"verdict.md", layout.FIG_VERDICT} <= names
     page = Path("reports/index.html").read_text()  # the verdict's forest plot opens its section, above the tables
     assert page.index('id="verdict"') < page.index(f'src="figures/{layout.FIG_VERDICT}"') < page.index("<table")
     page = Path("reports/index.html").read_text()

@@ -45,7 +45,7 @@ def report(
 ) -> dict[str, Any]:
     """Write the report of ``grid`` under ``out`` (see :mod:`dpcam.report`); returns a summary.
 
-    Summary: ``{"out", "index", "runs", "tables", "figures", "skipped"}`` (paths as strings,
+    Summary: ``{"out", "index", "runs", "tables", "figures", "skipped", "mlflow"}`` (paths as strings,
     ``runs`` the number of runs, ``skipped`` one line per table/figure left out). Raises
     ``UserError`` (before writing anything) when a run's train.json, explain.json or maps are missing.
     """
@@ -66,6 +66,7 @@ def report(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _log_verdict(summary.pop("verdicts"), runs, grid, out)
+    summary["mlflow"] = tracking.runs_page(runs[0].train.dataset)
     return summary
 
 

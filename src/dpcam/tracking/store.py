@@ -299,6 +299,11 @@ def store_fault(e: BaseException, doing: str) -> UserError | None:
     return sqlite_fault(e, sqlite_path(uri), "MLflow tracking store", doing, uri)
 
 
+def runs_page(experiment: str) -> str:
+    """The UI's address (after the server's root) of ``experiment``'s runs table, in the model-training view."""
+    return f"#/experiments/{_experiment_id(experiment)}/runs?workflowType=machine_learning"
+
+
 def _experiment_id(name: str) -> str:
     uri = _setup()
     try:
@@ -309,7 +314,8 @@ def _experiment_id(name: str) -> str:
         raise _store_error(e, "open or create the experiment") from None
 
 
-# MLflow 3's UI opens an experiment of this kind on its runs table (model training), not on GenAI traces
+# The experiment's kind in MLflow 3's UI ("Machine learning": its header, its runs as training runs). Where the UI
+# lands is its own workflow switch (GenAI by default in a new browser, 3.17): runs_page() links the runs table.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
