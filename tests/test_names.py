@@ -16,7 +16,7 @@ def test_ldp_mechanisms():
 
 
 def test_explain_methods_and_metrics():
-    from dpcam.explain.gradcam import METHODS
+    from dpcam.explain.methods import METHODS
     from dpcam.explain.metrics import METRICS
 
     assert set(METHODS) == set(names.EXPLAIN_METHODS)

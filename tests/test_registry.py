@@ -37,7 +37,7 @@ def test_every_registry_of_the_package_is_a_registry():
     from dpcam.audit.signals import ATTACKS
     from dpcam.data.mechanisms import MECHANISMS
     from dpcam.data.readers import FORMATS_READERS
-    from dpcam.explain.gradcam import METHODS
+    from dpcam.explain.methods import METHODS
     from dpcam.explain.metrics import METRICS
     from dpcam.families import FAMILIES
     from dpcam.models import MODELS

@@ -53,8 +53,8 @@ MODELS = ("smallcnn", "resnet18", "alexnet", "vgg16")
 # data.mechanisms.MECHANISMS: local-DP image mechanisms
 MECHANISMS = ("singh-sikka", "pixel-laplace", "pixel-gaussian", "dp-pix")
 
-# explain.gradcam.METHODS and explain.metrics.METRICS
-EXPLAIN_METHODS = ("gradcam", "guided-gradcam")
+# explain.methods.METHODS and explain.metrics.METRICS
+EXPLAIN_METHODS = ("gradcam", "gradcam++", "scorecam", "guided-gradcam", "integrated-gradients", "occlusion")
 EXPLAIN_METRICS = (
     "confidence",
     "masking-baselines",

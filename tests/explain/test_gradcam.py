@@ -1,52 +1,24 @@
 """Grad-CAM maps: hand-computed values on a tiny conv model, scaling, batching, Opacus refusal, randomisation copy."""
 
+import re
+
 import pytest
 import torch
 from captum.attr import GuidedGradCam
 from opacus import GradSampleModule
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dpcam import names
 from dpcam.errors import UserError
-from dpcam.explain.gradcam import METHODS, gradcam, minmax_scale, random_init_copy
+from dpcam.explain.gradcam import gradcam, minmax_scale, random_init_copy
+from dpcam.explain.methods import METHODS
 from dpcam.models import create_model
 from dpcam.privacy.engine import make_private
-
-# Bilinear 2 -> 4 upsampling (align_corners=False) as a matrix: out = U @ a @ U.T
-U = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]])
-
-
-class Tiny(nn.Module):
-    """1-channel 4x4 input → conv 2x2 stride 2 (2 channels: M and 2 − M, M = block means) → GAP → linear.
-
-    With block means M, the layer activations are A0 = M, A1 = 2 − M; the head is
-    logit_c = Σ_k W[c, k] · mean(A_k), so Grad-CAM's weights are α_ck = W[c, k] / 4 and the
-    (pre-ReLU) map of class c is Σ_k W[c, k] A_k / 4.
-    """
-
-    gradcam_layer = "conv"
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, kernel_size=2, stride=2)
-        self.head = nn.Linear(2, 2)
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.stack([torch.full((1, 2, 2), 0.25), torch.full((1, 2, 2), -0.25)]))
-            self.conv.bias.copy_(torch.tensor([0.0, 2.0]))
-            self.head.weight.copy_(torch.tensor([[1.0, 0.5], [-1.0, 1.0]]))
-            self.head.bias.zero_()
-
-    def forward(self, x):
-        return self.head(self.conv(x).mean(dim=(2, 3)))
-
-
-def _tiny_input() -> torch.Tensor:
-    m = torch.tensor([[0.0, 1.0], [2.0, 4.0]])  # block means
-    return m.repeat_interleave(2, 0).repeat_interleave(2, 1)[None, None]  # (1, 1, 4, 4)
+from tests.explain.toys import Tiny, U, tiny_input
 
 
 def test_tiny_model_matches_hand_computed_maps():
-    model, x = Tiny(), _tiny_input()
+    model, x = Tiny(), tiny_input()
     m = torch.tensor([[0.0, 1.0], [2.0, 4.0]])
     # class 0: map ∝ M + 0.5 (2 − M) = 0.5 M + 1 > 0; min–max of the upsampled map = that of U M Uᵀ (0 .. 4)
     expected0 = U @ m @ U.T / 4.0
@@ -64,7 +36,7 @@ def test_tiny_model_matches_hand_computed_maps():
 
 
 def test_default_target_is_prediction_and_true_label_option():
-    model, x = Tiny(), _tiny_input()
+    model, x = Tiny(), tiny_input()
     maps, target, probs = gradcam(model, x)
     assert target.tolist() == [0] == probs.argmax(1).tolist()
     maps1, target1, _ = gradcam(model, x, target=1)  # e.g. the true label
@@ -77,7 +49,7 @@ def test_map_that_relu_zeroes_everywhere_gives_zeros_not_nan():
     model = Tiny()
     with torch.no_grad():
         model.head.weight.copy_(torch.tensor([[1.0, 0.5], [-1.0, -1.0]]))  # class 1 map = −2 < 0 everywhere
-    maps, _, _ = gradcam(model, _tiny_input(), target=1)
+    maps, _, _ = gradcam(model, tiny_input(), target=1)
     assert torch.equal(maps, torch.zeros(1, 4, 4))
 
 
@@ -170,14 +142,16 @@ def test_runs_inside_private_setup_hooks_off(mode):
 
 def test_bad_inputs():
     model = Tiny()
-    with pytest.raises(UserError, match="unknown explanation method .nope.; known: gradcam, guided-gradcam"):
-        gradcam(model, _tiny_input(), method="nope")
+    with pytest.raises(
+        UserError, match=re.escape("unknown explanation method 'nope'; known: " + ", ".join(names.EXPLAIN_METHODS))
+    ):
+        gradcam(model, tiny_input(), method="nope")
     with pytest.raises(UserError, match="out of range for a model with 2 classes"):
-        gradcam(model, _tiny_input(), target=5)
+        gradcam(model, tiny_input(), target=5)
     with pytest.raises(UserError, match="not a submodule"):
-        gradcam(model, _tiny_input(), layer="nope.layer")
+        gradcam(model, tiny_input(), layer="nope.layer")
     with torch.inference_mode(), pytest.raises(UserError, match="inference_mode"):
-        gradcam(model, _tiny_input())
+        gradcam(model, tiny_input())
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from dpcam import names
+from dpcam.errors import UserError
 from dpcam.layout import LDP_ROOT, NAME_PATTERN, PREPARED_ROOT, SEARCH_REPORT, format_eps, public_dataset, run_name
 
 # dataset, derivative, run, grid and study names: plain names, never paths (layout.check_name)
@@ -342,7 +343,7 @@ class TrainConfig(Section):
 class ExplainConfig(Section):
     """Grad-CAM scoring of a trained run (definitions: docs/metrics.md)."""
 
-    method: str = Field("gradcam", description="gradcam | guided-gradcam")
+    method: str = Field("gradcam", description=" | ".join(names.EXPLAIN_METHODS))
     target: Literal["prediction", "label"] = "prediction"
     metrics: Annotated[list[str], Distinct] = Field(default_factory=lambda: list(names.EXPLAIN_METRICS))
     max_images: int | None = Field(200, ge=1, description="score at most this many test images (None = all)")
@@ -361,6 +362,24 @@ class ExplainConfig(Section):
         "masking baselines and of ROAD's noise and tie-break order (with each image's dataset index)",
     )
     device: Literal[names.DEVICES] = "auto"  # type: ignore[valid-type]
+    ig_steps: int = Field(32, ge=2, le=1024, description="integrated-gradients: Gauss-Legendre steps")
+    occlusion_window: int = Field(8, ge=1, description="occlusion: side of the square window in pixels")
+    occlusion_stride: int = Field(4, ge=1, description="occlusion: pixels the window slides by")
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if v.lower() not in names.EXPLAIN_METHODS:
+            raise ValueError(f"unknown explanation method {v!r}; known: {', '.join(names.EXPLAIN_METHODS)}")
+        return v
+
+    def check_image(self, size: int, where: str) -> None:
+        """Refuse settings that cannot fit an image of ``size`` pixels (``where``: the data it comes from)."""
+        if self.method.lower() == "occlusion" and self.occlusion_window > size:
+            raise UserError(
+                f"explain.occlusion_window = {self.occlusion_window} is larger than the {size}-pixel images of "
+                f"{where}; set it to at most {size} in params.yaml"
+            )
 
 
 # ------------------------------------------------------------------------------------- grid

@@ -36,15 +36,9 @@ disabled hooks return at once in eval mode; leftover ``_forward_counter`` attrib
 ``GradSampleModule.to_standard_module()``, or rebuild the model with
 ``dpcam.models.create_model`` and load the checkpoint. See :func:`opacus_state`.
 
-Methods (:data:`METHODS`, extensible with ``@METHODS.register(name)``):
-
-``gradcam``
-    docs/metrics.md exactly (above).
-``guided-gradcam``
-    Captum ``GuidedGradCam`` (guided backpropagation × the bilinearly upsampled ReLU Grad-CAM
-    map), reduced over input channels by the sum of absolute values, then min–max scaled like
-    ``gradcam``. Costs one extra no-grad forward (to fix the class first) plus Captum's two
-    forward/backward passes; its gradients reach the input, so nothing is saved by freezing.
+Methods: ``method=`` any name in :data:`dpcam.explain.methods.METHODS` (Grad-CAM, Grad-CAM++,
+Score-CAM, guided Grad-CAM, Integrated Gradients, occlusion; that module says what each computes
+and costs), with its settings in ``options``; every method's raw map is min–max scaled here.
 """
 
 from __future__ import annotations
@@ -53,30 +47,17 @@ import contextlib
 import copy
 import logging
 import sys
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
-from captum.attr import GuidedGradCam, LayerAttribution, LayerGradCam
 from torch import nn
 
 from dpcam.errors import UserError
+from dpcam.explain.methods import METHODS
 from dpcam.models import target_layer
-from dpcam.registry import Registry
 
 log = logging.getLogger(__name__)
-
-# A method: (model, layer, x (B,C,H,W), target (B,) long or None) ->
-#   (raw maps (B,H,W) float, unscaled; logits (B,num_classes) detached; target (B,) long)
-Method = Callable[
-    [nn.Module, nn.Module, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-]
-# Registered with ``@METHODS.register(name)``. A method is called as ``fn(model, layer, x, target)``
-# with the model already in eval mode and checked free of Opacus hooks, ``x`` float ``(B, C, H, W)``,
-# ``target`` long ``(B,)`` or None (= explain the prediction), under ``torch.enable_grad()``. It
-# returns unscaled non-negative maps ``(B, H, W)``, the detached logits ``(B, num_classes)`` of ``x``
-# and the classes explained ``(B,)``; :func:`gradcam` does the min–max scaling.
-METHODS: Registry[Method] = Registry("explanation method")
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -203,14 +184,6 @@ def _as_target(target, batch: int, device: torch.device) -> torch.Tensor | None:
     return t.contiguous()
 
 
-def _check_target_range(target: torch.Tensor, num_classes: int) -> None:
-    if target.numel() and int(target.max()) >= num_classes:
-        raise UserError(
-            f"explained class {int(target.max())} is out of range for a model with {num_classes} classes; "
-            "check that the dataset's labels match the model"
-        )
-
-
 def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
     if layer is None:
         return target_layer(model)
@@ -226,48 +199,6 @@ def resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module:
         ) from None
 
 
-# ------------------------------------------------------------------------------------- methods
-
-
-@METHODS.register("gradcam")
-def _gradcam_method(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None):
-    """Captum LayerGradCam (ReLU on) bilinearly upsampled to ``x``'s size; one forward pass."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def forward(inp: torch.Tensor) -> torch.Tensor:
-        # Select the explained logit inside the forward so the class can be the prediction of this
-        # very pass (Captum then needs no target and the model runs once).
-        logits = model(inp)
-        seen["logits"] = logits.detach()
-        t = logits.detach().argmax(dim=1) if target is None else target
-        _check_target_range(t, logits.shape[1])
-        seen["target"] = t
-        return logits.gather(1, t[:, None]).squeeze(1)
-
-    attr = LayerGradCam(forward, layer).attribute(x, relu_attributions=True)
-    if not isinstance(attr, torch.Tensor) or attr.dim() != 4:
-        raise UserError(
-            f"Grad-CAM layer {type(layer).__name__} must output one (B, C, h, w) feature map; "
-            "choose a convolutional layer (model.gradcam_layer)"
-        )
-    up = LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), interpolate_mode="bilinear")
-    return up[:, 0], seen["logits"], seen["target"]
-
-
-@METHODS.register("guided-gradcam")
-def _guided_gradcam_method(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None):
-    """Captum GuidedGradCam (bilinear), |·| summed over channels; a no-grad forward fixes the class first."""
-    with torch.no_grad():
-        logits = model(x).detach()
-    t = logits.argmax(dim=1) if target is None else target
-    _check_target_range(t, logits.shape[1])
-    with warnings.catch_warnings():  # Captum announces the temporary ReLU backward hooks it sets
-        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU", category=UserWarning)
-        inp = x.detach().clone().requires_grad_(True)
-        attr = GuidedGradCam(model, layer).attribute(inp, target=t, interpolate_mode="bilinear")
-    return attr.detach().abs().sum(dim=1), logits, t
-
-
 # ---------------------------------------------------------------------------------- public API
 
 
@@ -277,6 +208,7 @@ def gradcam(
     target: torch.Tensor | Sequence[int] | int | None = None,
     layer: nn.Module | str | None = None,
     method: str = "gradcam",
+    options: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Explanation maps of a batch: ``(maps, target, probs)``.
 
@@ -289,7 +221,8 @@ def gradcam(
             images), a sequence or a ``(B,)`` tensor (e.g. the true labels).
         layer: the Grad-CAM layer: None → the model's registered ``gradcam_layer``
             (:func:`dpcam.models.target_layer`), or a module, or a dotted submodule name.
-        method: a name in :data:`METHODS` (``gradcam`` is the map of docs/metrics.md).
+        method: a name in :data:`~dpcam.explain.methods.METHODS` (``gradcam`` is the map of docs/metrics.md).
+        options: the method's keyword settings (:func:`dpcam.explain.methods.options_of`).
 
     Returns:
         maps: float32 ``(B, H, W)`` in [0, 1], per-image min–max scaled (constant → zeros).
@@ -316,7 +249,7 @@ def gradcam(
     if not inp.is_floating_point():
         inp = inp.float()
     with evaluating(model, freeze=True), torch.enable_grad():
-        raw, logits, t = explain_method(model, layer_module, inp, t)
+        raw, logits, t = explain_method(model, layer_module, inp, t, **dict(options or {}))
     maps = minmax_scale(raw)
     probs = torch.softmax(logits.float(), dim=1)
     return maps, t.long(), probs

@@ -68,13 +68,17 @@ def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None, allow_d
     the device, the tracking store (when the run has an MLflow run), and that its data is still the data it was
     trained on (``allow_data_change``: go on, noting it)."""
     from dpcam import tracking
-    from dpcam.explain.gradcam import METHODS, random_init_copy, resolve_layer
+    from dpcam.explain.gradcam import random_init_copy, resolve_layer
+    from dpcam.explain.methods import METHODS
     from dpcam.explain.metrics import get_metrics
     from dpcam.saved import load_model, resolve_device
 
     name = layout.resolve_run(run, tracking.run_name_of)
     metrics = get_metrics(cfg.metrics)
     METHODS.lookup(cfg.method.lower())
+    size = guard.read_json(layout.run_dir(name) / layout.MODEL_JSON, fix="train the run again").get("image_size")
+    if size:
+        cfg.check_image(int(size), f"run {name}")  # before any model is loaded
     model, spec = load_model(name)
     resolve_layer(model, cfg.layer)  # an unknown layer fails here, before any output is started
     device = resolve_device(cfg.device)
@@ -128,6 +132,7 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
     from dpcam.explain.degeneracy import DegeneracyStats
     from dpcam.explain.gradcam import gradcam
     from dpcam.explain.inputs import SAVED_MAP_DTYPE, as_saved
+    from dpcam.explain.methods import options_of
     from dpcam.explain.metrics import ExplainBatch
     from dpcam.explain.streaming import RunningMean
 
@@ -136,6 +141,7 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
     per_image: dict[str, list[np.ndarray]] = {}
     options = {"deletion-insertion": {"steps": cfg.steps}, "pointing-game": {"tolerance": cfg.tolerance}}
     options |= {"masking-baselines": {"seed": cfg.seed}, "road": {"seed": cfg.seed}}
+    method_options = options_of(cfg.method.lower(), cfg)
     bar = tqdm(total=s.n, desc=f"explain {s.name}", disable=None if progress else True, leave=False)
     for start in range(0, s.n, cfg.batch_size):
         pos = np.arange(start, min(s.n, start + cfg.batch_size))
@@ -143,10 +149,14 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
         x, y = batch[0].to(device), batch[1].to(device)
         masks = batch[2].to(device) if len(batch) > 2 else None
         target = y if cfg.target == "label" else None
-        maps, target, probs = gradcam(s.model, x, target=target, layer=cfg.layer, method=cfg.method)
+        maps, target, probs = gradcam(
+            s.model, x, target=target, layer=cfg.layer, method=cfg.method, options=method_options
+        )
         saved = maps.to(SAVED_MAP_DTYPE)  # what maps.npy holds; every metric sees exactly these maps
         other = {
-            k: as_saved(gradcam(m, x, target=target, layer=cfg.layer, method=cfg.method)[0]) if m is not None else None
+            k: as_saved(gradcam(m, x, target=target, layer=cfg.layer, method=cfg.method, options=method_options)[0])
+            if m is not None
+            else None
             for k, m in (("reference_maps", s.reference), ("random_maps", s.randomised))
         }
         indices = torch.as_tensor(s.test.indices[pos])  # dataset indices: they seed each image's random numbers
@@ -235,7 +245,7 @@ def score(
         grid,
         s.test.batch(np.arange(min(cfg.grid_images, s.n)))[0],
         guard.read_npy(out / layout.MAPS, fix=f"run `dpcam explain {s.name}` again", mmap=True),
-        title=f"{s.name}: Grad-CAM on test images" + ("  [DEGENERATE MODEL]" if record.degenerate else ""),
+        title=f"{s.name}: {cfg.method} on test images" + ("  [DEGENERATE MODEL]" if record.degenerate else ""),
     )
     record.write(out / layout.EXPLAIN_JSON)
     _log_to_mlflow(record, [grid, out / layout.EXPLAIN_JSON])
@@ -282,7 +292,7 @@ def save_cams_grid(path: Path, x: torch.Tensor, maps: np.ndarray, title: str) ->
     for i in range(n):
         img = x[i].permute(1, 2, 0).cpu().numpy()
         cam = np.asarray(maps[i], dtype=np.float32)
-        for j, (pic, label) in enumerate(((img, "input"), (cam, "Grad-CAM"), (overlay(img, cam), "overlay"))):
+        for j, (pic, label) in enumerate(((img, "input"), (cam, "map"), (overlay(img, cam), "overlay"))):
             ax = axes[i][j]
             ax.imshow(pic, cmap="jet" if j == 1 else None, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])

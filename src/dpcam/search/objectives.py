@@ -111,21 +111,22 @@ def _score(model, split, positions: np.ndarray, num_classes: int, objective: Obj
 
     from dpcam.explain.degeneracy import DegeneracyStats
     from dpcam.explain.gradcam import gradcam
+    from dpcam.explain.methods import options_of
     from dpcam.explain.metrics import ExplainBatch, get_metrics
     from dpcam.explain.streaming import RunningMean
 
     (metric,) = get_metrics([objective.metric])
     options = {"deletion-insertion": {"steps": explain.steps}, "pointing-game": {"tolerance": explain.tolerance}}
     options = {k: v for k, v in options.get(metric.name, {}).items() if v is not None}
+    how = options_of(explain.method.lower(), explain)
     sums, degeneracy = RunningMean(), DegeneracyStats(num_classes)
     model.eval()
     for start in range(0, len(positions), explain.batch_size):
         batch = split.batch(positions[start : start + explain.batch_size])
         x, y = batch[0].to(device), batch[1].to(device)
         masks = batch[2].to(device) if len(batch) > 2 else None
-        maps, target, probs = gradcam(
-            model, x, target=y if explain.target == "label" else None, layer=explain.layer, method=explain.method
-        )
+        target = y if explain.target == "label" else None
+        maps, target, probs = gradcam(model, x, target=target, layer=explain.layer, method=explain.method, options=how)
         eb = ExplainBatch(model, x, maps, target, probs=probs, labels=y, masks=masks)
         with torch.no_grad():
             values, valid = metric(eb, **options)

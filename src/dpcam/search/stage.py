@@ -72,7 +72,7 @@ def search(
 
 def _objective(cfg: SearchConfig, explain: ExplainConfig) -> Objective:
     """The search's explanation objective; UserError for an unknown explanation method."""
-    from dpcam.explain.gradcam import METHODS
+    from dpcam.explain.methods import METHODS
 
     objective = OBJECTIVES[cfg.objective]
     if explain.method.lower() not in METHODS:
