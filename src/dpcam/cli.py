@@ -301,7 +301,9 @@ def _echo_trained(m) -> None:
 def explain(
     run: str | None = typer.Argument(None, help="run name under models/ or an MLflow run id"),
     family: str | None = typer.Option(None, help="score every run of this grid family into metrics/<family>/"),
-    method: str | None = typer.Option(None, help="gradcam | guided-gradcam"),
+    method: list[str] | None = typer.Option(
+        None, help="explanation method; repeat for several, the first is the headline one (default: explain.methods)"
+    ),
     target: str | None = typer.Option(None, help="prediction | label"),
     metric: list[str] | None = typer.Option(None, help="metric name; repeat for several (default: all)"),
     layer: str | None = typer.Option(None, help="Grad-CAM layer, a dotted module name (default: the model's)"),
@@ -314,7 +316,8 @@ def explain(
         help="score a run whose data changed since it was trained (refused otherwise); explain.json notes it",
     ),
 ) -> None:
-    """Grad-CAM maps of a run's test split, scored; writes metrics/<run>/explain.json, maps and pictures."""
+    """Explanation maps of a run's test split, scored; writes metrics/<run>/explain.json, maps and pictures
+    (other methods than the first in metrics/<run>/methods/<method>/)."""
     from dpcam.explain.score import score, score_family
 
     if (run is None) == (family is None):
@@ -322,7 +325,7 @@ def explain(
     cfg = config.load_section(
         "explain",
         {
-            "method": method,
+            "methods": method or None,
             "target": target,
             "metrics": metric or None,
             "max_images": max_images,

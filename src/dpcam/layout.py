@@ -55,6 +55,9 @@ TRAIN_JSON, EXPLAIN_JSON, AUDIT_JSON, MODEL_JSON = "train.json", "explain.json",
 MANIFEST = "manifest.json"  # a prepared dataset's description (data/prepared/<dataset>/)
 MODEL_PT, PREDICTIONS = "model.pt", "predictions.npz"  # a trained run's weights and test predictions (models/<run>/)
 MAPS, MAP_INDICES, PER_IMAGE, CAMS = "maps.npy", "map_indices.npy", "per_image.npz", "cams.png"  # metrics/<run>/
+# metrics/<run>/methods/<method>/: the same files for every explain.methods entry after the first (the headline
+# method, whose files are metrics/<run>/ itself); metrics/<run>/methods/agreement.npz: the methods' maps compared
+METHODS_DIR, METHOD_AGREEMENT = "methods", "agreement.npz"
 ROC_PNG = "roc.png"  # audits/<run>/: the attacks' ROC curves
 # reports/: the report stage's files and folders
 INDEX_HTML, VERDICT_MD, RUNS_CSV, METRICS_JSON = "index.html", "verdict.md", "runs.csv", "metrics.json"
@@ -70,6 +73,7 @@ FIG_ACCURACY, FIG_LDP_EXPLANATIONS = "fig3_accuracy_vs_eps.png", "fig4_ldp_expla
 FIG_MASKED_EPS, FIG_MASKED_CLIP = "fig6a_masked_accuracy_vs_eps.png", "fig6b_masked_accuracy_vs_clip.png"
 FIG_TRAIN_SIZE, FIG_LEAKAGE = "fig_train_size.png", "fig_leakage_vs_eps.png"
 FIG_VERDICT, FIG_COST_SPLIT, FIG_CALIBRATION = "fig_verdict.png", "fig_cost_split.png", "fig_calibration.png"
+FIG_METHODS = "fig_methods.png"  # the verdict per explanation method
 # reports/search/: what `dpcam search` writes
 SEARCH_TRIALS, SEARCH_FRONT, SEARCH_FRONT_MD, SEARCH_COST = "trials.csv", "front.csv", "front.md", "cost.json"
 
@@ -539,3 +543,9 @@ def staged_dir(out: Path) -> Iterator[Path]:
             replace_dir(tmp, Path(out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def method_dir(metrics_dir: Path, method: str, headline: str) -> Path:
+    """Where ``method``'s explain files of a run live: the run's metrics folder for the headline method, else
+    ``methods/<method>/`` inside it."""
+    return Path(metrics_dir) if method == headline else Path(metrics_dir) / METHODS_DIR / method

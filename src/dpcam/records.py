@@ -293,6 +293,7 @@ class ExplainRecord(Record):
         "randomisation_agreement",
         "reference_run",
         "data_change",
+        "methods",
     )
 
     run_name: str
@@ -303,6 +304,8 @@ class ExplainRecord(Record):
     target: str
     images: int
     reference_run: str | None = None  # the run map agreement compared with
+    # the headline method's record: every explain.methods entry scored with it (None: this method alone)
+    methods: list[str] | None = None
     avg_drop_pct: float | None = None
     increase_conf_pct: float | None = None
     masked_score_pct: float | None = None

@@ -9,7 +9,7 @@ from torch import nn
 from dpcam import names
 from dpcam.config import ExplainConfig
 from dpcam.errors import UserError
-from dpcam.explain.faithfulness import blur_baseline
+from dpcam.explain.blur import blur_baseline
 from dpcam.explain.gradcam import gradcam
 from dpcam.explain.methods import METHODS, options_of
 from dpcam.models import create_model
@@ -93,7 +93,9 @@ def test_options_come_from_the_explain_section():
 @pytest.mark.parametrize(
     "bad, words",
     [
-        ({"method": "lime"}, "unknown explanation method 'lime'"),
+        ({"methods": ["gradcam", "lime"]}, "unknown explanation method 'lime'"),
+        ({"methods": []}, "name at least one explanation method"),
+        ({"methods": ["occlusion", "occlusion"]}, "'occlusion' is listed twice"),
         ({"ig_steps": 1}, "greater than or equal to 2"),
         ({"occlusion_window": 0}, "greater than or equal to 1"),
     ],
@@ -104,10 +106,10 @@ def test_bad_settings_are_refused_by_the_section(bad, words):
 
 
 def test_occlusion_window_larger_than_the_image():
-    cfg = ExplainConfig(method="occlusion", occlusion_window=40)
+    cfg = ExplainConfig(methods=["gradcam", "occlusion"], occlusion_window=40)
     with pytest.raises(UserError, match=r"explain.occlusion_window = 40 is larger than the 32-pixel images"):
         cfg.check_image(32, "run r")
-    ExplainConfig(method="gradcam", occlusion_window=40).check_image(32, "run r")  # unused by Grad-CAM
+    ExplainConfig(methods=["gradcam"], occlusion_window=40).check_image(32, "run r")  # unused by Grad-CAM
     model = Linear()
     with pytest.raises(UserError, match="occlusion_window = 9 is larger than the 8×8 image"):
         _raw("occlusion", model, torch.rand(1, 3, 8, 8), None, window=9, stride=1)

@@ -91,6 +91,33 @@ def test_explain_writes_metrics_maps_and_pictures(in_runs):
 
 
 @pytest.mark.slow
+def test_several_methods_each_saved_and_scored_and_compared(in_runs):
+    dp = in_runs[1]
+    metrics = ["confidence", "map-agreement", "randomisation"]
+    alone = score(dp, ExplainConfig(device="cpu", batch_size=16, metrics=metrics), progress=False)
+    maps_alone = np.load(Path("metrics") / dp / "maps.npy")
+    methods = ["gradcam", "integrated-gradients", "occlusion"]
+    cfg = ExplainConfig(device="cpu", batch_size=16, metrics=metrics, methods=methods, ig_steps=2, occlusion_window=4)
+    head = score(dp, cfg, progress=False)
+    folder = Path("metrics") / dp
+    # the headline method's files are where a single method's are, with the same numbers and maps
+    assert head["method"] == "gradcam" and head["methods"] == methods and "methods" not in alone.to_json()
+    assert head["avg_drop_pct"] == alone["avg_drop_pct"] and np.array_equal(np.load(folder / "maps.npy"), maps_alone)
+    for m in methods[1:]:
+        record = json.loads((folder / "methods" / m / "explain.json").read_text())
+        assert record["method"] == m and record["images"] == 48 and "methods" not in record
+        assert {"avg_drop_pct", "map_agreement", "randomisation_agreement"} <= set(record)
+        assert np.load(folder / "methods" / m / "maps.npy").shape == (48, 16, 16)
+        assert (folder / "methods" / m / "per_image.npz").is_file() and (folder / "methods" / m / "cams.png").is_file()
+    agreement = np.load(folder / "methods" / "agreement.npz")
+    pairs = ["gradcam|integrated-gradients", "gradcam|occlusion", "integrated-gradients|occlusion"]
+    assert sorted(agreement.files) == sorted(["index", *pairs])
+    assert np.array_equal(agreement["index"], np.load(folder / "map_indices.npy"))
+    rho = agreement["gradcam|occlusion"]
+    assert rho.shape == (48,) and np.nanmin(rho) >= -1 and np.nanmax(rho) <= 1
+
+
+@pytest.mark.slow
 def test_streaming_does_not_depend_on_batch_size(in_runs):
     a = score(
         in_runs[1], ExplainConfig(device="cpu", batch_size=48, metrics=["confidence", "pointing-game"]), progress=False
@@ -148,6 +175,8 @@ def test_dataset_without_masks_skips_mask_metrics(tmp_path):
         (["explain", "nope"], "unknown run 'nope'"),
         (["explain", "none-epsinf-smallcnn-s0", "--metric", "beauty"], "unknown explanation metric 'beauty'"),
         (["explain", "none-epsinf-smallcnn-s0", "--method", "lime"], "unknown explanation method 'lime'"),
+        (["explain", "none-epsinf-smallcnn-s0", "--method", "gradcam", "--method", "gradcam"], "listed twice"),
+        (["explain", "none-epsinf-smallcnn-s0", "--method", "scorecam", "--layer", "nothing"], "'nothing'"),
         (["explain", "none-epsinf-smallcnn-s0", "--target", "both"], "explain.target = 'both'"),
         (["explain", "none-epsinf-smallcnn-s0", "--layer", "features.nothing"], "features.nothing"),
         (["explain", "none-epsinf-smallcnn-s0", "--steps", "1"], "--steps: explain.steps = 1"),

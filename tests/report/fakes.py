@@ -140,9 +140,12 @@ def write_fake_audit(spec, k: int) -> None:
     (spec.audit_dir / "audit.json").write_text(json.dumps(audit))
 
 
-def write_fake_runs(grid: GridConfig, degenerate=("laplace-eps5-smallcnn-s1",), skip=(), audits=()) -> None:
+def write_fake_runs(
+    grid: GridConfig, degenerate=("laplace-eps5-smallcnn-s1",), skip=(), audits=(), methods=("gradcam",)
+) -> None:
     """train.json / explain.json / maps of every grid run, on a tiny prepared dataset (data/prepared/tiny);
-    audit.json for the runs of the families in ``audits``."""
+    audit.json for the runs of the families in ``audits``; with several ``methods``, the files of the others and
+    their agreement in the headline families' ``methods/`` folders, as the explain stage writes them."""
     data = make_tiny(n=40, size=16)
     from dpcam.data.store import load_dataset
 
@@ -228,8 +231,25 @@ def write_fake_runs(grid: GridConfig, degenerate=("laplace-eps5-smallcnn-s1",), 
         np.save(spec.metrics_dir / "maps.npy", rng.random((test_idx.size, 16, 16)).astype(np.float16))
         np.save(spec.metrics_dir / "map_indices.npy", test_idx.astype(np.int64))
         write_fake_per_image(spec, explain, test_idx, rng)
+        if len(methods) > 1 and spec.family in ("baseline", "gaussian"):
+            write_fake_methods(spec, explain, test_idx, rng, methods)
         if spec.family in audits:
             write_fake_audit(spec, k)
+
+
+def write_fake_methods(spec, explain: dict, test_idx: np.ndarray, rng, methods) -> None:
+    """metrics/<run>/methods/<method>/ (explain.json, maps, per_image.npz) and methods/agreement.npz."""
+    (spec.metrics_dir / "explain.json").write_text(json.dumps({**explain, "methods": list(methods)}))
+    for m in methods[1:]:
+        folder = spec.metrics_dir / "methods" / m
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "explain.json").write_text(json.dumps({**explain, "method": m}))
+        np.save(folder / "maps.npy", rng.random((test_idx.size, 16, 16)).astype(np.float16))
+        np.save(folder / "map_indices.npy", test_idx.astype(np.int64))
+        values = {k: v for k, v in np.load(spec.metrics_dir / "per_image.npz").items()}
+        np.savez(folder / "per_image.npz", **values)
+    pairs = {f"{a}|{b}": rng.uniform(0.2, 0.8, test_idx.size) for i, a in enumerate(methods) for b in methods[i + 1 :]}
+    np.savez(spec.metrics_dir / "methods" / "agreement.npz", index=test_idx.astype(np.int64), **pairs)
 
 
 def write_fake_per_image(spec, explain: dict, test_idx: np.ndarray, rng) -> None:

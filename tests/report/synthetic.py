@@ -10,7 +10,7 @@ two runs' accuracies differ by the chosen amount on consistent images.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -41,6 +41,18 @@ class FakeRun:
     unreadable: str = ""  # "per_image" or "predictions": that file "cannot be read"
     index: np.ndarray = field(default_factory=lambda: IMAGES)
     train: SimpleNamespace = field(default_factory=SimpleNamespace)
+    methods: tuple = ("gradcam",)  # explanation methods scored, the headline first
+    # method -> {"quality": its quality, "fixed": {key: per-image value}}: how another method's maps score
+    by_method: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)  # key -> value every image gets (plus small noise)
+    agreement: dict | None = None  # "<a>|<b>" -> the methods' per-image agreement: this is a method_agreement() view
+
+    def of_method(self, method: str) -> FakeRun:
+        how = self.by_method.get(method, {})
+        return replace(self, quality=how.get("quality", self.quality), fixed=how.get("fixed", {}))
+
+    def method_agreement(self) -> FakeRun:
+        return replace(self, agreement=self.by_method.get("agreement", {}))
 
     def _rng(self, salt: int) -> np.random.Generator:
         return np.random.default_rng([self.spec.seed, salt, zlib.crc32(self.spec.name.encode())])
@@ -50,6 +62,11 @@ class FakeRun:
         if self.unreadable == "per_image":
             raise UserError(f"grid run {self.spec.name}: metrics/x/{self.spec.name}/per_image.npz is truncated")
         rng = self._rng(1)
+        if self.agreement is not None:
+            return {
+                "index": self.index,
+                **{k: v + rng.normal(0, 0.05, self.index.size) for k, v in self.agreement.items()},
+            }
         shift = self.quality + rng.normal(0, self.seed_sd)
         pos = np.searchsorted(IMAGES, self.index)
         out = {
@@ -57,6 +74,7 @@ class FakeRun:
         }
         out["confidence_y"] = np.full(self.index.size, 0.5)  # every image matched on both calipers
         out["mask_sensitivity_pct"] = np.full(self.index.size, 10.0)
+        out |= {k: v + rng.normal(0, 0.05, self.index.size) for k, v in self.fixed.items()}
         return {"index": self.index, **out}
 
     @property

@@ -25,8 +25,10 @@ class _Refs(HTMLParser):
 def test_index_references_only_existing_files_and_flat_files_parse(in_built):
     _, summary = in_built
     assert Path("reports/figures/cams.png").read_bytes() == b"\x89PNG mine"
-    # every figure but the cost split, which needs DP schedules (the fake grid has none: test_verdict.py draws it)
-    assert {Path(f).name for f in summary["figures"]} == rep.FIGURE_NAMES - {layout.FIG_COST_SPLIT, layout.FIG_VERDICT}
+    # every figure but the cost split, which needs DP schedules (the fake grid has none: test_verdict.py draws it),
+    # and the verdict per method, which needs several explain.methods (test_methods.py draws it)
+    left_out = {layout.FIG_COST_SPLIT, layout.FIG_VERDICT, layout.FIG_METHODS}
+    assert {Path(f).name for f in summary["figures"]} == rep.FIGURE_NAMES - left_out
     assert re.fullmatch(r"#/experiments/\d+/runs\?workflowType=machine_learning", summary["mlflow"])
     import mlflow
 

@@ -343,7 +343,11 @@ class TrainConfig(Section):
 class ExplainConfig(Section):
     """Grad-CAM scoring of a trained run (definitions: docs/metrics.md)."""
 
-    method: str = Field("gradcam", description=" | ".join(names.EXPLAIN_METHODS))
+    methods: Annotated[list[str], Distinct, AfterValidator(_needed("name at least one explanation method"))] = Field(
+        default_factory=lambda: ["gradcam", "integrated-gradients", "occlusion"],
+        description="explanation methods, each scored (the first is the headline method of the verdict): "
+        + " | ".join(names.EXPLAIN_METHODS),
+    )
     target: Literal["prediction", "label"] = "prediction"
     metrics: Annotated[list[str], Distinct] = Field(default_factory=lambda: list(names.EXPLAIN_METRICS))
     max_images: int | None = Field(200, ge=1, description="score at most this many test images (None = all)")
@@ -366,16 +370,22 @@ class ExplainConfig(Section):
     occlusion_window: int = Field(8, ge=1, description="occlusion: side of the square window in pixels")
     occlusion_stride: int = Field(4, ge=1, description="occlusion: pixels the window slides by")
 
-    @field_validator("method")
+    @field_validator("methods")
     @classmethod
-    def _method(cls, v: str) -> str:
-        if v.lower() not in names.EXPLAIN_METHODS:
-            raise ValueError(f"unknown explanation method {v!r}; known: {', '.join(names.EXPLAIN_METHODS)}")
+    def _methods(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if m not in names.EXPLAIN_METHODS:
+                raise ValueError(f"unknown explanation method {m!r}; known: {', '.join(names.EXPLAIN_METHODS)}")
         return v
+
+    @property
+    def headline(self) -> str:
+        """The first method: its files are the run's metrics folder itself; the verdict's answer reads it."""
+        return self.methods[0]
 
     def check_image(self, size: int, where: str) -> None:
         """Refuse settings that cannot fit an image of ``size`` pixels (``where``: the data it comes from)."""
-        if self.method.lower() == "occlusion" and self.occlusion_window > size:
+        if "occlusion" in self.methods and self.occlusion_window > size:
             raise UserError(
                 f"explain.occlusion_window = {self.occlusion_window} is larger than the {size}-pixel images of "
                 f"{where}; set it to at most {size} in params.yaml"

@@ -19,7 +19,7 @@ Pixel attributions (reduced to a map by the absolute value summed over channels)
 
 ``guided-gradcam``       Captum ``GuidedGradCam`` (guided backpropagation × the upsampled Grad-CAM map).
 ``integrated-gradients`` Captum ``IntegratedGradients`` of the explained logit from the blurred image
-                         (the deletion/insertion baseline, :func:`~dpcam.explain.faithfulness.blur_baseline`)
+                         (the deletion/insertion baseline, :func:`~dpcam.explain.blur.blur_baseline`)
                          to ``x``, ``ig_steps`` Gauss–Legendre steps.
 ``occlusion``            Captum ``Occlusion``: the drop of the explained logit when a square window of
                          ``occlusion_window`` pixels (all channels) becomes the blurred image, sliding by
@@ -37,6 +37,7 @@ from captum.attr import GuidedGradCam, IntegratedGradients, LayerAttribution, La
 from torch import nn
 
 from dpcam.errors import UserError
+from dpcam.explain.blur import blur_baseline
 from dpcam.explain.cams import LayerGradCamPlusPlus, LayerScoreCam
 from dpcam.registry import Registry
 
@@ -143,8 +144,6 @@ def _integrated_gradients(
     model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor | None, *, steps: int = 32
 ):
     """Captum IntegratedGradients from the blurred image, |·| summed over channels."""
-    from dpcam.explain.faithfulness import blur_baseline
-
     logits, t = _predicted(model, x, target)
     inp = x.detach().clone().requires_grad_(True)
     attr = IntegratedGradients(model).attribute(
@@ -164,8 +163,6 @@ def _occlusion(
     stride: int = 4,
 ):
     """Captum Occlusion to the blurred image, |·| summed over channels."""
-    from dpcam.explain.faithfulness import blur_baseline
-
     logits, t = _predicted(model, x, target)
     c, h, w = x.shape[1:]
     if window > min(h, w):

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpcam import guard, layout, records
+from dpcam import guard, layout, names, records
 from dpcam.config import ExplainConfig, GridConfig
 from dpcam.data.store import check_run_data, load_dataset
 from dpcam.errors import UserError
@@ -75,7 +75,8 @@ def _prepare(run: str, cfg: ExplainConfig, reference: str | None = None, allow_d
 
     name = layout.resolve_run(run, tracking.run_name_of)
     metrics = get_metrics(cfg.metrics)
-    METHODS.lookup(cfg.method.lower())
+    for method in cfg.methods:
+        METHODS.lookup(method)
     size = guard.read_json(layout.run_dir(name) / layout.MODEL_JSON, fix="train the run again").get("image_size")
     if size:
         cfg.check_image(int(size), f"run {name}")  # before any model is loaded
@@ -122,8 +123,8 @@ def _reference(s: _Scoring, load_model, device, name: str | None = None) -> torc
     return reference
 
 
-def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
-    """Score the test images batch by batch; maps go to ``maps_file``.
+def _stream(s: _Scoring, method: str, maps_file: np.ndarray, progress: bool):
+    """Score ``method``'s maps of the test images batch by batch; maps go to ``maps_file``.
 
     Returns (RunningMean, DegeneracyStats, per-image values: key -> float64 (n,), NaN where not valid).
     """
@@ -141,22 +142,18 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
     per_image: dict[str, list[np.ndarray]] = {}
     options = {"deletion-insertion": {"steps": cfg.steps}, "pointing-game": {"tolerance": cfg.tolerance}}
     options |= {"masking-baselines": {"seed": cfg.seed}, "road": {"seed": cfg.seed}}
-    method_options = options_of(cfg.method.lower(), cfg)
-    bar = tqdm(total=s.n, desc=f"explain {s.name}", disable=None if progress else True, leave=False)
+    how = {"layer": cfg.layer, "method": method, "options": options_of(method, cfg)}
+    bar = tqdm(total=s.n, desc=f"explain {s.name} ({method})", disable=None if progress else True, leave=False)
     for start in range(0, s.n, cfg.batch_size):
         pos = np.arange(start, min(s.n, start + cfg.batch_size))
         batch = s.test.batch(pos)
         x, y = batch[0].to(device), batch[1].to(device)
         masks = batch[2].to(device) if len(batch) > 2 else None
         target = y if cfg.target == "label" else None
-        maps, target, probs = gradcam(
-            s.model, x, target=target, layer=cfg.layer, method=cfg.method, options=method_options
-        )
+        maps, target, probs = gradcam(s.model, x, target=target, **how)
         saved = maps.to(SAVED_MAP_DTYPE)  # what maps.npy holds; every metric sees exactly these maps
         other = {
-            k: as_saved(gradcam(m, x, target=target, layer=cfg.layer, method=cfg.method, options=method_options)[0])
-            if m is not None
-            else None
+            k: as_saved(gradcam(m, x, target=target, **how)[0]) if m is not None else None
             for k, m in (("reference_maps", s.reference), ("random_maps", s.randomised))
         }
         indices = torch.as_tensor(s.test.indices[pos])  # dataset indices: they seed each image's random numbers
@@ -177,7 +174,7 @@ def _stream(s: _Scoring, maps_file: np.ndarray, progress: bool):
     return sums, degeneracy, {k: np.concatenate(v) for k, v in per_image.items()}
 
 
-def _write_maps(s: _Scoring, out: Path, progress: bool):
+def _write_maps(s: _Scoring, method: str, out: Path, progress: bool):
     """Stream into a temporary ``maps.npy`` renamed into place at the end; also ``map_indices.npy``."""
     size = s.data.image_size
     layout.remove_stale(out / layout.MAPS)  # what a killed explain left (kill -9): one map file's worth
@@ -186,7 +183,7 @@ def _write_maps(s: _Scoring, out: Path, progress: bool):
         with layout.writing(out / layout.MAPS, need=2 * s.n * size * size):
             maps_file = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(s.n, size, size))
             layout.reserve(tmp)
-        sums, degeneracy, per_image = _stream(s, maps_file, progress)
+        sums, degeneracy, per_image = _stream(s, method, maps_file, progress)
         maps_file.flush()
         del maps_file
         os.replace(tmp, out / layout.MAPS)
@@ -216,43 +213,79 @@ def score(
     """
     s = _prepare(run, cfg, reference, allow_data_change)
     out = Path(out) if out is not None else layout.METRICS_ROOT / s.name
+    for note in s.notes:
+        log.warning("%s: %s", s.name, note)
+    records = [
+        _score_method(s, method, layout.method_dir(out, method, cfg.headline), progress) for method in cfg.methods
+    ]
+    if len(cfg.methods) > 1:
+        _write_agreement(s, out)
+    if records[0].degenerate:
+        log.warning(
+            "%s: degenerate model (%s): its explanation metrics are not meaningful",
+            s.name,
+            "; ".join(records[0].degeneracy.reasons),
+        )
+    return records[0]
+
+
+def _score_method(s: _Scoring, method: str, out: Path, progress: bool) -> ExplainRecord:
+    """One method's maps, metrics, picture and explain.json in ``out``; logged to the run's MLflow run."""
     out.mkdir(parents=True, exist_ok=True)
-    sums, degeneracy = _write_maps(s, out, progress)
+    sums, degeneracy = _write_maps(s, method, out, progress)
     deg = Degeneracy(**degeneracy.result())
     record = ExplainRecord(
         run_name=s.name,
         dataset=s.spec["dataset"],
         data_dir=s.spec["data_dir"],
         data_change=s.data_change,
-        method=cfg.method,
-        target=cfg.target,
+        method=method,
+        target=s.cfg.target,
         images=s.n,
         reference_run=s.reference_name if s.reference is not None else None,
+        methods=list(s.cfg.methods) if method == s.cfg.headline and len(s.cfg.methods) > 1 else None,
         **sums.result(),
         degeneracy=deg,
         notes=s.notes,
         degenerate=deg.degenerate,
         accuracy=deg.accuracy,
     )
-    for note in s.notes:
-        log.warning("%s: %s", s.name, note)
-    if record.degenerate:
-        log.warning(
-            "%s: degenerate model (%s): its explanation metrics are not meaningful", s.name, "; ".join(deg.reasons)
-        )
     grid = out / layout.CAMS
     save_cams_grid(
         grid,
-        s.test.batch(np.arange(min(cfg.grid_images, s.n)))[0],
+        s.test.batch(np.arange(min(s.cfg.grid_images, s.n)))[0],
         guard.read_npy(out / layout.MAPS, fix=f"run `dpcam explain {s.name}` again", mmap=True),
-        title=f"{s.name}: {cfg.method} on test images" + ("  [DEGENERATE MODEL]" if record.degenerate else ""),
+        title=f"{s.name}: {method} on test images" + ("  [DEGENERATE MODEL]" if record.degenerate else ""),
     )
     record.write(out / layout.EXPLAIN_JSON)
-    _log_to_mlflow(record, [grid, out / layout.EXPLAIN_JSON])
+    _log_to_mlflow(record, [grid, out / layout.EXPLAIN_JSON], None if method == s.cfg.headline else method)
     return record
 
 
-def _log_to_mlflow(record: ExplainRecord, artifacts: list[Path]) -> None:
+def _write_agreement(s: _Scoring, out: Path) -> None:
+    """``methods/agreement.npz``: per image, Spearman's rank correlation of every pair of methods' saved maps
+    (keys ``<a>|<b>`` in explain.methods order; NaN where a map is constant), and ``index`` (dataset indices)."""
+    from dpcam.explain.agreement import map_agreement
+
+    fix = f"run `dpcam explain {s.name}` again"
+    maps = {
+        m: torch.from_numpy(
+            np.asarray(guard.read_npy(layout.method_dir(out, m, s.cfg.headline) / layout.MAPS, fix=fix))
+        )
+        for m in s.cfg.methods
+    }
+    pairs = {
+        f"{a}|{b}": map_agreement(maps[a].float(), maps[b].float()).double().numpy()
+        for i, a in enumerate(s.cfg.methods)
+        for b in s.cfg.methods[i + 1 :]
+    }
+    path = out / layout.METHODS_DIR / layout.METHOD_AGREEMENT
+    layout.write_atomic(path, lambda p: np.savez(p, index=s.test.indices[: s.n], **pairs))
+
+
+def _log_to_mlflow(record: ExplainRecord, artifacts: list[Path], prefix: str | None = None) -> None:
+    """The record's numbers and pictures on the training's MLflow run; another method than the headline one
+    logs its numbers as ``<method>.<metric>`` and its files under ``explain/<method>/``."""
     from dpcam import tracking
 
     run_id = layout.training_run_id(record.run_name)
@@ -269,7 +302,13 @@ def _log_to_mlflow(record: ExplainRecord, artifacts: list[Path]) -> None:
         majority_share=record.degeneracy.majority_share,
         input_sensitivity=record.degeneracy.input_sensitivity,
     )
-    tracking.log_to_run(run_id, record.dataset, numbers, {"dpcam.degenerate": record.degenerate}, artifacts, "explain")
+    if prefix is None:
+        tracking.log_to_run(
+            run_id, record.dataset, numbers, {"dpcam.degenerate": record.degenerate}, artifacts, "explain"
+        )
+    else:
+        numbers = {f"{prefix}.{k}": v for k, v in numbers.items()}
+        tracking.log_to_run(run_id, record.dataset, numbers, {}, artifacts, f"explain/{prefix}")
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -372,13 +411,16 @@ def _cams_column(name: str) -> dict[str, Any]:
 def score_family(
     family: str, grid: GridConfig, cfg: ExplainConfig, *, progress: bool = True, allow_data_change: bool = False
 ) -> list[ExplainRecord]:
-    """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all).
+    """Score every run of ``family`` in the grid into ``metrics/<family>/<run>/`` (one process for all): every
+    explain.methods entry in the headline families (baseline, gaussian), the headline method alone elsewhere.
 
     The tracking store is opened and every run's data checked before any run's folder is emptied."""
     from dpcam import tracking
     from dpcam.executor import run_jobs
     from dpcam.families import family_runs
 
+    if family not in names.HEADLINE_FAMILIES and len(cfg.methods) > 1:
+        cfg = cfg.model_copy(update={"methods": [cfg.headline]})  # the other methods answer the headline question
     runs = family_runs(grid, family, layout.METRICS_ROOT, trained=True)
     if runs:
         tracking.open_store()
@@ -388,8 +430,8 @@ def score_family(
             check_run_data(s.name, load_dataset(spec["data_dir"]), allow=False, image_size=spec.get("image_size"))
     quiet = progress and grid.executor == "serial"
     jobs = [(s.name, cfg, s.metrics_dir, _other_seed(s, grid), quiet, allow_data_change) for s in runs]
-    names = [s.name for s in runs]
-    return run_jobs(_score_fresh, jobs, names, stage=f"explain-{family}", describe=_scored, **grid.run_options())
+    labels = [s.name for s in runs]
+    return run_jobs(_score_fresh, jobs, labels, stage=f"explain-{family}", describe=_scored, **grid.run_options())
 
 
 def _scored(record: ExplainRecord) -> str:

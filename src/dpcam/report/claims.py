@@ -14,6 +14,7 @@ Every claim is **reproduced**, **contradicted** or **inconclusive**; the rules (
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +37,7 @@ from dpcam.report.compare import (
     flags,
     label,
 )
-from dpcam.report.paired import Difference, holm_rejects
+from dpcam.report.paired import LEVEL, Difference, holm_rejects
 from dpcam.report.runs import Run
 
 LARGE_GAP = 0.05  # claim (b): a "large" accuracy gap is at least 5 percentage points
@@ -103,15 +104,20 @@ def _settle(c: Claim, status: str, diffs: list[Difference], runs: list[Run], fla
 # ------------------------------------------------------------------------------------ (a): a trend over ε
 
 
-def _better_than_reference(rows: list[EpsRow], keys: list[str]) -> tuple[set[tuple[float, str]], int]:
-    """The (ε, key) cells distinguishably better than ∞ after Holm over every ε × key cell given (the family)."""
-    cells = [(r, k) for r in rows for k in keys if k in r.diffs]
+def _better_than_reference(
+    rows: list[EpsRow], keys: list[str], others: Sequence[list[EpsRow]] = ()
+) -> tuple[set[tuple[float, str]], int]:
+    """The (ε, key) cells of ``rows`` distinguishably better than ∞ after Holm over every ε × key cell of ``rows``
+    and of ``others`` (the family: the same claim read on other explanation methods' maps)."""
+    mine = {id(r) for r in rows}
+    cells = [(r, k) for rr in (rows, *others) for r in rr for k in keys if k in r.diffs]
     rejected = holm_rejects([r.diffs[k].p for r, k in cells])
-    return {(r.epsilon, k) for (r, k), rej in zip(cells, rejected) if rej and _gain(r.diffs[k]) > 0}, len(cells)
+    better = {(r.epsilon, k) for (r, k), rej in zip(cells, rejected) if rej and _gain(r.diffs[k]) > 0 and id(r) in mine}
+    return better, len(cells)
 
 
 def _trend(
-    rows: list[EpsRow], groups: list[tuple[str, ...]], need: int, better: set[tuple[float, str]]
+    rows: list[EpsRow], groups: list[tuple[str, ...]], need: int, better: set[tuple[float, str]], alpha: float
 ) -> tuple[str, str, list[Difference], int]:
     """(status, evidence, differences used, gap-and-rise tests) of "quality improves with ε, best at ∞".
 
@@ -137,7 +143,7 @@ def _trend(
     passed, tests = [], 0
     for g in groups:
         tests_g = [low.diffs[k] for k in g] + [rises[k] for k in g]
-        rej = holm_rejects([d.p for d in tests_g])
+        rej = holm_rejects([d.p for d in tests_g], alpha)
         n = len(g)
         ok = [k for i, k in enumerate(g) if rej[i] and _gain(low.diffs[k]) < 0 and rej[n + i] and _gain(rises[k]) > 0]
         passed.append(len(ok) >= min(need, len(g)))
@@ -196,13 +202,14 @@ READINGS = (
 )
 
 
-def claims_a(rows: list[EpsRow]) -> list[Claim]:
-    """Claim (a) read four ways; "contradicted" on any reading is corrected over all readings' cells together."""
+def claims_a(rows: list[EpsRow], others: Sequence[list[EpsRow]] = (), alpha: float = 1 - LEVEL) -> list[Claim]:
+    """Claim (a) read four ways; "contradicted" on any reading is corrected over all readings' cells together (and
+    over ``others``' cells: the rows of other explanation methods); "reproduced" tests Holm's at level ``alpha``."""
     keys = [k for *_, groups, _, _ in READINGS for g in groups for k in g]
-    better, family = _better_than_reference(rows, keys)
+    better, family = _better_than_reference(rows, keys, others)
     out = []
     for key, statement, source, groups, need, what in READINGS:
-        status, evidence, used, tests = _trend(rows, groups, need, better)
+        status, evidence, used, tests = _trend(rows, groups, need, better, alpha)
         rule = TREND_RULE.format(need=need, what=what, tests=tests or "its", family=family)
         c = Claim(key, statement, source, "inconclusive", evidence, rule)
         out.append(_settle(c, status, used, [r for row in rows for r in row.runs], [f for r in rows for f in r.flags]))

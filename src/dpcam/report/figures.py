@@ -37,6 +37,7 @@ FIGURE_NAMES = frozenset(
         layout.FIG_VERDICT,
         layout.FIG_COST_SPLIT,
         layout.FIG_CALIBRATION,
+        layout.FIG_METHODS,
     }
 )
 # (file, family, caption) of the Grad-CAM grids, drawn for the first model of the grid

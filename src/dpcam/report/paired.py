@@ -135,22 +135,27 @@ class Difference:
         """Distinguishably better than the reference (unadjusted)."""
         return self.distinguishable and self._towards_better(self.mean) > 0
 
-    def worst_end(self) -> float | None:
-        """The end of the 95 % interval furthest in the worse direction, as a signed loss (> 0 = a loss)."""
-        if self.lo is None:
-            return None
-        return max(-self._towards_better(self.lo), -self._towards_better(self.hi))
+    def _ends(self, alpha: float) -> tuple[float, float] | None:
+        if alpha == 1 - LEVEL:
+            return None if self.lo is None else (self.lo, self.hi)
+        return self.interval(alpha)
 
-    def best_end(self) -> float | None:
-        """The end of the 95 % interval furthest in the better direction, as a signed gain (> 0 = a gain)."""
-        if self.lo is None:
-            return None
-        return max(self._towards_better(self.lo), self._towards_better(self.hi))
+    def worst_end(self, alpha: float = 1 - LEVEL) -> float | None:
+        """The end of the level-(1 − α) interval (95 %) furthest in the worse direction, as a signed loss (> 0 = a
+        loss)."""
+        ends = self._ends(alpha)
+        return None if ends is None else max(-self._towards_better(e) for e in ends)
 
-    def noninferior(self, margin: float) -> bool:
-        """Non-inferiority shown: the whole 95 % interval lies on the better side of −margin (a one-sided
-        2.5 % test that the loss is smaller than ``margin``)."""
-        end = self.worst_end()
+    def best_end(self, alpha: float = 1 - LEVEL) -> float | None:
+        """The end of the level-(1 − α) interval (95 %) furthest in the better direction, as a signed gain (> 0 = a
+        gain)."""
+        ends = self._ends(alpha)
+        return None if ends is None else max(self._towards_better(e) for e in ends)
+
+    def noninferior(self, margin: float, alpha: float = 1 - LEVEL) -> bool:
+        """Non-inferiority shown: the whole level-(1 − α) interval (95 %) lies on the better side of −margin (a
+        one-sided α/2 test that the loss is smaller than ``margin``)."""
+        end = self.worst_end(alpha)
         return end is not None and end < margin
 
     def detectable(self, power: float = 0.8, alpha: float = 1 - LEVEL) -> float | None:

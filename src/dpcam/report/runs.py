@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,26 @@ class Run:
     train: TrainRecord
     explain: ExplainRecord
     audit: AuditRecord | None = None
+    folder: Path | None = None  # where ``per_image`` is read (None: the run's metrics folder)
+    per_image_file: str = layout.PER_IMAGE
+
+    @property
+    def methods(self) -> list[str]:
+        """The explanation methods this run was scored with, the headline one first."""
+        return self.explain.methods or [self.explain.method]
+
+    def of_method(self, method: str) -> Run:
+        """This run as scored by another explanation method (its explain record and per-image values); UserError
+        naming the file when that method's files are missing."""
+        if method == self.explain.method:
+            return self
+        folder = layout.method_dir(self.spec.metrics_dir, method, self.explain.method)
+        explain = records.read(ExplainRecord, folder / EXPLAIN_JSON, f"grid run {self.spec.name} ({method})")
+        return replace(self, explain=explain, folder=folder)
+
+    def method_agreement(self) -> Run:
+        """This run whose per-image values are the agreement of its methods' maps (keys ``<a>|<b>``)."""
+        return replace(self, folder=self.spec.metrics_dir / layout.METHODS_DIR, per_image_file=layout.METHOD_AGREEMENT)
 
     def value(self, key: str) -> float | None:
         """Field ``key`` of the explain record, else the audit record, else the train record, as a finite
@@ -57,7 +78,7 @@ class Run:
     @cached_property
     def per_image(self) -> dict[str, np.ndarray]:
         """Per-image explanation values (``index``: dataset indices; a metric: float, NaN where not valid)."""
-        return _npz(self.spec.metrics_dir / layout.PER_IMAGE, self.spec.name)
+        return _npz((self.folder or self.spec.metrics_dir) / self.per_image_file, self.spec.name)
 
     @cached_property
     def predictions(self) -> dict[str, np.ndarray]:

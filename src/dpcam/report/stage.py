@@ -12,6 +12,7 @@ from dpcam.families import pick
 from dpcam.layout import (
     FIG_CALIBRATION,
     FIG_COST_SPLIT,
+    FIG_METHODS,
     FIG_VERDICT,
     FIGURES_DIR,
     INDEX_HTML,
@@ -28,11 +29,12 @@ from dpcam.layout import (
 )
 from dpcam.report.figures import FIGURE_NAMES, draw_figures
 from dpcam.report.flat import write_flat_files
+from dpcam.report.methods import by_method
 from dpcam.report.page import render_html
 from dpcam.report.runs import Run, load_runs
 from dpcam.report.tables import build_tables, write_tables
 from dpcam.report.verdict import dvc_metrics, summary, verdict
-from dpcam.report.verdict_figures import fig_calibration, fig_cost_split, fig_forest
+from dpcam.report.verdict_figures import fig_calibration, fig_cost_split, fig_forest, fig_methods
 from dpcam.report.verdict_text import description, html_section, markdown
 
 # the report's own entries under out/: only these are replaced
@@ -111,6 +113,16 @@ def _verdict_figures(verdicts, runs: list[Run], folder: Path, figures: list[tupl
     return pictures
 
 
+def _method_figures(verdicts, methods: dict, config: VerdictConfig, folder: Path) -> dict[str, str]:
+    """Each model's verdict per explanation method as a picture (model -> src); none with one method."""
+    pictures = {}
+    for v in verdicts:
+        name = _model_file(FIG_METHODS, v, verdicts)
+        if methods.get(v.model) is not None and fig_methods(methods[v.model], config.margins, folder / name):
+            pictures[v.model] = f"{FIGURES_DIR}/{name}"
+    return pictures
+
+
 def _model_file(name: str, v, verdicts) -> str:
     """A verdict figure's file: ``name`` for the first model, ``<stem>_<model>.png`` for the others."""
     return name if v is verdicts[0] else name.replace(".png", f"_{v.model}.png")
@@ -126,11 +138,13 @@ def _build(
     written_tables = write_tables(tables, tmp / TABLES_DIR)
     verdicts = [verdict(runs, grid, model, config) for model in grid.models]
     notes += [f"verdict ({v.model}): {p}" for v in verdicts for p in v.problems()]
-    write_text(tmp / VERDICT_MD, markdown(verdicts, runs, grid))
+    methods = {v.model: by_method(runs, grid, v.model, config) for v in verdicts}
+    pictures = _method_figures(verdicts, methods, config, tmp / FIGURES_DIR)
+    write_text(tmp / VERDICT_MD, markdown(verdicts, runs, grid, methods, pictures))
     write_flat_files(runs, grid, tmp, dvc_metrics(verdicts[0]))  # the first model's: the grid's headline
     figures, skipped = draw_figures(grid, tables, tmp / FIGURES_DIR, cam_images)
     notes += skipped
-    pictures = _verdict_figures(verdicts, runs, tmp / FIGURES_DIR, figures)
+    forests = _verdict_figures(verdicts, runs, tmp / FIGURES_DIR, figures)
     _keep_other_figures(out / FIGURES_DIR, tmp / FIGURES_DIR)
     page = render_html(
         grid,
@@ -140,7 +154,7 @@ def _build(
         notes,
         _ldp_pictures(runs, out, tmp),
         search=(out / SEARCH_REPORT.name / INDEX_HTML).is_file(),
-        verdict=html_section(verdicts, runs, grid, pictures),
+        verdict=html_section(verdicts, runs, grid, forests, methods, pictures),
     )
     write_text(tmp / INDEX_HTML, page)
     return {

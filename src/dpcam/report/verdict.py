@@ -37,7 +37,7 @@ from dpcam.report.compare import (
     EpsRow,
     eps_rows,
 )
-from dpcam.report.paired import correct
+from dpcam.report.paired import LEVEL, correct
 from dpcam.report.runs import Run
 
 # ------------------------------------------------------------------------------------ the answer
@@ -61,7 +61,9 @@ class Answer:
         return sorted({e for (e, _), s in self.cells.items() if s == state})
 
 
-def answer(rows: list[EpsRow], keys: tuple[str, ...], margins: dict[str, float]) -> Answer:
+def answer(rows: list[EpsRow], keys: tuple[str, ...], margins: dict[str, float], alpha: float = 1 - LEVEL) -> Answer:
+    """Each (ε, key) cell's state and the smallest ε from which every key is shown not worse, every test one-sided
+    at α/2 (the 95 % interval's end by default)."""
     cells: dict[tuple[float, str], str] = {}
     underpowered: dict[tuple[float, str], bool] = {}
     for row in rows:
@@ -71,12 +73,12 @@ def answer(rows: list[EpsRow], keys: tuple[str, ...], margins: dict[str, float])
                 cells[(row.epsilon, k)] = "not measured"
                 continue
             # underpowered: the detectable loss exceeds the margin, and the interval does not itself show a loss
-            underpowered[(row.epsilon, k)] = (d.detectable() or 0.0) > margins[k] and not d.worse
+            underpowered[(row.epsilon, k)] = (d.detectable(alpha=alpha) or 0.0) > margins[k] and not d.worse
             if row.flags:
                 cells[(row.epsilon, k)] = "degenerate"
-            elif d.noninferior(margins[k]):
+            elif d.noninferior(margins[k], alpha):
                 cells[(row.epsilon, k)] = "shown"
-            elif (d.best_end() or 0.0) < -margins[k]:
+            elif (d.best_end(alpha) or 0.0) < -margins[k]:
                 cells[(row.epsilon, k)] = "worse"
             else:
                 cells[(row.epsilon, k)] = "not shown"

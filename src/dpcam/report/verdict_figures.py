@@ -1,6 +1,6 @@
-"""Pictures of the verdict: every measure's ε − ∞ as a forest plot (``fig_verdict.png``), what privacy costs, split
-into budget, clipping and noise (``fig_cost_split.png``), and the reliability diagram of each ε against ∞
-(``fig_calibration.png``)."""
+"""Pictures of the verdict: every measure's ε − ∞ as a forest plot (``fig_verdict.png``), the same per explanation
+method (``fig_methods.png``), what privacy costs, split into budget, clipping and noise (``fig_cost_split.png``), and
+the reliability diagram of each ε against ∞ (``fig_calibration.png``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,19 @@ import numpy as np
 from dpcam.errors import UserError
 from dpcam.layout import format_eps
 from dpcam.records import CALIBRATION_BINS, calibration_features
-from dpcam.report.compare import ACCURACY, AGREEMENT, EXCLUDED, EXPLANATION, PARTS, QWK, RANDOMISATION, ROAD_GAP, label
+from dpcam.report.compare import (
+    ACCURACY,
+    AGREEMENT,
+    EXCLUDED,
+    EXPLANATION,
+    HEADLINE,
+    PARTS,
+    QWK,
+    RANDOMISATION,
+    ROAD_GAP,
+    label,
+)
+from dpcam.report.methods import ByMethod
 from dpcam.report.paired import BETTER, WORSE
 from dpcam.report.plotting import figure, finish
 from dpcam.report.runs import Run
@@ -70,6 +82,47 @@ def fig_forest(v: Verdict, path: Path) -> Path | None:
         " better\n"
         f"green / red: marked better / worse after {CORRECTIONS[v.config.marks]}; light, hollow: the interval "
         "excludes 0, unmarked; grey: it holds 0",
+        False,
+    )
+
+
+STATE_COLORS = {"shown": "tab:green", "worse": "tab:red"}  # the answer's cells; grey otherwise
+
+
+def fig_methods(b: ByMethod, margins: dict[str, float], path: Path) -> Path | None:
+    """The forest plot per explanation method: a column per method, a row per measure the answer tests, per ε a
+    point (ε − ∞, mean over seeds) with its interval at the method's level (1 − α/m), right = better (a lower-is-better
+    measure drawn with its sign flipped), the margin a dashed line; coloured by the answer's cell (green: not worse
+    shown, red: worse shown, grey: neither; hollow: a degenerate model)."""
+    keys = [k for k in HEADLINE if any(k in r.diffs for v in b.verdicts for r in v.rows)]
+    if not keys:
+        return None
+    fig, axes = figure(len(keys), len(b.verdicts), w=3.4, h=0.32 * len(b.verdicts[0].rows) + 1.0)
+    for j, v in enumerate(b.verdicts):
+        y = np.arange(len(v.rows))
+        for i, key in enumerate(keys):
+            ax, m = axes[i][j], label(key)
+            sign = 1.0 if m.better == "higher" else -1.0
+            for k, row in enumerate(v.rows):
+                d = row.diffs.get(key)
+                iv = None if d is None or d.mean is None else d.interval(b.alpha)
+                if iv is None:
+                    continue
+                state = v.answer.cells.get((row.epsilon, key), "")
+                color = STATE_COLORS.get(state, "tab:grey")
+                ax.plot(sorted((sign * iv[0], sign * iv[1])), [k, k], color=color, lw=2)
+                ax.plot([sign * d.mean], [k], "o", color=color, mfc="white" if state == "degenerate" else color, ms=4)
+            ax.axvline(0, color="black", lw=0.7)
+            ax.axvline(-margins[key], color="black", lw=0.7, ls="--")
+            ax.set_yticks(y, [f"ε = {format_eps(r.epsilon)}" for r in v.rows], fontsize=7)
+            ax.set_title(textwrap.fill(f"{v.method}: {m.label}" + (" (flipped)" if sign < 0 else ""), 44), fontsize=8)
+    return finish(
+        fig,
+        axes,
+        path,
+        f"{b.model}: ε − ∞ per explanation method, intervals at {100 * (1 - b.alpha):.4g} % (Bonferroni over "
+        f"{len(b.verdicts)} methods); right of 0 = better, dashed = the margin\ngreen: not worse shown; red: worse "
+        "shown; grey: neither",
         False,
     )
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dpcam.config import GridConfig
 from dpcam.layout import VERDICT_MD, format_eps
 from dpcam.records import CALIBRATION_BINS
+from dpcam.report import methods_text
 from dpcam.report.compare import (
     ACCURACY,
     BOTH_CORRECT,
@@ -21,6 +22,8 @@ from dpcam.report.compare import (
     SPLIT,
     label,
 )
+from dpcam.report.markup import html_table, md_table
+from dpcam.report.methods import ByMethod
 from dpcam.report.paired import BETTER, WORSE, Difference
 from dpcam.report.runs import Run
 from dpcam.report.verdict import Answer, Verdict
@@ -425,12 +428,6 @@ def provenance(runs: Sequence[Run], grid: GridConfig) -> str:
     )
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)] + [
-        "| " + " | ".join(row) + " |" for row in body
-    ]
-
-
 def _sections(v: Verdict) -> list[tuple[str, tuple[list[str], list[list[str]]]]]:
     """(note, table) of each table of one model's verdict, in order."""
     keys = [m.key for m in MEASURES]
@@ -502,7 +499,15 @@ def description(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) 
     return text if len(text) <= DESCRIPTION_MAX else text[: DESCRIPTION_MAX - 1] + "…"
 
 
-def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
+def markdown(
+    verdicts: list[Verdict],
+    runs: Sequence[Run],
+    grid: GridConfig,
+    methods: dict[str, ByMethod | None] | None = None,
+    pictures: dict[str, str] | None = None,
+) -> str:
+    """verdict.md; ``methods``: model -> its verdict per explanation method (a section when there is one), with its
+    picture's src in ``pictures``."""
     out = [f"# Verdict: grid `{grid.name}`", ""]
     for v in verdicts:
         out += [f"## {v.model} — seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
@@ -515,24 +520,31 @@ def markdown(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> 
         out += ["How these statements were made:", ""] + [f"- {line}" for line in method(v)] + [""]
         for note, (header, body) in _sections(v):
             if body:
-                out += [note, ""] + _md_table(header, body) + [""]
+                out += [note, ""] + md_table(header, body) + [""]
         flagged = sorted({f for r in v.rows for f in r.flags})
         if flagged:
             out += ["Not to be trusted: " + "; ".join(flagged) + ".", ""]
         problems = v.problems()
         if problems:
             out += ["Could not be compared: " + "; ".join(problems) + ".", ""]
-        out += ["### The paper's claims on this data", ""] + _md_table(*claim_rows(v)) + [""]
+        out += ["### The paper's claims on this data", ""] + md_table(*claim_rows(v)) + [""]
         out += ["Rules: " + " ".join(f"({c.key}) {c.rule}." for c in v.claims), ""]
         out += [f"_{note}_" for note in v.notes]
+        out += methods_text.markdown((methods or {}).get(v.model), (pictures or {}).get(v.model))
     out += ["", f"Provenance: {provenance(runs, grid)}. Definitions in docs/metrics.md and docs/verdict.md.", ""]
     return "\n".join(out)
 
 
 def html_section(
-    verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig, pictures: dict[str, str] | None = None
+    verdicts: list[Verdict],
+    runs: Sequence[Run],
+    grid: GridConfig,
+    pictures: dict[str, str] | None = None,
+    methods: dict[str, ByMethod | None] | None = None,
+    method_pictures: dict[str, str] | None = None,
 ) -> str:
-    """The verdict's section of index.html; ``pictures``: model -> the src of its forest plot (drawn first)."""
+    """The verdict's section of index.html; ``pictures``: model -> the src of its forest plot (drawn first);
+    ``methods`` / ``method_pictures``: as for :func:`markdown`."""
     e = html.escape
     parts = ['<h2 id="verdict">Verdict</h2>']
     for v in verdicts:
@@ -551,22 +563,16 @@ def html_section(
         parts.append('<ul class="note">' + "".join(f"<li>{e(line)}</li>" for line in method(v)) + "</ul>")
         for note, (header, body) in _sections(v):
             if body:
-                parts.append(f'<p class="note">{e(note)}</p>' + _table(header, body))
+                parts.append(f'<p class="note">{e(note)}</p>' + html_table(header, body))
         problems = v.problems()
         if problems:
             parts.append(f'<p class="deg">Could not be compared: {e("; ".join(problems))}.</p>')
         header, body = claim_rows(v)
-        parts.append(_table(header, [[r[0], r[1], r[2].upper(), r[3], r[4]] for r in body]))
+        parts.append(html_table(header, [[r[0], r[1], r[2].upper(), r[3], r[4]] for r in body]))
         parts.append('<p class="note">' + e(" ".join(f"({c.key}) {c.rule}." for c in v.claims)) + "</p>")
         parts += [f'<p class="deg">{e(n)}</p>' for n in v.notes]
+        parts.append(methods_text.html_part((methods or {}).get(v.model), (method_pictures or {}).get(v.model)))
     parts.append(
         f'<p class="note">Provenance: {e(provenance(runs, grid))}. <a href="{VERDICT_MD}">{VERDICT_MD}</a></p>'
     )
     return "".join(parts)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'

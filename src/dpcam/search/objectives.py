@@ -118,7 +118,7 @@ def _score(model, split, positions: np.ndarray, num_classes: int, objective: Obj
     (metric,) = get_metrics([objective.metric])
     options = {"deletion-insertion": {"steps": explain.steps}, "pointing-game": {"tolerance": explain.tolerance}}
     options = {k: v for k, v in options.get(metric.name, {}).items() if v is not None}
-    how = options_of(explain.method.lower(), explain)
+    how = {"layer": explain.layer, "method": explain.headline, "options": options_of(explain.headline, explain)}
     sums, degeneracy = RunningMean(), DegeneracyStats(num_classes)
     model.eval()
     for start in range(0, len(positions), explain.batch_size):
@@ -126,7 +126,7 @@ def _score(model, split, positions: np.ndarray, num_classes: int, objective: Obj
         x, y = batch[0].to(device), batch[1].to(device)
         masks = batch[2].to(device) if len(batch) > 2 else None
         target = y if explain.target == "label" else None
-        maps, target, probs = gradcam(model, x, target=target, layer=explain.layer, method=explain.method, options=how)
+        maps, target, probs = gradcam(model, x, target=target, **how)
         eb = ExplainBatch(model, x, maps, target, probs=probs, labels=y, masks=masks)
         with torch.no_grad():
             values, valid = metric(eb, **options)
