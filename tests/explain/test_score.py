@@ -296,3 +296,21 @@ def test_matched_inputs_and_road_land_in_per_image_values_and_can_be_turned_off(
     assert "confidence_y" in off and "confidence_y" in per_image.files
     for key in keys[1:]:
         assert key not in off and key not in per_image.files, key
+
+
+@pytest.mark.parametrize("family, expected", [("gaussian", ["gradcam", "occlusion"]), ("ldp", ["gradcam"])])
+def test_only_the_headline_families_are_scored_with_every_method(monkeypatch, family, expected):
+    from types import SimpleNamespace
+
+    from dpcam import executor, families
+    from dpcam.explain import score as stage
+    from tests.conftest import tiny_grid
+
+    run = SimpleNamespace(name="r", family=family, scheme="gaussian", seed=0, model="smallcnn", metrics_dir=Path("m"))
+    monkeypatch.setattr(families, "family_runs", lambda *a, **k: [run])
+    monkeypatch.setattr(tracking, "open_store", lambda: None)
+    seen = {}
+    monkeypatch.setattr(executor, "run_jobs", lambda fn, jobs, *a, **k: seen.setdefault("cfg", jobs[0][1]))
+    cfg = ExplainConfig(methods=["gradcam", "occlusion"])
+    stage.score_family(family, tiny_grid(), cfg, allow_data_change=True)
+    assert seen["cfg"].methods == expected and cfg.methods == ["gradcam", "occlusion"]

@@ -124,5 +124,16 @@ def test_a_report_of_three_methods(tmp_path):
         assert Path("reports/figures/fig_methods.png").stat().st_size > 0 and "fig_methods.png" in page
         assert "| gradcam vs integrated-gradients |" in md
         assert len(json.loads(Path("reports/metrics.json").read_text())) <= 40
+        import mlflow
+
+        from dpcam import tracking
+
+        (verdict,) = mlflow.search_runs(
+            search_all_experiments=True, filter_string="tags.`dpcam.kind` = 'verdict'"
+        ).itertuples()
+        words = tracking.get_run(verdict.run_id).data.tags["mlflow.note.content"]
+        assert "per method" in words and "integrated-gradients: " in words
+        names = {a.path for a in mlflow.MlflowClient().list_artifacts(verdict.run_id)}
+        assert "fig_methods.png" in names
     finally:
         os.chdir(old)

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dpcam import names
 from dpcam.config import GridConfig, VerdictConfig
 from dpcam.errors import UserError
@@ -109,8 +111,7 @@ def _agreement(head: list[Run], model: str, methods: list[str]):
             key = f"{a}|{b}"
             m = Measure(key, f"agreement of {a} and {b}", "higher")
             out[key] = [(e, compare(pick(at, epsilon=e), ref, m)) for e in epsilons]
-            values = [float(r.per_image[key][r.per_image[key] == r.per_image[key]].mean()) for r in ref]
-            level[key] = sum(values) / len(values) if values else None
+            level[key] = float(np.mean([np.nanmean(r.per_image[key]) for r in ref])) if ref else None
     correct([d for row in out.values() for _, d in row], "holm")
     return out, level
 

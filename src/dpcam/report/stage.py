@@ -67,12 +67,12 @@ def report(
             swap_in(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _log_verdict(summary.pop("verdicts"), runs, grid, out)
+    _log_verdict(summary.pop("verdicts"), summary.pop("methods"), runs, grid, out)
     summary["mlflow"] = tracking.runs_page(runs[0].train.dataset)
     return summary
 
 
-def _log_verdict(verdicts, runs: list[Run], grid: GridConfig, out: Path) -> None:
+def _log_verdict(verdicts, methods: dict, runs: list[Run], grid: GridConfig, out: Path) -> None:
     """The verdict as one MLflow run of the grid (``verdict-<grid>``, tagged ``dpcam.grid``), beside its runs;
     the same run is updated when the report is made again. Its description (the UI renders it) is the answer
     and the claims; its artifacts verdict.md and the forest plot."""
@@ -85,11 +85,12 @@ def _log_verdict(verdicts, runs: list[Run], grid: GridConfig, out: Path) -> None
             numbers = summary(v)
             tracking.log_metrics({f"{v.model}.{k}": x for k, x in numbers.items() if k != "claims"})
             tracking.set_tags({f"dpcam.claim.{v.model}.{c.key}": c.verdict for c in v.claims})
-        tracking.set_tags({"mlflow.note.content": description(verdicts, runs, grid)})
+        tracking.set_tags({"mlflow.note.content": description(verdicts, runs, grid, methods)})
         tracking.log_artifact(out / VERDICT_MD)
         for v in verdicts:
-            if (picture := out / FIGURES_DIR / _model_file(FIG_VERDICT, v, verdicts)).is_file():
-                tracking.log_artifact(picture)
+            for name in (FIG_VERDICT, FIG_METHODS):
+                if (picture := out / FIGURES_DIR / _model_file(name, v, verdicts)).is_file():
+                    tracking.log_artifact(picture)
 
 
 def _verdict_figures(verdicts, runs: list[Run], folder: Path, figures: list[tuple[str, str]]) -> dict[str, str]:
@@ -161,6 +162,7 @@ def _build(
         "out": str(out),
         "index": str(out / INDEX_HTML),
         "verdicts": verdicts,
+        "methods": methods,
         "runs": len(runs),
         "tables": written_tables,
         "figures": [src for src, _ in figures],

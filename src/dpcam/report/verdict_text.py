@@ -487,14 +487,19 @@ FOREST_CAPTION = (
 DESCRIPTION_MAX = 5000  # characters: MLflow keeps a tag value of at most 5000 on every store
 
 
-def description(verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig) -> str:
-    """The verdict run's description in MLflow (Markdown): per model the answer and the claims' statuses; the
-    rest is in its artifacts (verdict.md and the forest plot)."""
+def description(
+    verdicts: list[Verdict], runs: Sequence[Run], grid: GridConfig, methods: dict[str, ByMethod | None] | None = None
+) -> str:
+    """The verdict run's description in MLflow (Markdown): per model the answer, the claims' statuses and, with
+    several explanation methods, what changes with the method; the rest is in its artifacts (verdict.md and the
+    pictures)."""
     out = [f"**Verdict of grid `{grid.name}`** (every number: the artifact {VERDICT_MD})", ""]
     for v in verdicts:
         out += [f"### {v.model}: seeds {', '.join(map(str, v.seeds)) or '—'}", ""]
         out += [f"- {line}" for line in answer(v, runs)] + [""]
         out += ["Claims: " + "; ".join(f"({c.key}) {c.status}" for c in v.claims), ""]
+        if (b := (methods or {}).get(v.model)) is not None:
+            out += [f"- {line}" for line in methods_text.summary_lines(b)] + [""]
     text = "\n".join(out)
     return text if len(text) <= DESCRIPTION_MAX else text[: DESCRIPTION_MAX - 1] + "…"
 
