@@ -123,9 +123,9 @@ def _trend(
 
     ``better``: the cells distinguishably better than ∞ after the contradiction family's correction (all readings
     of claim (a) together: :func:`claims_a`). Contradicted when some ε is better than ∞ on at least ``need`` keys
-    of a group. Reproduced when no cell of these groups is better than ∞ and, in every group, at least ``need``
-    keys show both the gap (smallest ε worse than ∞) and the rise (largest ε better than the smallest), Holm over
-    those 2 × |group| tests."""
+    of a group. Reproduced when no cell of these groups is better than ∞ at level ``alpha`` (uncorrected: the guard
+    can only block) and, in every group, at least ``need`` keys show both the gap (smallest ε worse than ∞) and the
+    rise (largest ε better than the smallest), Holm at ``alpha`` over those 2 × |group| tests."""
     everything = [r.diffs[k] for r in rows for g in groups for k in g if k in r.diffs]
     if any(d.problem for d in everything):
         return "inconclusive", "", everything, 0
@@ -154,7 +154,13 @@ def _trend(
         f"ε = {format_eps(high.epsilon)} − ε = {format_eps(low.epsilon)}: "
         + "; ".join(_words(rises[k], k) for k in keys)
     )
-    blocked = any((r.epsilon, k) in better for r in rows for k in keys)
+    # the guard at the tests' own level, uncorrected: a cell better than ∞ at that level blocks "reproduced" (after
+    # the contradiction family's correction it would only repeat "contradicted" and never block on its own)
+    blocked = any(
+        (d := r.diffs.get(k)) is not None and d.p is not None and d.p <= alpha and _gain(d) > 0
+        for r in rows
+        for k in keys
+    )
     status = "reproduced" if all(passed) and not blocked else "inconclusive"
     return status, evidence, everything + list(rises.values()), tests
 
@@ -166,7 +172,8 @@ def _rise(high: EpsRow, low: EpsRow, key: str) -> Difference:
 
 TREND_RULE = (
     "reproduced when, on at least {need} of {what}, the smallest ε is worse than ∞ and the largest ε better than "
-    "the smallest (Holm over these {tests} tests), and no ε is better than ∞ on any (a guard: it can only block); "
+    "the smallest (Holm over these {tests} tests), and no ε is better than ∞ on any of them, uncorrected at the same "
+    "level (a guard: it can only block); "
     "contradicted when some ε is better than ∞ on at least {need} of them, Holm over the {family} ε × metric cells "
     "of all four readings of (a) together (they share the ε = ∞ models and are one claim); otherwise inconclusive"
 )

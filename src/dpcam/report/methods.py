@@ -42,6 +42,8 @@ class Sanity:
     model_dependence: Difference  # ρ with another trained model's maps − ρ with the randomised model's
     random_order: Difference  # masked score % − masked score % of the same map's pixels in random order
     alpha: float
+    trained: float | None = None  # mean ρ with another trained model's maps
+    randomised: float | None = None  # mean ρ with the randomised model's maps
 
     @property
     def depends_on_model(self) -> bool | None:
@@ -91,10 +93,16 @@ def _sanity(refs: list[Run], alpha: float) -> Sanity:
     def pairs(a: str, b: str):
         return [(r.per_image[a], r.per_image[b]) for r in refs if a in r.per_image and b in r.per_image]
 
+    def level(key: str) -> float | None:
+        values = [np.nanmean(r.per_image[key]) for r in refs if key in r.per_image]
+        return float(np.mean(values)) if values else None
+
     return Sanity(
         paired_mean(pairs("map_agreement", "randomisation_agreement")),
         paired_mean(pairs("masked_score_pct", "masked_score_random_pct")),
         alpha,
+        level("map_agreement"),
+        level("randomisation_agreement"),
     )
 
 

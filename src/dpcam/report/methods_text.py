@@ -15,7 +15,7 @@ TITLE = "By explanation method (secondary: does the answer depend on the explain
 FIGURE_CAPTION = (
     "Each method's ε − ∞ of every measure the answer tests (rows) at each ε, with the interval at the method's "
     "level (Bonferroni over the methods); right of 0 = better, the dashed line the largest acceptable loss. Green: "
-    "not worse shown; red: worse shown; grey: neither."
+    "not worse shown (the loss is within the margin); red: a loss beyond the margin shown; grey: neither."
 )
 
 
@@ -48,7 +48,9 @@ def summary_lines(b: ByMethod) -> list[str]:
     same = len(set(answers.values())) == 1
     level = _pct((1 - LEVEL) / 2 / m)
     verdict = (
-        " — the same for every method."
+        " — every method gives this answer; it compares what was shown, not the methods, and a cell not shown is"
+        " often one these seeds lack the power for (verdict.md's detectable losses), so it does not say that the"
+        " explainer does not matter."
         if same
         else " — the methods' answers differ (what was shown differs; the methods are not tested against each other)."
     )
@@ -93,13 +95,19 @@ def method_rows(b: ByMethod) -> tuple[list[str], list[list[str]]]:
         body.append(
             [
                 v.method + (" (headline)" if v is b.verdicts[0] else ""),
-                _sanity(s.model_dependence, s.depends_on_model, b.alpha, "yes", "not shown"),
+                _sanity(s.model_dependence, s.depends_on_model, b.alpha, "yes", "not shown") + _levels(s),
                 _sanity(s.random_order, s.beats_random_order, b.alpha, "better", "not shown better"),
                 _eps(v.answer.smallest) + " on",
                 *[_claim(v, key) for key, *_ in READINGS],
             ]
         )
     return header, body
+
+
+def _levels(s) -> str:
+    if s.trained is None or s.randomised is None:
+        return ""
+    return f" (ρ {s.trained:.2f} with another trained model, {s.randomised:.2f} with a randomised one)"
 
 
 def agreement_rows(b: ByMethod) -> tuple[list[str], list[list[str]]]:
@@ -125,7 +133,9 @@ def rules(b: ByMethod) -> str:
         f"{100 * (1 - b.alpha):.4g} %. The answer above (the headline method at 2.5 %) is the pre-specified one; a "
         "method's answer here may be stricter because of the smaller level. Agreement: Spearman's ρ of two methods' "
         "maps of the same image, ε − ∞ paired by seed and image, 95 % intervals, ▲ / ▼ after Holm over every pair "
-        f"× ε. Seeds {', '.join(map(str, b.seeds))}; the other families are scored with the headline method alone."
+        f"× ε ({sum(len(r) for r in b.agreement.values())} tests, a family of its own). The sanity check pairs each "
+        "seed's model with the next seed's, so its seeds share models and its interval may be somewhat narrow. Seeds "
+        f"{', '.join(map(str, b.seeds))}; the other families are scored with the headline method alone."
     )
 
 

@@ -121,8 +121,8 @@ def fig_methods(b: ByMethod, margins: dict[str, float], path: Path) -> Path | No
         axes,
         path,
         f"{b.model}: ε − ∞ per explanation method, intervals at {100 * (1 - b.alpha):.4g} % (Bonferroni over "
-        f"{len(b.verdicts)} methods); right of 0 = better, dashed = the margin\ngreen: not worse shown; red: worse "
-        "shown; grey: neither",
+        f"{len(b.verdicts)} methods); right of 0 = better, dashed = the margin\ngreen: not worse shown; red: a loss "
+        "beyond the margin shown; grey: neither",
         False,
     )
 
