@@ -550,7 +550,21 @@ def test_dpcam_fine_tunes_explains_and_audits_an_imagenet_resnet18_head_with_dp_
     assert m["trained_parameters"] == ["fc.weight", "fc.bias"] and 0 < m["epsilon"] <= 5 + 1e-6
     assert json.loads(Path(f"models/{name}/model.json").read_text())["image_size"] == 224
     assert m["augment"] == "flip-shift"
-    explained = run(app, ["explain", name, "--metric", "confidence", "--metric", "deletion-insertion", "--steps", "2"])
+    explained = run(
+        app,
+        [
+            "explain",
+            name,
+            "--method",
+            "gradcam",
+            "--metric",
+            "confidence",
+            "--metric",
+            "deletion-insertion",
+            "--steps",
+            "2",
+        ],
+    )
     assert explained.exit_code == 0, explained.output
     e = json.loads(Path(f"metrics/{name}/explain.json").read_text())
     assert e["images"] == 10 and 0 <= e["deletion_auc"] <= 1 and e["avg_drop_pct"] is not None
