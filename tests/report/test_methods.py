@@ -14,7 +14,6 @@ from dpcam.report.claims import claims_a
 from dpcam.report.compare import eps_rows
 from dpcam.report.methods import by_method
 from dpcam.report.methods_text import markdown
-from dpcam.report.paired import paired_mean
 from dpcam.report.verdict import answer
 from tests.report.fakes import fake_grid, write_fake_runs
 from tests.report.synthetic import gaussian, reference
@@ -102,12 +101,6 @@ def test_claim_a_contradiction_family_spans_the_methods():
     cells = [int(c.rule.split("Holm over the ")[1].split(" ")[0]) for c in (alone[0], together[0])]
     assert cells[1] == 3 * cells[0]  # the family: every reading's cells of all three methods
     assert not any(c.status == "contradicted" for c in claims_a(others[0], [rows, others[1]]))  # only its own cells
-
-
-def test_sanity_difference_is_paired_per_image():
-    trained, randomised = np.full(50, 0.5), np.full(50, 0.2)
-    d = paired_mean([(trained, randomised)])
-    assert d.mean == pytest.approx(0.3)
 
 
 @pytest.mark.slow

@@ -80,13 +80,15 @@ class ByMethod:
     notes: list[str] = field(default_factory=list)
 
 
+def _headline(runs: list[Run], model: str) -> list[Run]:
+    """The runs of ``model`` in the families scored with every method (baseline, gaussian)."""
+    return [r for f in names.HEADLINE_FAMILIES for r in pick(runs, family=f, model=model)]
+
+
 def scored_methods(runs: list[Run], model: str) -> list[str]:
     """The methods every headline-family run of ``model`` was scored with, in explain.methods order."""
-    head = [r for f in names.HEADLINE_FAMILIES for r in pick(runs, family=f, model=model)]
-    if not head:
-        return []
-    common = [m for m in head[0].methods if all(m in r.methods for r in head)]
-    return common
+    head = _headline(runs, model)
+    return [m for m in head[0].methods if all(m in r.methods for r in head)] if head else []
 
 
 def _sanity(refs: list[Run], alpha: float) -> Sanity:
@@ -130,7 +132,7 @@ def by_method(runs: list[Run], grid: GridConfig, model: str, config: VerdictConf
     methods = scored_methods(runs, model)
     if len(methods) < 2:
         return None
-    head = [r for f in names.HEADLINE_FAMILIES for r in pick(runs, family=f, model=model)]
+    head = _headline(runs, model)
     alpha = (1 - LEVEL) / len(methods)
     schedules = {e: grid.schedule_of(e) for e in grid.gaussian}
     try:
